@@ -1,0 +1,427 @@
+"""The `diffuse` command: parse options, call one engine function, print the result.
+
+torch is imported inside the commands, so that `diffuse --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .config import (PRESETS, Config, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
+                     check_choice, model_config, parse_duration, to_dict, validate_train)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
+                  help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
+out = Console()
+err = Console(stderr=True)
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def progress_bar(*extra: str) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                    transient=False, disable=not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1")
+
+
+# -- train --------------------------------------------------------------------------------
+def _run_name(data: Optional[str], preset: str) -> Path:
+    stem = Path(data).resolve().name if data else "shapes"
+    base = Path("checkpoints") / f"{stem}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+
+def _resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[str], preset: str) -> tuple[Path, bool]:
+    """(run folder, whether to resume it), following --out and --resume."""
+    from .checkpoint import STATE_FILE
+    from .distributed import launched_by_torchrun
+
+    if resume not in (None, "auto"):
+        run = Path(resume)
+        run = run.parent if run.is_file() else run
+        if not (run / STATE_FILE).exists():
+            raise UserError(f"{run}: no {STATE_FILE} to resume from")
+        return run, True
+    if resume == "auto" and out_dir is None:
+        runs = sorted(Path("checkpoints").glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1].parent, True
+    if out_dir is None:
+        if launched_by_torchrun():
+            raise UserError("under torchrun, pass --out so that every process writes to the same run folder")
+        return _run_name(data, preset), False
+    if (out_dir / STATE_FILE).exists():
+        if resume == "auto":
+            return out_dir, True
+        if sys.stdin.isatty() and typer.confirm(f"{out_dir} already holds a run. Resume it?", default=True, err=True):
+            return out_dir, True
+        raise UserError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose another --out")
+    return out_dir, False
+
+
+def _config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, given_diffusion: dict,
+                    given_train: dict) -> Config:
+    """A fresh run's config, or the saved one with the train options given on this command line."""
+    if not resuming:
+        return new
+    from .checkpoint import STATE_FILE, read_metadata
+
+    saved, _ = read_metadata(run / STATE_FILE, "diffuse/training-state")
+    for name, value in {**given_model, **given_diffusion}.items():
+        current = getattr(saved.model, name, getattr(saved.diffusion, name, None))
+        if value != current:
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
+                            f"({current}); the model cannot change on resume")
+    return replace(saved, train=validate_train(replace(saved.train, **given_train)))
+
+
+def _launch_devices(devices: int) -> None:
+    """Re-run this command under torchrun with `devices` processes on this machine."""
+    from torch.distributed.run import main as torchrun
+
+    args = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--devices")
+            and not (i > 0 and sys.argv[i] == "--devices")]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", str(_run_name(None, "ddp"))]
+    torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
+
+
+@app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
+             "  diffuse train ./photos --image-size 64 --max-time 2h\n\n"
+             "  diffuse train --resume auto --out checkpoints/mine   # continue a stopped run\n\n"
+             "  diffuse train ./photos --devices 4     # four processes (DDP) on this machine")
+def train(
+    data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes."),
+    image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}]"),
+    channels: Optional[int] = typer.Option(None, help=f"3 for RGB, 1 for grayscale. \\[default: {ModelConfig.channels}]"),
+    model: str = typer.Option("small", "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}."),
+    schedule: Optional[str] = typer.Option(None, help=f"Noise schedule: linear, cosine or sigmoid. \\[default: {DiffusionConfig.schedule}]"),
+    objective: Optional[str] = typer.Option(None, help=f"What the network predicts: eps, x0 or v. \\[default: {DiffusionConfig.objective}]"),
+    timesteps: Optional[int] = typer.Option(None, help=f"Diffusion steps T. \\[default: {DiffusionConfig.timesteps}]"),
+    dropout: Optional[float] = typer.Option(None, help="Dropout in residual blocks. \\[default: the preset's]"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Global batch (split across processes under DDP). \\[default: {TrainConfig.batch_size}]"),
+    steps: Optional[int] = typer.Option(None, help=f"Optimizer steps to train for. \\[default: {TrainConfig.steps}]"),
+    max_time: Optional[str] = typer.Option(None, help="Stop after this wall-clock time (90s, 10m, 2h), save and sample."),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (AdamW). Not rescaled with batch or processes. \\[default: {TrainConfig.lr}]"),
+    lr_schedule: Optional[str] = typer.Option(None, help=f"constant or cosine (decay to 10%) after warm-up. \\[default: {TrainConfig.lr_schedule}]"),
+    warmup: Optional[int] = typer.Option(None, help=f"Linear LR warm-up steps. \\[default: {TrainConfig.warmup}]"),
+    grad_accum: Optional[int] = typer.Option(None, help=f"Micro-batches per optimizer step. \\[default: {TrainConfig.grad_accum}]"),
+    grad_clip: Optional[float] = typer.Option(None, help=f"Clip the gradient norm (0: off). \\[default: {TrainConfig.grad_clip}]"),
+    min_snr_gamma: Optional[float] = typer.Option(None, help=f"Min-SNR-γ loss weighting (0: off). \\[default: {TrainConfig.min_snr_gamma}]"),
+    ema_max_decay: Optional[float] = typer.Option(None, help=f"Upper bound of the EMA decay. \\[default: {TrainConfig.ema_max_decay}]"),
+    precision: Optional[str] = typer.Option(None, help=f"auto, fp32, bf16 or fp16. \\[default: {TrainConfig.precision}]"),
+    seed: Optional[int] = typer.Option(None, help=f"Seed for weights, data order and noise. \\[default: {TrainConfig.seed}]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. \\[default: checkpoints/<data>-<preset>-<time>]"),
+    resume: Optional[str] = typer.Option(None, help="Run folder to continue, or 'auto' (--out, else the newest run)."),
+    save_every: int = typer.Option(500, help="Save the checkpoint every N steps (and at the end)."),
+    sample_every: int = typer.Option(500, help="Write samples/step_N.png every N steps (and at the end)."),
+    device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (the plain module is saved)."),
+    devices: int = typer.Option(1, help="Processes on this machine (DDP through torchrun); one GPU each on CUDA."),
+) -> None:
+    """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
+    if devices > 1:
+        return _launch_devices(devices)
+    if devices < 1 or save_every < 1 or sample_every < 1:
+        raise UserError("--devices, --save-every and --sample-every must be at least 1")
+    given_model = {k: v for k, v in dict(image_size=image_size, channels=channels, dropout=dropout).items() if v is not None}
+    given_diffusion = {k: v for k, v in dict(schedule=schedule, objective=objective, timesteps=timesteps).items()
+                       if v is not None}
+    given_train = {k: v for k, v in dict(batch_size=batch_size, steps=steps, lr=lr, lr_schedule=lr_schedule,
+                                         warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
+                                         min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay,
+                                         precision=precision, seed=seed).items() if v is not None}
+    if "schedule" in given_diffusion:
+        check_choice(schedule, Schedule, "schedule")
+    if "objective" in given_diffusion:
+        check_choice(objective, Objective, "objective")
+    if "precision" in given_train:
+        check_choice(precision, Precision, "precision")
+    if "lr_schedule" in given_train:
+        check_choice(lr_schedule, TrainConfig.__annotations__["lr_schedule"], "lr-schedule")
+    new = Config(preset=model, model=model_config(model, **given_model),
+                 diffusion=DiffusionConfig(**given_diffusion), train=validate_train(TrainConfig(**given_train)))
+    budget = parse_duration(max_time) if max_time else None
+    if data is not None and not Path(data).exists():
+        raise UserError(f"{data}: no such file or folder")
+
+    import torch
+
+    from .data import load_data
+    from .device import pick_device
+    from .train import Hooks, Options
+    from .train import train as run_training
+
+    torch_device = pick_device(device)
+    run, resuming = _resolve_run(out_dir, resume, data, model)
+    config = _config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    say = (lambda m: err.print(m, highlight=False)) if is_main else (lambda m: None)
+
+    with progress_bar() as bar:
+        task = bar.add_task("decoding images", total=None)
+        data_set = load_data(data, config.model.image_size, config.model.channels,
+                             progress=lambda i, n: bar.update(task, completed=i, total=n))
+        bar.remove_task(task)
+    if data_set.skipped and is_main:
+        listed = ", ".join(f"{Path(p).name} ({why})" for p, why in data_set.skipped[:8])
+        more = f" and {len(data_set.skipped) - 8} more" if len(data_set.skipped) > 8 else ""
+        err.print(f"[yellow]warning:[/] skipped {len(data_set.skipped)} of {len(data_set) + len(data_set.skipped)} "
+                  f"files: {listed}{more}", highlight=False, soft_wrap=True)
+    if data_set.images is None and is_main:
+        err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
+
+    stop = install_stop_handler()
+    say(f"run folder [bold]{run}[/]" + (" (resuming)" if resuming else ""))
+    with progress_bar("loss", "rate") as bar:
+        task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="")
+        smooth: dict[str, float] = {}
+
+        def on_progress(record: dict) -> None:
+            smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
+            bar.update(task, completed=record["step"], loss=f"loss {smooth['loss']:.4f}",
+                       rate=f"{record['images_per_s']:.1f} img/s")
+
+        hooks = Hooks(progress=on_progress if is_main else (lambda r: None),
+                      log=lambda m: bar.console.print(m, highlight=False) if is_main else None,
+                      should_stop=lambda: stop["requested"])
+        options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
+                          max_time=budget, resume=resuming, compile=compile)
+        result = run_training(config, data_set, run, options, hooks)
+    if result.stopped_by == "signal":
+        say(f"stopped at step {result.step}; checkpoint saved. Resume with: "
+            f"diffuse train --resume {run}")
+        raise typer.Exit(130)
+    say(f"done: step {result.step} ({'time budget reached' if result.stopped_by == 'time' else 'all steps'}); "
+        f"weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
+
+
+def install_stop_handler() -> dict:
+    """Ctrl-C / SIGTERM ask the loop to save and stop; a second Ctrl-C exits at once."""
+    state = {"requested": False}
+
+    def handler(signum, frame):
+        if state["requested"]:
+            os._exit(130)
+        state["requested"] = True
+        err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return state
+
+
+# -- sample -------------------------------------------------------------------------------
+@app.command(epilog="Examples:\n\n  diffuse sample -n 16                   # newest checkpoint, default sampler\n\n"
+             "  diffuse sample --sampler ddim --steps 50 --eta 0 --seed 3\n\n"
+             "  diffuse sample --checkpoint checkpoints/run/model.safetensors --trajectory")
+def sample(
+    n: int = typer.Option(16, "-n", "--num", help="How many images."),
+    checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors or a run folder. \\[default: newest under ./checkpoints]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-<sampler>-<steps>-seed<seed>]"),
+    sampler: str = typer.Option("dpm++2m", help="ddpm, ddim, dpm++2m or heun."),
+    steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
+    spacing: Optional[str] = typer.Option(None, help="trailing, quadratic or karras. \\[default: the sampler's paper's]"),
+    eta: float = typer.Option(0.0, help="ddim only: 0 deterministic, 1 like DDPM."),
+    variance: str = typer.Option("posterior", help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t)."),
+    seed: int = typer.Option(0, help="Image i uses seed+i, so results do not depend on --batch-size."),
+    batch_size: int = typer.Option(64, help="Images per network call."),
+    trajectory: bool = typer.Option(False, "--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and predicted x_0)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the network."),
+) -> None:
+    """Generate images from a trained checkpoint: n PNGs and grid.png."""
+    from .samplers import SAMPLERS
+
+    if n < 1 or steps < 1 or batch_size < 1:
+        raise UserError("-n, --steps and --batch-size must be at least 1")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if spacing is not None and spacing not in ("trailing", "quadratic", "karras"):
+        raise UserError(f"unknown spacing {spacing!r}; choose trailing, quadratic or karras")
+    check_choice(precision, Precision, "precision")
+    options = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
+    if variance not in ("posterior", "beta"):
+        raise UserError(f"unknown variance {variance!r}; choose posterior or beta")
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .data import grid_upscale, make_grid, save_gif, save_png, to_uint8
+    from .device import pick_device
+    from .generate import generate
+
+    path = resolve_checkpoint(checkpoint)
+    net, config, info = load_model(path, pick_device(device))
+    if steps > config.diffusion.timesteps:
+        raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
+    folder = out_dir or Path("samples") / f"{path.parent.name}-{sampler}-{steps}steps-seed{seed}"
+    frames: list = []
+
+    def record(i: int, x_t, x0) -> None:
+        frames.append((to_uint8(x_t[0]), to_uint8(x0[0])))
+
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(f"sampling ({sampler})", total=None)
+        images, nfe = generate(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                               spacing=spacing, precision=precision, callback=record if trajectory else None,
+                               progress=lambda i, total: bar.update(task, completed=i, total=total), **options)
+    elapsed = time.perf_counter() - start
+    for i, image in enumerate(images):
+        save_png(image, folder / f"{i:04d}.png")
+    upscale = grid_upscale(config.model.image_size)
+    save_png(make_grid(images), folder / "grid.png", upscale)
+    if trajectory:
+        frames = frames[:len(frames) // -(-n // batch_size)]  # the first batch's steps
+        picks = sorted({round(k * (len(frames) - 1) / 9) for k in range(10)})
+        strip = make_grid(__import__("torch").stack([frames[k][0] for k in picks] + [frames[k][1] for k in picks]),
+                          nrow=len(picks))
+        save_png(strip, folder / "trajectory.png", upscale)
+        save_gif([make_grid(__import__("torch").stack(f), nrow=2) for f in frames], folder / "trajectory.gif")
+    out.print(f"{sampler}, {steps} steps, {nfe} network calls per batch, {elapsed / n * 1000:.0f} ms per image "
+              f"({elapsed:.1f} s in all) from {path}", highlight=False)
+    out.print(f"wrote {n} images and grid.png to {folder}/" + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""),
+              highlight=False)
+
+
+# -- noise --------------------------------------------------------------------------------
+@app.command(epilog="Examples:\n\n  diffuse noise photo.png --t 500\n\n"
+             "  diffuse noise photo.png --t 0 --t 250 --t 500 --t 1000 --schedule cosine")
+def noise(
+    image: Path = typer.Argument(..., help="An image file."),
+    t: List[int] = typer.Option([500], "--t", help="Forward steps to apply (0 = the image, T = pure noise); repeat for a strip."),
+    schedule: str = typer.Option(DiffusionConfig.schedule, help="linear, cosine or sigmoid."),
+    timesteps: int = typer.Option(DiffusionConfig.timesteps, help="Diffusion steps T."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output PNG. \\[default: <image>_t<...>.png here]"),
+    seed: int = typer.Option(0, help="Seed of the noise ε (the same ε at every t)."),
+) -> None:
+    """Show what the forward process q(x_t | x_0) does to an image, at its own size."""
+    check_choice(schedule, Schedule, "schedule")
+    if timesteps < 2:
+        raise UserError(f"--timesteps must be at least 2, not {timesteps}")
+    bad = [k for k in t if not 0 <= k <= timesteps]
+    if bad:
+        raise UserError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+    if not image.is_file():
+        raise UserError(f"{image}: no such file")
+    import torch
+
+    from .data import labelled_strip, read_image, save_png, to_model, to_uint8
+    from .schedule import NoiseSchedule
+
+    try:
+        x0 = to_model(read_image(image))[None]
+    except Exception as e:  # any decoder failure is the user's file, not our bug
+        raise UserError(f"{image}: cannot read as an image ({e})") from None
+    sched = NoiseSchedule.make(schedule, timesteps)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    panels = [to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in t]
+    target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
+    save_png(panels[0] if len(t) == 1 else labelled_strip(panels, [f"t = {k}" for k in t]), target)
+    out.print(f"wrote {target} ({schedule} schedule, T = {timesteps})", highlight=False)
+
+
+# -- inspect ------------------------------------------------------------------------------
+@app.command(epilog="Examples:\n\n  diffuse inspect checkpoints/run/model.safetensors\n\n"
+             "  diffuse inspect checkpoints/run --json")
+def inspect(
+    path: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show what a checkpoint holds, reading its header only."""
+    from .checkpoint import MODEL_FILE, STATE_FILE, read_header, read_metadata
+
+    if path.is_dir():
+        path = path / MODEL_FILE
+    header = read_header(path)
+    fmt = (header.get("__metadata__") or {}).get("format")
+    config, info = read_metadata(path, fmt if fmt in ("diffuse/model", "diffuse/training-state") else "diffuse/model")
+    info.pop("param_groups", None)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    facts = {"file": str(path), "format": fmt, "file_size_bytes": path.stat().st_size, "tensors": len(tensors),
+             "preset": config.preset, **info, "config": to_dict(config)}
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    table = Table(title=str(path), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    size_mb = facts["file_size_bytes"] / 1e6
+    rows = [("kind", "weights to sample with (EMA)" if fmt == "diffuse/model" else f"resume state ({STATE_FILE})"),
+            ("preset", config.preset), ("parameters", f"{info.get('parameters', 0):,}"),
+            ("steps trained", f"{info.get('step', '?'):,}" if isinstance(info.get("step"), int) else "?"),
+            ("images seen", f"{info.get('images_seen', 0):,}"),
+            ("image size", f"{config.model.image_size}x{config.model.image_size}, {config.model.channels} channel(s)"),
+            ("schedule", f"{config.diffusion.schedule}, T = {config.diffusion.timesteps}"),
+            ("objective", config.diffusion.objective), ("data", f"{info.get('data', '?')} ({info.get('data_size', '?')} images)"),
+            ("file size", f"{size_mb:.1f} MB, {len(tensors)} tensors")]
+    rows += [(f"model.{k}", str(v)) for k, v in to_dict(config.model).items()]
+    rows += [(f"train.{k}", str(v)) for k, v in to_dict(config.train).items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"diffuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Train a denoising diffusion model (DDPM) on a folder of images, and sample from it."""
+
+
+def main() -> None:
+    """Entry point: known failures become one line on stderr and a non-zero exit, never a traceback."""
+    from .errors import CheckpointError, DataError
+
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except (UserError, ConfigError, DataError, CheckpointError) as e:
+        _exit_with(str(e), 2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _exit_with("interrupted", 130)
+    except Exception as e:  # click's usage errors, OS errors, the engine's ValueErrors
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.ClickException):
+            _exit_with(e.format_message(), 2)
+        if isinstance(e, OSError):
+            _exit_with(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
+                       + "; the previous checkpoint, if any, is intact", 1)
+        if isinstance(e, (ValueError, RuntimeError)) and not os.environ.get("DIFFUSE_DEBUG"):
+            _exit_with(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+        raise
+
+
+def _exit_with(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -1,0 +1,185 @@
+"""Configuration: small frozen dataclasses that travel with the weights as JSON.
+
+Defaults live here and nowhere else. The CLI's option names are these field names
+(`--base-channels` is `ModelConfig.base_channels`), and a CLI option left unset keeps
+the default below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+Schedule = Literal["linear", "cosine", "sigmoid"]
+Objective = Literal["eps", "x0", "v"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LRSchedule = Literal["constant", "cosine"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net: (x_t, t) -> network output, at one image size."""
+
+    image_size: int = 32
+    channels: int = 3
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    head_channels: int = 64  # channels per attention head
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and what the network is trained to predict."""
+
+    schedule: Schedule = "cosine"
+    timesteps: int = 1000
+    objective: Objective = "v"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation; none of it is needed to sample."""
+
+    batch_size: int = 32  # global: split across processes under DDP
+    steps: int = 4000
+    lr: float = 1e-3
+    lr_schedule: LRSchedule = "cosine"
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_max_decay: float = 0.9999
+    ema_power: float = 2 / 3  # EMA warm-up of Karras et al.: decay = 1 - (1 + step)^-power
+    min_snr_gamma: float = 5.0  # 0 turns min-SNR-γ weighting off
+    precision: Precision = "auto"
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run; saved in every checkpoint's header."""
+
+    preset: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named U-Net sizes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), head_channels=16),
+    "small": dict(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
+                  attention_resolutions=(8,), head_channels=48),
+    "base": dict(base_channels=96, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attention_resolutions=(16,), head_channels=64, dropout=0.1),
+    "ddpm-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                         attention_resolutions=(16,), head_channels=128, dropout=0.1),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a named preset, with overrides (e.g. image_size) applied."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return validate_model(ModelConfig(**{**PRESETS[preset], **overrides}))
+
+
+def validate_model(cfg: ModelConfig) -> ModelConfig:
+    """Check that the U-Net can be built at this image size; return cfg unchanged."""
+    levels = len(cfg.channel_mult)
+    factor = 2 ** (levels - 1)
+    if cfg.image_size < 4 or cfg.image_size % factor or cfg.image_size // factor < 2:
+        sizes = ", ".join(str(factor * k) for k in (2, 4, 8, 16, 32) if factor * k >= 4)
+        raise ConfigError(
+            f"image size {cfg.image_size} cannot be halved {levels - 1} times by this U-Net; "
+            f"use a multiple of {factor} of at least {2 * factor} (e.g. {sizes})")
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), not {cfg.channels}")
+    for name in ("base_channels", "num_res_blocks", "head_channels"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), not {cfg.dropout}")
+    return cfg
+
+
+def validate_train(cfg: TrainConfig) -> TrainConfig:
+    """Check the optimisation settings; return cfg unchanged."""
+    for name in ("batch_size", "steps", "grad_accum", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr must be positive, not {cfg.lr}")
+    if cfg.warmup < 0 or cfg.grad_clip < 0 or cfg.min_snr_gamma < 0:
+        raise ConfigError("warmup, grad-clip and min-snr-gamma must not be negative")
+    if not 0 <= cfg.ema_max_decay < 1:
+        raise ConfigError(f"ema-max-decay must be in [0, 1), not {cfg.ema_max_decay}")
+    return cfg
+
+
+def check_choice(value: Any, literal: Any, name: str) -> Any:
+    """Return value if it is one of the Literal's choices, else raise ConfigError."""
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON-able data."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from to_dict's output; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))} "
+                          "(written by a newer diffuse?)")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif getattr(hint, "__origin__", None) is tuple:
+            value = tuple(value)
+        elif getattr(hint, "__origin__", None) is Literal:
+            value = check_choice(value, hint, name)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def config_from_json(text: str) -> Config:
+    return from_dict(Config, json.loads(text))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1d' or plain seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 2h")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit

@@ -1,0 +1,256 @@
+"""Images in and out: folders and the built-in dataset, [0, 255] <-> [-1, 1], grids and PNGs.
+
+Every image is decoded once, resized (short side) and centre-cropped, and kept in memory as
+uint8, so that training never waits on a JPEG decoder. Where the decoded set would not fit in
+memory, images are decoded on demand instead.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence
+
+from .errors import DataError
+from .files import atomic_write_bytes
+from .shapes import render_shapes
+
+BUILTIN = "builtin:shapes"
+BUILTIN_SIZE = 8192
+
+
+@dataclass
+class ImageData:
+    """Training images as uint8 (N, C, H, W), or paths decoded on demand when too large."""
+
+    source: str
+    image_size: int
+    channels: int
+    images: torch.Tensor | None = None
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.paths)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images at these indices, (B, C, H, W)."""
+        if self.images is not None:
+            return self.images[indices]
+        return torch.stack([decode_image(self.paths[i], self.image_size, self.channels) for i in indices.tolist()])
+
+
+# -- pixels <-> model space, in one place -----------------------------------------------------
+def to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clipping."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode (16-bit, palette, CMYK, with alpha) -> 'RGB' or 'L', transparency on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray((arr.clip(0, top) / top * 255).round().astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
+    """Decode a file's first frame, EXIF orientation applied, as 'RGB' or 'L'."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's warnings become our per-file reasons
+        with Image.open(path) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(f"too large ({im.width}x{im.height} pixels)")
+            if im.width < 1 or im.height < 1:
+                raise ValueError("has no pixels")
+            im = next(ImageSequence.Iterator(im))  # first frame of a GIF/WebP/TIFF
+            if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, (draft, draft))  # decode at a reduced scale, never below `draft`
+            return _to_mode(ImageOps.exif_transpose(im), channels)
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
+    """One image at its own size, (C, H, W) uint8."""
+    return _to_tensor(_open(path, channels))
+
+
+def decode_image(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+    """Decode one file, resize the short side to `size` and centre-crop: (C, size, size) uint8."""
+    im = _open(path, channels, draft=size)
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (w - size) // 2, (h - size) // 2
+    return _to_tensor(im.crop((left, top, left + size, top + size)))
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every non-hidden file below root, sorted; follows symlinks but never loops."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _try_decode(path: Path, size: int, channels: int) -> torch.Tensor | str:
+    """The decoded image, or the reason it could not be decoded."""
+    try:
+        return decode_image(path, size, channels)
+    except Image.UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError as e:
+        return f"too large ({e})"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
+        return f"corrupt ({str(e) or type(e).__name__})"
+    except Exception as e:  # decoders raise many types on hostile input; one file never stops the run
+        return f"corrupt ({type(e).__name__}: {e})"
+
+
+def _memory_available() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def load_folder(root: str | os.PathLike, size: int, channels: int = 3,
+                progress: Callable[[int, int], None] | None = None) -> ImageData:
+    """Decode every image below root once; unusable files are listed in `skipped`."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    files = [root] if root.is_file() else find_files(root)
+    images: list[torch.Tensor] = []
+    kept: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (path, result) in enumerate(zip(files, pool.map(lambda p: _try_decode(p, size, channels), files))):
+            if isinstance(result, str):
+                skipped.append((str(path), result))
+            else:
+                images.append(result)
+                kept.append(path)
+            if progress:
+                progress(i + 1, len(files))
+    if not images:
+        what = f"{len(files)} files, none of them a readable image" if files else "no files"
+        raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
+    data = ImageData(str(root), size, channels, paths=kept, skipped=skipped)
+    if len(images) * channels * size * size < _memory_available() // 2:
+        data.images = torch.stack(images)
+    return data
+
+
+def load_builtin(size: int, channels: int = 3, n: int = BUILTIN_SIZE) -> ImageData:
+    """The built-in shapes dataset at this size."""
+    images = render_shapes(n, size, seed=0)
+    if channels == 1:
+        images = (images.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        images = images.round().to(torch.uint8)
+    return ImageData(BUILTIN, size, channels, images=images)
+
+
+def load_data(source: str | None, size: int, channels: int = 3,
+              progress: Callable[[int, int], None] | None = None) -> ImageData:
+    """A folder path, or None / 'builtin:shapes' for the built-in dataset."""
+    if source in (None, BUILTIN):
+        return load_builtin(size, channels)
+    return load_folder(source, size, channels, progress)
+
+
+# -- grids and PNGs ---------------------------------------------------------------------------
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> one (C, H', W') uint8 image, nrow images a row (default: near square)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+    rows = -(-n // nrow)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) uint8 -> a PIL image."""
+    arr = image.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, "L" if arr.shape[2] == 1 else "RGB")
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike, upscale: int = 1) -> None:
+    """Write a (C, H, W) uint8 image as PNG, optionally enlarged (nearest) to be seen."""
+    im = to_pil(image)
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_gif(frames: Sequence[torch.Tensor], path: str | os.PathLike, ms_per_frame: int = 80) -> None:
+    """An animated GIF of (C, H, W) uint8 frames; the last frame is held longer."""
+    ims = [to_pil(f).convert("RGB") for f in frames]
+    durations = [ms_per_frame] * (len(ims) - 1) + [1500]
+    buf = io.BytesIO()
+    ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=durations, loop=0)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def labelled_strip(panels: Sequence[torch.Tensor], labels: Sequence[str], gap: int = 8) -> torch.Tensor:
+    """Images of one size side by side, left to right, each with its label above: (C, H', W') uint8."""
+    from PIL import ImageDraw, ImageFont
+
+    c, h, w = panels[0].shape
+    font_size = max(12, min(48, w // 12))
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1 has one fixed size
+        font = ImageFont.load_default()
+    top = font_size + 2 * gap
+    canvas = Image.new("RGB", (len(panels) * (w + gap) + gap, h + top + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, label) in enumerate(zip(panels, labels)):
+        x = gap + i * (w + gap)
+        canvas.paste(to_pil(panel).convert("RGB"), (x, top))
+        draw.text((x + w / 2, gap), label, fill="black", font=font, anchor="mt")
+    strip = _to_tensor(canvas)
+    return strip[:1] if c == 1 else strip
+
+
+def grid_upscale(size: int) -> int:
+    """How much to enlarge a grid of size-pixel images so that a person can see them (≥ 64 px each)."""
+    return max(1, 64 // size)

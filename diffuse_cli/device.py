@@ -1,0 +1,58 @@
+"""Where to run and in what precision."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import Precision
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU; `name` (e.g. 'cpu', 'cuda:1') overrides."""
+    if name and name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' asked for, but Apple MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """'auto' -> bf16 where the hardware computes it natively, else fp16 on CUDA, else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("fp16 is for GPUs; on the CPU use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,52 @@
+"""Images from a trained network: the objective adapter, per-image seeds, batching, precision."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import Config, Precision
+from .data import to_uint8
+from .device import autocast
+from .objectives import as_eps_model
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
+from .schedule import NoiseSchedule
+
+
+def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
+    """One generator per image: image i always gets the noise of seed + i, whatever the batching."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
+             steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
+             precision: Precision = "fp32", clip_x0: bool = True,
+             progress: Callable[[int, int], None] | None = None,
+             callback: Callback | None = None, **options) -> tuple[torch.Tensor, int]:
+    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    device = next(model.parameters()).device
+    schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
+    net = lambda x, t: model(x, t)  # noqa: E731
+    counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
+    nfe_per_batch = SAMPLERS[sampler].nfe(steps)
+    total_calls = nfe_per_batch * -(-n // batch_size)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            eps = counted(x.contiguous(memory_format=torch.channels_last), t)
+        if progress:
+            progress(counted.nfe, total_calls)
+        return eps
+
+    c, s = config.model.channels, config.model.image_size
+    out = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        x = sample(eps_model, (count, c, s, s), schedule, sampler, steps, image_generators(seed, start, count),
+                   spacing=spacing, device=device, callback=callback, **options)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out), nfe_per_batch

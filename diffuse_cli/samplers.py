@@ -1,0 +1,206 @@
+"""Samplers: x_T ~ N(0, I) -> x_0, each a small function over one ε-model interface.
+
+An ε-model is any callable `(x_t, t) -> ε̂` with t a (B,) tensor of step indices (integer, or
+fractional where a sampler needs times between steps). Every sampler has the signature
+
+    sampler(eps_model, x, schedule, timesteps, generator=None, callback=None, **options) -> x_0
+
+where `timesteps` is a descending 1-D tensor of the steps to visit (see `spaced_timesteps`);
+after the last one the sampler lands on the clean image. `callback(i, x_t, x0_hat)` sees
+every step. `generator` is a torch.Generator, or a list of them, one per image, so that an
+image's noise does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .schedule import NoiseSchedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+Spacing = Literal["trailing", "quadratic", "karras"]
+
+
+def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise; with a list of generators, row i comes from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(*shape, generator=generator, device="cpu").to(device)
+    rows = [torch.randn(*shape[1:], generator=g) for g in generator]
+    return torch.stack(rows).to(device)
+
+
+def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.expand(x.shape[0]).to(x.device)
+
+
+def _with_clean_end(alpha_bar: torch.Tensor) -> tuple[list[float], list[float]]:
+    """ᾱ at each visited step, and at the step after it (1 after the last: the clean image)."""
+    ab = alpha_bar.tolist()
+    return ab, ab[1:] + [1.0]
+
+
+def ddpm(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+         generator: Generator = None, callback: Callback | None = None,
+         variance: Literal["posterior", "beta"] = "posterior") -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on respaced steps (Nichol & Dhariwal 2021, §4).
+
+    variance='posterior' uses σ_t² = β̃_t, variance='beta' uses σ_t² = β_t.
+    """
+    ab_all, ab_prev_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    for i, t in enumerate(timesteps):
+        ab, ab_prev = ab_all[i], ab_prev_all[i]
+        beta = 1 - ab / ab_prev
+        eps = eps_model(x, _t(t, x))
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        if callback:
+            callback(i, x, x0)
+        # Posterior mean of q(x_{t-1} | x_t, x_0), eq. 7, with x_0 predicted.
+        x = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        if i < len(timesteps) - 1:
+            var = beta * (1 - ab_prev) / (1 - ab) if variance == "posterior" else beta
+            x = x + math.sqrt(var) * randn(x.shape, generator, x.device)
+    return x
+
+
+def ddim(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+         generator: Generator = None, callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM, eq. 12 of Song et al. 2021; eta=0 is deterministic, eta=1 is DDPM's posterior noise."""
+    ab_all, ab_prev_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    for i, t in enumerate(timesteps):
+        ab, ab_prev = ab_all[i], ab_prev_all[i]
+        eps = eps_model(x, _t(t, x))
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        if callback:
+            callback(i, x, x0)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn(x.shape, generator, x.device)
+    return x
+
+
+def dpmpp_2m(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+             generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022: multistep, data prediction, λ = log(α/σ)."""
+    ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(timesteps):
+        ab, ab_next = ab_all[i], ab_next_all[i]
+        eps = eps_model(x, _t(t, x))
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        if callback:
+            callback(i, x, x0)
+        if ab_next >= 1.0:  # the last step lands on σ = 0, where the solution is the denoised image
+            return x0
+        lam, lam_next = 0.5 * math.log(ab / (1 - ab)), 0.5 * math.log(ab_next / (1 - ab_next))
+        h = lam_next - lam
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def heun(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+         generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
+    """Deterministic Heun, Algorithm 1 of Karras et al. 2022, in x̃ = x_t / sqrt(ᾱ_t) where dx̃/dσ = ε."""
+    sigmas = schedule.sigma_at(timesteps).tolist() + [0.0]
+    ts = list(timesteps) + [None]
+    x = x * math.sqrt(1 + sigmas[0] ** 2)
+    eps_at = lambda x_tilde, i: eps_model(x_tilde / math.sqrt(1 + sigmas[i] ** 2), _t(ts[i], x_tilde))  # noqa: E731
+    for i in range(len(timesteps)):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = eps_at(x, i)
+        if callback:
+            callback(i, x / math.sqrt(1 + s**2), x - s * d)
+        x_next = x + (s_next - s) * d
+        if s_next > 0:  # second-order correction, except on the last step to σ = 0
+            x_next = x + (s_next - s) * 0.5 * (d + eps_at(x_next, i + 1))
+        x = x_next
+    return x
+
+
+# -- which steps to visit ------------------------------------------------------------------
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """σ_i = (σ_max^(1/ρ) + i/(N-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, eq. 5 of Karras et al. 2022."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
+    """`steps` descending step indices, from the noisiest step T-1 down.
+
+    trailing: evenly spaced ending at T-1 (Lin et al. 2024); at steps = T it is every step.
+    quadratic: denser near the clean end (Song et al. 2021, CIFAR-10). karras: ρ = 7 σ spacing,
+    as fractional steps between σ_min = σ(0) and σ_max = σ(T-1).
+    """
+    T = schedule.timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}, not {steps}")
+    if spacing == "trailing":
+        return (torch.linspace(T, 0, steps + 1, dtype=torch.float64)[:-1].round().long() - 1)
+    if spacing == "quadratic":
+        t = (torch.linspace(0, math.sqrt(T - 1), steps, dtype=torch.float64) ** 2).round().long()
+        for i in range(1, steps):  # keep them distinct where the parabola is flat
+            t[i] = max(t[i], t[i - 1] + 1)
+        return t.flip(0)
+    if spacing == "karras":
+        sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
+        return schedule.sigma_to_t(sigmas).clamp(0, T - 1)
+    raise ValueError(f"unknown spacing {spacing!r}; choose trailing, quadratic or karras")
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable[..., torch.Tensor]
+    spacing: Spacing  # the spacing its paper uses
+    nfe: Callable[[int], int]  # network calls for a number of steps
+    description: str
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020"),
+    "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic"),
+    "dpm++2m": SamplerInfo(dpmpp_2m, "trailing", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
+    "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
+}
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_STEPS = 25
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """The most steps whose network calls fit in `nfe`."""
+    return max(k for k in range(1, nfe + 1) if SAMPLERS[sampler].nfe(k) <= nfe)
+
+
+class CountingModel:
+    """Wraps an ε-model and counts its network function evaluations (NFE)."""
+
+    def __init__(self, eps_model: EpsModel):
+        self.eps_model, self.nfe = eps_model, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.eps_model(x, t)
+
+
+def sample(eps_model: EpsModel, shape: Sequence[int], schedule: NoiseSchedule, sampler: str = DEFAULT_SAMPLER,
+           steps: int = DEFAULT_STEPS, generator: Generator = None, spacing: Spacing | None = None,
+           device: torch.device | str = "cpu", callback: Callback | None = None, **options) -> torch.Tensor:
+    """Draw x_T ~ N(0, I) of this shape and run the named sampler on `steps` steps."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    info = SAMPLERS[sampler]
+    timesteps = spaced_timesteps(schedule, steps, spacing or info.spacing)
+    x = randn(shape, generator, device)
+    return info.fn(eps_model, x, schedule, timesteps, generator=generator, callback=callback, **options)

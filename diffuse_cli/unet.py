@@ -1,0 +1,162 @@
+"""The U-Net of Ho et al. 2020 (their CIFAR-10 network is the `ddpm-cifar10` preset).
+
+It maps (x_t, t) to one image-shaped output and knows nothing of the diffusion around it:
+what that output means (ε, x_0 or v) is decided by the objective, outside this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) t, as in Transformer position codes. (B,) -> (B, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Start a residual branch at zero so that each block begins as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv, + timestep projection, GroupNorm, SiLU, dropout, conv; skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_ch, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, through fused SDPA."""
+
+    def __init__(self, ch: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """A residual block, followed by attention at the chosen resolutions."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, attn: bool, head_channels: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_ch, dropout)
+        self.attn = Attention(out_ch, head_channels) if attn else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """(x_t, t) -> output of x_t's shape; t is a (B,) tensor of step indices, fractional allowed."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        base, emb_ch = cfg.base_channels, 4 * cfg.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.conv_in = nn.Conv2d(cfg.channels, base, 3, padding=1)
+        stage = lambda i, o, res: Stage(i, o, emb_ch, cfg.dropout, res in cfg.attention_resolutions,  # noqa: E731
+                                        cfg.head_channels)
+
+        self.down = nn.ModuleList()
+        skips, ch, res = [base], base, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(stage(ch, base * mult, res))
+                ch = base * mult
+                skips.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, cfg.dropout), Attention(ch, cfg.head_channels),
+                                  ResBlock(ch, ch, emb_ch, cfg.dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(stage(ch + skips.pop(), base * mult, res))
+                ch = base * mult
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, Stage):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = block(h, emb)
+        return self.out(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
