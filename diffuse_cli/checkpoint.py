@@ -97,15 +97,28 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt tensor data: {e}") from None
 
 
-def _check_weights(path: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
-    wrong = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
+def _check_shapes(path: Path, expected: dict[str, torch.Size], found: dict[str, list[int]]) -> None:
+    """The tensors a config implies against those a file holds, by name and shape."""
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(found) if list(expected[k]) != list(found[k]))
     if missing or unexpected or wrong:
         parts = [f"{len(missing)} missing" if missing else "", f"{len(unexpected)} unexpected" if unexpected else "",
                  f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})" if wrong else ""]
         raise CheckpointError(f"{path}: the weights do not match the config in its header: "
                               + ", ".join(p for p in parts if p))
+
+
+def _expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """Parameter shapes of the U-Net a config describes, built on the meta device (no memory)."""
+    from .unet import UNet
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in UNet(config.model).state_dict().items()}
+
+
+def _header_shapes(header: dict[str, Any], prefix: str = "") -> dict[str, list[int]]:
+    return {k[len(prefix):]: v.get("shape", []) for k, v in header.items()
+            if k != "__metadata__" and k.startswith(prefix) and isinstance(v, dict)}
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, config: Config, info: dict[str, Any]) -> None:
@@ -119,9 +132,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
 
     path = Path(path)
     config, info = read_metadata(path, MODEL_FORMAT)
-    model = UNet(config.model)
+    _check_shapes(path, _expected_shapes(config), _header_shapes(read_header(path)))
     weights = _load_tensors(path)
-    _check_weights(path, model, weights)
+    model = UNet(config.model)
     model.load_state_dict(weights)
     return model.to(device).eval(), config, info
 
@@ -143,6 +156,9 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     """Load weights, EMA and optimizer state in place; return the info dict (step and so on)."""
     path = Path(path)
     _, info = read_metadata(path, STATE_FORMAT)
+    header = read_header(path)
+    for name, module in (("model", model), ("ema", ema)):
+        _check_shapes(path, {k: v.shape for k, v in module.state_dict().items()}, _header_shapes(header, f"{name}."))
     tensors = _load_tensors(path)
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     for key, value in tensors.items():
@@ -151,14 +167,13 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
             raise CheckpointError(f"{path}: unexpected tensor {key!r}")
         parts[head][rest] = value
     for name, module in (("model", model), ("ema", ema)):
-        _check_weights(path, module, parts[name])
         module.load_state_dict(parts[name])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in parts["optim"].items():
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = value
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+        optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
     return info

@@ -34,11 +34,11 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def progress_bar(*extra: str) -> Progress:
+def progress_bar(*extra: str, enabled: bool = True) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
-                    transient=False, disable=not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1")
+                    transient=False, disable=not enabled or (not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1"))
 
 
 # -- train --------------------------------------------------------------------------------
@@ -97,13 +97,26 @@ def _config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, g
 
 def _launch_devices(devices: int) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     args = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--devices")
             and not (i > 0 and sys.argv[i] == "--devices")]
     if not any(a == "--out" or a.startswith("--out=") for a in args):
         args += ["--out", str(_run_name(None, "ddp"))]
-    torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
+    import torch
+
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise UserError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    out_at = args.index("--out") + 1 if "--out" in args else None
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
+    except ChildFailedError as e:
+        rank, failure = next(iter(e.failures.items()), (0, None))
+        code = getattr(failure, "exitcode", 1)
+        where = f" --out {args[out_at]}" if out_at else ""
+        raise UserError(f"training process {rank} of {devices} failed (exit code {code}); the others were stopped. "
+                        f"Resume with: diffuse train --resume auto{where} --devices {devices}") from None
 
 
 @app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
@@ -114,7 +127,7 @@ def train(
     data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes."),
     image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}]"),
     channels: Optional[int] = typer.Option(None, help=f"3 for RGB, 1 for grayscale. \\[default: {ModelConfig.channels}]"),
-    model: str = typer.Option("small", "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}."),
+    model: Optional[str] = typer.Option(None, "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}. \\[default: {Config.preset}]"),
     schedule: Optional[str] = typer.Option(None, help=f"Noise schedule: linear, cosine or sigmoid. \\[default: {DiffusionConfig.schedule}]"),
     objective: Optional[str] = typer.Option(None, help=f"What the network predicts: eps, x0 or v. \\[default: {DiffusionConfig.objective}]"),
     timesteps: Optional[int] = typer.Option(None, help=f"Diffusion steps T. \\[default: {DiffusionConfig.timesteps}]"),
@@ -159,7 +172,8 @@ def train(
         check_choice(precision, Precision, "precision")
     if "lr_schedule" in given_train:
         check_choice(lr_schedule, TrainConfig.__annotations__["lr_schedule"], "lr-schedule")
-    new = Config(preset=model, model=model_config(model, **given_model),
+    preset = model or Config.preset
+    new = Config(preset=preset, model=model_config(preset, **given_model),
                  diffusion=DiffusionConfig(**given_diffusion), train=validate_train(TrainConfig(**given_train)))
     budget = parse_duration(max_time) if max_time else None
     if data is not None and not Path(data).exists():
@@ -173,12 +187,15 @@ def train(
     from .train import train as run_training
 
     torch_device = pick_device(device)
-    run, resuming = _resolve_run(out_dir, resume, data, model)
+    run, resuming = _resolve_run(out_dir, resume, data, preset)
     config = _config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
+    if resuming and model is not None and model != config.preset:
+        raise UserError(f"--model {model} differs from the run being resumed ({config.preset}); "
+                        "the model cannot change on resume")
     is_main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: err.print(m, highlight=False)) if is_main else (lambda m: None)
 
-    with progress_bar() as bar:
+    with progress_bar(enabled=is_main) as bar:
         task = bar.add_task("decoding images", total=None)
         data_set = load_data(data, config.model.image_size, config.model.channels,
                              progress=lambda i, n: bar.update(task, completed=i, total=n))
@@ -193,7 +210,7 @@ def train(
 
     stop = install_stop_handler()
     say(f"run folder [bold]{run}[/]" + (" (resuming)" if resuming else ""))
-    with progress_bar("loss", "rate") as bar:
+    with progress_bar("loss", "rate", enabled=is_main) as bar:
         task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="")
         smooth: dict[str, float] = {}
 
@@ -204,7 +221,7 @@ def train(
 
         hooks = Hooks(progress=on_progress if is_main else (lambda r: None),
                       log=lambda m: bar.console.print(m, highlight=False) if is_main else None,
-                      should_stop=lambda: stop["requested"])
+                      should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
                           max_time=budget, resume=resuming, compile=compile)
         result = run_training(config, data_set, run, options, hooks)
@@ -241,7 +258,7 @@ def sample(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-<sampler>-<steps>-seed<seed>]"),
     sampler: str = typer.Option("dpm++2m", help="ddpm, ddim, dpm++2m or heun."),
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
-    spacing: Optional[str] = typer.Option(None, help="trailing, quadratic or karras. \\[default: the sampler's paper's]"),
+    spacing: Optional[str] = typer.Option(None, help="trailing, quadratic, karras or logsnr. \\[default: the sampler's paper's]"),
     eta: float = typer.Option(0.0, help="ddim only: 0 deterministic, 1 like DDPM."),
     variance: str = typer.Option("posterior", help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t)."),
     seed: int = typer.Option(0, help="Image i uses seed+i, so results do not depend on --batch-size."),
@@ -251,14 +268,14 @@ def sample(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the network."),
 ) -> None:
     """Generate images from a trained checkpoint: n PNGs and grid.png."""
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, Spacing
 
     if n < 1 or steps < 1 or batch_size < 1:
         raise UserError("-n, --steps and --batch-size must be at least 1")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    if spacing is not None and spacing not in ("trailing", "quadratic", "karras"):
-        raise UserError(f"unknown spacing {spacing!r}; choose trailing, quadratic or karras")
+    if spacing is not None:
+        check_choice(spacing, Spacing, "spacing")
     check_choice(precision, Precision, "precision")
     options = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
     if variance not in ("posterior", "beta"):

@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(base_channels=96, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), head_channels=64, dropout=0.1),
     "ddpm-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), head_channels=128, dropout=0.1),
+                         attention_resolutions=(16,), head_channels=256, dropout=0.1),  # one head, as in the paper
 }
 
 

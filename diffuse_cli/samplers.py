@@ -24,7 +24,7 @@ from .schedule import NoiseSchedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
-Spacing = Literal["trailing", "quadratic", "karras"]
+Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -130,6 +130,9 @@ def heun(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timestep
 
 
 # -- which steps to visit ------------------------------------------------------------------
+SIGMA_MAX = 80.0  # EDM's σ_max
+
+
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """σ_i = (σ_max^(1/ρ) + i/(N-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, eq. 5 of Karras et al. 2022."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -141,8 +144,9 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
     """`steps` descending step indices, from the noisiest step T-1 down.
 
     trailing: evenly spaced ending at T-1 (Lin et al. 2024); at steps = T it is every step.
-    quadratic: denser near the clean end (Song et al. 2021, CIFAR-10). karras: ρ = 7 σ spacing,
-    as fractional steps between σ_min = σ(0) and σ_max = σ(T-1).
+    quadratic: denser near the clean end (Song et al. 2021, CIFAR-10). karras: ρ = 7 σ spacing
+    (Karras et al. 2022); logsnr: uniform in log σ, i.e. in λ = -log σ (Lu et al. 2022). Both are
+    fractional steps between σ_min = σ(0) and σ_max = min(σ(T-1), 80): above 80, x_t is noise.
     """
     T = schedule.timesteps
     if not 1 <= steps <= T:
@@ -154,10 +158,14 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
         for i in range(1, steps):  # keep them distinct where the parabola is flat
             t[i] = max(t[i], t[i - 1] + 1)
         return t.flip(0)
+    sigma_min, sigma_max = schedule.sigmas[0].item(), min(schedule.sigmas[-1].item(), SIGMA_MAX)
     if spacing == "karras":
-        sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
-        return schedule.sigma_to_t(sigmas).clamp(0, T - 1)
-    raise ValueError(f"unknown spacing {spacing!r}; choose trailing, quadratic or karras")
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max)
+    elif spacing == "logsnr":
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose trailing, quadratic, karras or logsnr")
+    return schedule.sigma_to_t(sigmas).clamp(0, T - 1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,7 @@ class SamplerInfo:
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020"),
     "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic"),
-    "dpm++2m": SamplerInfo(dpmpp_2m, "trailing", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
+    "dpm++2m": SamplerInfo(dpmpp_2m, "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
     "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
 }
 DEFAULT_SAMPLER = "dpm++2m"

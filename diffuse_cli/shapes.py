@@ -1,4 +1,4 @@
-"""The built-in dataset: coloured circles, triangles, squares and crosses on plain grounds.
+"""The built-in dataset: upright coloured circles, triangles, squares and crosses on plain grounds.
 
 Drawn procedurally (anti-aliased signed distance fields), so it needs no download, is the same
 on every machine for a given seed, and a person can tell at a glance whether samples are right.
@@ -41,9 +41,9 @@ def render_shapes(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     kind = torch.randint(len(SHAPES), (n,), generator=g)
-    radius = 0.35 + 0.3 * u(n)                        # in units of half the image
-    centre = (u(n, 2) * 2 - 1) * (0.9 - radius)[:, None]
-    angle = u(n) * 2 * math.pi
+    radius = 0.45 + 0.3 * u(n)                        # in units of half the image
+    centre = (u(n, 2) * 2 - 1) * 0.12                 # near the middle: the shape is the subject
+    angle = (u(n) - 0.5) * 0.3                        # upright, give or take 9 degrees
     fg = FOREGROUND[torch.randint(len(FOREGROUND), (n,), generator=g)]
     bg = BACKGROUND[torch.randint(len(BACKGROUND), (n,), generator=g)]
 

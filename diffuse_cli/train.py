@@ -27,6 +27,7 @@ from .device import autocast, resolve_precision
 from .files import atomic_write_bytes
 from .generate import generate
 from .objectives import diffusion_loss
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
 from .unet import UNet, count_parameters
 
@@ -48,8 +49,8 @@ class Options:
     max_time: float | None = None  # seconds
     resume: bool = False
     compile: bool = False
-    grid_sampler: str = "dpm++2m"
-    grid_steps: int = 25
+    grid_sampler: str = DEFAULT_SAMPLER
+    grid_steps: int = DEFAULT_STEPS
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Hooks:
 
     progress: Callable[[dict[str, Any]], None] = lambda record: None
     log: Callable[[str], None] = lambda message: None
-    should_stop: Callable[[], bool] = lambda: False
+    should_stop: Callable[[int], bool] = lambda step: False  # asked before each step
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Result:
     step: int
     stopped_by: str  # "steps", "time" or "signal"
     run_dir: Path
+    model: torch.nn.Module  # the online weights
+    ema: torch.nn.Module    # the weights to sample with
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -131,7 +134,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
-    step, records = 0, []
+    step, records, unsaved = 0, [], []  # all log records; those not yet in metrics.jsonl
     if options.resume:
         info = load_training_state(run_dir / STATE_FILE, model, ema, optimizer)
         step = info["step"]
@@ -143,7 +146,9 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    images = data.images.to(device) if data.images is not None and device.type == "cuda" else data.images
+    on_gpu = (data.images is not None and device.type == "cuda"
+              and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
+    images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
     hooks.log(f"device {device}, precision {precision}, preset {config.preset}, "
               f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} images, "
               f"effective batch {tc.batch_size * tc.grad_accum}"
@@ -160,8 +165,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             return
         save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, facts(now_step))
         save_model(run_dir / MODEL_FILE, ema, config, facts(now_step))
-        write_metrics(run_dir / "metrics.jsonl", records, now_step)
-        records.clear()
+        write_metrics(run_dir / "metrics.jsonl", unsaved, now_step)
+        unsaved.clear()
 
     def sample_grid(now_step: int) -> None:
         if not world.is_main:
@@ -176,7 +181,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     model.train()
     while step < tc.steps:
         over_time = options.max_time is not None and time.monotonic() - start_time >= options.max_time
-        stop = distributed.any_rank(hooks.should_stop() or over_time, world, device)
+        stop = distributed.any_rank(hooks.should_stop(step) or over_time, world, device)
         if stop:
             stopped_by = "time" if over_time else "signal"
             break
@@ -229,6 +234,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                       "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
                       "time": round(now - start_time, 3)}
             records.append(record)
+            unsaved.append(record)
             hooks.progress(record)
             loss_sum.zero_()
             last_log = (now, step)
@@ -242,7 +248,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         if stopped_by != "signal":
             sample_grid(step)
     distributed.barrier(world)
-    return Result(step, stopped_by, run_dir, records)
+    return Result(step, stopped_by, run_dir, model, ema, records)
 
 
 def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:

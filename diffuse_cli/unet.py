@@ -35,7 +35,7 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv, + timestep projection, GroupNorm, SiLU, dropout, conv; skip."""
+    """GroupNorm, SiLU, conv, + projected SiLU(embedding), GroupNorm, SiLU, dropout, conv; skip."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
         super().__init__()
@@ -49,7 +49,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 

@@ -1,0 +1,130 @@
+"""What data parallelism costs: one process with and without the DDP wrapper, and N against 1.
+
+    python benchmarks/ddp.py                      # CPU, gloo; small preset, batch 32
+    python benchmarks/ddp.py --device cuda        # on a GPU machine (NCCL)
+
+Part 1 times the same training step (ours: forward, backward, clip, AdamW) on a bare module and
+on the module wrapped in DistributedDataParallel in a one-process group, so the difference is
+the wrapper's own cost (bucketing, the all-reduce hooks). Part 2 runs `diffuse train`'s loop
+in 1 and in N processes (global batch fixed) and compares images/s; on a 2-core CPU N
+processes share the same two cores, so expect no speed-up there: it checks the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed  # noqa: E402
+
+from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
+from diffuse_cli.data import load_builtin  # noqa: E402
+from diffuse_cli.device import autocast, resolve_precision  # noqa: E402
+from diffuse_cli.objectives import diffusion_loss  # noqa: E402
+from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.train import Options, train  # noqa: E402
+from diffuse_cli.unet import UNet  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wrapper_cost(device: str, batch: int) -> None:
+    dev = torch.device(device)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    precision = resolve_precision("auto", dev)
+    schedule = NoiseSchedule.make("cosine")
+    x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rates = {}
+    for wrapped in (False, True):
+        torch.manual_seed(0)
+        model = UNet(model_config("small")).to(dev, memory_format=torch.channels_last)
+        net = DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None) if wrapped else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast(precision, dev):
+                loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+        rates[wrapped] = batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2)
+    dist.destroy_process_group()
+    print(f"one process, small preset, batch {batch}, {precision} on {device}: "
+          f"bare {rates[False]:.1f} img/s, DDP-wrapped {rates[True]:.1f} img/s, "
+          f"overhead {100 * (1 - rates[True] / rates[False]):.1f}%")
+
+
+CONFIG = Config(preset="small", model=model_config("small"), train=TrainConfig(batch_size=32, steps=40, warmup=1))
+
+
+def run_rank(rank: int, world: int, port: int, run_dir: str, device: str, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    start = time.perf_counter()
+    result = train(CONFIG, load_builtin(32, n=2048), run_dir, Options(device=torch.device(device),
+                   save_every=10**6, sample_every=10**6))
+    if rank == 0:
+        late = [r["images_per_s"] for r in result.records[1:]]  # skip the first (warm-up) interval
+        queue.put((sum(late) / len(late), time.perf_counter() - start))
+
+
+def processes(world: int, device: str, tmp: str) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=run_rank, args=(r, world, port, f"{tmp}/w{world}", device, queue)) for r in range(world)]
+    if world == 1:
+        procs = [ctx.Process(target=run_single, args=(f"{tmp}/w1", device, queue))]
+    for p in procs:
+        p.start()
+    rate, _ = queue.get()
+    for p in procs:
+        p.join()
+    return rate
+
+
+def run_single(run_dir: str, device: str, queue) -> None:
+    result = train(CONFIG, load_builtin(32, n=2048), run_dir, Options(device=torch.device(device),
+                   save_every=10**6, sample_every=10**6))
+    late = [r["images_per_s"] for r in result.records[1:]]
+    queue.put((sum(late) / len(late), 0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--tmp", default="checkpoints/ddp-bench")
+    args = parser.parse_args()
+    wrapper_cost(args.device, 32)
+    if args.device == "cpu" or torch.cuda.device_count() >= args.processes:
+        one = processes(1, args.device, args.tmp)
+        many = processes(args.processes, args.device, args.tmp)
+        print(f"diffuse train loop, global batch 32: 1 process {one:.1f} img/s, {args.processes} processes "
+              f"{many:.1f} img/s ({many / one:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Sample quality against network calls (NFE), for every sampler.
+
+1. On the closed-form 2-D mixture (toy.mixture_2d, exact ε-model): sliced Wasserstein distance
+   of 20,000 samples to 20,000 true draws; the 'floor' row is two independent true draws.
+2. With --checkpoint (a model trained on the built-in dataset): random-feature FD (common.py)
+   of 1,000 samples to 1,000 built-in images, and the time to sample 16 images.
+
+    python benchmarks/samplers.py
+    python benchmarks/samplers.py --checkpoint checkpoints/<run>/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import image_fd  # noqa: E402
+
+from diffuse_cli.checkpoint import load_model  # noqa: E402
+from diffuse_cli.generate import generate  # noqa: E402
+from diffuse_cli.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
+from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.shapes import render_shapes  # noqa: E402
+from diffuse_cli.toy import mixture_2d, sliced_wasserstein  # noqa: E402
+
+NFES = (10, 25, 50, 100)
+
+
+def table(title: str, rows: dict[str, dict[int, float]], reference: float, ref_name: str) -> None:
+    print(f"\n{title}")
+    print(f"{'sampler':<10}" + "".join(f"{f'NFE {n}':>10}" for n in NFES) + f"{'@25 vs ' + ref_name:>22}")
+    for name, values in rows.items():
+        cells = "".join(f"{values[n]:>10.4f}" if n in values else f"{'-':>10}" for n in NFES)
+        print(f"{name:<10}{cells}{values.get(25, float('nan')) / reference:>21.2f}x")
+    print(f"{ref_name:<10}{reference:>10.4f}")
+
+
+def closed_form(schedule_kind: str, n: int = 20_000) -> None:
+    target, schedule = mixture_2d(), NoiseSchedule.make(schedule_kind)
+    reference = target.sample(n, torch.Generator().manual_seed(123))
+    eps = target.eps_model(schedule)
+    run = lambda name, steps: sample(eps, (n, 2), schedule, name, steps, torch.Generator().manual_seed(0))  # noqa: E731
+    rows = {name: {nfe: sliced_wasserstein(run(name, steps_for_nfe(name, nfe)), reference) for nfe in NFES}
+            for name in SAMPLERS}
+    ddpm_1000 = sliced_wasserstein(run("ddpm", 1000), reference)
+    floor = sliced_wasserstein(target.sample(n, torch.Generator().manual_seed(7)), reference)
+    table(f"closed-form 2-D mixture, {schedule_kind} schedule: sliced W1 to the true distribution "
+          f"(floor, two true draws: {floor:.4f})", rows, ddpm_1000, "ddpm-1000")
+
+
+def trained(checkpoint: str, n: int = 1000) -> None:
+    model, config, _ = load_model(checkpoint)
+    real = render_shapes(n, config.model.image_size, seed=1)
+    rows: dict[str, dict[int, float]] = {}
+    for name in SAMPLERS:
+        rows[name] = {}
+        for nfe in NFES:
+            images, _ = generate(model, config, n, sampler=name, steps=steps_for_nfe(name, nfe), seed=0, batch_size=250)
+            rows[name][nfe] = image_fd(real, images)
+    images, _ = generate(model, config, n, sampler="ddpm", steps=1000, seed=0, batch_size=250)
+    table(f"{checkpoint}: random-feature FD of {n} samples to {n} built-in images", rows,
+          image_fd(real, images), "ddpm-1000")
+    for name in SAMPLERS:
+        start = time.perf_counter()
+        generate(model, config, 16, sampler=name, steps=steps_for_nfe(name, 25), seed=0)
+        print(f"16 images, {name} at 25 NFE: {time.perf_counter() - start:.2f} s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a model trained on the built-in dataset")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for kind in ("linear", "cosine"):
+        closed_form(kind)
+    if args.checkpoint:
+        trained(args.checkpoint)

@@ -1,0 +1,163 @@
+"""Training and sampling speed of our U-Net, side by side with diffusers' UNet2DModel.
+
+For the `small` and `ddpm-cifar10` presets at 32x32 and batch 16 and 64, in fp32 and bf16
+autocast: training images/s (forward, backward, clip, AdamW, EMA), sampling network calls/s,
+peak memory, achieved GFLOP/s and its share of this machine's practical peak (a large 3x3
+convolution, measured in the same run). diffusers (the `bench` extra) gets the same
+architecture, batch, precision and training step, and the ratio ours/theirs is printed.
+Each measurement runs in a fresh process, so that peak memory is its own.
+
+    pip install -e '.[bench]'
+    python benchmarks/train_speed.py                 # everything (about 15 minutes on 2 CPU cores)
+    python benchmarks/train_speed.py --presets small --batches 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed  # noqa: E402
+
+from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.device import autocast  # noqa: E402
+from diffuse_cli.objectives import diffusion_loss  # noqa: E402
+from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
+
+
+def diffusers_unet(preset: str):
+    """diffusers' UNet2DModel with the preset's architecture."""
+    from diffusers import UNet2DModel
+
+    cfg = model_config(preset, image_size=32)
+    attn_levels = [cfg.image_size // 2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=cfg.num_res_blocks,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)),
+        attention_head_dim=cfg.head_channels, norm_num_groups=16 if cfg.base_channels % 32 else 32,
+        dropout=cfg.dropout, time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
+
+
+def measure(impl: str, preset: str, batch: int, precision: str, device: str, queue) -> None:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    schedule = NoiseSchedule.make("cosine")
+    if impl == "ours":
+        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=torch.channels_last)
+        net = model
+    else:
+        model = diffusers_unet(preset).to(dev)
+        net = lambda x, t: model(x, t).sample  # noqa: E731
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    fmt = torch.channels_last if impl == "ours" else torch.contiguous_format
+    x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
+    eps = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def train_step():
+        with autocast(precision, dev):
+            loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.001)
+        sync()
+
+    @torch.no_grad()
+    def forward():
+        with autocast(precision, dev):
+            net(x0, t)
+        sync()
+
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        with autocast(precision, dev):
+            diffusion_loss(net, "v", schedule, x0, t, eps).backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    repeats = 3 if batch * (35 if preset == "ddpm-cifar10" else 3) <= 1200 else 2
+    step_s = timed(train_step, repeats=repeats)
+    fwd_s = timed(forward, repeats=repeats)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put({"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": flops / step_s / 1e9,
+               "peak_mb": peak / 2**20, "params": count_parameters(model)})
+
+
+def practical_peak(precision: str, device: str) -> float:
+    """GFLOP/s of a large 3x3 convolution (forward), the best a U-Net layer can hope for."""
+    dev = torch.device(device)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dev, memory_format=torch.channels_last)
+    x = torch.randn(32, 256, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    @torch.no_grad()
+    def run():
+        with autocast(precision, dev):
+            conv(x)
+        sync()
+    return 2 * 32 * 256 * 256 * 9 * 32 * 32 / timed(run, repeats=5) / 1e9
+
+
+def in_fresh_process(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "ddpm-cifar10"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-diffusers", action="store_true")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    peaks = {p: practical_peak(p, args.device) for p in args.precisions}
+    print("practical peak (large 3x3 conv): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
+    header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'NFE/s':>8}"
+              f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'ours/theirs':>12}")
+    print(header + "\n" + "-" * len(header))
+    baseline: dict[tuple, float] = {}
+    for preset in args.presets:
+        for batch in args.batches:
+            for precision in args.precisions:
+                ours = in_fresh_process("ours", preset, batch, precision, args.device)
+                line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
+                        f"{100 * ours['gflops'] / peaks[precision]:>7.0f}%{ours['nfe_per_s']:>8.2f}"
+                        f"{ours['peak_mb']:>9.0f} | ")
+                if not args.no_diffusers:
+                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device)
+                    baseline[(preset, batch, precision)] = theirs["images_per_s"]
+                    line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['gflops'] / peaks[precision]:>7.0f}%"
+                             f"{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
+                print(line, flush=True)
+                if precision == "bf16" and (preset, batch, "fp32") in baseline:
+                    print(f"{'':<25} | ours bf16 / diffusers fp32: "
+                          f"{ours['images_per_s'] / baseline[(preset, batch, 'fp32')]:.2f}x", flush=True)
+    print(f"parameters: ours {ours['params']:,} (last row)")
+
+
+if __name__ == "__main__":
+    main()

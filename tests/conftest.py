@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny image folders made on the fly, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffuse_cli import cli
+
+
+def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:
+    """A random image in the given PIL mode, saved in `fmt` (default: from the suffix)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))  # mode I;16
+    else:
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+        if mode == "P":
+            im = im.quantize(16)
+        elif mode != "RGB":
+            im = im.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Mixed modes and formats, nested, plus one corrupt file and one text file."""
+    root = tmp_path / "images"
+    write_image(root / "rgb.png", "RGB")
+    write_image(root / "gray.jpg", "L", size=(16, 24))
+    write_image(root / "alpha.png", "RGBA")
+    write_image(root / "palette.gif", "P")
+    write_image(root / "sub" / "deep16.png", "I;16")
+    write_image(root / "sub" / "cmyk.jpg", "CMYK")
+    write_image(root / "sub" / "photo.webp", "RGB", size=(30, 30))
+    write_image(root / "sub" / "scan.tiff", "RGB")
+    write_image(root / "bitmap.bmp", "RGB")
+    (root / "broken.png").write_bytes(write_bytes_png()[:60])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def write_bytes_png(size=(24, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[-500:]!r}, err={self.err[-500:]!r})"
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `diffuse ARGS` in this process through main(), as a user would; returns code, stdout, stderr."""
+    def run(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["diffuse", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+    return run
+
+
+def assert_clean_error(result: Result, *words: str) -> None:
+    """A non-zero exit, an 'error:' line naming the problem, and no traceback."""
+    assert result.code != 0, result
+    assert "Traceback" not in result.err + result.out, result
+    assert "error:" in result.err, result
+    for word in words:
+        assert word.lower() in result.err.lower(), (word, result)

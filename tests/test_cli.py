@@ -1,0 +1,143 @@
+"""Each command end to end on a tiny folder, and each bad input as one clear line."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffuse_cli.cli import app
+
+from .conftest import assert_clean_error, write_image
+
+README = Path(__file__).parent.parent / "README.md"
+TINY = ["--model", "tiny", "--image-size", "8", "--batch-size", "4", "--sample-every", "100", "--save-every", "100"]
+
+
+def commands():
+    return [c.name or c.callback.__name__ for c in app.registered_commands]
+
+
+def test_every_command_has_help_with_examples_and_is_in_the_readme(run_cli):
+    readme = README.read_text()
+    assert set(commands()) == {"train", "sample", "noise", "inspect"}
+    for name in commands():
+        result = run_cli(name, "--help")
+        assert result.code == 0 and "Examples" in result.out, name
+        assert f"diffuse {name}" in readme, name
+
+
+@pytest.fixture
+def trained(tmp_path, image_folder, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", image_folder, *TINY, "--steps", "4", "--out", "checkpoints/run")
+    assert result.code == 0, result
+    return tmp_path / "checkpoints" / "run", result
+
+
+def test_train_writes_a_run_folder(trained):
+    run, result = trained
+    assert "skipped 2 of 11 files" in result.err and "broken.png" in result.err and "notes.txt" in result.err
+    assert (run / "model.safetensors").exists() and (run / "training_state.safetensors").exists()
+    grid = Image.open(run / "samples" / "step_000004.png")
+    assert grid.mode == "RGB" and grid.width >= 4 * 8
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 4 and {"loss", "lr", "images_per_s"} <= set(lines[-1])
+
+
+def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli, tmp_path):
+    first = run_cli("sample", "-n", "3", "--steps", "5", "--out", "a", "--batch-size", "2")
+    assert first.code == 0, first
+    assert "dpm++2m, 5 steps, 5 network calls" in first.out
+    second = run_cli("sample", "-n", "3", "--steps", "5", "--out", "b", "--batch-size", "3")
+    for name in ("0000.png", "0001.png", "0002.png", "grid.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    third = run_cli("sample", "-n", "2", "--sampler", "heun", "--steps", "3", "--trajectory", "--out", "c")
+    assert third.code == 0 and "5 network calls" in third.out
+    assert Image.open(tmp_path / "c" / "trajectory.gif").n_frames >= 3
+    assert Image.open(tmp_path / "c" / "trajectory.png").mode == "RGB"
+
+
+def test_inspect_table_and_json(trained, run_cli):
+    run, _ = trained
+    table = run_cli("inspect", run / "model.safetensors")
+    assert table.code == 0 and "tiny" in table.out and "steps trained" in table.out
+    data = json.loads(run_cli("inspect", run, "--json").out)
+    assert data["step"] == 4 and data["preset"] == "tiny" and data["config"]["model"]["image_size"] == 8
+    assert data["parameters"] > 1000 and data["data_size"] == 9
+
+
+def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    photo = write_image(tmp_path / "photo.png", size=(50, 30))
+    single = run_cli("noise", photo, "--t", "500")
+    assert single.code == 0 and Image.open(tmp_path / "photo_t500.png").size == (50, 30)
+    strip = run_cli("noise", photo, "--t", "0", "--t", "500", "--t", "1000", "--out", "s.png")
+    assert strip.code == 0
+    w, h = Image.open(tmp_path / "s.png").size
+    assert w > 3 * 50 and h > 30
+    zero = run_cli("noise", photo, "--t", "0", "--out", "z.png")
+    assert zero.code == 0
+    assert Image.open(tmp_path / "z.png").tobytes() == Image.open(photo).convert("RGB").tobytes()
+
+
+def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, image_folder):
+    run, _ = trained
+    again = run_cli("train", image_folder, *TINY, "--steps", "6", "--out", run)
+    assert_clean_error(again, "already holds a run", "--resume auto")
+    resumed = run_cli("train", image_folder, *TINY, "--steps", "6", "--out", run, "--resume", "auto")
+    assert resumed.code == 0, resumed
+    assert json.loads(run_cli("inspect", run, "--json").out)["step"] == 6
+    changed = run_cli("train", image_folder, "--image-size", "16", "--resume", run)
+    assert_clean_error(changed, "image-size", "cannot change on resume")
+
+
+BAD_INPUTS = {
+    "missing folder": (["train", "no/such/folder"], ["no such file"]),
+    "unknown preset": (["train", "--model", "huge"], ["unknown preset", "tiny"]),
+    "bad image size": (["train", "--image-size", "30"], ["cannot be halved"]),
+    "zero steps": (["train", "--steps", "0"], ["steps must be at least 1"]),
+    "negative batch": (["train", "--batch-size", "-3"], ["batch-size must be at least 1"]),
+    "bad schedule": (["train", "--schedule", "wiggly"], ["unknown schedule", "cosine"]),
+    "bad duration": (["train", "--max-time", "soon"], ["cannot read duration"]),
+    "unknown sampler": (["sample", "--sampler", "magic"], ["unknown sampler", "dpm++2m"]),
+    "zero images": (["sample", "-n", "0"], ["at least 1"]),
+    "no checkpoint": (["sample"], ["no checkpoint found"]),
+    "missing checkpoint": (["sample", "--checkpoint", "nope.safetensors"], ["nope.safetensors", "no such file"]),
+    "missing image": (["noise", "nope.png"], ["no such file"]),
+    "t too large": (["noise", "x.png", "--t", "1001"], ["outside [0, 1000]"]),
+    "t negative": (["noise", "x.png", "--t", "-1"], ["outside"]),
+    "inspect missing": (["inspect", "nope.safetensors"], ["no such file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(case, run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, words = BAD_INPUTS[case]
+    result = run_cli(*args)
+    assert_clean_error(result, *words)
+    assert len(result.err.strip().splitlines()) <= 3  # one message (rich may wrap it)
+
+
+def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_cli("train", "empty"), "no files")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert_clean_error(run_cli("train", "junk"), "none of them a readable image")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    for command in ("sample", "inspect"):
+        args = [command, "--checkpoint", "cut.safetensors"] if command == "sample" else [command, "cut.safetensors"]
+        assert_clean_error(run_cli(*args), "cut.safetensors")
+    (tmp_path / "text.png").write_text("hello")
+    assert_clean_error(run_cli("noise", "text.png"), "cannot read as an image")
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    text = README.read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    assert "diffuse train" in blocks[0] and "pip install" in blocks[0]
+    assert "pytest" in blocks[1] and "pip install" in blocks[1]

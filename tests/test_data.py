@@ -1,0 +1,97 @@
+"""Image folders of every kind, the built-in dataset, and conversions."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffuse_cli.data import (BUILTIN, DataError, decode_image, find_files, labelled_strip, load_builtin, load_data,
+                              load_folder, make_grid, to_model, to_uint8)
+
+from .conftest import write_image
+
+
+def test_folder_of_mixed_modes(image_folder):
+    data = load_folder(image_folder, 8)
+    assert len(data) == 9 and data.images.shape == (9, 3, 8, 8) and data.images.dtype == torch.uint8
+    skipped = {os.path.basename(p): why for p, why in data.skipped}
+    assert set(skipped) == {"broken.png", "notes.txt"}
+    assert skipped["notes.txt"] == "not an image" and skipped["broken.png"].startswith("corrupt")
+
+
+def test_grayscale_training_converts_everything(image_folder):
+    assert load_folder(image_folder, 8, channels=1).images.shape == (9, 1, 8, 8)
+
+
+def test_resize_short_side_and_centre_crop(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, 10:30] = 255  # a white band in the middle 20 columns: exactly the centre crop
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    out = decode_image(tmp_path / "wide.png", 10)
+    assert out.shape == (3, 10, 10) and out.float().mean() > 240
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), "black")
+    im.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed: the white half ends on top
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = decode_image(tmp_path / "rot.jpg", 20).float()
+    assert out[:, :5].mean() > 200 and out[:, -5:].mean() < 50
+
+
+def test_sixteen_bit_keeps_its_range(tmp_path):
+    im = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    assert im.mode == "I;16"
+    im.save(tmp_path / "white16.png")
+    assert decode_image(tmp_path / "white16.png", 8).min() == 255
+
+
+def test_transparency_goes_on_white(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert decode_image(tmp_path / "clear.png", 8).min() == 255
+
+
+def test_empty_and_useless_folders_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files"):
+        load_folder(tmp_path / "empty", 8)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_text("hello")
+    with pytest.raises(DataError, match="none of them a readable image"):
+        load_folder(tmp_path / "junk", 8)
+    with pytest.raises(DataError, match="no such file"):
+        load_folder(tmp_path / "missing", 8)
+
+
+def test_symlink_loops_do_not_hang(tmp_path):
+    root = tmp_path / "loop"
+    write_image(root / "a" / "x.png")
+    os.symlink(root, root / "a" / "back")
+    files = find_files(root)
+    assert [f.name for f in files] == ["x.png"]
+
+
+def test_builtin_dataset_is_deterministic_and_varied():
+    a, b = load_builtin(16, n=64), load_builtin(16, n=64)
+    assert a.images.shape == (64, 3, 16, 16) and len(load_data(BUILTIN, 16)) == 8192
+    assert torch.equal(a.images, b.images)
+    assert a.images.float().std(0).mean() > 30  # the images differ from each other
+    assert load_builtin(16, channels=1, n=4).images.shape == (4, 1, 16, 16)
+
+
+def test_pixel_conversions_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert to_model(x).min() == -1 and to_model(x).max() == 1
+    assert torch.equal(to_uint8(to_model(x)), x)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+def test_grids_and_strips():
+    imgs = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
+    assert make_grid(imgs, padding=1).shape == (3, 2 * 5 + 1, 3 * 5 + 1)
+    strip = labelled_strip([imgs[0]] * 3, ["a", "b", "c"])
+    assert strip.shape[0] == 3 and strip.shape[2] > 3 * 4

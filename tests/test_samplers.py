@@ -1,0 +1,128 @@
+"""Every sampler against data whose exact ε-model is known (toy.GaussianMixture)."""
+
+import math
+
+import pytest
+import torch
+
+from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, sample, spaced_timesteps, steps_for_nfe)
+from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.toy import GaussianMixture, mixture_2d, sliced_wasserstein
+
+N = 10_000
+# Calls at which each sampler is judged "converged". Ancestral DDPM with σ² = β̃ shrinks the
+# variance at few steps (0.173 instead of 0.2 at K = 100, 0.197 at K = 1000: Ho et al.'s lower
+# bound on the reverse variance), so it is judged at K = T.
+CONVERGED = {"ddpm": 1000, "ddim": 250, "dpm++2m": 100, "heun": 100}
+GAUSSIAN = GaussianMixture.gaussian([0.5, -0.3], [[0.2, 0.05], [0.05, 0.1]])
+
+
+def draw(target, schedule, sampler, nfe, seed=0, n=N, **options):
+    model = CountingModel(target.eps_model(schedule))
+    x = sample(model, (n, target.dim), schedule, sampler, steps_for_nfe(sampler, nfe),
+               torch.Generator().manual_seed(seed), **options)
+    assert model.nfe == SAMPLERS[sampler].nfe(steps_for_nfe(sampler, nfe)) <= nfe
+    return x.double()
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_gaussian_mean_and_covariance(sampler, kind):
+    schedule = NoiseSchedule.make(kind)
+    x = draw(GAUSSIAN, schedule, sampler, CONVERGED[sampler])
+    # Monte Carlo standard error of the mean is sqrt(0.2 / N) = 0.0045 per coordinate and of each
+    # covariance entry about 0.2 * sqrt(2 / N) = 0.003; allow 4 of each plus 0.01 for the sampler's
+    # own discretisation error once converged (measured: below 0.005).
+    assert torch.allclose(x.mean(0), GAUSSIAN.mean(), atol=4 * 0.0045 + 0.01)
+    assert torch.allclose(torch.cov(x.T), GAUSSIAN.covariance(), atol=4 * 0.003 + 0.01)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_mixture_moments_and_error_shrinks_with_steps(sampler):
+    target, schedule = mixture_2d(), NoiseSchedule.make("linear")
+    reference = target.sample(N, torch.Generator().manual_seed(123))
+    floor = sliced_wasserstein(target.sample(N, torch.Generator().manual_seed(7)), reference)
+    nfes = (10, 25, CONVERGED[sampler])
+    errors = [sliced_wasserstein(draw(target, schedule, sampler, nfe), reference) for nfe in nfes]
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 3 * floor  # within a few times Monte Carlo noise of exact (floor ≈ 0.006)
+    x = draw(target, schedule, sampler, CONVERGED[sampler])
+    assert torch.allclose(x.mean(0), target.mean(), atol=0.02)
+    assert torch.allclose(torch.cov(x.T), target.covariance(), atol=0.02)
+
+
+def test_ddpm_at_T_steps_is_algorithm_2():
+    schedule = NoiseSchedule.make("linear", 100)
+    model = GAUSSIAN.eps_model(schedule)
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    every_step = torch.arange(99, -1, -1)
+    full = ddpm(model, x_T, schedule, every_step, torch.Generator().manual_seed(1))
+    respaced = ddpm(model, x_T, schedule, spaced_timesteps(schedule, 100), torch.Generator().manual_seed(1))
+    assert torch.equal(full, respaced)
+
+    # Algorithm 2, literally: x_{t-1} = (x_t - β_t / sqrt(1 - ᾱ_t) ε) / sqrt(α_t) + σ_t z, σ_t² = β̃_t.
+    g, x = torch.Generator().manual_seed(1), x_T.clone()
+    for t in range(99, -1, -1):
+        eps = model(x, torch.full((256,), t))
+        b, a, ab = schedule.betas[t].item(), schedule.alphas[t].item(), schedule.alpha_bar[t].item()
+        x = (x - b / math.sqrt(1 - ab) * eps) / math.sqrt(a)
+        if t > 0:
+            x = x + math.sqrt(schedule.posterior_variance[t].item()) * torch.randn(x.shape, generator=g)
+    assert torch.allclose(full, x, atol=1e-4)
+
+
+def test_ddim_eta0_is_deterministic_and_invertible():
+    schedule = NoiseSchedule.make("linear")
+    model = GAUSSIAN.eps_model(schedule)
+    x_T = torch.randn(512, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for steps in (20, 1000):
+        ts = spaced_timesteps(schedule, steps, "quadratic")
+        a = ddim(model, x_T, schedule, ts, torch.Generator().manual_seed(1))
+        b = ddim(model, x_T, schedule, ts, torch.Generator().manual_seed(2))
+        assert torch.equal(a, b)  # no randomness at eta = 0
+        # Invert: run the same ODE steps backwards from x_0 to x_T.
+        ab = schedule.alpha_bar[ts.flip(0)].tolist()
+        x, ab_prev = a, 1.0
+        for t, ab_t in zip(ts.flip(0), ab):
+            eps = model(x, t.expand(len(x)))
+            x0 = (x - math.sqrt(1 - ab_prev) * eps) / math.sqrt(ab_prev)
+            x, ab_prev = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps, ab_t
+        errors.append((x - x_T).abs().mean().item())
+    assert errors[1] < errors[0] / 10 and errors[1] < 0.01  # first-order: the error falls like 1/K
+
+
+def test_ddim_eta1_has_ddpm_noise_level():
+    schedule = NoiseSchedule.make("linear")
+    x = draw(GAUSSIAN, schedule, "ddim", 200, eta=1.0)
+    assert torch.allclose(torch.cov(x.T), GAUSSIAN.covariance(), atol=0.02)
+
+
+def test_per_image_generators_make_batches_independent():
+    schedule = NoiseSchedule.make("linear", 50)
+    model = GAUSSIAN.eps_model(schedule)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    four = sample(model, (4, 2), schedule, "ddpm", 50, gens([10, 11, 12, 13]))
+    two = sample(model, (2, 2), schedule, "ddpm", 50, gens([12, 13]))
+    assert torch.equal(four[2:], two)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic", "karras", "logsnr"])
+def test_spacings_descend_from_the_noisy_end(spacing):
+    schedule = NoiseSchedule.make("linear")
+    for steps in (1, 7, 25, 100):
+        ts = spaced_timesteps(schedule, steps, spacing)
+        assert len(ts) == steps
+        assert torch.all(ts[1:] < ts[:-1])
+        assert 0 <= ts.min() and ts.max() <= 999
+    assert ts[0] >= schedule.sigma_to_t(torch.tensor(80.0)).item() - 1e-6
+    assert torch.equal(spaced_timesteps(schedule, 1000, "trailing"), torch.arange(999, -1, -1))
+
+
+def test_nfe_accounting():
+    assert steps_for_nfe("heun", 25) == 13 and SAMPLERS["heun"].nfe(13) == 25
+    assert steps_for_nfe("dpm++2m", 25) == 25
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(lambda x, t: x, (1, 2), NoiseSchedule.make("linear", 10), "nope", 5)
+    with pytest.raises(ValueError, match="between 1 and 10"):
+        spaced_timesteps(NoiseSchedule.make("linear", 10), 11)

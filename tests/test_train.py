@@ -1,0 +1,169 @@
+"""The training loop: exact resume, schedules, EMA, non-finite steps, kills and Ctrl-C."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffuse_cli import train as train_module
+from diffuse_cli.checkpoint import MODEL_FILE, STATE_FILE, load_model, load_training_state, save_model
+from diffuse_cli.config import Config, TrainConfig, model_config
+from diffuse_cli.data import load_builtin
+from diffuse_cli.train import Hooks, NonFiniteLoss, Options, batch_indices, ema_decay, lr_at, train
+from diffuse_cli.unet import UNet
+
+CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
+                train=TrainConfig(batch_size=4, steps=6, warmup=2, precision="fp32"))
+DATA = load_builtin(8, n=10)  # 10 images, batch 4: epochs wrap mid-batch
+OPTIONS = Options(save_every=100, sample_every=100, grid_steps=2)
+
+
+def weights(path):
+    net, _, info = load_model(path)
+    return net.state_dict(), info
+
+
+def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
+    straight = train(CONFIG, DATA, tmp_path / "a", OPTIONS)
+    assert straight.step == 6
+    first = train(CONFIG, DATA, tmp_path / "b", OPTIONS, Hooks(should_stop=lambda step: step == 3))
+    assert first.step == 3 and first.stopped_by == "signal"
+    second = train(CONFIG, DATA, tmp_path / "b", replace(OPTIONS, resume=True))
+    assert second.step == 6
+    (wa, ia), (wb, ib) = weights(tmp_path / "a" / MODEL_FILE), weights(tmp_path / "b" / MODEL_FILE)
+    assert ia["step"] == ib["step"] == 6
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    online = [UNet(CONFIG.model) for _ in range(4)]
+    for run, (model, ema) in zip("ab", (online[:2], online[2:])):
+        load_training_state(tmp_path / run / STATE_FILE, model, ema, torch.optim.AdamW(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(online[0].state_dict().values(), online[2].state_dict().values()))
+    # The model file holds the EMA weights, which differ from the online ones.
+    assert not all(torch.equal(a, b) for a, b in zip(online[0].state_dict().values(), wa.values()))
+
+
+def test_grad_accumulation_counts_micro_batches(tmp_path):
+    config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=3, steps=2))
+    train(config, DATA, tmp_path, OPTIONS)
+    _, info = weights(tmp_path / MODEL_FILE)
+    assert info["images_seen"] == 2 * 3 * 4
+
+
+def test_lr_warmup_then_cosine_to_ten_percent():
+    cfg = replace(CONFIG, train=replace(CONFIG.train, lr=1.0, warmup=10, steps=110))
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    const = replace(cfg, train=replace(cfg.train, lr_schedule="constant"))
+    assert lr_at(100, const) == 1.0
+
+
+def test_ema_warms_up_and_is_capped():
+    assert ema_decay(0, CONFIG) == 0.0  # the first update copies the weights
+    decays = [ema_decay(s, CONFIG) for s in (1, 10, 100, 1000, 10**9)]
+    assert decays == sorted(decays) and decays[-1] == CONFIG.train.ema_max_decay
+    assert ema_decay(999, CONFIG) == pytest.approx(1 - 1000 ** (-2 / 3))
+
+
+def test_each_epoch_is_a_fresh_permutation():
+    config = replace(CONFIG, train=replace(CONFIG.train, batch_size=5))
+    perms = {}
+    seen = torch.cat([batch_indices(step, 0, config, 10, perms) for step in range(4)])
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:])
+    assert torch.equal(batch_indices(3, 0, config, 10, {}), seen[15:])
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    train(CONFIG, DATA, tmp_path, OPTIONS)  # a good checkpoint at step 6
+    before = weights(tmp_path / MODEL_FILE)[0]
+    real = train_module.diffusion_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * math.nan if calls["n"] in (2, 4) or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", sometimes_nan)
+    config = replace(CONFIG, train=replace(CONFIG.train, steps=100, max_bad_steps=3))
+    with pytest.raises(NonFiniteLoss, match="3 non-finite steps in a row"):
+        train(config, DATA, tmp_path, replace(OPTIONS, resume=True))
+    after = weights(tmp_path / MODEL_FILE)[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was saved from the bad run
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    """Fork a writer that saves over and over; SIGKILL it at random moments; load what is left."""
+    config = Config(preset="small", model=model_config("small", image_size=32))
+    net = UNet(config.model)  # ~10 MB, so kills land mid-write
+    path = tmp_path / MODEL_FILE
+    save_model(path, net, config, {"step": 0})
+    rng = random.Random(0)
+    for trial in range(25):
+        pid = os.fork()
+        if pid == 0:  # child: write forever
+            try:
+                for step in range(1, 10**9):
+                    save_model(path, net, config, {"step": step})
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        _, _, info = load_model(path)
+        assert info["step"] >= 0
+    assert len(list(tmp_path.glob(".*.tmp"))) <= 1  # at most the one the last kill interrupted
+
+
+def diffuse(*args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "diffuse_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+TRAIN_FOREVER = ["train", "--model", "tiny", "--image-size", "8", "--batch-size", "4", "--steps", "100000",
+                 "--save-every", "1", "--sample-every", "100000", "--out", "run", "--precision", "fp32"]
+
+
+def wait_for_checkpoint(run, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (run / MODEL_FILE).exists():
+        assert time.monotonic() < deadline, "training never saved"
+        time.sleep(0.1)
+
+
+def test_kill_9_of_a_real_training_run(tmp_path):
+    rng = random.Random(1)
+    for trial in range(3):
+        proc = diffuse(*TRAIN_FOREVER, *(["--resume", "auto"] if trial else []), cwd=tmp_path)
+        wait_for_checkpoint(tmp_path / "run")
+        time.sleep(rng.uniform(0.5, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        _, _, info = load_model(tmp_path / "run" / MODEL_FILE)
+        model, ema = UNet(CONFIG.model), UNet(CONFIG.model)
+        state = load_training_state(tmp_path / "run" / STATE_FILE, model, ema,
+                                    torch.optim.AdamW(model.parameters()))
+        assert state["step"] >= 1
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    proc = diffuse(*TRAIN_FOREVER, cwd=tmp_path)
+    wait_for_checkpoint(tmp_path / "run")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "diffuse train --resume run" in err.replace("\n", " ")
+    _, _, info = load_model(tmp_path / "run" / MODEL_FILE)
+    assert info["step"] >= 1
