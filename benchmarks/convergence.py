@@ -1,6 +1,7 @@
 """How good are samples after a fixed wall-clock budget: old (DDPM paper) against new defaults.
 
-Trains the `small` preset on the built-in dataset for the same time with each recipe, samples
+Trains the `small` preset on the built-in dataset (at its default 16x16) for the same time with
+each recipe, samples
 512 images with the default sampler (dpm++2m, 25 steps), and prints the random-feature FD
 (common.py) to held-out built-in images. Lower is better; `python benchmarks/common.py` gives
 the anchors (held-out real images, blurred images, noise).
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import image_fd  # noqa: E402
+from common import image_fd, image_kid  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
@@ -35,7 +36,7 @@ RECIPES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="10m")
-    parser.add_argument("--steps", type=int, default=1200, help="the LR schedule's length for 'new'")
+    parser.add_argument("--steps", type=int, default=4000, help="--steps for every recipe (the LR schedule's length)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--out", default="checkpoints/convergence")
     parser.add_argument("--samples", type=int, default=512)
@@ -54,11 +55,12 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         model, config, info = load_model(run / "model.safetensors")
         images, _ = generate(model, config, args.samples, seed=0, batch_size=128, precision="bf16")
-        results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": image_fd(held_out, images)}
+        results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": image_fd(held_out, images),
+                         "kid": image_kid(held_out, images)}
         print(json.dumps({name: results[name]}), flush=True)
-    print(f"\n{'recipe':<8}{'steps':>8}{'images':>10}{'random-feature FD':>20}   (budget {args.budget})")
+    print(f"\n{'recipe':<8}{'steps':>8}{'images':>10}{'random-feature FD':>20}{'KID x1000':>12}   (budget {args.budget})")
     for name, r in results.items():
-        print(f"{name:<8}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}")
+        print(f"{name:<8}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}{r['kid']:>12.2f}")
 
 
 if __name__ == "__main__":

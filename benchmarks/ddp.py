@@ -16,8 +16,6 @@ import argparse
 import os
 import socket
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,13 +24,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed  # noqa: E402
+from common import timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
 from diffuse_cli.data import load_builtin  # noqa: E402
-from diffuse_cli.device import autocast, resolve_precision  # noqa: E402
-from diffuse_cli.objectives import diffusion_loss  # noqa: E402
-from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.device import resolve_precision  # noqa: E402
 from diffuse_cli.train import Options, train  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
 
@@ -48,25 +44,14 @@ def wrapper_cost(device: str, batch: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     precision = resolve_precision("auto", dev)
-    schedule = NoiseSchedule.make("cosine")
     x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
     eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rates = {}
     for wrapped in (False, True):
         torch.manual_seed(0)
         model = UNet(model_config("small")).to(dev, memory_format=torch.channels_last)
         net = DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None) if wrapped else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with autocast(precision, dev):
-                loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
+        step = train_step_fn(model, net, x0, t, eps, precision)
         rates[wrapped] = batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2)
     dist.destroy_process_group()
     print(f"one process, small preset, batch {batch}, {precision} on {device}: "
@@ -78,38 +63,31 @@ CONFIG = Config(preset="small", model=model_config("small"), train=TrainConfig(b
 
 
 def run_rank(rank: int, world: int, port: int, run_dir: str, device: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    """One process of an N-process run (or the whole run when world = 1: no process group)."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    start = time.perf_counter()
     result = train(CONFIG, load_builtin(32, n=2048), run_dir, Options(device=torch.device(device),
                    save_every=10**6, sample_every=10**6))
     if rank == 0:
         late = [r["images_per_s"] for r in result.records[1:]]  # skip the first (warm-up) interval
-        queue.put((sum(late) / len(late), time.perf_counter() - start))
+        queue.put(sum(late) / len(late))
 
 
 def processes(world: int, device: str, tmp: str) -> float:
+    """Images/s of `diffuse train`'s loop in `world` processes."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world, port, f"{tmp}/w{world}", device, queue)) for r in range(world)]
-    if world == 1:
-        procs = [ctx.Process(target=run_single, args=(f"{tmp}/w1", device, queue))]
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=run_rank, args=(r, world, port, f"{tmp}/w{world}", device, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
-    rate, _ = queue.get()
+    rate = queue.get()
     for p in procs:
         p.join()
     return rate
-
-
-def run_single(run_dir: str, device: str, queue) -> None:
-    result = train(CONFIG, load_builtin(32, n=2048), run_dir, Options(device=torch.device(device),
-                   save_every=10**6, sample_every=10**6))
-    late = [r["images_per_s"] for r in result.records[1:]]
-    queue.put((sum(late) / len(late), 0.0))
 
 
 def main() -> None:

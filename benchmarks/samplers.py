@@ -2,8 +2,9 @@
 
 1. On the closed-form 2-D mixture (toy.mixture_2d, exact ε-model): sliced Wasserstein distance
    of 20,000 samples to 20,000 true draws; the 'floor' row is two independent true draws.
-2. With --checkpoint (a model trained on the built-in dataset): random-feature FD (common.py)
-   of 1,000 samples to 1,000 built-in images, and the time to sample 16 images.
+2. With --checkpoint (a model trained on the built-in dataset): random-feature KID x1000
+   (common.py) of 128 samples to 512 built-in images, the same 128 seeds for every sampler,
+   and the time to sample 16 images at 25 NFE in fp32.
 
     python benchmarks/samplers.py
     python benchmarks/samplers.py --checkpoint checkpoints/<run>/model.safetensors
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import image_fd  # noqa: E402
+from common import image_kid  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
@@ -53,18 +54,20 @@ def closed_form(schedule_kind: str, n: int = 20_000) -> None:
           f"(floor, two true draws: {floor:.4f})", rows, ddpm_1000, "ddpm-1000")
 
 
-def trained(checkpoint: str, n: int = 1000) -> None:
+def trained(checkpoint: str, n: int = 128, nfes: tuple[int, ...] = (10, 25, 50)) -> None:
     model, config, _ = load_model(checkpoint)
-    real = render_shapes(n, config.model.image_size, seed=1)
+    real = render_shapes(512, config.model.image_size, seed=1)
     rows: dict[str, dict[int, float]] = {}
     for name in SAMPLERS:
         rows[name] = {}
-        for nfe in NFES:
-            images, _ = generate(model, config, n, sampler=name, steps=steps_for_nfe(name, nfe), seed=0, batch_size=250)
-            rows[name][nfe] = image_fd(real, images)
-    images, _ = generate(model, config, n, sampler="ddpm", steps=1000, seed=0, batch_size=250)
-    table(f"{checkpoint}: random-feature FD of {n} samples to {n} built-in images", rows,
-          image_fd(real, images), "ddpm-1000")
+        for nfe in nfes:
+            images, _ = generate(model, config, n, sampler=name, steps=steps_for_nfe(name, nfe), seed=0,
+                                 batch_size=n, precision="bf16")
+            rows[name][nfe] = image_kid(real, images)
+            print(f"  {name} NFE {nfe}: {rows[name][nfe]:.2f}", flush=True)
+    images, _ = generate(model, config, n, sampler="ddpm", steps=1000, seed=0, batch_size=n, precision="bf16")
+    table(f"{checkpoint}: random-feature KID x1000 of {n} samples to 512 held-out built-in images", rows,
+          image_kid(real, images), "ddpm-1000")
     for name in SAMPLERS:
         start = time.perf_counter()
         generate(model, config, 16, sampler=name, steps=steps_for_nfe(name, 25), seed=0)

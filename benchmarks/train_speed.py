@@ -18,13 +18,12 @@ import argparse
 import multiprocessing as mp
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed  # noqa: E402
+from common import timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast  # noqa: E402
@@ -59,22 +58,13 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, que
         model = diffusers_unet(preset).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     fmt = torch.channels_last if impl == "ours" else torch.contiguous_format
     x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    def train_step():
-        with autocast(precision, dev):
-            loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.001)
-        sync()
+    train_step = train_step_fn(model, net, x0, t, eps, precision, ema)
 
     @torch.no_grad()
     def forward():
@@ -86,7 +76,7 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, que
     with FlopCounterMode(display=False) as counter:
         with autocast(precision, dev):
             diffusion_loss(net, "v", schedule, x0, t, eps).backward()
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (PRESETS, Config, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
+from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -125,7 +125,7 @@ def _launch_devices(devices: int) -> None:
              "  diffuse train ./photos --devices 4     # four processes (DDP) on this machine")
 def train(
     data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes."),
-    image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}]"),
+    image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}; {BUILTIN_IMAGE_SIZE} for the built-in shapes]"),
     channels: Optional[int] = typer.Option(None, help=f"3 for RGB, 1 for grayscale. \\[default: {ModelConfig.channels}]"),
     model: Optional[str] = typer.Option(None, "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}. \\[default: {Config.preset}]"),
     schedule: Optional[str] = typer.Option(None, help=f"Noise schedule: linear, cosine or sigmoid. \\[default: {DiffusionConfig.schedule}]"),
@@ -173,13 +173,12 @@ def train(
     if "lr_schedule" in given_train:
         check_choice(lr_schedule, TrainConfig.__annotations__["lr_schedule"], "lr-schedule")
     preset = model or Config.preset
-    new = Config(preset=preset, model=model_config(preset, **given_model),
+    size = BUILTIN_IMAGE_SIZE if data is None else ModelConfig.image_size
+    new = Config(preset=preset, model=model_config(preset, **{"image_size": size, **given_model}),
                  diffusion=DiffusionConfig(**given_diffusion), train=validate_train(TrainConfig(**given_train)))
     budget = parse_duration(max_time) if max_time else None
     if data is not None and not Path(data).exists():
         raise UserError(f"{data}: no such file or folder")
-
-    import torch
 
     from .data import load_data
     from .device import pick_device

@@ -41,8 +41,8 @@ def render_shapes(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     kind = torch.randint(len(SHAPES), (n,), generator=g)
-    radius = 0.45 + 0.3 * u(n)                        # in units of half the image
-    centre = (u(n, 2) * 2 - 1) * 0.12                 # near the middle: the shape is the subject
+    radius = 0.55 + 0.15 * u(n)                       # in units of half the image
+    centre = (u(n, 2) * 2 - 1) * 0.06                 # in the middle: the shape is the subject
     angle = (u(n) - 0.5) * 0.3                        # upright, give or take 9 degrees
     fg = FOREGROUND[torch.randint(len(FOREGROUND), (n,), generator=g)]
     bg = BACKGROUND[torch.randint(len(BACKGROUND), (n,), generator=g)]

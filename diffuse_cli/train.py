@@ -126,6 +126,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     if tc.batch_size % world.size:
         raise ValueError(f"batch size {tc.batch_size} does not split across {world.size} processes")
     local_batch = tc.batch_size // world.size
+    if world.is_main:
+        check_writable(run_dir)  # fail now, not after hours of training
     precision = resolve_precision(tc.precision, device)
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 
@@ -249,6 +251,13 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             sample_grid(step)
     distributed.barrier(world)
     return Result(step, stopped_by, run_dir, model, ema, records)
+
+
+def check_writable(folder: Path) -> None:
+    """Create the folder and prove that a file can be written and renamed in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / ".write-test", b"ok")
+    (folder / ".write-test").unlink()
 
 
 def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:

@@ -51,6 +51,7 @@ def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli,
     assert first.code == 0, first
     assert "dpm++2m, 5 steps, 5 network calls" in first.out
     second = run_cli("sample", "-n", "3", "--steps", "5", "--out", "b", "--batch-size", "3")
+    assert second.code == 0, second
     for name in ("0000.png", "0001.png", "0002.png", "grid.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     third = run_cli("sample", "-n", "2", "--sampler", "heun", "--steps", "3", "--trajectory", "--out", "c")
@@ -141,3 +142,30 @@ def test_readme_starts_with_the_two_setup_commands():
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
     assert "diffuse train" in blocks[0] and "pip install" in blocks[0]
     assert "pytest" in blocks[1] and "pip install" in blocks[1]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(trained, run_cli, image_folder, monkeypatch):
+    import errno
+    import os
+
+    from diffuse_cli.checkpoint import load_model
+
+    run, _ = trained
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    result = run_cli("train", image_folder, *TINY, "--steps", "8", "--out", run, "--resume", "auto")
+    monkeypatch.undo()
+    assert_clean_error(result, "No space left on device", "intact")
+    _, _, info = load_model(run / "model.safetensors")
+    assert info["step"] == 4
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_unwritable_run_folder_is_a_clear_error(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    result = run_cli("train", *TINY, "--steps", "2", "--out", "file/run")
+    assert_clean_error(result, "file/run")
