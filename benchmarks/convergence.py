@@ -42,7 +42,6 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     args = parser.parse_args()
 
-    held_out = render_shapes(args.samples, 32, seed=1)
     results = {}
     for name in args.recipes:
         run = Path(args.out) / name
@@ -54,6 +53,7 @@ def main() -> None:
             print(" ".join(cmd[2:]), flush=True)
             subprocess.run(cmd, check=True)
         model, config, info = load_model(run / "model.safetensors")
+        held_out = render_shapes(args.samples, config.model.image_size, seed=1)  # at the model's resolution
         images, _ = generate(model, config, args.samples, seed=0, batch_size=128, precision="bf16")
         results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": image_fd(held_out, images),
                          "kid": image_kid(held_out, images)}

@@ -2,9 +2,10 @@
 
 1. On the closed-form 2-D mixture (toy.mixture_2d, exact ε-model): sliced Wasserstein distance
    of 20,000 samples to 20,000 true draws; the 'floor' row is two independent true draws.
-2. With --checkpoint (a model trained on the built-in dataset): random-feature KID x1000
-   (common.py) of 128 samples to 512 built-in images, the same 128 seeds for every sampler,
-   and the time to sample 16 images at 25 NFE in fp32.
+2. With --checkpoint (a model trained on the built-in dataset): random-feature FD and KID x1000
+   (common.py) of 256 samples to 512 held-out built-in images, the same 256 seeds for every
+   sampler; then the time to sample 16 images at 25 NFE in fp32 with that model, and with an
+   (untrained) `small` model at 32x32.
 
     python benchmarks/samplers.py
     python benchmarks/samplers.py --checkpoint checkpoints/<run>/model.safetensors
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import image_kid  # noqa: E402
+from common import image_fd, image_kid  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
@@ -54,24 +55,38 @@ def closed_form(schedule_kind: str, n: int = 20_000) -> None:
           f"(floor, two true draws: {floor:.4f})", rows, ddpm_1000, "ddpm-1000")
 
 
-def trained(checkpoint: str, n: int = 128, nfes: tuple[int, ...] = (10, 25, 50)) -> None:
+def trained(checkpoint: str, n: int = 256, nfes: tuple[int, ...] = (10, 25, 50)) -> None:
     model, config, _ = load_model(checkpoint)
     real = render_shapes(512, config.model.image_size, seed=1)
-    rows: dict[str, dict[int, float]] = {}
-    for name in SAMPLERS:
-        rows[name] = {}
-        for nfe in nfes:
-            images, _ = generate(model, config, n, sampler=name, steps=steps_for_nfe(name, nfe), seed=0,
+    fd: dict[str, dict[int, float]] = {}
+    kid: dict[str, dict[int, float]] = {}
+    for name in [*SAMPLERS, "ddpm-1000"]:
+        fd[name], kid[name] = {}, {}
+        for nfe in ((1000,) if name == "ddpm-1000" else nfes):
+            sampler = name.split("-")[0]
+            images, _ = generate(model, config, n, sampler=sampler, steps=steps_for_nfe(sampler, nfe), seed=0,
                                  batch_size=n, precision="bf16")
-            rows[name][nfe] = image_kid(real, images)
-            print(f"  {name} NFE {nfe}: {rows[name][nfe]:.2f}", flush=True)
-    images, _ = generate(model, config, n, sampler="ddpm", steps=1000, seed=0, batch_size=n, precision="bf16")
-    table(f"{checkpoint}: random-feature KID x1000 of {n} samples to 512 held-out built-in images", rows,
-          image_kid(real, images), "ddpm-1000")
-    for name in SAMPLERS:
-        start = time.perf_counter()
-        generate(model, config, 16, sampler=name, steps=steps_for_nfe(name, 25), seed=0)
-        print(f"16 images, {name} at 25 NFE: {time.perf_counter() - start:.2f} s")
+            fd[name][nfe], kid[name][nfe] = image_fd(real, images), image_kid(real, images)
+            print(f"  {name} NFE {nfe}: FD {fd[name][nfe]:.3f}  KID x1000 {kid[name][nfe]:.1f}", flush=True)
+    ref_fd, ref_kid = fd.pop("ddpm-1000")[1000], kid.pop("ddpm-1000")[1000]
+    table(f"{checkpoint}: random-feature FD, {n} samples vs 512 held-out built-in images", fd, ref_fd, "ddpm-1000")
+    table(f"{checkpoint}: random-feature KID x1000, same samples", kid, ref_kid, "ddpm-1000")
+    for label, (net, cfg) in {f"this model ({config.model.image_size}x{config.model.image_size})": (model, config),
+                              "small preset at 32x32": _small_32()}.items():
+        for name in SAMPLERS:
+            steps = steps_for_nfe(name, 25)
+            generate(net, cfg, 16, sampler=name, steps=steps, seed=0)  # warm-up
+            start = time.perf_counter()
+            generate(net, cfg, 16, sampler=name, steps=steps, seed=0)
+            print(f"16 images, {label}, {name} at 25 NFE (fp32): {time.perf_counter() - start:.2f} s")
+
+
+def _small_32():
+    from diffuse_cli.config import Config, model_config
+    from diffuse_cli.unet import UNet
+
+    config = Config(model=model_config("small", image_size=32))
+    return UNet(config.model).eval(), config
 
 
 if __name__ == "__main__":

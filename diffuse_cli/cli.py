@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
+from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -171,7 +171,7 @@ def train(
     if "precision" in given_train:
         check_choice(precision, Precision, "precision")
     if "lr_schedule" in given_train:
-        check_choice(lr_schedule, TrainConfig.__annotations__["lr_schedule"], "lr-schedule")
+        check_choice(lr_schedule, LRSchedule, "lr-schedule")
     preset = model or Config.preset
     size = BUILTIN_IMAGE_SIZE if data is None else ModelConfig.image_size
     new = Config(preset=preset, model=model_config(preset, **{"image_size": size, **given_model}),

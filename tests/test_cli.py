@@ -169,3 +169,15 @@ def test_unwritable_run_folder_is_a_clear_error(run_cli, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("a file where a folder should be")
     result = run_cli("train", *TINY, "--steps", "2", "--out", "file/run")
     assert_clean_error(result, "file/run")
+
+
+def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", *TINY, "--steps", "1", "--out", "r", "--lr-schedule", "constant", "--schedule", "sigmoid",
+                     "--objective", "x0", "--precision", "fp32", "--min-snr-gamma", "0", "--grad-accum", "2")
+    assert result.code == 0, result
+    for sampler in ("ddpm", "ddim", "dpm++2m", "heun"):
+        for spacing in ("trailing", "quadratic", "karras", "logsnr"):
+            result = run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
+                             "--spacing", spacing, "--out", f"s-{sampler}-{spacing}")
+            assert result.code == 0, (sampler, spacing, result)
