@@ -28,7 +28,7 @@ from common import timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
 from diffuse_cli.data import load_builtin  # noqa: E402
-from diffuse_cli.device import resolve_precision  # noqa: E402
+from diffuse_cli.device import memory_format, resolve_precision  # noqa: E402
 from diffuse_cli.train import Options, train  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
 
@@ -44,15 +44,15 @@ def wrapper_cost(device: str, batch: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     precision = resolve_precision("auto", dev)
-    x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=memory_format(dev))
     eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=dev)
-    rates = {}
-    for wrapped in (False, True):
+    rates = {False: 0.0, True: 0.0}
+    for wrapped in (False, True, False, True):  # interleaved, best of two: warm-up and drift cancel
         torch.manual_seed(0)
-        model = UNet(model_config("small")).to(dev, memory_format=torch.channels_last)
+        model = UNet(model_config("small")).to(dev, memory_format=memory_format(dev))
         net = DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None) if wrapped else model
         step = train_step_fn(model, net, x0, t, eps, precision)
-        rates[wrapped] = batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2)
+        rates[wrapped] = max(rates[wrapped], batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2))
     dist.destroy_process_group()
     print(f"one process, small preset, batch {batch}, {precision} on {device}: "
           f"bare {rates[False]:.1f} img/s, DDP-wrapped {rates[True]:.1f} img/s, "

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import autocast  # noqa: E402
+from diffuse_cli.device import autocast, memory_format  # noqa: E402
 from diffuse_cli.objectives import diffusion_loss  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
@@ -52,13 +52,13 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, que
     torch.manual_seed(0)
     schedule = NoiseSchedule.make("cosine")
     if impl == "ours":
-        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=torch.channels_last)
+        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev))
         net = model
     else:
         model = diffusers_unet(preset).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
     ema = [p.detach().clone() for p in model.parameters()]
-    fmt = torch.channels_last if impl == "ours" else torch.contiguous_format
+    fmt = memory_format(dev) if impl == "ours" else torch.contiguous_format
     x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)

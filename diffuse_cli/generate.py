@@ -8,7 +8,7 @@ import torch
 
 from .config import Config, Precision
 from .data import to_uint8
-from .device import autocast
+from .device import autocast, memory_format
 from .objectives import as_eps_model
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
 from .schedule import NoiseSchedule
@@ -29,6 +29,7 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
+    layout = memory_format(device)
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
     net = lambda x, t: model(x, t)  # noqa: E731
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
@@ -37,7 +38,7 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
-            eps = counted(x.contiguous(memory_format=torch.channels_last), t)
+            eps = counted(x.contiguous(memory_format=layout), t)
         if progress:
             progress(counted.nfe, total_calls)
         return eps

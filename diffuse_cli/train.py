@@ -23,7 +23,7 @@ from . import distributed
 from .checkpoint import MODEL_FILE, STATE_FILE, load_training_state, save_model, save_training_state
 from .config import Config
 from .data import ImageData, grid_upscale, make_grid, save_png, to_model
-from .device import autocast, resolve_precision
+from .device import autocast, memory_format, resolve_precision
 from .files import atomic_write_bytes
 from .generate import generate
 from .objectives import diffusion_loss
@@ -132,7 +132,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = UNet(config.model).to(device, memory_format=torch.channels_last)
+    layout = memory_format(device)
+    model = UNet(config.model).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
@@ -201,12 +202,12 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             mine = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
             idx = batch_indices(step, micro, config, len(data), perms)[mine]
             x0 = to_model(images[idx.to(images.device)] if images is not None else data.batch(idx)).to(device)
-            x0 = torch.where(flip[mine, None, None, None], x0.flip(-1), x0).contiguous(memory_format=torch.channels_last)
+            x0 = torch.where(flip[mine, None, None, None], x0.flip(-1), x0).contiguous(memory_format=layout)
             torch.manual_seed(mix_seed(tc.seed, 3, step, micro, world.rank))  # dropout
             sync = micro == tc.grad_accum - 1 or world.size == 1
             with (net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()), autocast(precision, device):
                 loss = diffusion_loss(net, config.diffusion.objective, schedule, x0, t[mine],
-                                      eps[mine].contiguous(memory_format=torch.channels_last), tc.min_snr_gamma)
+                                      eps[mine].contiguous(memory_format=layout), tc.min_snr_gamma)
             scaler.scale(loss / tc.grad_accum).backward()
             loss_step += loss.detach() / tc.grad_accum
 
