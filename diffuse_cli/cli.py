@@ -423,13 +423,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         _exit_with("interrupted", 130)
     except Exception as e:  # click's usage errors, OS errors, the engine's ValueErrors
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a click exception (typer may vendor click)
             e.show()
-            sys.exit(2)
-        if isinstance(e, click.ClickException):
-            _exit_with(e.format_message(), 2)
+            sys.exit(e.exit_code)
         if isinstance(e, OSError):
             _exit_with(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
                        + "; the previous checkpoint, if any, is intact", 1)
