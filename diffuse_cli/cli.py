@@ -192,7 +192,7 @@ def train(
         raise UserError(f"--model {model} differs from the run being resumed ({config.preset}); "
                         "the model cannot change on resume")
     is_main = int(os.environ.get("RANK", "0")) == 0
-    say = (lambda m: err.print(m, highlight=False)) if is_main else (lambda m: None)
+    say = (lambda m: err.print(m, highlight=False, markup=False)) if is_main else (lambda m: None)
 
     with progress_bar(enabled=is_main) as bar:
         task = bar.add_task("decoding images", total=None)
@@ -200,7 +200,9 @@ def train(
                              progress=lambda i, n: bar.update(task, completed=i, total=n))
         bar.remove_task(task)
     if data_set.skipped and is_main:
-        listed = ", ".join(f"{Path(p).name} ({why})" for p, why in data_set.skipped[:8])
+        from rich.markup import escape
+
+        listed = escape(", ".join(f"{Path(p).name} ({why})" for p, why in data_set.skipped[:8]))
         more = f" and {len(data_set.skipped) - 8} more" if len(data_set.skipped) > 8 else ""
         err.print(f"[yellow]warning:[/] skipped {len(data_set.skipped)} of {len(data_set) + len(data_set.skipped)} "
                   f"files: {listed}{more}", highlight=False, soft_wrap=True)
@@ -208,7 +210,7 @@ def train(
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
 
     stop = install_stop_handler()
-    say(f"run folder [bold]{run}[/]" + (" (resuming)" if resuming else ""))
+    say(f"run folder {run}" + (" (resuming)" if resuming else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
         task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="")
         smooth: dict[str, float] = {}
@@ -219,7 +221,7 @@ def train(
                        rate=f"{record['images_per_s']:.1f} img/s")
 
         hooks = Hooks(progress=on_progress if is_main else (lambda r: None),
-                      log=lambda m: bar.console.print(m, highlight=False) if is_main else None,
+                      log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
                           max_time=budget, resume=resuming, compile=compile)
@@ -435,5 +437,7 @@ def main() -> None:
 
 
 def _exit_with(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)

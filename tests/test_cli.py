@@ -181,3 +181,9 @@ def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
             result = run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
                              "--spacing", spacing, "--out", f"s-{sampler}-{spacing}")
             assert result.code == 0, (sampler, spacing, result)
+
+
+def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("sample", "--checkpoint", "[/weird]/x.safetensors")
+    assert_clean_error(result, "[/weird]/x.safetensors")

@@ -167,3 +167,12 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     assert "Traceback" not in err and "diffuse train --resume run" in err.replace("\n", " ")
     _, _, info = load_model(tmp_path / "run" / MODEL_FILE)
     assert info["step"] >= 1
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path):
+    proc = diffuse(*TRAIN_FOREVER, cwd=tmp_path)
+    wait_for_checkpoint(tmp_path / "run")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
