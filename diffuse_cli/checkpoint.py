@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors files whose header carries the config and facts as JSON. No pickle.
+"""Checkpoints: safetensors files whose header carries the config and facts as JSON; nothing executable.
 
 `model.safetensors` holds the weights to sample with (the EMA weights) and is all that
 sampling needs. `training_state.safetensors` holds what resuming needs besides: the online

@@ -32,10 +32,10 @@ def loss_weight(objective: Objective, schedule: NoiseSchedule, t: torch.Tensor, 
     """
     if min_snr_gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-    snr = schedule.snr[t.cpu()]
+    snr = schedule.gather("snr", t)
     clipped = snr.clamp(max=min_snr_gamma)
     weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[objective]
-    return weight.float().to(t.device)
+    return weight.float()
 
 
 def diffusion_loss(net: Network, objective: Objective, schedule: NoiseSchedule, x0: torch.Tensor,

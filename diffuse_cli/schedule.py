@@ -100,12 +100,20 @@ class NoiseSchedule:
         """diffusers' name for `alpha_bar`."""
         return self.alpha_bar
 
+    def gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A schedule tensor (e.g. 'snr') at integer steps t, on t's device with no host copy."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        key = (name, str(t.device))
+        if key not in cache:  # float64 everywhere but MPS, which has none
+            cache[key] = getattr(self, name).to(t.device, torch.float32 if t.device.type == "mps" else torch.float64)
+        return cache[key][t]
+
     # -- continuous time: fractional t interpolates log σ linearly between steps ----------
     def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
         """σ at (possibly fractional) step indices t in [0, T-1]."""
         t = torch.as_tensor(t)
         if not t.is_floating_point():
-            return self.sigmas[t.cpu()].to(t.device)
+            return self.gather("sigmas", t)
         t64 = t.detach().cpu().double().clamp(0, self.timesteps - 1)
         lo = t64.floor().long().clamp(max=self.timesteps - 2)
         w = t64 - lo
@@ -116,7 +124,7 @@ class NoiseSchedule:
         """ᾱ at step indices t: exact for integer t, interpolated in log σ for fractional t."""
         t = torch.as_tensor(t)
         if not t.is_floating_point():
-            return self.alpha_bar[t.cpu()].to(t.device)
+            return self.gather("alpha_bar", t)
         return 1 / (1 + self.sigma_at(t) ** 2)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,11 @@ def batch_indices(step: int, micro: int, cfg: Config, n: int, perms: dict[int, t
     for e in list(perms):
         if e < epochs.min().item():
             del perms[e]
-    return torch.stack([perms[e][p] for e, p in zip(epochs.tolist(), (positions % n).tolist())])
+    indices = torch.empty(B, dtype=torch.long)
+    for e in epochs.unique().tolist():  # at most two epochs meet in one batch
+        here = epochs == e
+        indices[here] = perms[e][(positions % n)[here]]
+    return indices
 
 
 def train(config: Config, data: ImageData, run_dir: str | Path, options: Options, hooks: Hooks = Hooks()) -> Result:
