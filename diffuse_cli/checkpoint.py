@@ -67,9 +67,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT) -> tuple[Config, dict[str, Any]]:
-    """(config, info) from a diffuse checkpoint's header, without loading any tensor."""
-    meta = read_header(path).get("__metadata__") or {}
+def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT,
+                  header: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
+    """(config, info) from a diffuse checkpoint's header (read here unless given), without loading any tensor."""
+    meta = (header if header is not None else read_header(path)).get("__metadata__") or {}
     if meta.get("format") != fmt:
         found = f"a {meta['format']!r} file" if "format" in meta else "a safetensors file from another program"
         raise CheckpointError(f"{path}: not a diffuse {fmt.split('/')[1]} checkpoint ({found})")
@@ -131,8 +132,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from .unet import UNet
 
     path = Path(path)
-    config, info = read_metadata(path, MODEL_FORMAT)
-    _check_shapes(path, _expected_shapes(config), _header_shapes(read_header(path)))
+    header = read_header(path)
+    config, info = read_metadata(path, MODEL_FORMAT, header)
+    _check_shapes(path, _expected_shapes(config), _header_shapes(header))
     weights = _load_tensors(path)
     model = UNet(config.model)
     model.load_state_dict(weights)
@@ -155,8 +157,8 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights, EMA and optimizer state in place; return the info dict (step and so on)."""
     path = Path(path)
-    _, info = read_metadata(path, STATE_FORMAT)
     header = read_header(path)
+    _, info = read_metadata(path, STATE_FORMAT, header)
     for name, module in (("model", model), ("ema", ema)):
         _check_shapes(path, {k: v.shape for k, v in module.state_dict().items()}, _header_shapes(header, f"{name}."))
     tensors = _load_tensors(path)

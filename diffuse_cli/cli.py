@@ -372,7 +372,8 @@ def inspect(
         path = path / MODEL_FILE
     header = read_header(path)
     fmt = (header.get("__metadata__") or {}).get("format")
-    config, info = read_metadata(path, fmt if fmt in ("diffuse/model", "diffuse/training-state") else "diffuse/model")
+    config, info = read_metadata(path, fmt if fmt in ("diffuse/model", "diffuse/training-state") else "diffuse/model",
+                                 header)
     info.pop("param_groups", None)
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     facts = {"file": str(path), "format": fmt, "file_size_bytes": path.stat().st_size, "tensors": len(tensors),

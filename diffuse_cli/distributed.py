@@ -56,8 +56,3 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

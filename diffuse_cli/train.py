@@ -170,8 +170,9 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     def save(now_step: int) -> None:
         if not world.is_main:
             return
-        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, facts(now_step))
-        save_model(run_dir / MODEL_FILE, ema, config, facts(now_step))
+        info = facts(now_step)
+        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, info)
+        save_model(run_dir / MODEL_FILE, ema, config, info)
         write_metrics(run_dir / "metrics.jsonl", unsaved, now_step)
         unsaved.clear()
 
