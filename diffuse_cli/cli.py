@@ -257,10 +257,10 @@ def sample(
     n: int = typer.Option(16, "-n", "--num", help="How many images."),
     checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors or a run folder. \\[default: newest under ./checkpoints]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-<sampler>-<steps>-seed<seed>]"),
-    sampler: str = typer.Option("dpm++2m", help="ddpm, ddim, dpm++2m or heun."),
+    sampler: str = typer.Option("dpm++3m-sde", help="ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, unipc or heun."),
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
     spacing: Optional[str] = typer.Option(None, help="trailing, quadratic, karras or logsnr. \\[default: the sampler's paper's]"),
-    eta: float = typer.Option(0.0, help="ddim only: 0 deterministic, 1 like DDPM."),
+    eta: Optional[float] = typer.Option(None, help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = DDPM-like. \\[default: 0; 1 for the -sde ones]"),
     variance: str = typer.Option("posterior", help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t)."),
     seed: int = typer.Option(0, help="Image i uses seed+i, so results do not depend on --batch-size."),
     batch_size: int = typer.Option(64, help="Images per network call."),
@@ -278,9 +278,13 @@ def sample(
     if spacing is not None:
         check_choice(spacing, Spacing, "spacing")
     check_choice(precision, Precision, "precision")
-    options = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
+    if eta is not None and (eta < 0 or not (sampler == "ddim" or sampler.startswith("dpm++"))):
+        raise UserError("--eta must be at least 0, and it applies to ddim and the dpm++ samplers only")
+    options = {"variance": variance} if sampler == "ddpm" else {} if eta is None else {"eta": eta}
     if variance not in ("posterior", "beta"):
         raise UserError(f"unknown variance {variance!r}; choose posterior or beta")
+
+    import torch
 
     from .checkpoint import load_model, resolve_checkpoint
     from .data import grid_upscale, make_grid, save_gif, save_png, to_uint8
@@ -311,10 +315,9 @@ def sample(
     if trajectory:
         frames = frames[:len(frames) // -(-n // batch_size)]  # the first batch's steps
         picks = sorted({round(k * (len(frames) - 1) / 9) for k in range(10)})
-        strip = make_grid(__import__("torch").stack([frames[k][0] for k in picks] + [frames[k][1] for k in picks]),
-                          nrow=len(picks))
+        strip = make_grid(torch.stack([frames[k][0] for k in picks] + [frames[k][1] for k in picks]), nrow=len(picks))
         save_png(strip, folder / "trajectory.png", upscale)
-        save_gif([make_grid(__import__("torch").stack(f), nrow=2) for f in frames], folder / "trajectory.gif")
+        save_gif([make_grid(torch.stack(f), nrow=2) for f in frames], folder / "trajectory.gif")
     out.print(f"{sampler}, {steps} steps, {nfe} network calls per batch, {elapsed / n * 1000:.0f} ms per image "
               f"({elapsed:.1f} s in all) from {path}", highlight=False)
     out.print(f"wrote {n} images and grid.png to {folder}/" + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""),

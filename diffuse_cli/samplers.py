@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -85,11 +86,20 @@ def ddim(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timestep
     return x
 
 
-def dpmpp_2m(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-             generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022: multistep, data prediction, λ = log(α/σ)."""
+def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+          generator: Generator = None, callback: Callback | None = None, order: int = 2,
+          eta: float = 0.0) -> torch.Tensor:
+    """DPM-Solver++(2M) and (3M), Lu et al. 2022: multistep, data prediction, in λ = log(α/σ).
+
+    Each step integrates x̂_0(λ) exactly against the exponential weight, with x̂_0 extrapolated
+    from the last `order` predictions (order 2: their Algorithm 2, the midpoint rule; order 3:
+    their appendix, second differences). The first steps use the history there is.
+    eta=0 solves the probability-flow ODE. eta>0 solves the SDE instead (their §5,
+    SDE-DPM-Solver++): a step integrates over h·(1+eta) and puts back the noise that removes,
+    which corrects some of an imperfect model's errors.
+    """
     ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
-    x0_prev, h_prev = None, None
+    x0s, hs = [], []  # previous predictions and step sizes, newest last
     for i, t in enumerate(timesteps):
         ab, ab_next = ab_all[i], ab_next_all[i]
         eps = eps_model(x, _t(t, x))
@@ -98,15 +108,88 @@ def dpmpp_2m(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, time
             callback(i, x, x0)
         if ab_next >= 1.0:  # the last step lands on σ = 0, where the solution is the denoised image
             return x0
-        lam, lam_next = 0.5 * math.log(ab / (1 - ab)), 0.5 * math.log(ab_next / (1 - ab_next))
-        h = lam_next - lam
-        if x0_prev is None:
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
+        h = 0.5 * math.log(ab_next / (1 - ab_next)) - 0.5 * math.log(ab / (1 - ab))
+        h_eta = (1 + eta) * h
+        phi_1 = -math.expm1(-h_eta)        # ∫ e^(-(h-s)) ds over the step, divided out: 1 - e^-h
+        phi_2 = 1 - phi_1 / h_eta           # the weight of the first derivative
+        phi_3 = phi_2 / h_eta - 0.5         # and of the second
+        update = phi_1 * x0
+        if min(order, len(x0s) + 1) == 2:
+            update = update + (0.5 * phi_1 * h / hs[-1]) * (x0 - x0s[-1])
+        elif min(order, len(x0s) + 1) >= 3:
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (x0 - x0s[-1]) / r0, (x0s[-1] - x0s[-2]) / r1
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            update = update + phi_2 * (d1_0 + r0 * d2) - phi_3 * d2
+        x = math.sqrt((1 - ab_next) / (1 - ab)) * math.exp(-eta * h) * x + math.sqrt(ab_next) * update
+        if eta > 0:
+            x = x + math.sqrt((1 - ab_next) * -math.expm1(-2 * eta * h)) * randn(x.shape, generator, x.device)
+        x0s, hs = (x0s + [x0])[-2:], (hs + [h])[-2:]
+    return x
+
+
+def _unipc_rhos(h: float, ratios: list[float], corrector: bool) -> list[float]:
+    """UniPC's weights ρ of the divided differences (Zhao et al. 2023, Alg. 2/3, B(h) = e^h - 1).
+
+    `ratios` are r_k = (λ_k - λ_s)/h of the earlier predictions, then 1 (the target). The
+    predictor of order p solves the first p-1 of R ρ = b; the corrector solves all of it.
+    """
+    hh, factorial = -h, 1
+    b_h = math.expm1(hh)
+    phi = b_h / hh - 1  # φ_k(h) in their recursion: φ_{k+1} = φ_k / hh - 1/(k+1)!
+    R, b = [], []
+    for k in range(1, len(ratios) + 1):
+        R.append([r ** (k - 1) for r in ratios])
+        b.append(phi * factorial / b_h)
+        factorial *= k + 1
+        phi = phi / hh - 1 / factorial
+    n = len(ratios) if corrector else len(ratios) - 1
+    if n == 0:
+        return []
+    if n == 1:
+        return [0.5]  # the paper's choice for order 2, where R ρ = b would be degenerate in h
+    R_, b_ = torch.tensor(R, dtype=torch.float64)[:n, :n], torch.tensor(b, dtype=torch.float64)[:n]
+    return torch.linalg.solve(R_, b_).tolist()
+
+
+def _unipc_step(x: torch.Tensor, x0s: list[torch.Tensor], lams: list[float], lam_next: float, ab: float,
+                ab_next: float, x0_next: torch.Tensor | None = None) -> torch.Tensor:
+    """One UniP step from λ = lams[-1] to lam_next, or with x0_next (x̂_0 at the step's end) UniC's."""
+    m0, h = x0s[-1], lam_next - lams[-1]
+    ratios = [(lam - lams[-1]) / h for lam in reversed(lams[:-1])] + [1.0]
+    diffs = [(m - m0) / r for m, r in zip(reversed(x0s[:-1]), ratios)]
+    if x0_next is not None:
+        diffs.append(x0_next - m0)
+    rhos = _unipc_rhos(h, ratios, corrector=x0_next is not None)
+    x = math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * m0
+    for rho, d in zip(rhos, diffs):
+        x = x - math.sqrt(ab_next) * math.expm1(-h) * rho * d
+    return x
+
+
+def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
+          generator: Generator = None, callback: Callback | None = None, order: int = 3) -> torch.Tensor:
+    """UniPC, Zhao et al. 2023: a multistep predictor (UniP-p, data prediction) and a corrector
+    (UniC) that re-uses the network call at the new point, raising the order by one for free.
+    Orders are lowered on the first steps (no history yet) and on the last ones."""
+    ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    lams = [0.5 * math.log(ab / (1 - ab)) for ab in ab_all]
+    x0s: list[torch.Tensor] = []
+    last = None  # the arguments of the last predictor step, for its correction
+    for i, t in enumerate(timesteps):
+        eps = eps_model(x, _t(t, x))
+        x0 = (x - math.sqrt(1 - ab_all[i]) * eps) / math.sqrt(ab_all[i])
+        if callback:
+            callback(i, x, x0)
+        if ab_next_all[i] >= 1.0:
+            return x0
+        if last is not None:
+            x = _unipc_step(*last, x0_next=x0)
+        x0s = (x0s + [x0])[-order:]
+        p = min(order, len(x0s), len(timesteps) - i)
+        last = (x, x0s[-p:], lams[i + 1 - p:i + 1], 0.5 * math.log(ab_next_all[i] / (1 - ab_next_all[i])),
+                ab_all[i], ab_next_all[i])
+        x = _unipc_step(*last)
     return x
 
 
@@ -179,10 +262,16 @@ class SamplerInfo:
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020"),
     "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic"),
-    "dpm++2m": SamplerInfo(dpmpp_2m, "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
+    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
+    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", lambda k: k, "DPM-Solver++(3M), Lu et al. 2022"),
+    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "logsnr", lambda k: k,
+                               "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)"),
+    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "logsnr", lambda k: k,
+                               "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)"),
+    "unipc": SamplerInfo(unipc, "logsnr", lambda k: k, "UniPC-bh2, Zhao et al. 2023, order 3"),
     "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
 }
-DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_SAMPLER = "dpm++3m-sde"
 DEFAULT_STEPS = 25
 
 

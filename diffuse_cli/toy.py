@@ -47,15 +47,19 @@ class GaussianMixture:
     def eps_model(self, schedule: NoiseSchedule):
         """The exact ε-predictor (x_t, t) -> ε* for this mixture under `schedule`; x is (B, d)."""
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ab = schedule.alpha_bar_at(t).double().to(x.device)[:, None, None, None]  # (B, 1, 1, 1)
-            eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
-            cov = ab * self.covs[None] + (1 - ab) * eye                                # (B, K, d, d)
-            diff = x.double()[:, None, :] - ab[..., 0].sqrt() * self.means[None]      # (B, K, d)
-            solved = torch.linalg.solve(cov, diff[..., None])[..., 0]                  # C⁻¹(x - m)
-            log_p = -0.5 * ((diff * solved).sum(-1) + torch.logdet(cov))               # (B, K)
-            resp = torch.softmax(log_p + self.weights.log()[None], dim=1)
+            # Each distinct t (a sampler passes one) needs its K covariances inverted once.
+            t_unique, row = torch.unique(torch.as_tensor(t).cpu(), return_inverse=True)
+            ab = schedule.alpha_bar_at(t_unique).double()[:, None, None, None]          # (U, 1, 1, 1)
+            eye = torch.eye(self.dim, dtype=torch.float64)
+            cov = ab * self.covs[None] + (1 - ab) * eye                                # (U, K, d, d)
+            precision, log_det = torch.linalg.inv(cov).to(x.device), torch.logdet(cov).to(x.device)
+            ab, row = ab[:, 0, 0, 0].to(x.device)[row], row.to(x.device)             # (B,)
+            diff = x.double()[:, None, :] - ab[:, None, None].sqrt() * self.means[None].to(x.device)  # (B, K, d)
+            solved = torch.einsum("bkij,bkj->bki", precision[row], diff)              # C⁻¹(x - m)
+            log_p = -0.5 * ((diff * solved).sum(-1) + log_det[row])                   # (B, K)
+            resp = torch.softmax(log_p + self.weights.log().to(x.device)[None], dim=1)
             score = -(resp[..., None] * solved).sum(1)                                 # ∇ log q(x_t)
-            return (-(1 - ab[:, 0, 0]).sqrt() * score).to(x.dtype)
+            return (-(1 - ab)[:, None].sqrt() * score).to(x.dtype)
         return eps
 
 
@@ -74,5 +78,5 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a.double() @ dirs).sort(0).values, (b.double() @ dirs).sort(0).values
+    pa, pb = ((points.double() @ dirs).T.contiguous().sort(1).values for points in (a, b))  # (projections, n)
     return (pa - pb).abs().mean().item()

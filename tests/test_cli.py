@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from diffuse_cli.cli import app
+from diffuse_cli.samplers import SAMPLERS
 
 from .conftest import assert_clean_error, write_image
 
@@ -49,7 +50,7 @@ def test_train_writes_a_run_folder(trained):
 def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli, tmp_path):
     first = run_cli("sample", "-n", "3", "--steps", "5", "--out", "a", "--batch-size", "2")
     assert first.code == 0, first
-    assert "dpm++2m, 5 steps, 5 network calls" in first.out
+    assert "dpm++3m-sde, 5 steps, 5 network calls" in first.out
     second = run_cli("sample", "-n", "3", "--steps", "5", "--out", "b", "--batch-size", "3")
     assert second.code == 0, second
     for name in ("0000.png", "0001.png", "0002.png", "grid.png"):
@@ -104,6 +105,8 @@ BAD_INPUTS = {
     "bad duration": (["train", "--max-time", "soon"], ["cannot read duration"]),
     "unknown sampler": (["sample", "--sampler", "magic"], ["unknown sampler", "dpm++2m"]),
     "zero images": (["sample", "-n", "0"], ["at least 1"]),
+    "eta for heun": (["sample", "--sampler", "heun", "--eta", "1"], ["--eta", "dpm++"]),
+    "negative eta": (["sample", "--sampler", "ddim", "--eta", "-1"], ["at least 0"]),
     "no checkpoint": (["sample"], ["no checkpoint found"]),
     "missing checkpoint": (["sample", "--checkpoint", "nope.safetensors"], ["nope.safetensors", "no such file"]),
     "missing image": (["noise", "nope.png"], ["no such file"]),
@@ -176,11 +179,14 @@ def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
     result = run_cli("train", *TINY, "--steps", "1", "--out", "r", "--lr-schedule", "constant", "--schedule", "sigmoid",
                      "--objective", "x0", "--precision", "fp32", "--min-snr-gamma", "0", "--grad-accum", "2")
     assert result.code == 0, result
-    for sampler in ("ddpm", "ddim", "dpm++2m", "heun"):
+    for sampler in SAMPLERS:
         for spacing in ("trailing", "quadratic", "karras", "logsnr"):
             result = run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
                              "--spacing", spacing, "--out", f"s-{sampler}-{spacing}")
             assert result.code == 0, (sampler, spacing, result)
+    for sampler, eta in (("ddim", "0.5"), ("dpm++3m", "1"), ("dpm++2m-sde", "0")):
+        assert run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
+                       "--eta", eta, "--out", f"e-{sampler}").code == 0
 
 
 def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):

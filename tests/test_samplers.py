@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, sample, spaced_timesteps, steps_for_nfe)
+from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, dpmpp, sample, spaced_timesteps,
+                                  steps_for_nfe)
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.toy import GaussianMixture, mixture_2d, sliced_wasserstein
 
@@ -13,7 +14,8 @@ N = 10_000
 # Calls at which each sampler is judged "converged". Ancestral DDPM with σ² = β̃ shrinks the
 # variance at few steps (0.173 instead of 0.2 at K = 100, 0.197 at K = 1000: Ho et al.'s lower
 # bound on the reverse variance), so it is judged at K = T.
-CONVERGED = {"ddpm": 1000, "ddim": 250, "dpm++2m": 100, "heun": 100}
+CONVERGED = {"ddpm": 1000, "ddim": 250, "dpm++2m": 100, "dpm++3m": 100, "dpm++2m-sde": 100, "dpm++3m-sde": 100,
+             "unipc": 100, "heun": 100}
 GAUSSIAN = GaussianMixture.gaussian([0.5, -0.3], [[0.2, 0.05], [0.05, 0.1]])
 
 
@@ -43,12 +45,63 @@ def test_mixture_moments_and_error_shrinks_with_steps(sampler):
     reference = target.sample(N, torch.Generator().manual_seed(123))
     floor = sliced_wasserstein(target.sample(N, torch.Generator().manual_seed(7)), reference)
     nfes = (10, 25, CONVERGED[sampler])
-    errors = [sliced_wasserstein(draw(target, schedule, sampler, nfe), reference) for nfe in nfes]
-    assert errors[2] < errors[1] < errors[0]
+    draws = [draw(target, schedule, sampler, nfe) for nfe in nfes]
+    errors = [sliced_wasserstein(x, reference) for x in draws]
+    # Third-order solvers are already at the Monte Carlo floor at 25 calls (two N-point runs
+    # differ by ~0.001 there), so "shrinks" past 25 is allowed that much slack.
+    assert errors[1] < errors[0] and errors[2] < errors[1] + 0.001
     assert errors[2] < 3 * floor  # within a few times Monte Carlo noise of exact (floor ≈ 0.006)
-    x = draw(target, schedule, sampler, CONVERGED[sampler])
+    x = draws[2]
     assert torch.allclose(x.mean(0), target.mean(), atol=0.02)
     assert torch.allclose(torch.cov(x.T), target.covariance(), atol=0.02)
+
+
+def probability_flow_end(schedule, timesteps, x_T):
+    """Where the exact probability-flow ODE takes x_T for Gaussian data N(μ, Σ), then denoised.
+
+    In x̃ = x / sqrt(ᾱ), x̃(σ) = μ + (Σ + σ²)^½ (Σ + σ_T²)^-½ (x̃_T - μ) along each eigenvector of
+    Σ; the samplers stop at σ_min and return E[x_0 | x̃] = μ + Σ (Σ + σ_min²)^-1 (x̃ - μ).
+    """
+    mu, (vals, vecs) = GAUSSIAN.means[0], torch.linalg.eigh(GAUSSIAN.covs[0])
+    s_T, s_min = schedule.sigma_at(timesteps[:1]).item(), schedule.sigma_at(timesteps[-1:]).item()
+    gain = vals / (vals + s_min**2).sqrt() / (vals + s_T**2).sqrt()
+    return mu + ((x_T * math.sqrt(1 + s_T**2) - mu) @ vecs * gain) @ vecs.T
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_order_of_accuracy_against_the_exact_ode(kind):
+    """Doubling the steps divides a deterministic solver's error by 2^order.
+
+    Measured orders (K = 40 -> 80): ddim 1.00, dpm++2m 2.0, heun 2.1, unipc 3.3. dpm++3m is
+    third order per step but tends to 2 globally, because its first (Euler) step's O(h²)
+    error is never corrected (as in Lu et al.'s and diffusers' code); it still beats dpm++2m.
+    """
+    schedule = NoiseSchedule.make(kind)
+    model = GAUSSIAN.eps_model(schedule)
+    x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = {}
+    for name in ("ddim", "dpm++2m", "dpm++3m", "unipc", "heun"):
+        errors[name] = []
+        for steps in (20, 40, 80):
+            ts = spaced_timesteps(schedule, steps, "logsnr")
+            x = SAMPLERS[name].fn(model, x_T, schedule, ts)
+            errors[name].append((x - probability_flow_end(schedule, ts, x_T)).abs().max().item())
+    order = {name: math.log2(e[1] / e[2]) for name, e in errors.items()}
+    assert 0.9 < order["ddim"] < 1.1
+    assert 1.8 < order["dpm++2m"] < 2.3 and 1.8 < order["heun"] < 2.3
+    assert order["unipc"] > 2.8
+    assert order["dpm++3m"] > 1.8 and all(a < b for a, b in zip(errors["dpm++3m"], errors["dpm++2m"]))
+
+
+def test_sde_solvers_are_random_and_eta_zero_is_the_ode():
+    schedule = NoiseSchedule.make("cosine")
+    model = GAUSSIAN.eps_model(schedule)
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = spaced_timesteps(schedule, 20, "logsnr")
+    ode = SAMPLERS["dpm++2m"].fn(model, x_T, schedule, ts)
+    assert torch.equal(dpmpp(model, x_T, schedule, ts, torch.Generator().manual_seed(1), eta=0.0), ode)
+    a, b = (SAMPLERS["dpm++2m-sde"].fn(model, x_T, schedule, ts, torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert not torch.allclose(a, b) and not torch.allclose(a, ode)
 
 
 def test_ddpm_at_T_steps_is_algorithm_2():
