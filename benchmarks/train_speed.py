@@ -10,6 +10,7 @@ Each measurement runs in a fresh process, so that peak memory is its own.
     pip install -e '.[bench]'
     python benchmarks/train_speed.py                 # everything (about 15 minutes on 2 CPU cores)
     python benchmarks/train_speed.py --presets small --batches 16
+    python benchmarks/train_speed.py --presets small --batches 64 --precisions bf16 --compile
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def diffusers_unet(preset: str):
         dropout=cfg.dropout, time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
 
 
-def measure(impl: str, preset: str, batch: int, precision: str, device: str, queue) -> None:
+def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, queue) -> None:
     dev = torch.device(device)
     torch.manual_seed(0)
     schedule = NoiseSchedule.make("cosine")
@@ -78,6 +79,9 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, que
             diffusion_loss(net, "v", schedule, x0, t, eps).backward()
     model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
+    if compile and impl == "ours":  # counted above on the plain module; timed below compiled
+        net = torch.compile(model)
+        train_step = train_step_fn(model, net, x0, t, eps, precision, ema)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     repeats = 3 if batch * (35 if preset == "ddpm-cifar10" else 3) <= 1200 else 2
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our network (diffusers' stays eager)")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
@@ -133,12 +138,12 @@ def main() -> None:
     for preset in args.presets:
         for batch in args.batches:
             for precision in args.precisions:
-                ours = in_fresh_process("ours", preset, batch, precision, args.device)
+                ours = in_fresh_process("ours", preset, batch, precision, args.device, args.compile)
                 line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
                         f"{100 * ours['gflops'] / peaks[precision]:>7.0f}%{ours['nfe_per_s']:>8.2f}"
                         f"{ours['peak_mb']:>9.0f} | ")
                 if not args.no_diffusers:
-                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device)
+                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device, False)
                     baseline[(preset, batch, precision)] = theirs["images_per_s"]
                     line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['gflops'] / peaks[precision]:>7.0f}%"
                              f"{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
