@@ -98,6 +98,8 @@ def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
     SDE-DPM-Solver++): a step integrates over h·(1+eta) and puts back the noise that removes,
     which corrects some of an imperfect model's errors.
     """
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, not {order}")
     ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
     x0s, hs = [], []  # previous predictions and step sizes, newest last
     for i, t in enumerate(timesteps):
@@ -110,13 +112,13 @@ def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
             return x0
         h = 0.5 * math.log(ab_next / (1 - ab_next)) - 0.5 * math.log(ab / (1 - ab))
         h_eta = (1 + eta) * h
-        phi_1 = -math.expm1(-h_eta)        # ∫ e^(-(h-s)) ds over the step, divided out: 1 - e^-h
-        phi_2 = 1 - phi_1 / h_eta           # the weight of the first derivative
-        phi_3 = phi_2 / h_eta - 0.5         # and of the second
-        update = phi_1 * x0
-        if min(order, len(x0s) + 1) == 2:
+        phi_1 = -math.expm1(-h_eta)  # 1 - e^-h, the weight of x̂_0 in an exponential-integrator step
+        phi_2 = 1 - phi_1 / h_eta     # the weight of its first derivative in λ
+        phi_3 = phi_2 / h_eta - 0.5   # and of its second
+        update, this_order = phi_1 * x0, min(order, len(x0s) + 1)
+        if this_order == 2:
             update = update + (0.5 * phi_1 * h / hs[-1]) * (x0 - x0s[-1])
-        elif min(order, len(x0s) + 1) >= 3:
+        elif this_order == 3:
             r0, r1 = hs[-1] / h, hs[-2] / h
             d1_0, d1_1 = (x0 - x0s[-1]) / r0, (x0s[-1] - x0s[-2]) / r1
             d2 = (d1_0 - d1_1) / (r0 + r1)
