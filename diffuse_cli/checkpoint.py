@@ -21,13 +21,11 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .config import Config, ConfigError, config_from_json, config_to_json, validate_model
 from .errors import CheckpointError
-from .files import atomic_write_bytes
+from .files import MODEL_FILE, atomic_write_bytes
 
 MODEL_FORMAT = "diffuse/model"
 STATE_FORMAT = "diffuse/training-state"
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "training_state.safetensors"
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .runs import config_for_run, new_run_folder, resolve_run
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_train)
 
@@ -42,59 +42,6 @@ def progress_bar(*extra: str, enabled: bool = True) -> Progress:
 
 
 # -- train --------------------------------------------------------------------------------
-def _run_name(data: Optional[str], preset: str) -> Path:
-    stem = Path(data).resolve().name if data else "shapes"
-    base = Path("checkpoints") / f"{stem}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, k = base, 1
-    while path.exists():
-        path, k = Path(f"{base}-{k}"), k + 1
-    return path
-
-
-def _resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[str], preset: str) -> tuple[Path, bool]:
-    """(run folder, whether to resume it), following --out and --resume."""
-    from .checkpoint import STATE_FILE
-    from .distributed import launched_by_torchrun
-
-    if resume not in (None, "auto"):
-        run = Path(resume)
-        run = run.parent if run.is_file() else run
-        if not (run / STATE_FILE).exists():
-            raise UserError(f"{run}: no {STATE_FILE} to resume from")
-        return run, True
-    if resume == "auto" and out_dir is None:
-        runs = sorted(Path("checkpoints").glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-        if runs:
-            return runs[-1].parent, True
-    if out_dir is None:
-        if launched_by_torchrun():
-            raise UserError("under torchrun, pass --out so that every process writes to the same run folder")
-        return _run_name(data, preset), False
-    if (out_dir / STATE_FILE).exists():
-        if resume == "auto":
-            return out_dir, True
-        if sys.stdin.isatty() and typer.confirm(f"{out_dir} already holds a run. Resume it?", default=True, err=True):
-            return out_dir, True
-        raise UserError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose another --out")
-    return out_dir, False
-
-
-def _config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, given_diffusion: dict,
-                    given_train: dict) -> Config:
-    """A fresh run's config, or the saved one with the train options given on this command line."""
-    if not resuming:
-        return new
-    from .checkpoint import STATE_FILE, read_metadata
-
-    saved, _ = read_metadata(run / STATE_FILE, "diffuse/training-state")
-    for name, value in {**given_model, **given_diffusion}.items():
-        current = getattr(saved.model, name, getattr(saved.diffusion, name, None))
-        if value != current:
-            raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
-                            f"({current}); the model cannot change on resume")
-    return replace(saved, train=validate_train(replace(saved.train, **given_train)))
-
-
 def _launch_devices(devices: int) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -103,7 +50,7 @@ def _launch_devices(devices: int) -> None:
     args = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--devices")
             and not (i > 0 and sys.argv[i] == "--devices")]
     if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args += ["--out", str(_run_name(None, "ddp"))]
+        args += ["--out", str(new_run_folder(None, "ddp"))]
     import torch
 
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
@@ -186,8 +133,9 @@ def train(
     from .train import train as run_training
 
     torch_device = pick_device(device)
-    run, resuming = _resolve_run(out_dir, resume, data, preset)
-    config = _config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
+    confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
+    run, resuming = resolve_run(out_dir, resume, data, preset, confirm)
+    config = config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
     if resuming and model is not None and model != config.preset:
         raise UserError(f"--model {model} differs from the run being resumed ({config.preset}); "
                         "the model cannot change on resume")
@@ -369,7 +317,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show what a checkpoint holds, reading its header only."""
-    from .checkpoint import MODEL_FILE, STATE_FILE, read_header, read_metadata
+    from .checkpoint import read_header, read_metadata
+    from .files import MODEL_FILE, STATE_FILE
 
     if path.is_dir():
         path = path / MODEL_FILE
@@ -417,12 +366,12 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 def main() -> None:
     """Entry point: known failures become one line on stderr and a non-zero exit, never a traceback."""
-    from .errors import CheckpointError, DataError
+    from .errors import CheckpointError, DataError, RunError
 
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except (UserError, ConfigError, DataError, CheckpointError) as e:
+    except (UserError, ConfigError, DataError, CheckpointError, RunError) as e:
         _exit_with(str(e), 2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

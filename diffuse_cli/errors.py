@@ -7,3 +7,7 @@ class DataError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class RunError(ValueError):
+    """A run folder that cannot be started or resumed as asked; the message says what to pass instead."""

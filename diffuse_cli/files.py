@@ -6,6 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
+MODEL_FILE = "model.safetensors"  # a run folder's EMA weights: what sampling loads
+STATE_FILE = "training_state.safetensors"  # weights, EMA and optimizer: what resuming loads
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, and rename over `path`."""

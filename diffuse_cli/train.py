@@ -20,7 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import MODEL_FILE, STATE_FILE, load_training_state, save_model, save_training_state
+from .checkpoint import load_training_state, save_model, save_training_state
+from .files import MODEL_FILE, STATE_FILE
 from .config import Config
 from .data import ImageData, grid_upscale, make_grid, save_png, to_model
 from .device import autocast, memory_format, resolve_precision

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffuse_cli.checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, load_model, load_training_state,
-                                    read_metadata, save_model, save_training_state)
+from diffuse_cli.checkpoint import (CheckpointError, load_model, load_training_state, read_metadata, save_model,
+                                    save_training_state)
 from diffuse_cli.config import Config, model_config
+from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8))

@@ -193,3 +193,23 @@ def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli("sample", "--checkpoint", "[/weird]/x.safetensors")
     assert_clean_error(result, "[/weird]/x.safetensors")
+
+
+def test_an_existing_run_is_resumed_only_when_asked(tmp_path, monkeypatch):
+    from diffuse_cli.errors import RunError
+    from diffuse_cli.files import STATE_FILE
+    from diffuse_cli.runs import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / STATE_FILE).write_bytes(b"")
+    questions = []
+    ask = lambda answer: lambda q: questions.append(q) or answer  # noqa: E731
+    assert resolve_run(Path("run"), None, None, "tiny", ask(True)) == (Path("run"), True)
+    assert "run already holds a run" in questions[0]
+    for confirm in (ask(False), None):  # "no" on a terminal, or no terminal to ask on
+        with pytest.raises(RunError, match="--resume auto"):
+            resolve_run(Path("run"), None, None, "tiny", confirm)
+    assert resolve_run(Path("run"), "auto", None, "tiny") == (Path("run"), True)
+    fresh, resuming = resolve_run(None, None, None, "tiny")
+    assert not resuming and fresh.parent == Path("checkpoints") and fresh.name.startswith("shapes-tiny-")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from diffuse_cli import train as train_module
-from diffuse_cli.checkpoint import MODEL_FILE, STATE_FILE, load_model, load_training_state, save_model
+from diffuse_cli.checkpoint import load_model, load_training_state, save_model
+from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin
 from diffuse_cli.train import Hooks, NonFiniteLoss, Options, batch_indices, ema_decay, lr_at, train

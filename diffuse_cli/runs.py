@@ -1,0 +1,68 @@
+"""Run folders: naming a new one, finding the one to resume, and the config a resumed run keeps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import Config, validate_train
+from .errors import RunError
+from .files import STATE_FILE
+
+
+def new_run_folder(data: Optional[str], preset: str) -> Path:
+    """checkpoints/<data folder>-<preset>-<time>, made unique with a suffix."""
+    stem = Path(data).resolve().name if data else "shapes"
+    base = Path("checkpoints") / f"{stem}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+
+def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[str], preset: str,
+                confirm: Optional[Callable[[str], bool]] = None) -> tuple[Path, bool]:
+    """(run folder, whether to resume it), following --out and --resume.
+
+    `confirm(question)` is asked before resuming a run that --out names without --resume; with
+    no one to ask (None: not a terminal), that is an error rather than a guess.
+    """
+    from .distributed import launched_by_torchrun
+
+    if resume not in (None, "auto"):
+        run = Path(resume)
+        run = run.parent if run.is_file() else run
+        if not (run / STATE_FILE).exists():
+            raise RunError(f"{run}: no {STATE_FILE} to resume from")
+        return run, True
+    if resume == "auto" and out_dir is None:
+        runs = sorted(Path("checkpoints").glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1].parent, True
+    if out_dir is None:
+        if launched_by_torchrun():
+            raise RunError("under torchrun, pass --out so that every process writes to the same run folder")
+        return new_run_folder(data, preset), False
+    if (out_dir / STATE_FILE).exists():
+        if resume == "auto" or (confirm is not None and confirm(f"{out_dir} already holds a run. Resume it?")):
+            return out_dir, True
+        raise RunError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose another --out")
+    return out_dir, False
+
+
+def config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, given_diffusion: dict,
+                   given_train: dict) -> Config:
+    """A fresh run's config, or the saved one with the train options given on this command line."""
+    if not resuming:
+        return new
+    from .checkpoint import read_metadata
+
+    saved, _ = read_metadata(run / STATE_FILE, "diffuse/training-state")
+    for name, value in {**given_model, **given_diffusion}.items():
+        current = getattr(saved.model, name, getattr(saved.diffusion, name, None))
+        if value != current:
+            raise RunError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
+                           f"({current}); the model cannot change on resume")
+    return replace(saved, train=validate_train(replace(saved.train, **given_train)))
