@@ -40,40 +40,43 @@ def table(title: str, rows: dict[str, dict[int, float]], reference: float, ref_n
     for name, values in rows.items():
         cells = "".join(f"{values[n]:>10.4f}" if n in values else f"{'-':>10}" for n in NFES)
         print(f"{name:<13}{cells}{values.get(25, float('nan')) / reference:>21.2f}x")
-    print(f"{ref_name:<13}{reference:>10.4f}")
+    print(f"{ref_name:<13}{reference:>10.4f}", flush=True)
 
 
-def closed_form(schedule_kind: str, n: int) -> None:
+def closed_form(schedule_kind: str, n: int, samplers: list[str], spacing: str | None, with_ddpm_1000: bool) -> None:
     target, schedule = mixture_2d(), NoiseSchedule.make(schedule_kind)
     reference = target.sample(n, torch.Generator().manual_seed(123))
     eps = target.eps_model(schedule)
-    run = lambda name, steps: sample(eps, (n, 2), schedule, name, steps, torch.Generator().manual_seed(0))  # noqa: E731
+    run = lambda name, steps: sample(eps, (n, 2), schedule, name, steps, torch.Generator().manual_seed(0),  # noqa: E731
+                                     spacing=spacing)
     rows = {name: {nfe: sliced_wasserstein(run(name, steps_for_nfe(name, nfe)), reference) for nfe in NFES}
-            for name in SAMPLERS}
-    ddpm_1000 = sliced_wasserstein(run("ddpm", 1000), reference)
+            for name in samplers}
+    ddpm_1000 = sliced_wasserstein(sample(eps, (n, 2), schedule, "ddpm", 1000, torch.Generator().manual_seed(0)),
+                                   reference) if with_ddpm_1000 else float("nan")
     floor = sliced_wasserstein(target.sample(n, torch.Generator().manual_seed(7)), reference)
     table(f"closed-form 2-D mixture, {schedule_kind} schedule: sliced W1 to the true distribution "
           f"(floor, two true draws: {floor:.4f})", rows, ddpm_1000, "ddpm-1000")
 
 
-def trained(checkpoint: str, n: int = 512, nfes: tuple[int, ...] = (10, 25, 50)) -> None:
+def trained(checkpoint: str, samplers: list[str], spacing: str | None, with_ddpm_1000: bool, n: int = 512,
+            nfes: tuple[int, ...] = (10, 25, 50)) -> None:
     model, config, _ = load_model(checkpoint)
     real = render_shapes(2000, config.model.image_size, seed=1)
     floor = image_fd(real, render_shapes(n, config.model.image_size, seed=5))
     fd: dict[str, dict[int, float]] = {}
-    for name in [*SAMPLERS, "ddpm-1000"]:
+    for name in [*samplers, "ddpm-1000"] if with_ddpm_1000 else samplers:
         fd[name] = {}
         for nfe in ((1000,) if name == "ddpm-1000" else nfes):
-            sampler = name.split("-")[0]
+            sampler = "ddpm" if name == "ddpm-1000" else name
             images, _ = generate(model, config, n, sampler=sampler, steps=steps_for_nfe(sampler, nfe), seed=0,
-                                 batch_size=n, precision="bf16")
+                                 batch_size=n, precision="bf16", spacing=None if name == "ddpm-1000" else spacing)
             fd[name][nfe] = image_fd(real, images)
             print(f"  {name} NFE {nfe}: FD {fd[name][nfe]:.3f}", flush=True)
     table(f"{checkpoint}: random-feature FD, {n} samples vs 2000 held-out built-in images "
-          f"(floor, {n} more real images: {floor:.3f})", fd, fd.pop("ddpm-1000")[1000], "ddpm-1000")
+          f"(floor, {n} more real images: {floor:.3f})", fd, fd.pop("ddpm-1000", {1000: float("nan")})[1000], "ddpm-1000")
     for label, (net, cfg) in {f"this model ({config.model.image_size}x{config.model.image_size})": (model, config),
                               "small preset at 32x32": _small_32()}.items():
-        for name in SAMPLERS:
+        for name in samplers:
             steps = steps_for_nfe(name, 25)
             generate(net, cfg, 16, sampler=name, steps=steps, seed=0)  # warm-up
             start = time.perf_counter()
@@ -95,10 +98,13 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mixture-n", type=int, default=200_000, help="points per mixture sample")
     parser.add_argument("--skip-mixture", action="store_true")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--spacing", default=None, help="override every sampler's default spacing")
+    parser.add_argument("--no-reference", action="store_true", help="skip 1000-step DDPM (the slow part)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for kind in ("linear", "cosine") if not args.skip_mixture else ():
-        closed_form(kind, args.mixture_n)
+        closed_form(kind, args.mixture_n, args.samplers, args.spacing, not args.no_reference)
     if args.checkpoint:
-        trained(args.checkpoint)
+        trained(args.checkpoint, args.samplers, args.spacing, not args.no_reference)

@@ -256,7 +256,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
 @dataclass(frozen=True)
 class SamplerInfo:
     fn: Callable[..., torch.Tensor]
-    spacing: Spacing  # the spacing its paper uses
+    spacing: Spacing  # its default: the paper's, or for the SDE solvers what measured best on a trained model
     nfe: Callable[[int], int]  # network calls for a number of steps
     description: str
 
@@ -266,9 +266,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic"),
     "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
     "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", lambda k: k, "DPM-Solver++(3M), Lu et al. 2022"),
-    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "logsnr", lambda k: k,
+    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", lambda k: k,
                                "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)"),
-    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "logsnr", lambda k: k,
+    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", lambda k: k,
                                "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)"),
     "unipc": SamplerInfo(unipc, "logsnr", lambda k: k, "UniPC-bh2, Zhao et al. 2023, order 3"),
     "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
