@@ -149,7 +149,7 @@ def _unipc_rhos(h: float, ratios: list[float], corrector: bool) -> list[float]:
     if n == 0:
         return []
     if n == 1:
-        return [0.5]  # the paper's choice for order 2, where R ρ = b would be degenerate in h
+        return [0.5]  # the paper fixes ρ = 1/2 for one difference (solving gives 1/2 + O(h))
     R_, b_ = torch.tensor(R, dtype=torch.float64)[:n, :n], torch.tensor(b, dtype=torch.float64)[:n]
     return torch.linalg.solve(R_, b_).tolist()
 
@@ -163,10 +163,8 @@ def _unipc_step(x: torch.Tensor, x0s: list[torch.Tensor], lams: list[float], lam
     if x0_next is not None:
         diffs.append(x0_next - m0)
     rhos = _unipc_rhos(h, ratios, corrector=x0_next is not None)
-    x = math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * m0
-    for rho, d in zip(rhos, diffs):
-        x = x - math.sqrt(ab_next) * math.expm1(-h) * rho * d
-    return x
+    x0_hat = m0 + sum(rho * d for rho, d in zip(rhos, diffs))  # x̂_0 extrapolated over the step
+    return math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * x0_hat
 
 
 def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
