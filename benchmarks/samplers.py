@@ -101,10 +101,11 @@ if __name__ == "__main__":
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--spacing", default=None, help="override every sampler's default spacing")
     parser.add_argument("--no-reference", action="store_true", help="skip 1000-step DDPM (the slow part)")
+    parser.add_argument("--fd-samples", type=int, default=512, help="samples per FD on the trained model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for kind in ("linear", "cosine") if not args.skip_mixture else ():
         closed_form(kind, args.mixture_n, args.samplers, args.spacing, not args.no_reference)
     if args.checkpoint:
-        trained(args.checkpoint, args.samplers, args.spacing, not args.no_reference)
+        trained(args.checkpoint, args.samplers, args.spacing, not args.no_reference, args.fd_samples)
