@@ -40,6 +40,11 @@ def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape[0]).to(x.device)
 
 
+def _lam(alpha_bar: float) -> float:
+    """λ = log(α/σ) = ½ log(ᾱ / (1 - ᾱ)), the half log-SNR in which DPM-Solver and UniPC step."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
 def _with_clean_end(alpha_bar: torch.Tensor) -> tuple[list[float], list[float]]:
     """ᾱ at each visited step, and at the step after it (1 after the last: the clean image)."""
     ab = alpha_bar.tolist()
@@ -110,7 +115,7 @@ def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
             callback(i, x, x0)
         if ab_next >= 1.0:  # the last step lands on σ = 0, where the solution is the denoised image
             return x0
-        h = 0.5 * math.log(ab_next / (1 - ab_next)) - 0.5 * math.log(ab / (1 - ab))
+        h = _lam(ab_next) - _lam(ab)
         h_eta = (1 + eta) * h
         phi_1 = -math.expm1(-h_eta)  # 1 - e^-h, the weight of x̂_0 in an exponential-integrator step
         phi_2 = 1 - phi_1 / h_eta     # the weight of its first derivative in λ
@@ -173,7 +178,7 @@ def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
     (UniC) that re-uses the network call at the new point, raising the order by one for free.
     Orders are lowered on the first steps (no history yet) and on the last ones."""
     ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
-    lams = [0.5 * math.log(ab / (1 - ab)) for ab in ab_all]
+    lams = [_lam(ab) for ab in ab_all]
     x0s: list[torch.Tensor] = []
     last = None  # the arguments of the last predictor step, for its correction
     for i, t in enumerate(timesteps):
@@ -187,8 +192,7 @@ def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
             x = _unipc_step(*last, x0_next=x0)
         x0s = (x0s + [x0])[-order:]
         p = min(order, len(x0s), len(timesteps) - i)
-        last = (x, x0s[-p:], lams[i + 1 - p:i + 1], 0.5 * math.log(ab_next_all[i] / (1 - ab_next_all[i])),
-                ab_all[i], ab_next_all[i])
+        last = (x, x0s[-p:], lams[i + 1 - p:i + 1], lams[i + 1], ab_all[i], ab_next_all[i])
         x = _unipc_step(*last)
     return x
 
