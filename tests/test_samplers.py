@@ -8,7 +8,7 @@ import torch
 from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, dpmpp, sample, spaced_timesteps,
                                   steps_for_nfe)
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.toy import GaussianMixture, mixture_2d, sliced_wasserstein
+from diffuse_cli.toy import GaussianMixture, mixture_2d, sliced_wasserstein, sliced_wasserstein_to
 
 N = 10_000
 # Calls at which each sampler is judged "converged". Ancestral DDPM with σ² = β̃ shrinks the
@@ -25,6 +25,20 @@ def draw(target, schedule, sampler, nfe, seed=0, n=N, **options):
                torch.Generator().manual_seed(seed), **options)
     assert model.nfe == SAMPLERS[sampler].nfe(steps_for_nfe(sampler, nfe)) <= nfe
     return x.double()
+
+
+def test_sliced_wasserstein_to_the_exact_mixture():
+    """Exact draws score near 0; shifting them by δ costs E_u |u·δ| = |δ|·2/π in 2-D (1-D W1 of a
+    shift is the shift); and two clouds' distance agrees with the exact one to within noise."""
+    target = mixture_2d()
+    x = target.sample(100_000, torch.Generator().manual_seed(0))
+    exact = sliced_wasserstein_to(target, x, projections=64)
+    assert exact < 0.004  # ~0.6/sqrt(n) plus mode-count noise
+    delta = torch.tensor([0.03, -0.04], dtype=torch.float64)  # |δ| = 0.05
+    assert sliced_wasserstein_to(target, x + delta, projections=64) == pytest.approx(0.05 * 2 / math.pi, abs=exact + 0.002)
+    shrunk = target.mean() + 0.9 * (x - target.mean())
+    two_clouds = sliced_wasserstein(shrunk, target.sample(100_000, torch.Generator().manual_seed(1)), projections=64)
+    assert sliced_wasserstein_to(target, shrunk, projections=64) == pytest.approx(two_clouds, abs=0.005)
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
