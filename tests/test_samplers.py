@@ -186,6 +186,20 @@ def test_spacings_descend_from_the_noisy_end(spacing):
     assert torch.equal(spaced_timesteps(schedule, 1000, "trailing"), torch.arange(999, -1, -1))
 
 
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_sigma_spacings_make_the_ode_solvers_schedule_free(spacing):
+    """The probability-flow ODE in x / sqrt(ᾱ) depends on σ alone, and the σ spacings visit the
+    same σs (0.01 to 80) on both schedules, so a deterministic solver lands on the same points."""
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ends = {}
+    for kind in ("linear", "cosine"):
+        schedule = NoiseSchedule.make(kind)
+        ts = spaced_timesteps(schedule, 25, spacing)
+        assert schedule.sigma_at(ts[[0, -1]]).tolist() == pytest.approx([80.0, 0.01], rel=1e-4)
+        ends[kind] = SAMPLERS["unipc"].fn(GAUSSIAN.eps_model(schedule), x_T, schedule, ts)
+    assert torch.allclose(ends["linear"], ends["cosine"], atol=1e-5)
+
+
 def test_nfe_accounting():
     assert steps_for_nfe("heun", 25) == 13 and SAMPLERS["heun"].nfe(13) == 25
     assert steps_for_nfe("dpm++2m", 25) == 25
