@@ -209,7 +209,7 @@ def sample(
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
     spacing: Optional[str] = typer.Option(None, help="trailing, quadratic, karras or logsnr. \\[default: the sampler's paper's]"),
     eta: Optional[float] = typer.Option(None, help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = DDPM-like. \\[default: 0; 1 for the -sde ones]"),
-    variance: str = typer.Option("posterior", help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t)."),
+    variance: Optional[str] = typer.Option(None, help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t). \\[default: posterior]"),
     seed: int = typer.Option(0, help="Image i uses seed+i, so results do not depend on --batch-size."),
     batch_size: int = typer.Option(64, help="Images per network call."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and predicted x_0)."),
@@ -217,7 +217,7 @@ def sample(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the network."),
 ) -> None:
     """Generate images from a trained checkpoint: n PNGs and grid.png."""
-    from .samplers import SAMPLERS, Spacing
+    from .samplers import SAMPLERS, Spacing, Variance
 
     if n < 1 or steps < 1 or batch_size < 1:
         raise UserError("-n, --steps and --batch-size must be at least 1")
@@ -226,11 +226,14 @@ def sample(
     if spacing is not None:
         check_choice(spacing, Spacing, "spacing")
     check_choice(precision, Precision, "precision")
-    if eta is not None and (eta < 0 or not (sampler == "ddim" or sampler.startswith("dpm++"))):
-        raise UserError("--eta must be at least 0, and it applies to ddim and the dpm++ samplers only")
-    options = {"variance": variance} if sampler == "ddpm" else {} if eta is None else {"eta": eta}
-    if variance not in ("posterior", "beta"):
-        raise UserError(f"unknown variance {variance!r}; choose posterior or beta")
+    options = {name: value for name, value in (("eta", eta), ("variance", variance)) if value is not None}
+    for name in options.keys() - set(SAMPLERS[sampler].options):
+        takers = [s for s, info in SAMPLERS.items() if name in info.options]
+        raise UserError(f"--{name} does not apply to {sampler}; it applies to {', '.join(takers)}")
+    if eta is not None and eta < 0:
+        raise UserError("--eta must be at least 0")
+    if variance is not None:
+        check_choice(variance, Variance, "variance")
 
     import torch
 

@@ -26,6 +26,7 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
+Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -53,7 +54,7 @@ def _with_clean_end(alpha_bar: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def ddpm(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
          generator: Generator = None, callback: Callback | None = None,
-         variance: Literal["posterior", "beta"] = "posterior") -> torch.Tensor:
+         variance: Variance = "posterior") -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on respaced steps (Nichol & Dhariwal 2021, §4).
 
     variance='posterior' uses σ_t² = β̃_t, variance='beta' uses σ_t² = β_t.
@@ -266,17 +267,18 @@ class SamplerInfo:
     spacing: Spacing  # its default: the paper's, or for the SDE solvers what measured best on a trained model
     nfe: Callable[[int], int]  # network calls for a number of steps
     description: str
+    options: tuple[str, ...] = ()  # the keyword options its function takes, e.g. ("eta",)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
-    "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020"),
-    "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic"),
-    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022"),
-    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", lambda k: k, "DPM-Solver++(3M), Lu et al. 2022"),
+    "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020", ("variance",)),
+    "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic", ("eta",)),
+    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022", ("eta",)),
+    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", lambda k: k, "DPM-Solver++(3M), Lu et al. 2022", ("eta",)),
     "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", lambda k: k,
-                               "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)"),
+                               "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)", ("eta",)),
     "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", lambda k: k,
-                               "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)"),
+                               "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)", ("eta",)),
     "unipc": SamplerInfo(unipc, "logsnr", lambda k: k, "UniPC-bh2, Zhao et al. 2023, order 3"),
     "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
 }
