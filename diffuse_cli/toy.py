@@ -105,7 +105,7 @@ def sliced_wasserstein_to(target: GaussianMixture, points: torch.Tensor, project
     # F_n at the midpoints by counting, not sorting: bin j holds the points in (mid_{j-1}, mid_j].
     cell = ((proj - lo[:, None]) / (hi - lo)[:, None] * grid - 0.5).ceil().long().clamp(0, grid)
     cell += (grid + 1) * torch.arange(projections)[:, None]
-    counts = torch.bincount(cell.flatten(), minlength=(grid + 1) * len(dirs.T)).view(-1, grid + 1)
+    counts = torch.bincount(cell.flatten(), minlength=(grid + 1) * projections).view(projections, grid + 1)
     empirical = counts[:, :-1].cumsum(1) / proj.shape[1]
     exact = (target.weights[:, None, None] * torch.special.ndtr((x[None] - means[..., None]) / stds[..., None])).sum(0)
     return ((empirical - exact).abs().mean(1) * (hi - lo)).mean().item()
