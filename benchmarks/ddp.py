@@ -44,12 +44,12 @@ def wrapper_cost(device: str, batch: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     precision = resolve_precision("auto", dev)
-    x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=memory_format(dev))
+    x0 = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=memory_format(dev, precision))
     eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=dev)
     rates = {False: 0.0, True: 0.0}
     for wrapped in (False, True, False, True):  # interleaved, best of two: warm-up and drift cancel
         torch.manual_seed(0)
-        model = UNet(model_config("small")).to(dev, memory_format=memory_format(dev))
+        model = UNet(model_config("small")).to(dev, memory_format=memory_format(dev, precision))
         net = DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None) if wrapped else model
         step = train_step_fn(model, net, x0, t, eps, precision)
         rates[wrapped] = max(rates[wrapped], batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2))

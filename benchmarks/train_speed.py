@@ -53,13 +53,13 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     torch.manual_seed(0)
     schedule = NoiseSchedule.make("cosine")
     if impl == "ours":
-        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev))
+        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev, precision))
         net = model
     else:
         model = diffusers_unet(preset).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
     ema = [p.detach().clone() for p in model.parameters()]
-    fmt = memory_format(dev) if impl == "ours" else torch.contiguous_format
+    fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
     x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)

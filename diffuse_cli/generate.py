@@ -29,7 +29,8 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
-    layout = memory_format(device)
+    layout = memory_format(device, precision)
+    model.to(memory_format=layout)  # in place, values unchanged: weights in the layout of the inputs
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
     net = lambda x, t: model(x, t)  # noqa: E731
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))

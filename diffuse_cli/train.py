@@ -137,7 +137,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    layout = memory_format(device)
+    layout = memory_format(device, precision)
     model = UNet(config.model).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
