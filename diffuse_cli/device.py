@@ -65,3 +65,11 @@ def memory_format(device: torch.device, precision: Precision) -> torch.memory_fo
     if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def layout_of(model: torch.nn.Module) -> torch.memory_format:
+    """The memory format of a model's convolution weights, for inputs to match."""
+    weight = next((p for p in model.parameters() if p.ndim == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

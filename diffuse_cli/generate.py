@@ -8,7 +8,7 @@ import torch
 
 from .config import Config, Precision
 from .data import to_uint8
-from .device import autocast, memory_format
+from .device import autocast, layout_of
 from .objectives import as_eps_model
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
 from .schedule import NoiseSchedule
@@ -29,8 +29,7 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
-    layout = memory_format(device, precision)
-    model.to(memory_format=layout)  # in place, values unchanged: weights in the layout of the inputs
+    layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
     net = lambda x, t: model(x, t)  # noqa: E731
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))

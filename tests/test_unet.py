@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
+from diffuse_cli.device import layout_of
 from diffuse_cli.unet import UNet, count_parameters, timestep_embedding
 
 
@@ -44,3 +45,9 @@ def test_image_sizes_the_unet_cannot_halve_are_rejected(size):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ConfigError, match="tiny, small"):
         model_config("huge")
+
+
+def test_layout_of_follows_the_weights():
+    model = UNet(model_config("tiny", image_size=8))
+    assert layout_of(model) == torch.contiguous_format
+    assert layout_of(model.to(memory_format=torch.channels_last)) == torch.channels_last
