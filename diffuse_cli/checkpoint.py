@@ -176,7 +176,20 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
         optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
+    _match_layouts(optimizer)
     return info
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded moment its parameter's memory layout. Files hold contiguous tensors, and
+    the fused AdamW kernel pairs elements by memory position, so a contiguous moment beside a
+    channels_last weight would update the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def find_latest(root: str | os.PathLike = "checkpoints") -> Path:

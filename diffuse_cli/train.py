@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .checkpoint import load_training_state, save_model, save_training_state
 from .files import MODEL_FILE, STATE_FILE
-from .config import Config
+from .config import Config, TrainConfig
 from .data import ImageData, grid_upscale, make_grid, save_png, to_model
 from .device import autocast, memory_format, resolve_precision
 from .files import atomic_write_bytes
@@ -93,6 +93,14 @@ def lr_at(step: int, cfg: Config) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel where torch has one (CUDA, CPU): 4-5x faster than the
+    per-tensor loop that is the CPU default, ~5% of a `ddpm-cifar10` step on the CPU."""
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99),
+                             fused=fused or None)
+
+
 def ema_decay(step: int, cfg: Config) -> float:
     """EMA warm-up of Karras et al.: 1 - (1 + step)^-power, capped; early steps follow the weights closely."""
     return min(cfg.train.ema_max_decay, 1 - (1 + step) ** -cfg.train.ema_power)
@@ -140,8 +148,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     layout = memory_format(device, precision)
     model = UNet(config.model).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                  betas=(0.9, 0.99), fused=device.type == "cuda")
+    optimizer = make_optimizer(model, tc)
     step, records, unsaved = 0, [], []  # all log records; those not yet in metrics.jsonl
     if options.resume:
         info = load_training_state(run_dir / STATE_FILE, model, ema, optimizer)

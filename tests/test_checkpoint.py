@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 from diffuse_cli.checkpoint import (CheckpointError, load_model, load_training_state, read_metadata, save_model,
                                     save_training_state)
-from diffuse_cli.config import Config, model_config
+from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
+from diffuse_cli.train import make_optimizer
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8))
@@ -56,6 +57,35 @@ def test_training_state_round_trip(tmp_path):
     for i in before:
         assert all(torch.equal(before[i][k], after[i][k]) for k in before[i]), i
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+
+
+def test_resumed_optimizer_steps_like_an_unbroken_one_on_channels_last_weights(tmp_path):
+    # Files hold contiguous moments; the fused AdamW kernel must not meet them beside
+    # channels_last weights (it pairs elements by memory position).
+    def make():
+        torch.manual_seed(0)
+        net = UNet(CONFIG.model).to(memory_format=torch.channels_last)
+        for p in net.parameters():  # no zero-initialised layers: every weight gets a gradient
+            p.data.normal_(0, 0.2)
+        return net, make_optimizer(net, TrainConfig())
+
+    def step(net, opt, seed):
+        torch.manual_seed(seed)
+        net(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    straight, opt = make()
+    for seed in (1, 2):
+        step(straight, opt, seed)
+    first, opt1 = make()
+    step(first, opt1, 1)
+    save_training_state(tmp_path / STATE_FILE, first, UNet(CONFIG.model), opt1, CONFIG, {"step": 1})
+    resumed, opt2 = make()
+    load_training_state(tmp_path / STATE_FILE, resumed, UNet(CONFIG.model), opt2)
+    step(resumed, opt2, 2)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def broken_files(tmp_path, good):
