@@ -41,6 +41,16 @@ def progress_bar(*extra: str, enabled: bool = True) -> Progress:
                     transient=False, disable=not enabled or (not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1"))
 
 
+def compute_device(name: str):
+    """The device to train or sample on; on the CPU, malloc keeps freed memory for the next step."""
+    from .device import keep_cpu_memory, pick_device
+
+    device = pick_device(name)
+    if device.type == "cpu":
+        keep_cpu_memory()
+    return device
+
+
 # -- train --------------------------------------------------------------------------------
 def _launch_devices(devices: int) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
@@ -128,11 +138,10 @@ def train(
         raise UserError(f"{data}: no such file or folder")
 
     from .data import load_data
-    from .device import pick_device
     from .train import Hooks, Options
     from .train import train as run_training
 
-    torch_device = pick_device(device)
+    torch_device = compute_device(device)
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
     run, resuming = resolve_run(out_dir, resume, data, preset, confirm)
     config = config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
@@ -239,11 +248,10 @@ def sample(
 
     from .checkpoint import load_model, resolve_checkpoint
     from .data import grid_upscale, make_grid, save_gif, save_png, to_uint8
-    from .device import pick_device
     from .generate import generate
 
     path = resolve_checkpoint(checkpoint)
-    net, config, info = load_model(path, pick_device(device))
+    net, config, info = load_model(path, compute_device(device))
     if steps > config.diffusion.timesteps:
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
     folder = out_dir or Path("samples") / f"{path.parent.name}-{sampler}-{steps}steps-seed{seed}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 
 import torch
 
@@ -73,3 +75,22 @@ def layout_of(model: torch.nn.Module) -> torch.memory_format:
     if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def keep_cpu_memory() -> bool:
+    """Let glibc's malloc reuse freed memory for blocks up to 32 MiB instead of returning it.
+
+    By default glibc maps every large block from the OS and unmaps it on free, so each
+    training step page-faults its activations in afresh: ~30k faults a step for `small`
+    at batch 16, ~76k for `ddpm-cifar10`. Keeping them makes CPU training 3-12% faster
+    (benchmarks/train_speed.py); peak memory is unchanged. A process-wide setting, so the
+    CLI calls it, not the engine. Returns False where the C library is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
