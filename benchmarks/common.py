@@ -64,14 +64,18 @@ def image_fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
 
 
 def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, precision: str,
-                  ema: list[torch.Tensor] | None = None):
-    """One training step as `diffuse train` takes it: v-loss with min-SNR-5, backward, clip, AdamW, EMA."""
+                  ema: list[torch.Tensor] | None = None, optimizer: torch.optim.Optimizer | None = None):
+    """One training step as `diffuse train` takes it: v-loss with min-SNR-5, backward, clip, AdamW, EMA.
+
+    `optimizer` defaults to ours (fused AdamW); pass torch's plain AdamW to time another tool's step."""
+    from diffuse_cli.config import TrainConfig
     from diffuse_cli.device import autocast
     from diffuse_cli.objectives import diffusion_loss
     from diffuse_cli.schedule import NoiseSchedule
+    from diffuse_cli.train import make_optimizer
 
     schedule = NoiseSchedule.make("cosine")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x0.device.type == "cuda")
+    opt = optimizer or make_optimizer(model, TrainConfig(lr=1e-4))
     sync = torch.cuda.synchronize if x0.device.type == "cuda" else (lambda: None)
 
     def step() -> None:

@@ -5,12 +5,19 @@ autocast: training images/s (forward, backward, clip, AdamW, EMA), sampling netw
 peak memory, achieved GFLOP/s and its share of this machine's practical peak (a large 3x3
 convolution, measured in the same run). diffusers (the `bench` extra) gets the same
 architecture, batch, precision and training step, and the ratio ours/theirs is printed.
-Each measurement runs in a fresh process, so that peak memory is its own.
+Each measurement runs in a fresh process, so that peak memory is its own, and times the
+steady state (after 8 warm-up steps), as a long training run sees it.
+
+Each side runs as its tool ships: ours with fused AdamW and, on the CPU, malloc keeping freed
+memory (what `diffuse train` does); diffusers with torch's default AdamW and malloc, as its
+example training script runs. `--same-runtime` gives diffusers ours as well, so that the ratio
+compares the networks alone.
 
     pip install -e '.[bench]'
-    python benchmarks/train_speed.py                 # everything (about 15 minutes on 2 CPU cores)
+    python benchmarks/train_speed.py                 # everything (about 20 minutes on 2 CPU cores)
     python benchmarks/train_speed.py --presets small --batches 16
     python benchmarks/train_speed.py --presets small --batches 64 --precisions bf16 --compile
+    python benchmarks/train_speed.py --same-runtime      # networks alone
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import autocast, memory_format  # noqa: E402
+from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
 from diffuse_cli.objectives import diffusion_loss  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
@@ -48,8 +55,14 @@ def diffusers_unet(preset: str):
         dropout=cfg.dropout, time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
 
 
-def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, queue) -> None:
+WARMUP_STEPS = 8  # glibc's own mmap threshold takes ~8 steps to settle where it is left alone
+
+
+def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, our_runtime: bool,
+            queue) -> None:
     dev = torch.device(device)
+    if our_runtime and dev.type == "cpu":
+        keep_cpu_memory()
     torch.manual_seed(0)
     schedule = NoiseSchedule.make("cosine")
     if impl == "ours":
@@ -65,7 +78,8 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     t = torch.randint(0, 1000, (batch,), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    train_step = train_step_fn(model, net, x0, t, eps, precision, ema)
+    optimizer = None if our_runtime else torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    train_step = train_step_fn(model, net, x0, t, eps, precision, ema, optimizer)
 
     @torch.no_grad()
     def forward():
@@ -81,12 +95,12 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     flops = counter.get_total_flops()
     if compile and impl == "ours":  # counted above on the plain module; timed below compiled
         net = torch.compile(model)
-        train_step = train_step_fn(model, net, x0, t, eps, precision, ema)
+        train_step = train_step_fn(model, net, x0, t, eps, precision, ema, optimizer)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    repeats = 3 if batch * (35 if preset == "ddpm-cifar10" else 3) <= 1200 else 2
-    step_s = timed(train_step, repeats=repeats)
-    fwd_s = timed(forward, repeats=repeats)
+    repeats = 3 if preset == "ddpm-cifar10" else 5
+    step_s = timed(train_step, repeats=repeats, warmup=WARMUP_STEPS)
+    fwd_s = timed(forward, repeats=repeats, warmup=3)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     queue.put({"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": flops / step_s / 1e9,
@@ -126,9 +140,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our network (diffusers' stays eager)")
+    parser.add_argument("--same-runtime", action="store_true",
+                        help="diffusers too gets fused AdamW and our malloc setting: compares the networks alone")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; diffusers runs "
+          + ("with our runtime (fused AdamW, malloc setting)" if args.same_runtime else "as shipped"))
     peaks = {p: practical_peak(p, args.device) for p in args.precisions}
     print("practical peak (large 3x3 conv): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
     header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'NFE/s':>8}"
@@ -138,12 +155,13 @@ def main() -> None:
     for preset in args.presets:
         for batch in args.batches:
             for precision in args.precisions:
-                ours = in_fresh_process("ours", preset, batch, precision, args.device, args.compile)
+                ours = in_fresh_process("ours", preset, batch, precision, args.device, args.compile, True)
                 line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
                         f"{100 * ours['gflops'] / peaks[precision]:>7.0f}%{ours['nfe_per_s']:>8.2f}"
                         f"{ours['peak_mb']:>9.0f} | ")
                 if not args.no_diffusers:
-                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device, False)
+                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device, False,
+                                              args.same_runtime)
                     baseline[(preset, batch, precision)] = theirs["images_per_s"]
                     line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['gflops'] / peaks[precision]:>7.0f}%"
                              f"{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
