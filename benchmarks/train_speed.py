@@ -2,8 +2,9 @@
 
 For the `small` and `ddpm-cifar10` presets at 32x32 and batch 16 and 64, in fp32 and bf16
 autocast: training images/s (forward, backward, clip, AdamW, EMA), sampling network calls/s,
-peak memory, achieved GFLOP/s and its share of this machine's practical peak (a large 3x3
-convolution, measured in the same run). diffusers (the `bench` extra) gets the same
+peak memory, achieved GFLOP/s and its share of this machine's practical peak (the fastest of
+10 runs of a large 3x3 convolution, measured in the same process just before, since this
+machine's speed drifts by 10-20% over minutes). diffusers (the `bench` extra) gets the same
 architecture, batch, precision and training step, and the ratio ours/theirs is printed.
 Each measurement runs in a fresh process, so that peak memory is its own, and times the
 steady state (after 8 warm-up steps), as a long training run sees it.
@@ -18,6 +19,7 @@ compares the networks alone.
     python benchmarks/train_speed.py --presets small --batches 16
     python benchmarks/train_speed.py --presets small --batches 64 --precisions bf16 --compile
     python benchmarks/train_speed.py --same-runtime      # networks alone
+    python benchmarks/train_speed.py --presets small --rounds 3   # median of 3 alternating runs each
 """
 
 from __future__ import annotations
@@ -103,8 +105,10 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     fwd_s = timed(forward, repeats=repeats, warmup=3)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put({"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": flops / step_s / 1e9,
-               "peak_mb": peak / 2**20, "params": count_parameters(model)})
+    gflops = flops / step_s / 1e9
+    queue.put({"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": gflops,
+               "share_of_peak": gflops / practical_peak(precision, device), "peak_mb": peak / 2**20,
+               "params": count_parameters(model)})
 
 
 def practical_peak(precision: str, device: str) -> float:
@@ -119,7 +123,7 @@ def practical_peak(precision: str, device: str) -> float:
         with autocast(precision, dev):
             conv(x)
         sync()
-    return 2 * 32 * 256 * 256 * 9 * 32 * 32 / timed(run, repeats=5) / 1e9
+    return 2 * 32 * 256 * 256 * 9 * 32 * 32 / timed(run, repeats=10, warmup=2, best=True) / 1e9
 
 
 def in_fresh_process(*args) -> dict:
@@ -132,6 +136,10 @@ def in_fresh_process(*args) -> dict:
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "ddpm-cifar10"])
@@ -140,14 +148,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our network (diffusers' stays eager)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure ours and diffusers this many times, alternating; report each one's median")
     parser.add_argument("--same-runtime", action="store_true",
                         help="diffusers too gets fused AdamW and our malloc setting: compares the networks alone")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; diffusers runs "
           + ("with our runtime (fused AdamW, malloc setting)" if args.same_runtime else "as shipped"))
-    peaks = {p: practical_peak(p, args.device) for p in args.precisions}
-    print("practical peak (large 3x3 conv): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
     header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'NFE/s':>8}"
               f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'ours/theirs':>12}")
     print(header + "\n" + "-" * len(header))
@@ -155,15 +163,20 @@ def main() -> None:
     for preset in args.presets:
         for batch in args.batches:
             for precision in args.precisions:
-                ours = in_fresh_process("ours", preset, batch, precision, args.device, args.compile, True)
+                runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+                for _ in range(args.rounds):
+                    runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
+                                                         args.compile, True))
+                    if not args.no_diffusers:
+                        runs["diffusers"].append(in_fresh_process("diffusers", preset, batch, precision, args.device,
+                                                                  False, args.same_runtime))
+                ours = median_run(runs["ours"])
                 line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
-                        f"{100 * ours['gflops'] / peaks[precision]:>7.0f}%{ours['nfe_per_s']:>8.2f}"
-                        f"{ours['peak_mb']:>9.0f} | ")
+                        f"{100 * ours['share_of_peak']:>7.0f}%{ours['nfe_per_s']:>8.2f}{ours['peak_mb']:>9.0f} | ")
                 if not args.no_diffusers:
-                    theirs = in_fresh_process("diffusers", preset, batch, precision, args.device, False,
-                                              args.same_runtime)
+                    theirs = median_run(runs["diffusers"])
                     baseline[(preset, batch, precision)] = theirs["images_per_s"]
-                    line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['gflops'] / peaks[precision]:>7.0f}%"
+                    line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['share_of_peak']:>7.0f}%"
                              f"{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
                 print(line, flush=True)
                 if precision == "bf16" and (preset, batch, "fp32") in baseline:
