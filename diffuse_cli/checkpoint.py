@@ -172,10 +172,13 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     for key, value in parts["optim"].items():
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = value
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
+    for group, chosen in zip(optimizer.param_groups, kernels):  # which kernel runs is this machine's choice,
+        group.update(chosen)                                     # not the saved run's (e.g. fused on CUDA, now MPS)
     _match_layouts(optimizer)
     return info
 

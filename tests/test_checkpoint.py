@@ -59,6 +59,18 @@ def test_training_state_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
 
 
+def test_resuming_keeps_this_machines_optimizer_kernel(tmp_path):
+    net = UNet(CONFIG.model)
+    saved = torch.optim.AdamW(net.parameters(), lr=1e-3, foreach=False)  # as a per-tensor-loop run saved it
+    net(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square().mean().backward()
+    saved.step()
+    save_training_state(tmp_path / STATE_FILE, net, UNet(CONFIG.model), saved, CONFIG, {"step": 1})
+    fresh = UNet(CONFIG.model)
+    here = make_optimizer(fresh, TrainConfig())
+    load_training_state(tmp_path / STATE_FILE, fresh, UNet(CONFIG.model), here)
+    assert here.param_groups[0]["fused"] is True and here.param_groups[0]["lr"] == 1e-3
+
+
 def test_resumed_optimizer_steps_like_an_unbroken_one_on_channels_last_weights(tmp_path):
     # Files hold contiguous moments; the fused AdamW kernel must not meet them beside
     # channels_last weights (it pairs elements by memory position).
