@@ -52,7 +52,7 @@ def compute_device(name: str):
 
 
 # -- train --------------------------------------------------------------------------------
-def _launch_devices(devices: int) -> None:
+def _launch_devices(devices: int, device: str) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -63,7 +63,8 @@ def _launch_devices(devices: int) -> None:
         args += ["--out", str(new_run_folder(None, "ddp"))]
     import torch
 
-    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
     out_at = args.index("--out") + 1 if "--out" in args else None
     try:
@@ -111,7 +112,7 @@ def train(
 ) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     if devices > 1:
-        return _launch_devices(devices)
+        return _launch_devices(devices, device)
     if devices < 1 or save_every < 1 or sample_every < 1:
         raise UserError("--devices, --save-every and --sample-every must be at least 1")
     given_model = {k: v for k, v in dict(image_size=image_size, channels=channels, dropout=dropout).items() if v is not None}

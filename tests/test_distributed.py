@@ -78,7 +78,7 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")
 def test_devices_flag_launches_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "diffuse_cli", "train", "--devices", "2", "--model", "tiny", "--image-size", "8",
-           "--batch-size", "4", "--steps", "2", "--out", "run", "--precision", "fp32"]
+           "--batch-size", "4", "--steps", "2", "--out", "run", "--precision", "fp32", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
