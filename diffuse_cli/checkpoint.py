@@ -147,7 +147,8 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     opt = optimizer.state_dict()
     for i, state in opt["state"].items():
         tensors |= {f"optim.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
-    info = {**info, "param_groups": opt["param_groups"]}
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()} for group in opt["param_groups"]]
+    info = {**info, "param_groups": groups}
     atomic_write_bytes(path, _encode(tensors, STATE_FORMAT, config, info))
 
 
@@ -172,13 +173,18 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     for key, value in parts["optim"].items():
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = value
-    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    kernels = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+               for group in optimizer.param_groups]
+    lr_tensors = [group["lr"] if torch.is_tensor(group["lr"]) else None for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
     for group, chosen in zip(optimizer.param_groups, kernels):  # which kernel runs is this machine's choice,
         group.update(chosen)                                     # not the saved run's (e.g. fused on CUDA, now MPS)
+    for group, lr in zip(optimizer.param_groups, lr_tensors):
+        if lr is not None:  # a CUDA graph reads the learning rate from this tensor: keep it, with the saved value
+            group["lr"] = lr.fill_(group["lr"])
     _match_layouts(optimizer)
     return info
 

@@ -108,6 +108,9 @@ def train(
     sample_every: int = typer.Option(500, help="Write samples/step_N.png every N steps (and at the end)."),
     device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (the plain module is saved)."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
+                                    help="On one GPU in bf16/fp32, replay each step as one CUDA graph (2-7x faster "
+                                         "steps for the presets at 32x32); off to debug."),
     devices: int = typer.Option(1, help="Processes on this machine (DDP through torchrun); one GPU each on CUDA."),
 ) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
@@ -182,7 +185,7 @@ def train(
                       log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
-                          max_time=budget, resume=resuming, compile=compile)
+                          max_time=budget, resume=resuming, compile=compile, cuda_graph=cuda_graph)
         result = run_training(config, data_set, run, options, hooks)
     if result.stopped_by == "signal":
         say(f"stopped at step {result.step}; checkpoint saved. Resume with: "
@@ -225,6 +228,8 @@ def sample(
     trajectory: bool = typer.Option(False, "--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and predicted x_0)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the network."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
+                                    help="On CUDA, replay each network call as a CUDA graph; off to debug."),
 ) -> None:
     """Generate images from a trained checkpoint: n PNGs and grid.png."""
     from .samplers import SAMPLERS, Spacing, Variance
@@ -266,7 +271,8 @@ def sample(
         task = bar.add_task(f"sampling ({sampler})", total=None)
         images, nfe = generate(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                                spacing=spacing, precision=precision, callback=record if trajectory else None,
-                               progress=lambda i, total: bar.update(task, completed=i, total=total), **options)
+                               progress=lambda i, total: bar.update(task, completed=i, total=total),
+                               cuda_graph=cuda_graph, **options)
     elapsed = time.perf_counter() - start
     for i, image in enumerate(images):
         save_png(image, folder / f"{i:04d}.png")

@@ -9,6 +9,7 @@ import torch
 from .config import Config, Precision
 from .data import to_uint8
 from .device import autocast, layout_of
+from .graphs import graphed_forward
 from .objectives import as_eps_model
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
 from .schedule import NoiseSchedule
@@ -24,21 +25,25 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
              steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
              precision: Precision = "fp32", clip_x0: bool = True,
              progress: Callable[[int, int], None] | None = None,
-             callback: Callback | None = None, **options) -> tuple[torch.Tensor, int]:
-    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch."""
+             callback: Callback | None = None, cuda_graph: bool = True, **options) -> tuple[torch.Tensor, int]:
+    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; on CUDA each
+    network call replays a CUDA graph unless cuda_graph=False."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
     layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
-    net = lambda x, t: model(x, t)  # noqa: E731
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            return model(x.contiguous(memory_format=layout), t)
+    net = graphed_forward(network) if cuda_graph and device.type == "cuda" else network
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
     nfe_per_batch = SAMPLERS[sampler].nfe(steps)
     total_calls = nfe_per_batch * -(-n // batch_size)
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, device):
-            eps = counted(x.contiguous(memory_format=layout), t)
+        eps = counted(x, t)
         if progress:
             progress(counted.nfe, total_calls)
         return eps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -27,6 +28,7 @@ from .data import ImageData, grid_upscale, make_grid, save_png, to_model
 from .device import autocast, memory_format, resolve_precision
 from .files import atomic_write_bytes
 from .generate import generate
+from .graphs import graphed_step
 from .objectives import diffusion_loss
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
@@ -50,6 +52,7 @@ class Options:
     max_time: float | None = None  # seconds
     resume: bool = False
     compile: bool = False
+    cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
     grid_sampler: str = DEFAULT_SAMPLER
     grid_steps: int = DEFAULT_STEPS
 
@@ -93,12 +96,26 @@ def lr_at(step: int, cfg: Config) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW, fused into one kernel where torch has one (CUDA, CPU): 4-5x faster than the
-    per-tensor loop that is the CPU default, ~5% of a `ddpm-cifar10` step on the CPU."""
+    per-tensor loop that is the CPU default, ~5% of a `ddpm-cifar10` step on the CPU.
+    `capturable` (CUDA): the learning rate lives on the GPU, so that a CUDA graph can replay the step."""
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99),
-                             fused=fused or None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99),
+                                  fused=fused or None, capturable=capturable)
+    if capturable:
+        lr = torch.tensor(tc.lr, device=next(model.parameters()).device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # in place: a captured graph reads it from there
+        else:
+            group["lr"] = lr
 
 
 def ema_decay(step: int, cfg: Config) -> float:
@@ -107,9 +124,87 @@ def ema_decay(step: int, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
+    """ema += weight · (model - ema), with weight = 1 - decay a tensor, so that it can change under a CUDA graph."""
+    ema_params = list(ema.parameters())
+    delta = torch._foreach_sub(list(model.parameters()), ema_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema_params, delta)
+
+
+@dataclass
+class StepTensors:
+    """What one optimizer step reads and writes, at fixed addresses, so that a CUDA graph captured
+    once replays every later step. The host fills the inputs; it reads the outputs only to log."""
+
+    x0: list[torch.Tensor]   # per micro-batch: clean images, (local batch, C, H, W)
+    t: list[torch.Tensor]    # per micro-batch: steps, (local batch,)
+    eps: list[torch.Tensor]  # per micro-batch: the noise, like x0
+    ema_weight: torch.Tensor  # (): 1 - EMA decay
+    loss_sum: torch.Tensor    # (): summed loss of the finite steps since the last log
+    bad: torch.Tensor         # (3,): non-finite steps: the current run, the longest run and the total since the last log
+
+    @classmethod
+    def allocate(cls, config: Config, batch: int, device: torch.device, layout: torch.memory_format) -> "StepTensors":
+        m = config.model
+        image = lambda: torch.zeros(batch, m.channels, m.image_size, m.image_size,  # noqa: E731
+                                    device=device).contiguous(memory_format=layout)
+        k = config.train.grad_accum
+        return cls([image() for _ in range(k)], [torch.zeros(batch, dtype=torch.long, device=device) for _ in range(k)],
+                   [image() for _ in range(k)], torch.zeros((), device=device), torch.zeros((), device=device),
+                   torch.zeros(3, device=device))
+
+
+def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: Config,
+                   schedule: NoiseSchedule, precision: str, io: StepTensors) -> None:
+    """One step on the micro-batches in io: forward, backward, clip, AdamW, EMA, all on the device.
+
+    With a fused optimizer nothing waits for the device, so a GPU's queue never drains and a
+    CUDA graph can capture the whole step. A step whose loss or gradient is not finite changes
+    no weight and no optimizer moment, only the counters in io.bad."""
+    tc = config.train
+    loss_step = torch.zeros((), device=io.ema_weight.device)
+    for micro in range(tc.grad_accum):
+        defer_sync = micro < tc.grad_accum - 1 and hasattr(net, "no_sync")  # DDP: all-reduce once, at the end
+        with (net.no_sync() if defer_sync else contextlib.nullcontext()), autocast(precision, io.x0[micro].device):
+            loss = diffusion_loss(net, config.diffusion.objective, schedule, io.x0[micro], io.t[micro],
+                                  io.eps[micro], tc.min_snr_gamma)
+        scaler.scale(loss / tc.grad_accum).backward()
+        loss_step += loss.detach() / tc.grad_accum
+
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    finite = torch.isfinite(loss_step)
+    if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, and shrinks its scale
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        finite &= torch.isfinite(grad_norm)
+        step_unless(optimizer, ~finite)
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema, model, io.ema_weight * finite)
+    io.loss_sum.add_(torch.where(finite, loss_step, 0.0))
+    count_bad(io.bad, ~finite)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (a bool tensor) is set. Fused AdamW reads the flag on the
+    device (the found_inf protocol of torch's GradScaler); other kernels need it on the host."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()
+
+
+def count_bad(bad: torch.Tensor, is_bad: torch.Tensor) -> None:
+    """Update (current run, longest run, total) of non-finite steps in place."""
+    run = (bad[0] + 1) * is_bad
+    bad.copy_(torch.stack([run, torch.maximum(bad[1], run), bad[2] + is_bad]))
 
 
 def batch_indices(step: int, micro: int, cfg: Config, n: int, perms: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -148,7 +243,9 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     layout = memory_format(device, precision)
     model = UNet(config.model).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = make_optimizer(model, tc)
+    use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
+                 and precision != "fp16")  # fp16's GradScaler and DDP's hooks do host work each step
+    optimizer = make_optimizer(model, tc, capturable=use_graph)
     step, records, unsaved = 0, [], []  # all log records; those not yet in metrics.jsonl
     if options.resume:
         info = load_training_state(run_dir / STATE_FILE, model, ema, optimizer)
@@ -160,6 +257,10 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     if options.compile:
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    io = StepTensors.allocate(config, local_batch, device, layout)
+    take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule, precision, io)
+    if use_graph:
+        take_step = graphed_step(take_step)
 
     on_gpu = (data.images is not None and device.type == "cuda"
               and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
@@ -167,7 +268,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     hooks.log(f"device {device}, precision {precision}, preset {config.preset}, "
               f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} images, "
               f"effective batch {tc.batch_size * tc.grad_accum}"
-              + (f" over {world.size} processes" if world.size > 1 else ""))
+              + (f" over {world.size} processes" if world.size > 1 else "")
+              + (", CUDA graph" if use_graph else ""))
 
     def facts(now_step: int) -> dict[str, Any]:
         return {"step": now_step, "image_size": config.model.image_size, "channels": config.model.channels,
@@ -176,6 +278,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                 "world_size": world.size}
 
     def save(now_step: int) -> None:
+        check_bad_steps(now_step, report=False)  # never save over a good checkpoint from a run gone bad
         if not world.is_main:
             return
         info = facts(now_step)
@@ -191,9 +294,38 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                            seed=tc.seed, precision=precision)
         save_png(make_grid(grid), run_dir / "samples" / f"step_{now_step:06d}.png", grid_upscale(config.model.image_size))
 
+    def check_bad_steps(now_step: int, report: bool = True) -> int:
+        """Read the non-finite step counters (a host sync) and stop a run gone bad. With `report`,
+        log the skipped steps and start counting afresh; returns how many were skipped."""
+        run, longest, total = (int(v) for v in io.bad.tolist())
+        if longest >= tc.max_bad_steps:
+            raise NonFiniteLoss(f"{longest} non-finite steps in a row by step {now_step}; the last good checkpoint "
+                                f"in {run_dir} is kept. Try a lower --lr or --precision fp32")
+        if report:
+            if total:
+                hooks.log(f"step {now_step}: {total} step(s) with a non-finite loss or gradient skipped")
+            io.bad.copy_(torch.tensor([run, run, 0]))
+        return total
+
+    def fill_inputs(now_step: int) -> None:
+        """This step's images, noise and steps into io: every draw seeded by (seed, step, micro-batch)."""
+        mine = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
+        for micro in range(tc.grad_accum):
+            g = torch.Generator(device).manual_seed(mix_seed(tc.seed, 2, now_step, micro))
+            t = torch.randint(0, schedule.timesteps, (tc.batch_size,), generator=g, device=device)
+            eps = torch.randn((tc.batch_size, config.model.channels, config.model.image_size,
+                               config.model.image_size), generator=g, device=device)
+            flip = torch.rand(tc.batch_size, generator=g, device=device) < 0.5
+            idx = batch_indices(now_step, micro, config, len(data), perms)[mine]
+            x0 = to_model(images[idx.to(images.device)] if images is not None else data.batch(idx)).to(device)
+            io.x0[micro].copy_(torch.where(flip[mine, None, None, None], x0.flip(-1), x0))
+            io.t[micro].copy_(t[mine])
+            io.eps[micro].copy_(eps[mine])
+        torch.manual_seed(mix_seed(tc.seed, 3, now_step, world.rank))  # dropout; a CUDA graph reads the seed at replay
+
     perms: dict[int, torch.Tensor] = {}
-    start_time, start_step, stopped_by, bad_steps = time.monotonic(), step, "steps", 0
-    loss_sum, last_log = torch.zeros((), device=device), (time.monotonic(), step)
+    start_time, start_step, stopped_by = time.monotonic(), step, "steps"
+    last_log = (time.monotonic(), step)
     model.train()
     while step < tc.steps:
         over_time = options.max_time is not None and time.monotonic() - start_time >= options.max_time
@@ -202,57 +334,23 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             stopped_by = "time" if over_time else "signal"
             break
         lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        loss_step = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            g = torch.Generator(device).manual_seed(mix_seed(tc.seed, 2, step, micro))
-            t = torch.randint(0, schedule.timesteps, (tc.batch_size,), generator=g, device=device)
-            eps = torch.randn((tc.batch_size, config.model.channels, config.model.image_size,
-                               config.model.image_size), generator=g, device=device)
-            flip = torch.rand(tc.batch_size, generator=g, device=device) < 0.5
-            mine = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
-            idx = batch_indices(step, micro, config, len(data), perms)[mine]
-            x0 = to_model(images[idx.to(images.device)] if images is not None else data.batch(idx)).to(device)
-            x0 = torch.where(flip[mine, None, None, None], x0.flip(-1), x0).contiguous(memory_format=layout)
-            torch.manual_seed(mix_seed(tc.seed, 3, step, micro, world.rank))  # dropout
-            sync = micro == tc.grad_accum - 1 or world.size == 1
-            with (net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()), autocast(precision, device):
-                loss = diffusion_loss(net, config.diffusion.objective, schedule, x0, t[mine],
-                                      eps[mine].contiguous(memory_format=layout), tc.min_snr_gamma)
-            scaler.scale(loss / tc.grad_accum).backward()
-            loss_step += loss.detach() / tc.grad_accum
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        if not (torch.isfinite(loss_step) and (precision == "fp16" or torch.isfinite(grad_norm))):
-            bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            hooks.log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            if bad_steps >= tc.max_bad_steps:
-                raise NonFiniteLoss(f"{bad_steps} non-finite steps in a row at step {step}; the last good "
-                                    f"checkpoint in {run_dir} is kept. Try a lower --lr or --precision fp32")
-            continue
-        bad_steps = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model, ema_decay(step, config))
+        set_lr(optimizer, lr)
+        io.ema_weight.fill_(1 - ema_decay(step, config))
+        fill_inputs(step)
+        take_step()
         step += 1
-        loss_sum += loss_step
 
         if step % LOG_EVERY == 0 or step == tc.steps:
             now = time.monotonic()
             n_steps = step - last_log[1]
-            record = {"step": step, "loss": loss_sum.item() / max(1, n_steps), "lr": lr,
+            skipped = check_bad_steps(step)
+            record = {"step": step, "loss": io.loss_sum.item() / max(1, n_steps - skipped), "lr": lr,
                       "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
                       "time": round(now - start_time, 3)}
             records.append(record)
             unsaved.append(record)
             hooks.progress(record)
-            loss_sum.zero_()
+            io.loss_sum.zero_()
             last_log = (now, step)
         if step % options.save_every == 0 and step < tc.steps:
             save(step)

@@ -1,5 +1,6 @@
 """The training loop: exact resume, schedules, EMA, non-finite steps, kills and Ctrl-C."""
 
+import functools
 import math
 import os
 import random
@@ -17,7 +18,9 @@ from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin
-from diffuse_cli.train import Hooks, NonFiniteLoss, Options, batch_indices, ema_decay, lr_at, train
+from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, lr_at,
+                               optimizer_step, train)
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
@@ -96,11 +99,52 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "diffusion_loss", sometimes_nan)
     config = replace(CONFIG, train=replace(CONFIG.train, steps=100, max_bad_steps=3))
-    with pytest.raises(NonFiniteLoss, match="3 non-finite steps in a row"):
-        train(config, DATA, tmp_path, replace(OPTIONS, resume=True))
+    logs = []
+    # steps 7 and 9 are skipped; from step 11 on every step is bad: counted at the next report
+    with pytest.raises(NonFiniteLoss, match="9 non-finite steps in a row by step 20"):
+        train(config, DATA, tmp_path, replace(OPTIONS, resume=True), Hooks(log=logs.append))
+    assert "step 10: 2 step(s) with a non-finite loss or gradient skipped" in logs
     after = weights(tmp_path / MODEL_FILE)[0]
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was saved from the bad run
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path):
+    """Steps 3.. replay one captured graph: same data, dropout masks, lr and EMA schedule as eager steps."""
+    model = replace(CONFIG.model, dropout=0.1)
+    config = replace(CONFIG, model=model, train=replace(CONFIG.train, steps=8, grad_accum=2, precision="bf16"))
+    options = replace(OPTIONS, device=torch.device("cuda"))
+    logs = {True: [], False: []}
+    for graph in (True, False):
+        train(config, DATA, tmp_path / str(graph), replace(options, cuda_graph=graph), Hooks(log=logs[graph].append))
+    assert "CUDA graph" in logs[True][0] and "CUDA graph" not in logs[False][0]
+    (wa, _), (wb, _) = weights(tmp_path / "True" / MODEL_FILE), weights(tmp_path / "False" / MODEL_FILE)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_changes_nothing_but_the_counters(monkeypatch, fused):
+    torch.manual_seed(0)
+    model = UNet(CONFIG.model)
+    ema = UNet(CONFIG.model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    io = StepTensors.allocate(CONFIG, 4, torch.device("cpu"), torch.contiguous_format)
+    io.x0[0].uniform_(-1, 1), io.eps[0].normal_(), io.t[0].random_(0, 1000), io.ema_weight.fill_(0.5)
+    step = functools.partial(optimizer_step, model, model, ema, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                             CONFIG, NoiseSchedule.make("cosine"), "fp32", io)
+    step()  # one good step, so that the optimizer has moments to keep
+    snapshot = lambda: [t.clone() for t in [*model.parameters(), *ema.parameters(),  # noqa: E731
+                                           *(v for s in optimizer.state.values() for v in s.values())]]
+    before, loss_before = snapshot(), io.loss_sum.clone()
+    assert io.bad.tolist() == [0, 0, 0] and loss_before > 0
+    real = train_module.diffusion_loss
+    monkeypatch.setattr(train_module, "diffusion_loss", lambda *a, **k: real(*a, **k) * math.nan)  # NaN gradients
+    step()
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))  # weights, EMA, moments and step count
+    assert io.bad.tolist() == [2, 2, 2] and torch.equal(io.loss_sum, loss_before)
 
 
 def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):

@@ -1,0 +1,67 @@
+"""CUDA graphs: launch a whole training step, or a whole network call, at once.
+
+Eagerly, every operator is a kernel launch that costs the host ~10-30 µs. A small U-Net's
+training step is ~1,300 launches, so on a fast GPU the host, not the GPU, sets the pace
+(`small` at batch 16 on an H100: 37 ms a step, of which the kernels take 5). A graph records
+the launches once and replays them with one call. What a graph reads and writes must stay
+at fixed addresses, so its inputs are copied into buffers it owns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _warm_up(fn: Callable[[], object]) -> object:
+    """Run fn on a side stream, as capture wants: cuDNN, cuBLAS and the optimizer set up there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def graphed_step(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    """`step` (no arguments, fixed tensors) as a CUDA graph: its first `warmup` calls run eagerly,
+    the next is captured, and every call from then on replays the capture."""
+    graph: torch.cuda.CUDAGraph | None = None
+    calls = 0
+
+    def run() -> None:
+        nonlocal graph, calls
+        calls += 1
+        if calls <= warmup:
+            _warm_up(step)
+            return
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the step without running it
+                step()
+        graph.replay()
+    return run
+
+
+def graphed_forward(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fn(x, t) (no grad) replayed as a CUDA graph, one per input shape; returns a fresh output."""
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    pool = torch.cuda.graph_pool_handle()  # the graphs of several batch sizes share their memory
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.stride(), t.shape, t.dtype)
+        if key not in graphs:
+            static_x, static_t = x.clone(), t.clone()
+            _warm_up(lambda: fn(static_x, static_t))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = fn(static_x, static_t)
+            graphs[key] = graph, static_x, static_t, static_out
+        graph, static_x, static_t, static_out = graphs[key]
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_out.clone()
+    return run
