@@ -11,6 +11,7 @@ draws of the built-in data, the same blurred, and noise. (KID was tried and drop
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -64,42 +65,66 @@ def image_fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
 
 
 def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, precision: str,
-                  ema: list[torch.Tensor] | None = None, optimizer: torch.optim.Optimizer | None = None):
-    """One training step as `diffuse train` takes it: v-loss with min-SNR-5, backward, clip, AdamW, EMA.
+                  optimizer: torch.optim.Optimizer | None = None, cuda_graph: bool = True):
+    """One training step: v-loss with min-SNR-5, backward, clip at 1, AdamW, EMA.
 
-    `optimizer` defaults to ours (fused AdamW); pass torch's plain AdamW to time another tool's step."""
-    from diffuse_cli.config import TrainConfig
-    from diffuse_cli.device import autocast
+    By default it is `diffuse train`'s own step (train.optimizer_step with fused AdamW, replayed
+    as a CUDA graph on a GPU). Pass an optimizer (torch's plain AdamW, say) to time instead a
+    plain eager step as another tool's training script takes it."""
+    import copy
+
+    from diffuse_cli.config import Config, TrainConfig, model_config
+    from diffuse_cli.device import autocast, layout_of
     from diffuse_cli.objectives import diffusion_loss
     from diffuse_cli.schedule import NoiseSchedule
-    from diffuse_cli.train import make_optimizer
+    from diffuse_cli.graphs import graphed_step
+    from diffuse_cli.train import StepTensors, make_optimizer, optimizer_step
 
     schedule = NoiseSchedule.make("cosine")
-    opt = optimizer or make_optimizer(model, TrainConfig(lr=1e-4))
-    sync = torch.cuda.synchronize if x0.device.type == "cuda" else (lambda: None)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if optimizer is not None:
+        ema_params = list(ema.parameters())
 
-    def step() -> None:
-        with autocast(precision, x0.device):
-            loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.001)
-        sync()
-    return step
+        def step() -> None:
+            with autocast(precision, x0.device):
+                loss = diffusion_loss(net, "v", schedule, x0, t, eps, 5.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 0.001)
+        return step
+
+    config = Config(model=model_config("tiny", image_size=x0.shape[-1]), train=TrainConfig(lr=1e-4))
+    use_graph = cuda_graph and x0.device.type == "cuda" and precision != "fp16"
+    opt = make_optimizer(model, config.train, capturable=use_graph)
+    io = StepTensors.allocate(config, x0.shape[0], x0.device, layout_of(model))
+    io.x0[0].copy_(x0), io.t[0].copy_(t), io.eps[0].copy_(eps), io.ema_weight.fill_(0.001)
+    scaler = torch.amp.GradScaler(x0.device.type, enabled=precision == "fp16")
+    step = functools.partial(optimizer_step, net, model, ema, opt, scaler, config, schedule, precision, io)
+    return graphed_step(step) if use_graph else step
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1, best: bool = False) -> float:
-    """Median (or with `best`, least) seconds of fn() over repeats, after warmup calls."""
+def synchronizer(device: torch.device):
+    """Waits for the device's queued work: a no-op on the CPU, which runs eagerly."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1, best: bool = False, block: int = 1, sync=lambda: None) -> float:
+    """Median (or with `best`, least) seconds per fn() over repeats, after warmup calls.
+
+    Each repeat times `block` calls and one `sync()` after them, so that a GPU queue stays
+    full, as it does in a training run, rather than draining after every call."""
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(block):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / block)
     return min(times) if best else sorted(times)[len(times) // 2]
 
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed, train_step_fn  # noqa: E402
+from common import synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
 from diffuse_cli.data import load_builtin  # noqa: E402
@@ -52,7 +52,8 @@ def wrapper_cost(device: str, batch: int) -> None:
         model = UNet(model_config("small")).to(dev, memory_format=memory_format(dev, precision))
         net = DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None) if wrapped else model
         step = train_step_fn(model, net, x0, t, eps, precision)
-        rates[wrapped] = max(rates[wrapped], batch / timed(step, repeats=10 if dev.type == "cuda" else 5, warmup=2))
+        rates[wrapped] = max(rates[wrapped], batch / timed(step, repeats=5, warmup=2, block=10 if dev.type == "cuda" else 1,
+                                                                      sync=synchronizer(dev)))
     dist.destroy_process_group()
     print(f"one process, small preset, batch {batch}, {precision} on {device}: "
           f"bare {rates[False]:.1f} img/s, DDP-wrapped {rates[True]:.1f} img/s, "

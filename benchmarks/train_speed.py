@@ -9,10 +9,10 @@ architecture, batch, precision and training step, and the ratio ours/theirs is p
 Each measurement runs in a fresh process, so that peak memory is its own, and times the
 steady state (after 8 warm-up steps), as a long training run sees it.
 
-Each side runs as its tool ships: ours with fused AdamW and, on the CPU, malloc keeping freed
-memory (what `diffuse train` does); diffusers with torch's default AdamW and malloc, as its
-example training script runs. `--same-runtime` gives diffusers ours as well, so that the ratio
-compares the networks alone.
+Each side runs as its tool ships: ours is `diffuse train`'s own step (fused AdamW; on a GPU
+replayed as one CUDA graph; on the CPU with malloc keeping freed memory); diffusers' is a plain
+eager step with torch's default AdamW and malloc, as its example training script runs.
+`--same-runtime` gives diffusers our step as well, so that the ratio compares the networks alone.
 
     pip install -e '.[bench]'
     python benchmarks/train_speed.py                 # everything (about 20 minutes on 2 CPU cores)
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed, train_step_fn  # noqa: E402
+from common import synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
+from diffuse_cli.graphs import graphed_forward  # noqa: E402
 from diffuse_cli.objectives import diffusion_loss  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
@@ -61,7 +62,7 @@ WARMUP_STEPS = 8  # glibc's own mmap threshold takes ~8 steps to settle where it
 
 
 def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, our_runtime: bool,
-            queue) -> None:
+            cuda_graph: bool, queue) -> None:
     dev = torch.device(device)
     if our_runtime and dev.type == "cpu":
         keep_cpu_memory()
@@ -73,21 +74,23 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     else:
         model = diffusers_unet(preset).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
-    ema = [p.detach().clone() for p in model.parameters()]
     fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
     x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = synchronizer(dev)
 
     optimizer = None if our_runtime else torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    train_step = train_step_fn(model, net, x0, t, eps, precision, ema, optimizer)
+    train_step = train_step_fn(model, net, x0, t, eps, precision, optimizer, cuda_graph)
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, dev):
+            return net(x, t)
+    sample_call = graphed_forward(network) if cuda_graph and dev.type == "cuda" else network  # as `diffuse sample`
 
     @torch.no_grad()
     def forward():
-        with autocast(precision, dev):
-            net(x0, t)
-        sync()
+        sample_call(x0, t)
 
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
@@ -95,35 +98,46 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
             diffusion_loss(net, "v", schedule, x0, t, eps).backward()
     model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    if compile and impl == "ours":  # counted above on the plain module; timed below compiled
+    if compile and impl == "ours":  # counted above on the plain module; timed below compiled, as `--compile` runs
         net = torch.compile(model)
-        train_step = train_step_fn(model, net, x0, t, eps, precision, ema, optimizer)
+        train_step = train_step_fn(model, net, x0, t, eps, precision, optimizer, cuda_graph=False)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    repeats = 3 if preset == "ddpm-cifar10" else 5
-    step_s = timed(train_step, repeats=repeats, warmup=WARMUP_STEPS)
-    fwd_s = timed(forward, repeats=repeats, warmup=3)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+    on_gpu = dev.type == "cuda"
+    repeats = 3 if preset == "ddpm-cifar10" and not on_gpu else 5
+    block = 20 if on_gpu else 1  # a GPU's queue stays full between steps, as in `diffuse train`
+    step_s = timed(train_step, repeats=repeats, warmup=WARMUP_STEPS, block=block, sync=sync)
+    fwd_s = timed(forward, repeats=repeats, warmup=3, block=block, sync=sync)
+    peak = (torch.cuda.max_memory_allocated() if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     gflops = flops / step_s / 1e9
-    queue.put({"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": gflops,
-               "share_of_peak": gflops / practical_peak(precision, device), "peak_mb": peak / 2**20,
-               "params": count_parameters(model)})
+    result = {"images_per_s": batch / step_s, "nfe_per_s": 1 / fwd_s, "gflops": gflops,
+              "share_of_peak": gflops / practical_peak(precision, dev), "peak_mb": peak / 2**20,
+              "params": count_parameters(model)}
+    if on_gpu:
+        result["share_of_bf16_peak"] = gflops / matmul_peak(dev)
+    queue.put(result)
 
 
-def practical_peak(precision: str, device: str) -> float:
+def practical_peak(precision: str, dev: torch.device) -> float:
     """GFLOP/s of a large 3x3 convolution (forward), the best a U-Net layer can hope for."""
-    dev = torch.device(device)
+    n = 256 if dev.type == "cuda" else 32
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dev, memory_format=torch.channels_last)
-    x = torch.randn(32, 256, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x = torch.randn(n, 256, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def run():
         with autocast(precision, dev):
             conv(x)
-        sync()
-    return 2 * 32 * 256 * 256 * 9 * 32 * 32 / timed(run, repeats=10, warmup=2, best=True) / 1e9
+    block = 10 if dev.type == "cuda" else 1
+    return 2 * n * 256 * 256 * 9 * 32 * 32 / timed(run, repeats=10, warmup=2, best=True, block=block,
+                                                    sync=synchronizer(dev)) / 1e9
+
+
+def matmul_peak(dev: torch.device) -> float:
+    """GFLOP/s of an 8192x8192x8192 bf16 matrix product: the GPU's practical tensor-core peak."""
+    a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / timed(lambda: a @ b, repeats=10, warmup=3, best=True, block=5, sync=synchronizer(dev)) / 1e9
 
 
 def in_fresh_process(*args) -> dict:
@@ -151,12 +165,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure ours and diffusers this many times, alternating; report each one's median")
     parser.add_argument("--same-runtime", action="store_true",
-                        help="diffusers too gets fused AdamW and our malloc setting: compares the networks alone")
+                        help="diffusers too gets our training step (fused AdamW, CUDA graph, malloc setting): "
+                     "compares the networks alone")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, time our step eagerly, as "
+                        "`diffuse train --no-cuda-graph` runs it")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; diffusers runs "
-          + ("with our runtime (fused AdamW, malloc setting)" if args.same_runtime else "as shipped"))
-    header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'NFE/s':>8}"
+          + ("with our training step" if args.same_runtime else "as shipped")
+          + ("; ours without CUDA graphs" if args.no_cuda_graph else ""))
+    on_gpu = torch.device(args.device).type == "cuda"
+    header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
+              + (f"{'% bf16':>8}" if on_gpu else "") + f"{'NFE/s':>8}"
               f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'ours/theirs':>12}")
     print(header + "\n" + "-" * len(header))
     baseline: dict[tuple, float] = {}
@@ -166,13 +186,16 @@ def main() -> None:
                 runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
                 for _ in range(args.rounds):
                     runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
-                                                         args.compile, True))
+                                                         args.compile, True, not args.no_cuda_graph))
                     if not args.no_diffusers:
                         runs["diffusers"].append(in_fresh_process("diffusers", preset, batch, precision, args.device,
-                                                                  False, args.same_runtime))
+                                                                  False, args.same_runtime,
+                                                                  args.same_runtime and not args.no_cuda_graph))
                 ours = median_run(runs["ours"])
                 line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
-                        f"{100 * ours['share_of_peak']:>7.0f}%{ours['nfe_per_s']:>8.2f}{ours['peak_mb']:>9.0f} | ")
+                        f"{100 * ours['share_of_peak']:>7.0f}%"
+                        + (f"{100 * ours['share_of_bf16_peak']:>7.1f}%" if on_gpu else "")
+                        + f"{ours['nfe_per_s']:>8.2f}{ours['peak_mb']:>9.0f} | ")
                 if not args.no_diffusers:
                     theirs = median_run(runs["diffusers"])
                     baseline[(preset, batch, precision)] = theirs["images_per_s"]
@@ -182,7 +205,8 @@ def main() -> None:
                 if precision == "bf16" and (preset, batch, "fp32") in baseline:
                     print(f"{'':<25} | ours bf16 / diffusers fp32: "
                           f"{ours['images_per_s'] / baseline[(preset, batch, 'fp32')]:.2f}x", flush=True)
-    print(f"parameters: ours {ours['params']:,} (last row)")
+    print(f"parameters: ours {ours['params']:,} (last row)"
+          + ("; '% bf16': share of the GPU's bf16 matrix-product peak" if on_gpu else ""))
 
 
 if __name__ == "__main__":
