@@ -125,9 +125,16 @@ def ema_decay(step: int, cfg: Config) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
-    """ema += weight · (model - ema), with weight = 1 - decay a tensor, so that it can change under a CUDA graph."""
-    ema_params = list(ema.parameters())
-    delta = torch._foreach_sub(list(model.parameters()), ema_params)
+    """ema += weight · (model - ema), weight = 1 - decay (0 for a skipped step).
+
+    On a GPU the weight stays a tensor, so that the host never waits and a CUDA graph can
+    change it between replays; torch's foreach lerp takes no tensor weight, hence three passes.
+    On the CPU reading it costs nothing, and one lerp pass is 6x faster (9 ms for `ddpm-cifar10`)."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if weight.device.type == "cpu":
+        torch._foreach_lerp_(ema_params, params, weight.item())
+        return
+    delta = torch._foreach_sub(params, ema_params)
     torch._foreach_mul_(delta, weight)
     torch._foreach_add_(ema_params, delta)
 

@@ -19,8 +19,8 @@ from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, lr_at,
-                               optimizer_step, train)
+from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
+                               lr_at, optimizer_step, train)
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
@@ -75,6 +75,17 @@ def test_ema_warms_up_and_is_capped():
     decays = [ema_decay(s, CONFIG) for s in (1, 10, 100, 1000, 10**9)]
     assert decays == sorted(decays) and decays[-1] == CONFIG.train.ema_max_decay
     assert ema_decay(999, CONFIG) == pytest.approx(1 - 1000 ** (-2 / 3))
+
+
+def test_ema_moves_toward_the_weights_by_its_weight():
+    torch.manual_seed(0)
+    model, ema = UNet(CONFIG.model), UNet(CONFIG.model)
+    expected = [e + 0.25 * (p - e) for e, p in zip(ema.state_dict().values(), model.state_dict().values())]
+    ema_update(ema, model, torch.tensor(0.25))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(ema.state_dict().values(), expected))
+    before = [p.clone() for p in ema.parameters()]
+    ema_update(ema, model, torch.tensor(0.0))  # a skipped step
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), before))
 
 
 def test_each_epoch_is_a_fresh_permutation():
