@@ -95,6 +95,7 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
             torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 0.001)
         return step
 
+    # the step reads the recipe (v, min-SNR-5, clip 1) from a config, and the image shape from its model part
     config = Config(model=model_config("tiny", image_size=x0.shape[-1]), train=TrainConfig(lr=1e-4))
     use_graph = cuda_graph and x0.device.type == "cuda" and precision != "fp16"
     opt = make_optimizer(model, config.train, capturable=use_graph)
