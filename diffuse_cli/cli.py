@@ -6,6 +6,7 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -177,8 +178,9 @@ def train(
         smooth: dict[str, float] = {}
 
         def on_progress(record: dict) -> None:
-            smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
-            bar.update(task, completed=record["step"], loss=f"loss {smooth['loss']:.4f}",
+            if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
+                smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
+            bar.update(task, completed=record["step"], loss=f"loss {smooth.get('loss', math.nan):.4f}",
                        rate=f"{record['images_per_s']:.1f} img/s")
 
         hooks = Hooks(progress=on_progress if is_main else (lambda r: None),

@@ -351,7 +351,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             now = time.monotonic()
             n_steps = step - last_log[1]
             skipped = check_bad_steps(step)
-            record = {"step": step, "loss": io.loss_sum.item() / max(1, n_steps - skipped), "lr": lr,
+            finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
+            record = {"step": step, "loss": io.loss_sum.item() / finite_steps if finite_steps else math.nan, "lr": lr,
                       "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
                       "time": round(now - start_time, 3)}
             records.append(record)
