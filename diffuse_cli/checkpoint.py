@@ -173,18 +173,17 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     for key, value in parts["optim"].items():
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = value
-    kernels = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
-               for group in optimizer.param_groups]
-    lr_tensors = [group["lr"] if torch.is_tensor(group["lr"]) else None for group in optimizer.param_groups]
+    # What runs the step is this machine's choice, not the saved run's (fused on CUDA, say, now on MPS),
+    # and a CUDA graph reads the learning rate from the tensor it was captured with.
+    mine = [{k: v for k, v in group.items() if k in ("fused", "foreach", "capturable") or torch.is_tensor(v)}
+            for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
-    for group, chosen in zip(optimizer.param_groups, kernels):  # which kernel runs is this machine's choice,
-        group.update(chosen)                                     # not the saved run's (e.g. fused on CUDA, now MPS)
-    for group, lr in zip(optimizer.param_groups, lr_tensors):
-        if lr is not None:  # a CUDA graph reads the learning rate from this tensor: keep it, with the saved value
-            group["lr"] = lr.fill_(group["lr"])
+    for group, kept in zip(optimizer.param_groups, mine):
+        for k, v in kept.items():
+            group[k] = v.fill_(group[k]) if torch.is_tensor(v) else v  # tensors keep their place, take the saved value
     _match_layouts(optimizer)
     return info
 
