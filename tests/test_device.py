@@ -8,13 +8,16 @@ import pytest
 PROBE = """
 import resource, torch
 from diffuse_cli.device import keep_cpu_memory
-def faults_of_last_use(nbytes, uses=8):
+def faults_of_later_uses(nbytes, uses=8):
+    faults = []
     for _ in range(uses):  # allocate, touch every page, free
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-default = faults_of_last_use(16 * 2**20)
-print(keep_cpu_memory(), default, faults_of_last_use(16 * 2**20))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(faults[1:])  # the fewest of any use after the first: one stray kernel event (once seen in CI,
+                            # every page of one use refaulted) cannot decide the test
+default = faults_of_later_uses(16 * 2**20)
+print(keep_cpu_memory(), default, faults_of_later_uses(16 * 2**20))
 """
 
 
