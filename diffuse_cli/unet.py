@@ -55,7 +55,7 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions, through fused SDPA."""
+    """Multi-head self-attention over the H*W positions, through SDPA (fused kernels on GPUs)."""
 
     def __init__(self, ch: int, head_channels: int):
         super().__init__()
@@ -66,8 +66,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        if x.device.type != "cpu":
+            # Flash, memory-efficient and cuDNN attention all need the channel dimension contiguous;
+            # a strided view silently falls back to the math path. On the CPU the math path is as
+            # fast as its flash kernel at these sizes, or faster in bf16, so it skips this copy.
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(1)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)

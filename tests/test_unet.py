@@ -1,11 +1,13 @@
-"""The U-Net's shapes, sizes and configuration checks."""
+"""The U-Net's shapes, sizes and configuration checks, and its attention against the closed form."""
+
+import math
 
 import pytest
 import torch
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import UNet, count_parameters, timestep_embedding
+from diffuse_cli.unet import Attention, UNet, count_parameters, timestep_embedding
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -51,3 +53,42 @@ def test_layout_of_follows_the_weights():
     model = UNet(model_config("tiny", image_size=8))
     assert layout_of(model) == torch.contiguous_format
     assert layout_of(model.to(memory_format=torch.channels_last)) == torch.channels_last
+
+
+def attention_by_hand(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """x + proj(softmax(q k^T / sqrt(d)) v) per head, written out with einsum."""
+    B, C, H, W = x.shape
+    d = C // attn.heads
+    q, k, v = attn.qkv(attn.norm(x)).float().reshape(B, 3, attn.heads, d, H * W).unbind(1)  # (B, heads, d, HW)
+    weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(d), dim=-1)
+    out = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(B, C, H, W)
+    return x + attn.proj(out.to(x.dtype))
+
+
+def random_attention(device: str) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(64, head_channels=32).to(device)  # two heads
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)  # zero-initialised, it would hide the attention
+    return attn
+
+
+def test_attention_is_the_softmax_of_scaled_dot_products():
+    attn = random_attention("cpu")
+    x = torch.randn(3, 64, 4, 4)
+    torch.testing.assert_close(attn(x), attention_by_hand(attn, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels are GPU kernels")
+def test_attention_runs_the_fused_kernels_on_a_gpu():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attn = random_attention("cuda")
+    x = torch.randn(3, 64, 8, 8, device="cuda", requires_grad=True)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(fused):  # no math fallback allowed
+        y = attn(x)
+    y.float().square().sum().backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = attention_by_hand(attn, x)
+    torch.testing.assert_close(y.float(), expected.float(), atol=0.05, rtol=0.05)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
