@@ -223,7 +223,7 @@ def sample(
     sampler: str = typer.Option("dpm++3m-sde", help="ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, unipc or heun."),
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
     spacing: Optional[str] = typer.Option(None, help="trailing, quadratic, karras or logsnr. \\[default: the sampler's paper's]"),
-    eta: Optional[float] = typer.Option(None, help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = DDPM-like. \\[default: 0; 1 for the -sde ones]"),
+    eta: Optional[float] = typer.Option(None, help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = DDPM-like (ddim: at most 1). \\[default: 0; 1 for the -sde ones]"),
     variance: Optional[str] = typer.Option(None, help="ddpm only: 'posterior' (β̃_t) or 'beta' (β_t). \\[default: posterior]"),
     seed: int = typer.Option(0, help="Image i uses seed+i, so results do not depend on --batch-size."),
     batch_size: int = typer.Option(64, help="Images per network call."),
@@ -249,6 +249,8 @@ def sample(
         raise UserError(f"--{name} does not apply to {sampler}; it applies to {', '.join(takers)}")
     if eta is not None and eta < 0:
         raise UserError("--eta must be at least 0")
+    if sampler == "ddim" and eta is not None and eta > 1:
+        raise UserError(f"--eta {eta} is above 1: ddim's step has no room for more noise than DDPM's (eta 1)")
     if variance is not None:
         check_choice(variance, Variance, "variance")
 
@@ -288,7 +290,7 @@ def sample(
         save_gif([make_grid(torch.stack(f), nrow=2) for f in frames], folder / "trajectory.gif")
     out.print(f"{sampler}, {steps} steps, {nfe} network calls per batch, {elapsed / n * 1000:.0f} ms per image "
               f"({elapsed:.1f} s in all) from {path}", highlight=False)
-    out.print(f"wrote {n} images and grid.png to {folder}/" + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""),
+    out.print(f"wrote {n} image{'s' * (n != 1)} and grid.png to {folder}/" + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""),
               highlight=False)
 
 
@@ -310,6 +312,8 @@ def noise(
     bad = [k for k in t if not 0 <= k <= timesteps]
     if bad:
         raise UserError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+    if image.is_dir():
+        raise UserError(f"{image}: is a folder; give one image file")
     if not image.is_file():
         raise UserError(f"{image}: no such file")
     import torch

@@ -184,7 +184,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 def parse_duration(text: str) -> float:
     """'90s', '10m', '2h', '1d' or plain seconds -> seconds."""
     match = _DURATION.match(text)
-    if not match or float(match.group(1)) <= 0:
+    if not match:
         raise ConfigError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 2h")
+    if float(match.group(1)) <= 0:
+        raise ConfigError(f"duration {text!r} must be more than 0")
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     return float(match.group(1)) * unit
