@@ -31,6 +31,8 @@ def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[s
     """
     from .distributed import launched_by_torchrun
 
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out {out_dir} is a file; name a folder for the run")
     if resume not in (None, "auto"):
         run = Path(resume)
         run = run.parent if run.is_file() else run

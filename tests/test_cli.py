@@ -179,6 +179,16 @@ def test_unwritable_run_folder_is_a_clear_error(run_cli, tmp_path, monkeypatch):
     assert_clean_error(result, "file/run")
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, image_folder):
+    run, _ = trained  # the working directory is the trained run's tmp_path
+    Path("taken.png").write_bytes(b"not ours to overwrite")
+    for args in (["train", image_folder, *TINY, "--steps", "2"], ["sample", "--checkpoint", run, "-n", "1"]):
+        result = run_cli(*args, "--out", "taken.png")
+        assert_clean_error(result, "--out taken.png is a file")
+        assert result.code == 2 and "skipped" not in result.err  # refused before decoding the folder
+    assert Path("taken.png").read_bytes() == b"not ours to overwrite"
+
+
 def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli("train", *TINY, "--steps", "1", "--out", "r", "--lr-schedule", "constant", "--schedule", "sigmoid",
