@@ -71,7 +71,9 @@ def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT,
     meta = (header if header is not None else read_header(path)).get("__metadata__") or {}
     if meta.get("format") != fmt:
         found = f"a {meta['format']!r} file" if "format" in meta else "a safetensors file from another program"
-        raise CheckpointError(f"{path}: not a diffuse {fmt.split('/')[1]} checkpoint ({found})")
+        hint = (f"; the run's model is {Path(path).with_name(MODEL_FILE)}"
+                if fmt == MODEL_FORMAT and meta.get("format") == STATE_FORMAT else "")
+        raise CheckpointError(f"{path}: not a diffuse {fmt.split('/')[1]} checkpoint ({found}){hint}")
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:

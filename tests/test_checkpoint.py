@@ -57,6 +57,8 @@ def test_training_state_round_trip(tmp_path):
     for i in before:
         assert all(torch.equal(before[i][k], after[i][k]) for k in before[i]), i
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    with pytest.raises(CheckpointError, match=f"training-state.*the run's model is .*{MODEL_FILE}"):
+        load_model(tmp_path / STATE_FILE)  # sampling from the wrong file of a run says which one to use
 
 
 def test_resuming_keeps_this_machines_optimizer_kernel(tmp_path):
