@@ -266,7 +266,7 @@ def sample(
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
     folder = out_dir or Path("samples") / f"{path.parent.name}-{sampler}-{steps}steps-seed{seed}"
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file; name a folder for the images")
+        raise UserError(f"{folder} is a file; name a folder for the images with --out")
     frames: list = []
 
     def record(i: int, x_t, x0) -> None:

@@ -184,7 +184,7 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, imag
     Path("taken.png").write_bytes(b"not ours to overwrite")
     for args in (["train", image_folder, *TINY, "--steps", "2"], ["sample", "--checkpoint", run, "-n", "1"]):
         result = run_cli(*args, "--out", "taken.png")
-        assert_clean_error(result, "--out taken.png is a file")
+        assert_clean_error(result, "taken.png is a file")
         assert result.code == 2 and "skipped" not in result.err  # refused before decoding the folder
     assert Path("taken.png").read_bytes() == b"not ours to overwrite"
 
