@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a feature-space distance between image sets, and timing helpers.
+"""Shared by the benchmarks: a feature-space distance between image sets, timing helpers, common options.
 
 No pretrained network can be downloaded here, so the features come from a fixed, randomly
 initialised convolutional network (seeded, identical on every machine): multi-scale
@@ -11,6 +11,7 @@ draws of the built-in data, the same blurred, and noise. (KID was tried and drop
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 
@@ -104,6 +105,16 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
     scaler = torch.amp.GradScaler(x0.device.type, enabled=precision == "fp16")
     step = functools.partial(optimizer_step, net, model, ema, opt, scaler, config, schedule, precision, io)
     return graphed_step(step) if use_graph else step
+
+
+def grid_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that measures a grid of presets x batches x precisions on one device."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "ddpm-cifar10"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
 
 
 def synchronizer(device: torch.device):

@@ -24,7 +24,6 @@ eager step with torch's default AdamW and malloc, as its example training script
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import resource
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import synchronizer, timed, train_step_fn  # noqa: E402
+from common import grid_parser, synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
@@ -155,11 +154,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["small", "ddpm-cifar10"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = grid_parser(__doc__)
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our network (diffusers' stays eager)")
     parser.add_argument("--rounds", type=int, default=1,

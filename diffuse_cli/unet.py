@@ -54,6 +54,17 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def fused_attention_layout(device: torch.device) -> bool:
+    """Whether attention copies q, k and v to contiguous channels, the layout SDPA's fused kernels need.
+
+    Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; the
+    strided views of the qkv convolution's output silently fall back to the math path. The CPU keeps
+    the views and the math path: its flash kernel is slower in bf16 and saves under 1% of an fp32
+    step (benchmarks/attention.py).
+    """
+    return device.type != "cpu"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, through SDPA (fused kernels on GPUs)."""
 
@@ -67,10 +78,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        if x.device.type != "cpu":
-            # Flash, memory-efficient and cuDNN attention all need the channel dimension contiguous;
-            # a strided view silently falls back to the math path. The CPU keeps the math path: its
-            # flash kernel is slower in bf16 and saves under 1% of an fp32 step (README, Speed).
+        if fused_attention_layout(x.device):
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,73 @@
+"""One attention layer of a preset, forward and backward: SDPA's math path against its fused kernels.
+
+`diffuse` hands SDPA q, k and v with contiguous channels on GPUs, so that it may pick a fused
+kernel (flash, memory-efficient or cuDNN), and keeps the strided views, which only the math path
+takes, on the CPU (`unet.fused_attention_layout`). This measures that choice on this machine:
+
+    strided   the views as the CPU gets them (math path)
+    fused     contiguous q, k, v, SDPA's own pick among the fused kernels
+    math      contiguous q, k, v, math path forced
+
+    python benchmarks/attention.py                      # both presets' layers, batch 16 and 64, fp32 and bf16
+    python benchmarks/attention.py --presets small --batches 16
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import grid_parser, synchronizer, timed  # noqa: E402
+
+from diffuse_cli import unet  # noqa: E402
+from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.device import autocast  # noqa: E402
+
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+VARIANTS = {"strided": (False, [SDPBackend.MATH]), "fused": (True, FUSED), "math": (True, [SDPBackend.MATH])}
+
+
+def layer_seconds(preset: str, batch: int, precision: str, dev: torch.device, variant: str) -> float | None:
+    """Median seconds of the preset's attention layer, forward and backward; None where no kernel takes it."""
+    cfg = model_config(preset, image_size=32)
+    res = max(cfg.attention_resolutions)
+    ch = cfg.base_channels * cfg.channel_mult[[32 // 2**i for i in range(len(cfg.channel_mult))].index(res)]
+    torch.manual_seed(0)
+    attn = unet.Attention(ch, cfg.head_channels).to(dev)
+    x = torch.randn(batch, ch, res, res, device=dev, requires_grad=True)
+    contiguous, backends = VARIANTS[variant]
+    unet.fused_attention_layout = lambda device: contiguous  # noqa: E731  (this process only)
+
+    def run() -> None:
+        with autocast(precision, dev), sdpa_kernel(backends):
+            y = attn(x)
+        y.float().sum().backward()
+        x.grad = None
+        attn.zero_grad(set_to_none=True)
+    try:
+        run()
+    except RuntimeError:  # "No available kernel": e.g. no fused CPU kernel for this dtype
+        return None
+    return timed(run, repeats=21, warmup=3, sync=synchronizer(dev))
+
+
+def main() -> None:
+    parser = grid_parser(__doc__)
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}; ms per layer, forward + backward")
+    print(f"{'preset':<13}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in VARIANTS))
+    for preset in args.presets:
+        for batch in args.batches:
+            for precision in args.precisions:
+                cells = [layer_seconds(preset, batch, precision, dev, v) for v in VARIANTS]
+                print(f"{preset:<13}{batch:>6}{precision:>6} | "
+                      + "".join(f"{s * 1e3:>10.2f}" if s is not None else f"{'-':>10}" for s in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
