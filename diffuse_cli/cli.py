@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -85,7 +86,7 @@ def _launch_devices(devices: int, device: str) -> None:
 def train(
     data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes."),
     image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}; {BUILTIN_IMAGE_SIZE} for the built-in shapes]"),
-    channels: Optional[int] = typer.Option(None, help=f"3 for RGB, 1 for grayscale. \\[default: {ModelConfig.channels}]"),
+    channels: Optional[int] = typer.Option(None, help="3 for RGB, 1 for grayscale. \\[default: 1 if every image is grayscale, else 3]"),
     model: Optional[str] = typer.Option(None, "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}. \\[default: {Config.preset}]"),
     schedule: Optional[str] = typer.Option(None, help=f"Noise schedule: linear, cosine or sigmoid. \\[default: {DiffusionConfig.schedule}]"),
     objective: Optional[str] = typer.Option(None, help=f"What the network predicts: eps, x0 or v. \\[default: {DiffusionConfig.objective}]"),
@@ -158,9 +159,13 @@ def train(
 
     with progress_bar(enabled=is_main) as bar:
         task = bar.add_task("decoding images", total=None)
-        data_set = load_data(data, config.model.image_size, config.model.channels,
+        auto_channels = data is not None and not resuming and "channels" not in given_model
+        data_set = load_data(data, config.model.image_size, None if auto_channels else config.model.channels,
                              progress=lambda i, n: bar.update(task, completed=i, total=n))
         bar.remove_task(task)
+    if data_set.channels != config.model.channels:
+        config = replace(config, model=replace(config.model, channels=data_set.channels))
+        say("every image is grayscale: training a 1-channel model (--channels 3 keeps RGB)")
     if data_set.skipped and is_main:
         from rich.markup import escape
 

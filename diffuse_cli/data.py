@@ -145,9 +145,17 @@ def _memory_available() -> int:
         return 8 << 30
 
 
-def load_folder(root: str | os.PathLike, size: int, channels: int = 3,
+def is_grayscale(image: torch.Tensor) -> bool:
+    """Whether a (3, H, W) image has the same value in every channel of every pixel."""
+    return bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+
+
+def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
                 progress: Callable[[int, int], None] | None = None) -> ImageData:
-    """Decode every image below root once; unusable files are listed in `skipped`."""
+    """Decode every image below root once; unusable files are listed in `skipped`.
+
+    channels=None picks them from the images: 1 when every one is grayscale (whatever its file
+    mode: L, palette or RGB with equal channels), else 3."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -156,8 +164,9 @@ def load_folder(root: str | os.PathLike, size: int, channels: int = 3,
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []
     workers = max(1, min(8, os.cpu_count() or 1))
+    decode_as = channels or 3
     with ThreadPoolExecutor(workers) as pool:
-        for i, (path, result) in enumerate(zip(files, pool.map(lambda p: _try_decode(p, size, channels), files))):
+        for i, (path, result) in enumerate(zip(files, pool.map(lambda p: _try_decode(p, size, decode_as), files))):
             if isinstance(result, str):
                 skipped.append((str(path), result))
             else:
@@ -168,14 +177,18 @@ def load_folder(root: str | os.PathLike, size: int, channels: int = 3,
     if not images:
         what = f"{len(files)} files, none of them a readable image" if files else "no files"
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
+    if channels is None:
+        channels = 1 if all(is_grayscale(im) for im in images) else 3
+        images = [im[:channels] for im in images]
     data = ImageData(str(root), size, channels, paths=kept, skipped=skipped)
     if len(images) * channels * size * size < _memory_available() // 2:
         data.images = torch.stack(images)
     return data
 
 
-def load_builtin(size: int, channels: int = 3, n: int = BUILTIN_SIZE) -> ImageData:
-    """The built-in shapes dataset at this size."""
+def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> ImageData:
+    """The built-in shapes dataset at this size (in colour unless channels=1)."""
+    channels = channels or 3
     images = render_shapes(n, size, seed=0)
     if channels == 1:
         images = (images.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
@@ -183,9 +196,9 @@ def load_builtin(size: int, channels: int = 3, n: int = BUILTIN_SIZE) -> ImageDa
     return ImageData(BUILTIN, size, channels, images=images)
 
 
-def load_data(source: str | None, size: int, channels: int = 3,
+def load_data(source: str | None, size: int, channels: int | None = 3,
               progress: Callable[[int, int], None] | None = None) -> ImageData:
-    """A folder path, or None / 'builtin:shapes' for the built-in dataset."""
+    """A folder path, or None / 'builtin:shapes' for the built-in dataset; channels=None: from the images."""
     if source in (None, BUILTIN):
         return load_builtin(size, channels)
     return load_folder(source, size, channels, progress)

@@ -179,6 +179,20 @@ def test_unwritable_run_folder_is_a_clear_error(run_cli, tmp_path, monkeypatch):
     assert_clean_error(result, "file/run")
 
 
+def test_a_grayscale_folder_trains_a_grayscale_model(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, mode in enumerate(["L", "I;16", "L"]):
+        write_image(tmp_path / "scans" / f"{i}.png", mode, seed=i)
+    result = run_cli("train", "scans", *TINY, "--steps", "2", "--out", "run")
+    assert result.code == 0, result
+    assert "every image is grayscale" in result.err
+    assert Image.open(tmp_path / "run" / "samples" / "step_000002.png").mode == "L"
+    assert run_cli("sample", "--checkpoint", "run", "-n", "2", "--steps", "2", "--out", "drawn").code == 0
+    assert Image.open(tmp_path / "drawn" / "grid.png").mode == "L"
+    result = run_cli("train", "scans", *TINY, "--steps", "2", "--out", "rgb", "--channels", "3")
+    assert "grayscale" not in result.err and Image.open(tmp_path / "rgb" / "samples" / "step_000002.png").mode == "RGB"
+
+
 def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, image_folder):
     run, _ = trained  # the working directory is the trained run's tmp_path
     Path("taken.png").write_bytes(b"not ours to overwrite")

@@ -25,6 +25,23 @@ def test_grayscale_training_converts_everything(image_folder):
     assert load_folder(image_folder, 8, channels=1).images.shape == (9, 1, 8, 8)
 
 
+def test_channels_from_the_images(tmp_path, image_folder):
+    gray = tmp_path / "gray"
+    write_image(gray / "l.png", "L", seed=1)
+    write_image(gray / "deep.png", "I;16", seed=2)
+    rgb_gray = np.random.default_rng(3).integers(0, 255, (14, 20), dtype=np.uint8)
+    Image.fromarray(np.stack([rgb_gray] * 3, -1)).save(gray / "scan.png")  # grayscale stored as RGB
+    Image.fromarray(rgb_gray).convert("P").save(gray / "palette.gif")
+    auto = load_folder(gray, 8, channels=None)
+    assert auto.channels == 1 and auto.images.shape == (4, 1, 8, 8)
+    assert torch.equal(auto.images, load_folder(gray, 8, channels=1).images)  # as decoding on demand would give
+
+    write_image(gray / "colour.png", "RGB", seed=4)  # one colour image keeps them all in colour
+    assert load_folder(gray, 8, channels=None).images.shape == (5, 3, 8, 8)
+    assert load_folder(image_folder, 8, channels=None).channels == 3
+    assert load_data(None, 8, channels=None).channels == 3  # the built-in shapes are in colour
+
+
 def test_resize_short_side_and_centre_crop(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, 10:30] = 255  # a white band in the middle 20 columns: exactly the centre crop
