@@ -31,14 +31,24 @@ FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 VARIANTS = {"strided": (False, [SDPBackend.MATH]), "fused": (True, FUSED), "math": (True, [SDPBackend.MATH])}
 
 
+def first_attention(preset: str) -> tuple[unet.Attention, torch.Size]:
+    """The preset's first attention layer at 32x32, and the input shape it sees (from one forward pass)."""
+    model = unet.UNet(model_config(preset, image_size=32))
+    attn = next(m for m in model.modules() if isinstance(m, unet.Attention))
+    shapes = []
+    hook = attn.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32), torch.zeros(1))
+    hook.remove()
+    return attn, shapes[0]
+
+
 def layer_seconds(preset: str, batch: int, precision: str, dev: torch.device, variant: str) -> float | None:
     """Median seconds of the preset's attention layer, forward and backward; None where no kernel takes it."""
-    cfg = model_config(preset, image_size=32)
-    res = max(cfg.attention_resolutions)
-    ch = cfg.base_channels * cfg.channel_mult[[32 // 2**i for i in range(len(cfg.channel_mult))].index(res)]
     torch.manual_seed(0)
-    attn = unet.Attention(ch, cfg.head_channels).to(dev)
-    x = torch.randn(batch, ch, res, res, device=dev, requires_grad=True)
+    attn, shape = first_attention(preset)
+    attn = attn.to(dev)
+    x = torch.randn(batch, *shape[1:], device=dev, requires_grad=True)
     contiguous, backends = VARIANTS[variant]
     unet.fused_attention_layout = lambda device: contiguous  # noqa: E731  (this process only)
 

@@ -117,6 +117,20 @@ def grid_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, precision: str) -> int:
+    """FLOPs of one training step's forward and backward (the v-loss), counted by torch; grads are cleared after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffuse_cli.device import autocast
+    from diffuse_cli.objectives import diffusion_loss
+    from diffuse_cli.schedule import NoiseSchedule
+
+    with FlopCounterMode(display=False) as counter, autocast(precision, x0.device):
+        diffusion_loss(net, "v", NoiseSchedule.make("cosine"), x0, t, eps).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def synchronizer(device: torch.device):
     """Waits for the device's queued work: a no-op on the CPU, which runs eagerly."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

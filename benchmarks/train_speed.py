@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import grid_parser, synchronizer, timed, train_step_fn  # noqa: E402
+from common import grid_parser, step_flops, synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
 from diffuse_cli.graphs import graphed_forward  # noqa: E402
-from diffuse_cli.objectives import diffusion_loss  # noqa: E402
-from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
 
 
@@ -66,7 +64,6 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     if our_runtime and dev.type == "cpu":
         keep_cpu_memory()
     torch.manual_seed(0)
-    schedule = NoiseSchedule.make("cosine")
     if impl == "ours":
         model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev, precision))
         net = model
@@ -91,12 +88,7 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     def forward():
         sample_call(x0, t)
 
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        with autocast(precision, dev):
-            diffusion_loss(net, "v", schedule, x0, t, eps).backward()
-    model.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    flops = step_flops(model, net, x0, t, eps, precision)
     if compile and impl == "ours":  # counted above on the plain module; timed below compiled, as `--compile` runs
         net = torch.compile(model)
         train_step = train_step_fn(model, net, x0, t, eps, precision, optimizer, cuda_graph=False)
