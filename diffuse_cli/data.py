@@ -179,7 +179,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
     if channels is None:
         channels = 1 if all(is_grayscale(im) for im in images) else 3
-        images = [im[:channels] for im in images]
+        if channels == 1:
+            images = [im[:1] for im in images]
     data = ImageData(str(root), size, channels, paths=kept, skipped=skipped)
     if len(images) * channels * size * size < _memory_available() // 2:
         data.images = torch.stack(images)
