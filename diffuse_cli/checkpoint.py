@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .config import Config, ConfigError, config_from_json, config_to_json, validate_model
+from .config import Config, ConfigError, config_from_json, config_to_json, validate_diffusion, validate_model
 from .errors import CheckpointError
 from .files import MODEL_FILE, atomic_write_bytes
 
@@ -85,6 +85,7 @@ def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT,
     try:
         config = config_from_json(meta["config"])
         validate_model(config.model)
+        validate_diffusion(config.diffusion)
         info = json.loads(meta.get("info", "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable config in header: {e}") from None

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
-                     check_choice, model_config, parse_duration, to_dict, validate_train)
+                     check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
 from .runs import config_for_run, new_run_folder, resolve_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -138,7 +138,7 @@ def train(
     preset = model or Config.preset
     size = BUILTIN_IMAGE_SIZE if data is None else ModelConfig.image_size
     new = Config(preset=preset, model=model_config(preset, **{"image_size": size, **given_model}),
-                 diffusion=DiffusionConfig(**given_diffusion), train=validate_train(TrainConfig(**given_train)))
+                 diffusion=validate_diffusion(DiffusionConfig(**given_diffusion)), train=validate_train(TrainConfig(**given_train)))
     budget = parse_duration(max_time) if max_time else None
     if data is not None and not Path(data).exists():
         raise UserError(f"{data}: no such file or folder")

@@ -108,7 +108,7 @@ def validate_model(cfg: ModelConfig) -> ModelConfig:
     if cfg.image_size < 4 or cfg.image_size % factor or cfg.image_size // factor < 2:
         sizes = ", ".join(str(factor * k) for k in (2, 4, 8, 16, 32) if factor * k >= 4)
         raise ConfigError(
-            f"image size {cfg.image_size} cannot be halved {levels - 1} times by this U-Net; "
+            f"image size {cfg.image_size} cannot be halved {_times(levels - 1)} by this U-Net; "
             f"use a multiple of {factor} of at least {2 * factor} (e.g. {sizes})")
     if cfg.channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), not {cfg.channels}")
@@ -117,6 +117,17 @@ def validate_model(cfg: ModelConfig) -> ModelConfig:
             raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), not {cfg.dropout}")
+    return cfg
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def validate_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
+    """Check the forward process's settings; return cfg unchanged."""
+    if cfg.timesteps < 2:
+        raise ConfigError(f"timesteps must be at least 2, not {cfg.timesteps}")
     return cfg
 
 

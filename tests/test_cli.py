@@ -100,6 +100,7 @@ BAD_INPUTS = {
     "unknown preset": (["train", "--model", "huge"], ["unknown preset", "tiny"]),
     "bad image size": (["train", "--image-size", "30"], ["cannot be halved"]),
     "zero steps": (["train", "--steps", "0"], ["steps must be at least 1"]),
+    "one diffusion step": (["train", "--timesteps", "1"], ["timesteps must be at least 2"]),
     "negative batch": (["train", "--batch-size", "-3"], ["batch-size must be at least 1"]),
     "bad schedule": (["train", "--schedule", "wiggly"], ["unknown schedule", "cosine"]),
     "bad duration": (["train", "--max-time", "soon"], ["cannot read duration"]),
@@ -128,6 +129,7 @@ def test_bad_input_is_one_clear_line(case, run_cli, tmp_path, monkeypatch):
     result = run_cli(*args)
     assert_clean_error(result, *words)
     assert len(result.err.strip().splitlines()) <= 3  # one message (rich may wrap it)
+    assert not (tmp_path / "checkpoints").exists()  # refused before a run folder was made
 
 
 def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeypatch):
