@@ -193,7 +193,10 @@ def train(
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
                           max_time=budget, resume=resuming, compile=compile, cuda_graph=cuda_graph)
-        result = run_training(config, data_set, run, options, hooks)
+        try:
+            result = run_training(config, data_set, run, options, hooks)
+        except OSError as e:  # a full disk, say: every checkpoint is written to a temporary file and renamed
+            raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
     if result.stopped_by == "signal":
         say(f"stopped at step {result.step}; checkpoint saved. Resume with: "
             f"diffuse train --resume {run}")
@@ -413,8 +416,7 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, OSError):
-            _exit_with(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
-                       + "; the previous checkpoint, if any, is intact", 1)
+            _exit_with(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), 1)
         if isinstance(e, (ValueError, RuntimeError)) and not os.environ.get("DIFFUSE_DEBUG"):
             _exit_with(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
         raise

@@ -203,6 +203,9 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, imag
         assert_clean_error(result, "taken.png is a file")
         assert result.code == 2 and "skipped" not in result.err  # refused before decoding the folder
     assert Path("taken.png").read_bytes() == b"not ours to overwrite"
+    inside_a_file = run_cli("sample", "--checkpoint", run, "-n", "1", "--steps", "1", "--out", "taken.png/samples")
+    assert_clean_error(inside_a_file, "taken.png/samples")
+    assert "checkpoint" not in inside_a_file.err  # sampling writes no checkpoint, so it promises nothing about one
 
 
 def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
