@@ -99,6 +99,14 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt tensor data: {e}") from None
 
 
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Weights with NaN or infinity would sample black or garbage images without a word."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]}); "
+                              "did the training that wrote it diverge? Use an earlier checkpoint")
+
+
 def _check_shapes(path: Path, expected: dict[str, torch.Size], found: dict[str, list[int]]) -> None:
     """The tensors a config implies against those a file holds, by name and shape."""
     missing, unexpected = set(expected) - set(found), set(found) - set(expected)
@@ -137,6 +145,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     config, info = read_metadata(path, MODEL_FORMAT, header)
     _check_shapes(path, _expected_shapes(config), _header_shapes(header))
     weights = _load_tensors(path)
+    _check_finite(path, weights)
     model = UNet(config.model)
     model.load_state_dict(weights)
     return model.to(device).eval(), config, info
@@ -164,6 +173,7 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     for name, module in (("model", model), ("ema", ema)):
         _check_shapes(path, {k: v.shape for k, v in module.state_dict().items()}, _header_shapes(header, f"{name}."))
     tensors = _load_tensors(path)
+    _check_finite(path, tensors)
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     for key, value in tensors.items():
         head, _, rest = key.partition(".")

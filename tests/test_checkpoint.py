@@ -124,6 +124,10 @@ def broken_files(tmp_path, good):
     other = UNet(model_config("tiny", image_size=8, channels=1))
     save_model(tmp_path / "mismatch.safetensors", other, CONFIG, {})
     yield "mismatch", tmp_path / "mismatch.safetensors", "do not match"
+    diverged = UNet(CONFIG.model)
+    diverged.conv_in.bias.data[0] = float("nan")
+    save_model(tmp_path / "diverged.safetensors", diverged, CONFIG, {})
+    yield "diverged", tmp_path / "diverged.safetensors", "NaN or infinity (e.g. conv_in.bias)"
 
 
 def test_every_broken_checkpoint_is_a_clear_error(tmp_path):
@@ -134,4 +138,4 @@ def test_every_broken_checkpoint_is_a_clear_error(tmp_path):
             load_model(path)
         assert str(path) in str(info.value) and words in str(info.value), name
         seen.append(name)
-    assert len(seen) == 8
+    assert len(seen) == 9
