@@ -10,15 +10,24 @@ everything around them (norms, activations, attention, optimizer) were free, so
 is the best share of peak any implementation calling these kernels can reach. The full step is
 timed too (`diffuse train`'s own step), to show how much of it is not convolution.
 
+Alone, a convolution runs with its data hot in cache; inside a step it runs a little slower.
+`--in-situ` also times the convolutions where they are, inside full steps of ours and of
+diffusers' UNet2DModel (the same architecture, its training step as train_speed.py takes it),
+alternating the two. Ours can be at most (diffusers' step) / (our convolutions) times as fast
+as diffusers, even if everything in our step but the convolutions cost nothing.
+
     python benchmarks/conv_ceiling.py                       # small, batch 16, bf16
     python benchmarks/conv_ceiling.py --preset ddpm-cifar10 --batch 64 --precision fp32
+    python benchmarks/conv_ceiling.py --in-situ             # needs diffusers (pip install -e '.[bench]')
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,11 +78,97 @@ def conv_seconds(call: ConvCall, fmt: torch.memory_format, precision: str, dev: 
     return timed(run, repeats=15, warmup=3)
 
 
+class _Mark(torch.autograd.Function):
+    """Identity whose backward notes the time: around a convolution, the two marks bracket its backward."""
+
+    @staticmethod
+    def forward(ctx, x, clock, edge):
+        ctx.clock, ctx.edge = clock, edge
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.clock.backward_mark(ctx.edge)
+        return grad, None, None
+
+
+class ConvClock:
+    """Adds up the seconds a model's Conv2d layers take, forward and backward, inside real steps.
+
+    On the CPU every kernel runs synchronously, so wall-clock time around a layer is its cost.
+    The autograd engine runs a layer's backward right after its output's gradient is ready; the
+    marks only add timing calls (the step is timed again without them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.on, self.seconds, self._started = False, 0.0, 0.0
+        for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.forward = self._timed(conv.forward)
+
+    def _timed(self, forward):
+        def run(x):
+            if not self.on:
+                return forward(x)
+            x = _Mark.apply(x, self, "input")
+            start = time.perf_counter()
+            y = forward(x)
+            self.seconds += time.perf_counter() - start
+            return _Mark.apply(y, self, "output")
+        return run
+
+    def backward_mark(self, edge: str) -> None:
+        now = time.perf_counter()
+        if edge == "output":
+            self._started = now
+        else:
+            self.seconds += now - self._started
+
+
+def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
+    """Time both steps plainly and with their convolutions clocked, alternating; print medians."""
+    from train_speed import WARMUP_STEPS, diffusers_unet
+
+    dev = torch.device("cpu")
+    timings = {}
+    for impl in ("ours", "diffusers"):
+        torch.manual_seed(0)
+        fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
+        if impl == "ours":
+            model = net = UNet(model_config(preset, image_size=32)).to(memory_format=fmt)
+            optimizer = None
+        else:
+            model = diffusers_unet(preset)
+            net = lambda x, t, model=model: model(x, t).sample  # noqa: E731
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+        x0 = torch.rand(batch, 3, 32, 32).mul(2).sub(1).contiguous(memory_format=fmt)
+        eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
+        step = train_step_fn(model, net, x0, t, eps, precision, optimizer)
+        timings[impl] = (step, ConvClock(model), {"step": [], "convolutions": []})
+        for _ in range(WARMUP_STEPS):
+            step()
+    for _ in range(rounds):
+        for step, clock, times in timings.values():
+            start = time.perf_counter()
+            step()
+            times["step"].append(time.perf_counter() - start)
+            clock.on, clock.seconds = True, 0.0
+            step()
+            clock.on = False
+            times["convolutions"].append(clock.seconds)
+    ms = {impl: {k: statistics.median(v) * 1e3 for k, v in times.items()} for impl, (_, _, times) in timings.items()}
+    print(f"\nin situ, median of {rounds} alternating rounds ({preset}, batch {batch}, {precision}):")
+    for impl, m in ms.items():
+        print(f"  {impl:<10} step {m['step']:6.0f} ms, of which convolutions {m['convolutions']:4.0f} ms "
+              f"({100 * m['convolutions'] / m['step']:.0f}%), the rest {m['step'] - m['convolutions']:4.0f} ms")
+    print(f"  ours / diffusers: {ms['diffusers']['step'] / ms['ours']['step']:.2f}x now; at most "
+          f"{ms['diffusers']['step'] / ms['ours']['convolutions']:.2f}x if all but our convolutions were free")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--in-situ", action="store_true", help="also time the convolutions inside ours and diffusers' steps")
     args = parser.parse_args()
     dev = torch.device("cpu")
     keep_cpu_memory()
@@ -110,6 +205,8 @@ def main() -> None:
     print(f"the full step:      {step_s * 1e3:.0f} ms, {flops_of_step / step_s / 1e9:.0f} GFLOP/s "
           f"({100 * flops_of_step / step_s / peak:.0f}% of peak); convolutions are {100 * conv_total / step_s:.0f}% of it")
     print(f"ceiling with everything but convolutions free: {100 * flops_of_step / conv_total / peak:.0f}% of peak")
+    if args.in_situ:
+        in_situ(args.preset, args.batch, args.precision)
 
 
 if __name__ == "__main__":
