@@ -37,6 +37,7 @@ class ImageData:
     images: torch.Tensor | None = None
     paths: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    upscaled: list[int] = field(default_factory=list)  # short sides of the images smaller than image_size
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths)
@@ -101,12 +102,18 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
 
 def decode_image(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
     """Decode one file, resize the short side to `size` and centre-crop: (C, size, size) uint8."""
+    return _decode(path, size, channels)[0]
+
+
+def _decode(path: str | os.PathLike, size: int, channels: int) -> tuple[torch.Tensor, int]:
+    """decode_image's result and the file's own short side (a JPEG draft never goes below `size`)."""
     im = _open(path, channels, draft=size)
-    scale = size / min(im.size)
+    short = min(im.size)
+    scale = size / short
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (w - size) // 2, (h - size) // 2
-    return _to_tensor(im.crop((left, top, left + size, top + size)))
+    return _to_tensor(im.crop((left, top, left + size, top + size))), short
 
 
 def find_files(root: Path) -> list[Path]:
@@ -124,10 +131,10 @@ def find_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _try_decode(path: Path, size: int, channels: int) -> torch.Tensor | str:
-    """The decoded image, or the reason it could not be decoded."""
+def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int] | str:
+    """The decoded image and its own short side, or the reason it could not be decoded."""
     try:
-        return decode_image(path, size, channels)
+        return _decode(path, size, channels)
     except Image.UnidentifiedImageError:
         return "not an image"
     except Image.DecompressionBombError as e:
@@ -163,6 +170,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     images: list[torch.Tensor] = []
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []
+    upscaled: list[int] = []
     workers = max(1, min(8, os.cpu_count() or 1))
     decode_as = channels or 3
     with ThreadPoolExecutor(workers) as pool:
@@ -170,8 +178,10 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
             if isinstance(result, str):
                 skipped.append((str(path), result))
             else:
-                images.append(result)
+                images.append(result[0])
                 kept.append(path)
+                if result[1] < size:
+                    upscaled.append(result[1])
             if progress:
                 progress(i + 1, len(files))
     if not images:
@@ -181,7 +191,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         channels = 1 if all(is_grayscale(im) for im in images) else 3
         if channels == 1:
             images = [im[:1] for im in images]
-    data = ImageData(str(root), size, channels, paths=kept, skipped=skipped)
+    data = ImageData(str(root), size, channels, paths=kept, skipped=skipped, upscaled=upscaled)
     if len(images) * channels * size * size < _memory_available() // 2:
         data.images = torch.stack(images)
     return data

@@ -195,6 +195,16 @@ def test_a_grayscale_folder_trains_a_grayscale_model(run_cli, tmp_path, monkeypa
     assert "grayscale" not in result.err and Image.open(tmp_path / "rgb" / "samples" / "step_000002.png").mode == "RGB"
 
 
+def test_enlarging_small_images_is_a_warning(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, size in enumerate([(20, 14), (30, 30)]):
+        write_image(tmp_path / "icons" / f"{i}.png", size=size, seed=i)
+    args = ["--model", "tiny", "--batch-size", "2", "--steps", "1"]
+    enlarged = run_cli("train", "icons", *args, "--image-size", "16", "--out", "a")
+    assert enlarged.code == 0 and "1 of 2 images is smaller than --image-size 16 (the smallest is 14" in enlarged.err
+    assert "smaller than" not in run_cli("train", "icons", *args, "--image-size", "8", "--out", "b").err
+
+
 def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, image_folder):
     run, _ = trained  # the working directory is the trained run's tmp_path
     Path("taken.png").write_bytes(b"not ours to overwrite")

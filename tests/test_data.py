@@ -50,6 +50,14 @@ def test_resize_short_side_and_centre_crop(tmp_path):
     assert out.shape == (3, 10, 10) and out.float().mean() > 240
 
 
+def test_images_smaller_than_the_training_size_are_counted(tmp_path):
+    Image.new("RGB", (12, 8)).save(tmp_path / "small.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "large.png")
+    Image.new("RGB", (200, 100)).save(tmp_path / "photo.jpg")  # decoded at a reduced scale, still not below 16
+    assert load_folder(tmp_path, 16).upscaled == [8]
+    assert sorted(load_folder(tmp_path, 64).upscaled) == [8, 40]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     im = Image.new("RGB", (40, 20), "black")
     im.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
