@@ -13,7 +13,7 @@ timed too (`diffuse train`'s own step), to show how much of it is not convolutio
 Alone, a convolution runs with its data hot in cache; inside a step it runs a little slower.
 `--in-situ` also times the convolutions where they are, inside full steps of ours and of
 diffusers' UNet2DModel (the same architecture, its training step as train_speed.py takes it),
-alternating the two. Ours can be at most (diffusers' step) / (our convolutions) times as fast
+alternating the two, and with them the GroupNorm and linear layers. Ours can be at most (diffusers' step) / (our convolutions) times as fast
 as diffusers, even if everything in our step but the convolutions cost nothing.
 
     python benchmarks/conv_ceiling.py                       # small, batch 16, bf16
@@ -79,7 +79,7 @@ def conv_seconds(call: ConvCall, fmt: torch.memory_format, precision: str, dev: 
 
 
 class _Mark(torch.autograd.Function):
-    """Identity whose backward notes the time: around a convolution, the two marks bracket its backward."""
+    """Identity whose backward notes the time: around a layer, the two marks bracket its backward."""
 
     @staticmethod
     def forward(ctx, x, clock, edge):
@@ -92,17 +92,17 @@ class _Mark(torch.autograd.Function):
         return grad, None, None
 
 
-class ConvClock:
-    """Adds up the seconds a model's Conv2d layers take, forward and backward, inside real steps.
+class LayerClock:
+    """Adds up the seconds one kind of layer takes, forward and backward, inside real steps.
 
     On the CPU every kernel runs synchronously, so wall-clock time around a layer is its cost.
     The autograd engine runs a layer's backward right after its output's gradient is ready; the
     marks only add timing calls (the step is timed again without them)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, kind: type):
         self.on, self.seconds, self._started = False, 0.0, 0.0
-        for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
-            conv.forward = self._timed(conv.forward)
+        for layer in (m for m in model.modules() if isinstance(m, kind)):
+            layer.forward = self._timed(layer.forward)
 
     def _timed(self, forward):
         def run(x):
@@ -123,12 +123,17 @@ class ConvClock:
             self.seconds += now - self._started
 
 
+CLOCKED = {"convolutions": torch.nn.Conv2d, "GroupNorm": torch.nn.GroupNorm, "linear": torch.nn.Linear}
+
+
 def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
-    """Time both steps plainly and with their convolutions clocked, alternating; print medians."""
+    """Time both steps plainly and with their layers clocked, alternating; print medians.
+    The rest is what the clocks do not cover: activations, attention's matmuls and softmax,
+    autocast's casts, the loss, the optimizer and EMA, Python."""
     from train_speed import WARMUP_STEPS, diffusers_unet
 
     dev = torch.device("cpu")
-    timings = {}
+    runs = {}
     for impl in ("ours", "diffusers"):
         torch.manual_seed(0)
         fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
@@ -141,24 +146,28 @@ def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
         x0 = torch.rand(batch, 3, 32, 32).mul(2).sub(1).contiguous(memory_format=fmt)
         eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
-        step = train_step_fn(model, net, x0, t, eps, precision, optimizer)
-        timings[impl] = (step, ConvClock(model), {"step": [], "convolutions": []})
+        clocks = {name: LayerClock(model, kind) for name, kind in CLOCKED.items()}
+        runs[impl] = (train_step_fn(model, net, x0, t, eps, precision, optimizer), clocks, collections.defaultdict(list))
         for _ in range(WARMUP_STEPS):
-            step()
+            runs[impl][0]()
     for _ in range(rounds):
-        for step, clock, times in timings.values():
+        for step, clocks, times in runs.values():
             start = time.perf_counter()
             step()
             times["step"].append(time.perf_counter() - start)
-            clock.on, clock.seconds = True, 0.0
+            for clock in clocks.values():
+                clock.on, clock.seconds = True, 0.0
             step()
-            clock.on = False
-            times["convolutions"].append(clock.seconds)
-    ms = {impl: {k: statistics.median(v) * 1e3 for k, v in times.items()} for impl, (_, _, times) in timings.items()}
-    print(f"\nin situ, median of {rounds} alternating rounds ({preset}, batch {batch}, {precision}):")
+            for name, clock in clocks.items():
+                clock.on = False
+                times[name].append(clock.seconds)
+    ms = {impl: {k: statistics.median(v) * 1e3 for k, v in times.items()} for impl, (*_, times) in runs.items()}
+    print(f"\nin situ, median of {rounds} alternating rounds ({preset}, batch {batch}, {precision}), ms:")
+    print(f"  {'':<10}{'step':>7}{'convolutions':>14}{'GroupNorm':>11}{'linear':>8}{'the rest':>10}")
     for impl, m in ms.items():
-        print(f"  {impl:<10} step {m['step']:6.0f} ms, of which convolutions {m['convolutions']:4.0f} ms "
-              f"({100 * m['convolutions'] / m['step']:.0f}%), the rest {m['step'] - m['convolutions']:4.0f} ms")
+        rest = m["step"] - sum(m[name] for name in CLOCKED)
+        print(f"  {impl:<10}{m['step']:>7.0f}{m['convolutions']:>14.0f}{m['GroupNorm']:>11.0f}{m['linear']:>8.0f}"
+              f"{rest:>10.0f}")
     print(f"  ours / diffusers: {ms['diffusers']['step'] / ms['ours']['step']:.2f}x now; at most "
           f"{ms['diffusers']['step'] / ms['ours']['convolutions']:.2f}x if all but our convolutions were free")
 
@@ -168,7 +177,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    parser.add_argument("--in-situ", action="store_true", help="also time the convolutions inside ours and diffusers' steps")
+    parser.add_argument("--in-situ", action="store_true", help="also time the layers inside ours and diffusers' steps")
     args = parser.parse_args()
     dev = torch.device("cpu")
     keep_cpu_memory()
