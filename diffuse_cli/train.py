@@ -334,6 +334,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     start_time, start_step, stopped_by = time.monotonic(), step, "steps"
     last_log = (time.monotonic(), step)
     model.train()
+    if step >= tc.steps:
+        hooks.log(f"the run is already at step {step} of {tc.steps}; pass a larger --steps to train it further")
     while step < tc.steps:
         over_time = options.max_time is not None and time.monotonic() - start_time >= options.max_time
         stop = distributed.any_rank(hooks.should_stop(step) or over_time, world, device)

@@ -91,6 +91,8 @@ def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, ima
     resumed = run_cli("train", image_folder, *TINY, "--steps", "6", "--out", run, "--resume", "auto")
     assert resumed.code == 0, resumed
     assert json.loads(run_cli("inspect", run, "--json").out)["step"] == 6
+    done = run_cli("train", image_folder, *TINY, "--steps", "3", "--resume", run)
+    assert done.code == 0 and "already at step 6 of 3" in done.err + done.out
     changed = run_cli("train", image_folder, "--image-size", "16", "--resume", run)
     assert_clean_error(changed, "image-size", "cannot change on resume")
 
