@@ -11,10 +11,12 @@ is the best share of peak any implementation calling these kernels can reach. Th
 timed too (`diffuse train`'s own step), to show how much of it is not convolution.
 
 Alone, a convolution runs with its data hot in cache; inside a step it runs a little slower.
-`--in-situ` also times the convolutions where they are, inside full steps of ours and of
-diffusers' UNet2DModel (the same architecture, its training step as train_speed.py takes it),
-alternating the two, and with them the GroupNorm and linear layers. Ours can be at most (diffusers' step) / (our convolutions) times as fast
-as diffusers, even if everything in our step but the convolutions cost nothing.
+`--in-situ` also times the convolutions, GroupNorms and linear layers where they are, inside
+full steps of ours and of diffusers' UNet2DModel (the same architecture, trained with torch's
+AdamW as in train_speed.py), alternating the two. Both run in this one process, so diffusers
+gets our malloc setting too (train_speed.py's "as shipped" leaves it out). Ours can be at most
+(diffusers' step) / (our convolutions) times as fast as diffusers, even if everything in our
+step but the convolutions cost nothing.
 
     python benchmarks/conv_ceiling.py                       # small, batch 16, bf16
     python benchmarks/conv_ceiling.py --preset ddpm-cifar10 --batch 64 --precision fp32
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import step_flops, timed, train_step_fn  # noqa: E402
-from train_speed import practical_peak  # noqa: E402
+from train_speed import WARMUP_STEPS, contestant, practical_peak  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
@@ -130,22 +132,10 @@ def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
     """Time both steps plainly and with their layers clocked, alternating; print medians.
     The rest is what the clocks do not cover: activations, attention's matmuls and softmax,
     autocast's casts, the loss, the optimizer and EMA, Python."""
-    from train_speed import WARMUP_STEPS, diffusers_unet
-
-    dev = torch.device("cpu")
     runs = {}
     for impl in ("ours", "diffusers"):
-        torch.manual_seed(0)
-        fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
-        if impl == "ours":
-            model = net = UNet(model_config(preset, image_size=32)).to(memory_format=fmt)
-            optimizer = None
-        else:
-            model = diffusers_unet(preset)
-            net = lambda x, t, model=model: model(x, t).sample  # noqa: E731
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
-        x0 = torch.rand(batch, 3, 32, 32).mul(2).sub(1).contiguous(memory_format=fmt)
-        eps, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
+        model, net, x0, t, eps, optimizer = contestant(impl, preset, batch, precision, torch.device("cpu"),
+                                                       our_runtime=impl == "ours")
         clocks = {name: LayerClock(model, kind) for name, kind in CLOCKED.items()}
         runs[impl] = (train_step_fn(model, net, x0, t, eps, precision, optimizer), clocks, collections.defaultdict(list))
         for _ in range(WARMUP_STEPS):

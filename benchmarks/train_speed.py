@@ -58,15 +58,13 @@ def diffusers_unet(preset: str):
 WARMUP_STEPS = 8  # glibc's own mmap threshold takes ~8 steps to settle where it is left alone
 
 
-def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, our_runtime: bool,
-            cuda_graph: bool, queue) -> None:
-    dev = torch.device(device)
-    if our_runtime and dev.type == "cpu":
-        keep_cpu_memory()
+def contestant(impl: str, preset: str, batch: int, precision: str, dev: torch.device, our_runtime: bool):
+    """(model, net, x0, t, eps, optimizer) for "ours" or "diffusers" at a preset's architecture:
+    each in its own memory format, with torch's AdamW (as diffusers' training script runs) unless
+    `our_runtime` (optimizer None: train_step_fn then takes our step)."""
     torch.manual_seed(0)
     if impl == "ours":
-        model = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev, precision))
-        net = model
+        model = net = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev, precision))
     else:
         model = diffusers_unet(preset).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
@@ -74,9 +72,17 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)
-    sync = synchronizer(dev)
-
     optimizer = None if our_runtime else torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    return model, net, x0, t, eps, optimizer
+
+
+def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, our_runtime: bool,
+            cuda_graph: bool, queue) -> None:
+    dev = torch.device(device)
+    if our_runtime and dev.type == "cpu":
+        keep_cpu_memory()
+    model, net, x0, t, eps, optimizer = contestant(impl, preset, batch, precision, dev, our_runtime)
+    sync = synchronizer(dev)
     train_step = train_step_fn(model, net, x0, t, eps, precision, optimizer, cuda_graph)
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
