@@ -243,7 +243,7 @@ def sample(
     batch_size: int = typer.Option(64, help="Images per network call."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and predicted x_0)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the network."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 (GPUs) or auto (as train picks) for the network."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
                                     help="On CUDA, replay each network call as a CUDA graph; off to debug."),
 ) -> None:

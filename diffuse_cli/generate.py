@@ -8,7 +8,7 @@ import torch
 
 from .config import Config, Precision
 from .data import to_uint8
-from .device import autocast, layout_of
+from .device import autocast, layout_of, resolve_precision
 from .graphs import graphed_forward
 from .objectives import as_eps_model
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
@@ -31,6 +31,7 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)  # 'auto' as training picks it; fp16 only on GPUs
     layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 

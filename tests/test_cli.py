@@ -61,6 +61,19 @@ def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli,
     assert Image.open(tmp_path / "c" / "trajectory.png").mode == "RGB"
 
 
+def test_sample_precision_auto_is_what_train_picks_and_fp16_needs_a_gpu(trained, run_cli, tmp_path):
+    import torch
+
+    from diffuse_cli.device import resolve_precision
+
+    picked = resolve_precision("auto", torch.device("cpu"))
+    for precision in ("auto", picked):
+        assert run_cli("sample", "-n", "2", "--steps", "2", "--device", "cpu", "--precision", precision,
+                       "--out", precision).code == 0
+    assert (tmp_path / "auto" / "grid.png").read_bytes() == (tmp_path / picked / "grid.png").read_bytes()
+    assert_clean_error(run_cli("sample", "-n", "1", "--device", "cpu", "--precision", "fp16"), "fp16 is for GPUs")
+
+
 def test_inspect_table_and_json(trained, run_cli):
     run, _ = trained
     table = run_cli("inspect", run / "model.safetensors")
