@@ -1,12 +1,19 @@
 """How good are samples after a fixed wall-clock budget: old (DDPM paper) against new defaults.
 
 Trains the `small` preset on the built-in dataset (at its default 16x16) for the same time with
-each recipe, samples
-512 images with the default sampler (25 steps), and prints the random-feature FD
-(common.py) to held-out built-in images. Lower is better; `python benchmarks/common.py` gives
-the anchors (held-out real images, blurred images, noise).
+each recipe, samples 512 images with the default sampler (25 steps), and prints the
+random-feature FD (common.py) to held-out built-in images. Lower is better; `python
+benchmarks/common.py` gives the anchors (held-out real images, blurred images, noise).
+
+The `diffusers-example` recipe is the tool people use instead: diffusers' UNet2DModel with the
+same architecture, trained with the defaults of diffusers' train_unconditional.py example (ε,
+linear schedule, lr 1e-4 with 500 warm-up steps and cosine decay, AdamW β = (0.95, 0.999),
+weight decay 1e-6, clipping at 1, EMA with warm-up, batch 16, fp32), fed from the same in-memory
+images (which spares it the example's per-image PIL transforms). It is sampled twice: as its
+DDPMPipeline does (1000 DDPM steps), and with our default sampler.
 
     python benchmarks/convergence.py --budget 10m
+    python benchmarks/convergence.py --budget 10m --recipes new diffusers-example   # needs '.[bench]'
     python benchmarks/convergence.py --budget 2m --recipes new
     python benchmarks/convergence.py --budget 1h --steps 1500 --recipes new new-fp32   # equal steps
 """
@@ -17,13 +24,18 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import image_fd  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
+from diffuse_cli.config import BUILTIN_IMAGE_SIZE, Config, DiffusionConfig, model_config, parse_duration  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
+from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.shapes import render_shapes  # noqa: E402
 
 RECIPES = {
@@ -32,7 +44,76 @@ RECIPES = {
             "--min-snr-gamma", "0", "--ema-max-decay", "0", "--precision", "fp32", "--warmup", "0"],
     "new": [],  # the current defaults
     "new-fp32": ["--precision", "fp32"],  # the same in fp32: does bf16 autocast cost quality per step?
+    "diffusers-example": None,  # not ours: trained by train_diffusers_example below
 }
+
+
+def train_diffusers_example(budget_s: float, image_size: int, seed: int = 0):
+    """diffusers' UNet2DModel (`small`'s architecture) trained for budget_s seconds as its
+    train_unconditional.py example trains by default; returns (EMA model, steps, images seen)."""
+    from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from train_speed import diffusers_unet
+
+    from diffuse_cli.data import load_builtin, to_model
+
+    torch.manual_seed(seed)
+    images = load_builtin(image_size).images
+    model = diffusers_unet("small", image_size)
+    schedule = NoiseSchedule.make("linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    batch, epochs = 16, 100
+    lr_schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
+                                num_training_steps=epochs * len(images) // batch)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   model_cls=UNet2DModel, model_config=model.config)
+    start, step = time.monotonic(), 0
+    model.train()
+    while time.monotonic() - start < budget_s:
+        x0 = to_model(images[torch.randint(0, len(images), (batch,))])
+        x0 = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, x0.flip(-1), x0)
+        t, eps = torch.randint(0, schedule.timesteps, (batch,)), torch.randn_like(x0)
+        loss = torch.nn.functional.mse_loss(model(schedule.q_sample(x0, t, eps), t).sample, eps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(model.parameters())
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+    ema.copy_to(model.parameters())
+    return model.eval(), step, step * batch
+
+
+class EpsNetwork(torch.nn.Module):
+    """diffusers' UNet2DModel as our samplers call a network: (x_t, t) -> output tensor."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+@torch.no_grad()
+def sample_diffusers_pipeline(model, n: int, image_size: int, batch: int = 128) -> torch.Tensor:
+    """n images as DDPMPipeline draws them: 1000 DDPM steps of diffusers' own scheduler."""
+    from diffusers import DDPMScheduler
+
+    from diffuse_cli.data import to_uint8
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(1000)
+    out = []
+    for first in range(0, n, batch):
+        g = torch.Generator().manual_seed(first)
+        x = torch.randn(min(batch, n - first), 3, image_size, image_size, generator=g)
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t).sample, t, x, generator=g).prev_sample
+        out.append(to_uint8(x))
+    return torch.cat(out)
 
 
 def main() -> None:
@@ -46,6 +127,9 @@ def main() -> None:
 
     results = {}
     for name in args.recipes:
+        if name == "diffusers-example":
+            results.update(diffusers_example(parse_duration(args.budget), args.samples))
+            continue
         run = Path(args.out) / name
         cmd = [sys.executable, "-m", "diffuse_cli", "train", "--max-time", args.budget, "--steps", str(args.steps),
                "--out", str(run), "--sample-every", "100000", "--save-every", "100000", *RECIPES[name]]
@@ -59,9 +143,27 @@ def main() -> None:
         images, _ = generate(model, config, args.samples, seed=0, batch_size=128, precision="bf16")
         results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": image_fd(held_out, images)}
         print(json.dumps({name: results[name]}), flush=True)
-    print(f"\n{'recipe':<10}{'steps':>8}{'images':>10}{'random-feature FD':>20}   (budget {args.budget})")
+    print(f"\n{'recipe':<34}{'steps':>8}{'images':>10}{'random-feature FD':>20}   (budget {args.budget})")
     for name, r in results.items():
-        print(f"{name:<10}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}")
+        print(f"{name:<34}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}")
+
+
+def diffusers_example(budget_s: float, n: int) -> dict:
+    """Train the diffusers-example recipe, sample it both ways, and score each."""
+    size = BUILTIN_IMAGE_SIZE
+    print(f"diffusers' UNet2DModel, train_unconditional.py's defaults, for {budget_s:.0f} s", flush=True)
+    model, steps, seen = train_diffusers_example(budget_s, size)
+    held_out = render_shapes(n, size, seed=1)
+    # The same network under our default sampler: its config says what it was trained for (ε, linear).
+    config = Config(preset="small", model=model_config("small", image_size=size),
+                    diffusion=DiffusionConfig(schedule="linear", objective="eps"))
+    ours, _ = generate(EpsNetwork(model), config, n, seed=0, batch_size=128, precision="bf16")
+    results = {"diffusers-example, DDPMPipeline (1000)": sample_diffusers_pipeline(model, n, size),
+               "diffusers-example, our sampler": ours}
+    results = {k: {"steps": steps, "images_seen": seen, "fd": image_fd(held_out, v)} for k, v in results.items()}
+    for k, v in results.items():
+        print(json.dumps({k: v}), flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ from diffuse_cli.graphs import graphed_forward  # noqa: E402
 from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
 
 
-def diffusers_unet(preset: str):
-    """diffusers' UNet2DModel with the preset's architecture."""
+def diffusers_unet(preset: str, image_size: int = 32):
+    """diffusers' UNet2DModel with the preset's architecture (attention at the same resolutions)."""
     from diffusers import UNet2DModel
 
-    cfg = model_config(preset, image_size=32)
+    cfg = model_config(preset, image_size=image_size)
     attn_levels = [cfg.image_size // 2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
     return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=cfg.num_res_blocks,
+        sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=cfg.num_res_blocks,
         block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)),
