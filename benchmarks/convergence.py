@@ -143,9 +143,10 @@ def main() -> None:
         images, _ = generate(model, config, args.samples, seed=0, batch_size=128, precision="bf16")
         results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": image_fd(held_out, images)}
         print(json.dumps({name: results[name]}), flush=True)
-    print(f"\n{'recipe':<34}{'steps':>8}{'images':>10}{'random-feature FD':>20}   (budget {args.budget})")
+    width = max(map(len, ["recipe", *results])) + 2
+    print(f"\n{'recipe':<{width}}{'steps':>8}{'images':>10}{'random-feature FD':>20}   (budget {args.budget})")
     for name, r in results.items():
-        print(f"{name:<34}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}")
+        print(f"{name:<{width}}{r['steps']:>8}{r['images_seen']:>10}{r['fd']:>20.3f}")
 
 
 def diffusers_example(budget_s: float, n: int) -> dict:
