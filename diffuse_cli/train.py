@@ -273,7 +273,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
               and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
     images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
     hooks.log(f"device {device}, precision {precision}, preset {config.preset}, "
-              f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)}, "
+              f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)} "
+              f"at {config.model.image_size}x{config.model.image_size}{' grayscale' * (config.model.channels == 1)}, "
               f"effective batch {tc.batch_size * tc.grad_accum}"
               + (f" over {world.size} processes" if world.size > 1 else "")
               + (", CUDA graph" if use_graph else ""))

@@ -40,6 +40,9 @@ def trained(tmp_path, image_folder, run_cli, monkeypatch):
 def test_train_writes_a_run_folder(trained):
     run, result = trained
     assert "skipped 2 of 11 files" in result.err and "broken.png" in result.err and "notes.txt" in result.err
+    start = " ".join((result.err + result.out).split())  # rich wraps long lines
+    assert re.search(r"device \S+, precision \w+, preset tiny, [\d.]+M parameters, 9 images at 8x8, "
+                     r"effective batch 4", start), start
     assert (run / "model.safetensors").exists() and (run / "training_state.safetensors").exists()
     grid = Image.open(run / "samples" / "step_000004.png")
     assert grid.mode == "RGB" and grid.width >= 4 * 8
