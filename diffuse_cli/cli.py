@@ -174,10 +174,10 @@ def train(
         err.print(f"[yellow]warning:[/] skipped {len(data_set.skipped)} of {len(data_set) + len(data_set.skipped)} "
                   f"files: {listed}{more}", highlight=False, soft_wrap=True)
     if data_set.upscaled and is_main:
-        err.print(f"[yellow]warning:[/] {len(data_set.upscaled)} of {len(data_set)} images "
-                  f"{'is' if len(data_set.upscaled) == 1 else 'are'} smaller than "
+        verb = "is" if len(data_set.upscaled) == 1 else "are"
+        err.print(f"[yellow]warning:[/] {len(data_set.upscaled)} of {len(data_set)} images {verb} smaller than "
                   f"--image-size {config.model.image_size} (the smallest is {min(data_set.upscaled)} pixels on its "
-                  "short side) and are enlarged, which blurs them; a smaller --image-size keeps their detail",
+                  f"short side) and {verb} enlarged, which blurs them; a smaller --image-size keeps their detail",
                   highlight=False, soft_wrap=True)
     if data_set.images is None and is_main:
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
