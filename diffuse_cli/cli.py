@@ -102,6 +102,8 @@ def train(
     grad_clip: Optional[float] = typer.Option(None, help=f"Clip the gradient norm (0: off). \\[default: {TrainConfig.grad_clip}]"),
     min_snr_gamma: Optional[float] = typer.Option(None, help=f"Min-SNR-γ loss weighting (0: off). \\[default: {TrainConfig.min_snr_gamma}]"),
     ema_max_decay: Optional[float] = typer.Option(None, help=f"Upper bound of the EMA decay. \\[default: {TrainConfig.ema_max_decay}]"),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Mirror training images left-right at random; "
+                                         "--no-hflip for text, digits or anything with a handedness. \\[default: hflip]"),
     precision: Optional[str] = typer.Option(None, help=f"auto, fp32, bf16 or fp16. \\[default: {TrainConfig.precision}]"),
     seed: Optional[int] = typer.Option(None, help=f"Seed for weights, data order and noise. \\[default: {TrainConfig.seed}]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. \\[default: checkpoints/<data>-<preset>-<time>]"),
@@ -125,7 +127,7 @@ def train(
                        if v is not None}
     given_train = {k: v for k, v in dict(batch_size=batch_size, steps=steps, lr=lr, lr_schedule=lr_schedule,
                                          warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
-                                         min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay,
+                                         min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, hflip=hflip,
                                          precision=precision, seed=seed).items() if v is not None}
     if "schedule" in given_diffusion:
         check_choice(schedule, Schedule, "schedule")

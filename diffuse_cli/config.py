@@ -66,6 +66,7 @@ class TrainConfig:
     ema_max_decay: float = 0.9999
     ema_power: float = 2 / 3  # EMA warm-up of Karras et al.: decay = 1 - (1 + step)^-power
     min_snr_gamma: float = 5.0  # 0 turns min-SNR-γ weighting off
+    hflip: bool = True  # mirror each training image left-right with probability 1/2 (Ho et al.'s augmentation)
     precision: Precision = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     seed: int = 0

@@ -323,7 +323,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             t = torch.randint(0, schedule.timesteps, (tc.batch_size,), generator=g, device=device)
             eps = torch.randn((tc.batch_size, config.model.channels, config.model.image_size,
                                config.model.image_size), generator=g, device=device)
-            flip = torch.rand(tc.batch_size, generator=g, device=device) < 0.5
+            flip = torch.rand(tc.batch_size, generator=g, device=device) < (0.5 if tc.hflip else 0.0)
             idx = batch_indices(now_step, micro, config, len(data), perms)[mine]
             x0 = to_model(images[idx.to(images.device)] if images is not None else data.batch(idx)).to(device)
             io.x0[micro].copy_(torch.where(flip[mine, None, None, None], x0.flip(-1), x0))

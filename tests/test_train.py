@@ -17,7 +17,7 @@ from diffuse_cli import train as train_module
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.config import Config, TrainConfig, model_config
-from diffuse_cli.data import load_builtin
+from diffuse_cli.data import ImageData, load_builtin, to_model
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
                                lr_at, optimizer_step, train)
@@ -95,6 +95,26 @@ def test_each_epoch_is_a_fresh_permutation():
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert not torch.equal(seen[:10], seen[10:])
     assert torch.equal(batch_indices(3, 0, config, 10, {}), seen[15:])
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_hflip_mirrors_some_images_and_no_hflip_none(tmp_path, monkeypatch, hflip):
+    images = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = ImageData("noise", 8, 3, images=images)
+    real, fed = train_module.diffusion_loss, []
+
+    def spy(net, objective, schedule, x0, *args, **kwargs):
+        fed.append(x0.detach().clone())
+        return real(net, objective, schedule, x0, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", spy)
+    train(replace(CONFIG, train=replace(CONFIG.train, hflip=hflip)), data, tmp_path, OPTIONS)
+    plain, mirrored = to_model(images).flatten(1), to_model(images.flip(-1)).flatten(1)
+    rows = torch.cat(fed).flatten(1)
+    is_plain = (rows[:, None] == plain[None]).all(-1).any(1)
+    is_mirrored = (rows[:, None] == mirrored[None]).all(-1).any(1)
+    assert len(rows) == 6 * 4 and (is_plain | is_mirrored).all()
+    assert is_mirrored.any() == hflip and is_plain.any()
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
