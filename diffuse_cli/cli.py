@@ -28,6 +28,8 @@ from .runs import config_for_run, new_run_folder, resolve_run
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
+# Below this many training images a diffusion model soon reproduces them: a note says so at start.
+FEW_IMAGES = 1000
 out = Console()
 err = Console(stderr=True)
 
@@ -181,6 +183,9 @@ def train(
                   f"--image-size {config.model.image_size} (the smallest is {min(data_set.upscaled)} pixels on its "
                   f"short side) and {verb} enlarged, which blurs them; a smaller --image-size keeps their detail",
                   highlight=False, soft_wrap=True)
+    if data is not None and len(data_set) < FEW_IMAGES and is_main:
+        err.print(f"[yellow]note:[/] {len(data_set)} images is few for a diffusion model (thousands are usual); "
+                  "as training goes on its samples will copy them more and more closely", highlight=False, soft_wrap=True)
     if data_set.images is None and is_main:
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from diffuse_cli import cli
 from diffuse_cli.cli import app
 from diffuse_cli.samplers import SAMPLERS
 
@@ -221,6 +222,18 @@ def test_enlarging_small_images_is_a_warning(run_cli, tmp_path, monkeypatch):
     enlarged = run_cli("train", "icons", *args, "--image-size", "16", "--out", "a")
     assert enlarged.code == 0 and "1 of 2 images is smaller than --image-size 16 (the smallest is 14" in enlarged.err
     assert "smaller than" not in run_cli("train", "icons", *args, "--image-size", "8", "--out", "b").err
+
+
+def test_a_small_folder_gets_a_note_that_samples_will_copy_it(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(2):
+        write_image(tmp_path / "few" / f"{i}.png", seed=i)
+    args = ["few", "--model", "tiny", "--batch-size", "2", "--steps", "1", "--image-size", "8"]
+    monkeypatch.setattr(cli, "FEW_IMAGES", 3)
+    noted = run_cli("train", *args, "--out", "a")
+    assert noted.code == 0 and "note: 2 images is few" in noted.err
+    monkeypatch.setattr(cli, "FEW_IMAGES", 2)
+    assert "is few" not in run_cli("train", *args, "--out", "b").err
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, image_folder):
