@@ -299,7 +299,8 @@ def sample(
         images, nfe = generate(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                                spacing=spacing, precision=precision, callback=record if trajectory else None,
                                progress=lambda i, total: bar.update(task, completed=i, total=total),
-                               cuda_graph=cuda_graph, **options)
+                               cuda_graph=cuda_graph, log=lambda m: bar.console.print(m, highlight=False, markup=False),
+                               **options)
     elapsed = time.perf_counter() - start
     for i, image in enumerate(images):
         save_png(image, folder / f"{i:04d}.png")

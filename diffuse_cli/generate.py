@@ -25,9 +25,10 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
              steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
              precision: Precision = "fp32", clip_x0: bool = True,
              progress: Callable[[int, int], None] | None = None,
-             callback: Callback | None = None, cuda_graph: bool = True, **options) -> tuple[torch.Tensor, int]:
+             callback: Callback | None = None, cuda_graph: bool = True,
+             log: Callable[[str], None] = lambda message: None, **options) -> tuple[torch.Tensor, int]:
     """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; on CUDA each
-    network call replays a CUDA graph unless cuda_graph=False."""
+    network call replays a CUDA graph unless cuda_graph=False (or its capture fails: `log` says so)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
@@ -38,7 +39,8 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
             return model(x.contiguous(memory_format=layout), t)
-    net = graphed_forward(network) if cuda_graph and device.type == "cuda" else network
+    fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
+    net = graphed_forward(network, fallback) if cuda_graph and device.type == "cuda" else network
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
     nfe_per_batch = SAMPLERS[sampler].nfe(steps)
     total_calls = nfe_per_batch * -(-n // batch_size)

@@ -24,41 +24,73 @@ def _warm_up(fn: Callable[[], object]) -> object:
     return out
 
 
-def graphed_step(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+def _capture(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output) of recording fn; the launches are recorded, not run."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def _why(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def graphed_step(step: Callable[[], None], warmup: int = 3,
+                 on_fallback: Callable[[str], None] = lambda why: None) -> Callable[[], None]:
     """`step` (no arguments, fixed tensors) as a CUDA graph: its first `warmup` calls run eagerly,
-    the next is captured, and every call from then on replays the capture."""
+    the next is captured, and every call from then on replays the capture. If capture fails (an
+    operator that cannot be recorded on this GPU or torch), `on_fallback(why)` is told and every
+    call runs eagerly: a failed capture recorded the step without running it."""
     graph: torch.cuda.CUDAGraph | None = None
-    calls = 0
+    calls, eager = 0, False
 
     def run() -> None:
-        nonlocal graph, calls
+        nonlocal graph, calls, eager
         calls += 1
+        if eager:
+            step()
+            return
         if calls <= warmup:
             _warm_up(step)
             return
         if graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the step without running it
+            try:
+                graph, _ = _capture(step)
+            except Exception as e:  # noqa: BLE001 -- any failure to record: train on eagerly
+                eager = True
+                on_fallback(_why(e))
                 step()
+                return
         graph.replay()
     return run
 
 
-def graphed_forward(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def graphed_forward(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    on_fallback: Callable[[str], None] = lambda why: None
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """fn(x, t) (no grad) replayed as a CUDA graph, one per input shape; returns a fresh output."""
+    """fn(x, t) (no grad) replayed as a CUDA graph, one per input shape; returns a fresh output.
+    If capture fails, `on_fallback(why)` is told and every call runs fn eagerly."""
     graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     pool = torch.cuda.graph_pool_handle()  # the graphs of several batch sizes share their memory
+    eager = False
 
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal eager
         key = (x.shape, x.dtype, x.stride(), t.shape, t.dtype)
-        if key not in graphs:
+        if not eager and key not in graphs:
             static_x, static_t = x.clone(), t.clone()
             _warm_up(lambda: fn(static_x, static_t))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = fn(static_x, static_t)
-            graphs[key] = graph, static_x, static_t, static_out
+            try:
+                graph, static_out = _capture(lambda: fn(static_x, static_t), pool)
+            except Exception as e:  # noqa: BLE001 -- any failure to record: sample on eagerly
+                eager = True
+                on_fallback(_why(e))
+            else:
+                graphs[key] = graph, static_x, static_t, static_out
+        if eager:
+            return fn(x, t)
         graph, static_x, static_t, static_out = graphs[key]
         static_x.copy_(x)
         static_t.copy_(t)

@@ -267,7 +267,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     io = StepTensors.allocate(config, local_batch, device, layout)
     take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule, precision, io)
     if use_graph:
-        take_step = graphed_step(take_step)
+        take_step = graphed_step(take_step, on_fallback=lambda why: hooks.log(
+            f"CUDA graph capture failed ({why}); training on without it (--no-cuda-graph skips the attempt)"))
 
     on_gpu = (data.images is not None and device.type == "cuda"
               and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
@@ -299,7 +300,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         if not world.is_main:
             return
         grid, _ = generate(ema, config, GRID_IMAGES, sampler=options.grid_sampler, steps=options.grid_steps,
-                           seed=tc.seed, precision=precision)
+                           seed=tc.seed, precision=precision, log=hooks.log)
         save_png(make_grid(grid), run_dir / "samples" / f"step_{now_step:06d}.png", grid_upscale(config.model.image_size))
 
     def check_bad_steps(now_step: int, report: bool = True) -> int:
