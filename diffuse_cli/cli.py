@@ -17,8 +17,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
@@ -38,10 +40,24 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class TimeLeftColumn(TimeRemainingColumn):
+    """Rich's time remaining, capped by the task's `deadline` field (time.monotonic()), if any:
+    under --max-time the run ends at the deadline, however many steps are left."""
+
+    def render(self, task: Task) -> Text:
+        deadline = task.fields.get("deadline")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if left is None or task.finished or (task.time_remaining is not None and task.time_remaining <= left):
+            return super().render(task)
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
 def progress_bar(*extra: str, enabled: bool = True) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeLeftColumn(), console=err,
                     transient=False, disable=not enabled or (not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1"))
 
 
@@ -192,7 +208,8 @@ def train(
     stop = install_stop_handler()
     say(f"run folder {run}" + (" (resuming)" if resuming else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
-        task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="")
+        task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="",
+                            deadline=time.monotonic() + budget if budget else None)
         smooth: dict[str, float] = {}
 
         def on_progress(record: dict) -> None:

@@ -2,10 +2,12 @@
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.progress import Progress
 
 from diffuse_cli import cli
 from diffuse_cli.cli import app
@@ -262,6 +264,20 @@ def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
     for sampler, eta in (("ddim", "0.5"), ("dpm++3m", "1"), ("dpm++2m-sde", "0")):
         assert run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
                        "--eta", eta, "--out", f"e-{sampler}").code == 0
+
+
+def test_eta_is_the_time_left_when_the_max_time_budget_ends_first():
+    clock = [1.0]
+    progress = Progress(get_time=lambda: clock[0])
+    now = time.monotonic()
+    tasks = {name: progress.add_task("training", total=100, deadline=deadline)
+             for name, deadline in [("steps end first", now + 3600), ("time ends first", now + 5), ("no budget", None)]}
+    for clock[0], done in ((6.0, 25), (11.0, 50)):  # 5 steps/s: the last 50 steps take 10 s
+        for task in tasks.values():
+            progress.update(task, completed=done)
+    eta = {name: str(cli.TimeLeftColumn().render(progress.tasks[task])) for name, task in tasks.items()}
+    assert eta["steps end first"] == eta["no budget"] == "0:00:10"
+    assert eta["time ends first"] in ("0:00:04", "0:00:05")
 
 
 def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):
