@@ -167,33 +167,38 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
     files = [root] if root.is_file() else find_files(root)
-    images: list[torch.Tensor] = []
+    decode_as = channels or 3
+    # Decode straight into one buffer when the set fits in half the free memory, else only check
+    # each file now and decode it again whenever a batch needs it: never a list of every image.
+    in_memory = len(files) * decode_as * size * size < _memory_available() // 2
+    images = torch.empty((len(files) if in_memory else 0, decode_as, size, size), dtype=torch.uint8)
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []
     upscaled: list[int] = []
+    grayscale = True
     workers = max(1, min(8, os.cpu_count() or 1))
-    decode_as = channels or 3
     with ThreadPoolExecutor(workers) as pool:
         for i, (path, result) in enumerate(zip(files, pool.map(lambda p: _try_decode(p, size, decode_as), files))):
             if isinstance(result, str):
                 skipped.append((str(path), result))
             else:
-                images.append(result[0])
+                image, short = result
+                if in_memory:
+                    images[len(kept)] = image
                 kept.append(path)
-                if result[1] < size:
-                    upscaled.append(result[1])
+                grayscale = grayscale and (channels is not None or is_grayscale(image))
+                if short < size:
+                    upscaled.append(short)
             if progress:
                 progress(i + 1, len(files))
-    if not images:
+    if not kept:
         what = f"{len(files)} files, none of them a readable image" if files else "no files"
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
     if channels is None:
-        channels = 1 if all(is_grayscale(im) for im in images) else 3
-        if channels == 1:
-            images = [im[:1] for im in images]
+        channels = 1 if grayscale else 3
     data = ImageData(str(root), size, channels, paths=kept, skipped=skipped, upscaled=upscaled)
-    if len(images) * channels * size * size < _memory_available() // 2:
-        data.images = torch.stack(images)
+    if in_memory:
+        data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
     return data
 
 

@@ -42,6 +42,21 @@ def test_channels_from_the_images(tmp_path, image_folder):
     assert load_data(None, 8, channels=None).channels == 3  # the built-in shapes are in colour
 
 
+def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder, monkeypatch):
+    gray = tmp_path / "gray"
+    write_image(gray / "l.png", "L", seed=1)
+    write_image(gray / "deep.png", "I;16", seed=2)
+    (gray / "broken.png").write_bytes(b"\x89PNG\r\n")
+    in_memory = {root: load_folder(root, 8, channels=None) for root in (image_folder, gray)}
+    monkeypatch.setattr("diffuse_cli.data._memory_available", lambda: 1000)  # 11 files of 3x8x8 would need 2,112 bytes
+    for root, kept in in_memory.items():
+        lazy = load_folder(root, 8, channels=None)
+        assert lazy.images is None and lazy.channels == kept.channels and len(lazy) == len(kept)
+        assert lazy.skipped == kept.skipped and lazy.paths == kept.paths
+        every = torch.arange(len(kept))
+        assert torch.equal(lazy.batch(every), kept.images) and torch.equal(kept.batch(every), kept.images)
+
+
 def test_resize_short_side_and_centre_crop(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, 10:30] = 255  # a white band in the middle 20 columns: exactly the centre crop
