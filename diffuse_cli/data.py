@@ -7,6 +7,7 @@ memory, images are decoded on demand instead.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -43,10 +44,22 @@ class ImageData:
         return len(self.images) if self.images is not None else len(self.paths)
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        """uint8 images at these indices, (B, C, H, W)."""
+        """uint8 images at these indices, (B, C, H, W); from disk on decoder threads when not in memory."""
         if self.images is not None:
             return self.images[indices]
-        return torch.stack([decode_image(self.paths[i], self.image_size, self.channels) for i in indices.tolist()])
+        return torch.stack(list(_decoder_threads().map(self._decode_again, indices.tolist())))
+
+    def _decode_again(self, i: int) -> torch.Tensor:
+        result = _try_decode(self.paths[i], self.image_size, self.channels)
+        if isinstance(result, str):
+            raise DataError(f"{self.paths[i]}: {result}; it decoded when training started, was it changed since?")
+        return result[0]
+
+
+@functools.cache
+def _decoder_threads() -> ThreadPoolExecutor:
+    """Threads for decoding (PIL releases the GIL while it decodes), shared by every caller."""
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="decode")
 
 
 # -- pixels <-> model space, in one place -----------------------------------------------------
@@ -176,21 +189,20 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     skipped: list[tuple[str, str]] = []
     upscaled: list[int] = []
     grayscale = True
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        for i, (path, result) in enumerate(zip(files, pool.map(lambda p: _try_decode(p, size, decode_as), files))):
-            if isinstance(result, str):
-                skipped.append((str(path), result))
-            else:
-                image, short = result
-                if in_memory:
-                    images[len(kept)] = image
-                kept.append(path)
-                grayscale = grayscale and (channels is not None or is_grayscale(image))
-                if short < size:
-                    upscaled.append(short)
-            if progress:
-                progress(i + 1, len(files))
+    results = _decoder_threads().map(lambda path: _try_decode(path, size, decode_as), files)
+    for i, (path, result) in enumerate(zip(files, results)):
+        if isinstance(result, str):
+            skipped.append((str(path), result))
+        else:
+            image, short = result
+            if in_memory:
+                images[len(kept)] = image
+            kept.append(path)
+            grayscale = grayscale and (channels is not None or is_grayscale(image))
+            if short < size:
+                upscaled.append(short)
+        if progress:
+            progress(i + 1, len(files))
     if not kept:
         what = f"{len(files)} files, none of them a readable image" if files else "no files"
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")

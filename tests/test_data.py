@@ -55,6 +55,10 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
         assert lazy.skipped == kept.skipped and lazy.paths == kept.paths
         every = torch.arange(len(kept))
         assert torch.equal(lazy.batch(every), kept.images) and torch.equal(kept.batch(every), kept.images)
+    lazy = load_folder(gray, 8, channels=None)
+    (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
+    with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
+        lazy.batch(torch.arange(len(lazy)))
 
 
 def test_resize_short_side_and_centre_crop(tmp_path):
