@@ -11,7 +11,7 @@ import functools
 import io
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,6 +54,23 @@ class ImageData:
         if isinstance(result, str):
             raise DataError(f"{self.paths[i]}: {result}; it decoded when training started, was it changed since?")
         return result[0]
+
+
+class ReadAhead:
+    """Batches of images decoded on demand, each started on a background thread one step before
+    it is needed, so that decoding overlaps the training step; keys name the batches."""
+
+    def __init__(self, data: ImageData):
+        self.data = data
+        self.pending: dict[object, Future] = {}
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+
+    def fetch(self, key: object, indices: torch.Tensor) -> None:
+        self.pending[key] = self.thread.submit(self.data.batch, indices)
+
+    def get(self, key: object, indices: torch.Tensor) -> torch.Tensor:
+        future = self.pending.pop(key, None)
+        return future.result() if future is not None else self.data.batch(indices)
 
 
 @functools.cache

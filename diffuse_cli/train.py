@@ -24,7 +24,7 @@ from . import distributed
 from .checkpoint import load_training_state, save_model, save_training_state
 from .files import MODEL_FILE, STATE_FILE
 from .config import Config, TrainConfig
-from .data import ImageData, grid_upscale, make_grid, save_png, to_model
+from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_png, to_model
 from .device import autocast, memory_format, resolve_precision
 from .files import atomic_write_bytes
 from .generate import generate
@@ -273,6 +273,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     on_gpu = (data.images is not None and device.type == "cuda"
               and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
     images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
+    read_ahead = ReadAhead(data) if images is None else None
     hooks.log(f"device {device}, precision {precision}, preset {config.preset}, "
               f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)} "
               f"at {config.model.image_size}x{config.model.image_size}{' grayscale' * (config.model.channels == 1)}, "
@@ -326,11 +327,15 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                                config.model.image_size), generator=g, device=device)
             flip = torch.rand(tc.batch_size, generator=g, device=device) < (0.5 if tc.hflip else 0.0)
             idx = batch_indices(now_step, micro, config, len(data), perms)[mine]
-            x0 = to_model(images[idx.to(images.device)] if images is not None else data.batch(idx)).to(device)
+            pixels = images[idx.to(images.device)] if read_ahead is None else read_ahead.get((now_step, micro), idx)
+            x0 = to_model(pixels).to(device)
             io.x0[micro].copy_(torch.where(flip[mine, None, None, None], x0.flip(-1), x0))
             io.t[micro].copy_(t[mine])
             io.eps[micro].copy_(eps[mine])
         torch.manual_seed(mix_seed(tc.seed, 3, now_step, world.rank))  # dropout; a CUDA graph reads the seed at replay
+        if read_ahead is not None and now_step + 1 < tc.steps:  # decode the next step's images during this one
+            for micro in range(tc.grad_accum):
+                read_ahead.fetch((now_step + 1, micro), batch_indices(now_step + 1, micro, config, len(data), perms)[mine])
 
     perms: dict[int, torch.Tensor] = {}
     start_time, start_step, stopped_by = time.monotonic(), step, "steps"

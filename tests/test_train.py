@@ -17,7 +17,7 @@ from diffuse_cli import train as train_module
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.config import Config, TrainConfig, model_config
-from diffuse_cli.data import ImageData, load_builtin, to_model
+from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
                                lr_at, optimizer_step, train)
@@ -58,6 +58,20 @@ def test_grad_accumulation_counts_micro_batches(tmp_path):
     train(config, DATA, tmp_path, OPTIONS)
     _, info = weights(tmp_path / MODEL_FILE)
     assert info["images_seen"] == 2 * 3 * 4
+
+
+def test_images_decoded_on_demand_train_as_images_in_memory_do(tmp_path, monkeypatch):
+    for i, image in enumerate(DATA.images):
+        save_png(image, tmp_path / "data" / f"{i}.png")
+    config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=2, steps=3))
+    in_memory = load_folder(tmp_path / "data", 8)
+    monkeypatch.setattr("diffuse_cli.data._memory_available", lambda: 0)
+    on_demand = load_folder(tmp_path / "data", 8)
+    assert in_memory.images is not None and on_demand.images is None
+    for data, run in ((in_memory, "a"), (on_demand, "b")):
+        train(config, data, tmp_path / run, OPTIONS)
+    (wa, _), (wb, _) = weights(tmp_path / "a" / MODEL_FILE), weights(tmp_path / "b" / MODEL_FILE)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_lr_warmup_then_cosine_to_ten_percent():
