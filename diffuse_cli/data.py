@@ -175,11 +175,46 @@ def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int
         return f"corrupt ({type(e).__name__}: {e})"
 
 
-def _memory_available() -> int:
+def _memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory this process can still take: the kernel's MemAvailable (free memory and
+    the page cache it can drop), less where a cgroup limit (a container, a Slurm job) leaves less."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        meminfo = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    left = _cgroup_memory_left(proc, cgroups)
+    return available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
+    """Least of limit less usage over this process's memory cgroup and its parents (v2 or v1);
+    None when none of them has a limit."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, files = cgroups, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        own = mount / path.lstrip("/")
+        for folder in (own, *own.parents[:len(own.parents) - len(mount.parents)]):  # up to the mount
+            try:
+                limit, usage = ((folder / name).read_text().strip() for name in files)
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as about 2^63
+                    left.append(max(0, int(limit) - int(usage)))
+            except (OSError, ValueError):
+                continue
+    return min(left) if left else None
 
 
 def is_grayscale(image: torch.Tensor) -> bool:

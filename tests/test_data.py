@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, decode_image, find_files, labelled_strip, load_builtin, load_data,
-                              load_folder, make_grid, to_model, to_uint8)
+from diffuse_cli.data import (BUILTIN, DataError, _memory_available, decode_image, find_files, labelled_strip,
+                              load_builtin, load_data, load_folder, make_grid, to_model, to_uint8)
 
 from .conftest import write_image
 
@@ -59,6 +59,28 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
     with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
         lazy.batch(torch.arange(len(lazy)))
+
+
+def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp_path):
+    def files(root, **contents):
+        for name, text in contents.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+    proc, v2, v1 = tmp_path / "proc", tmp_path / "v2", tmp_path / "v1"
+    files(proc, meminfo="MemTotal:  64 kB\nMemFree:  2 kB\nMemAvailable:  10 kB\n")
+    assert _memory_available(proc, v2) == 10 * 1024  # no cgroup file: the kernel's MemAvailable
+
+    files(proc, **{"self/cgroup": "0::/job/step\n"})
+    files(v2, **{"job/memory.max": "5000\n", "job/memory.current": "1200\n",
+                 "job/step/memory.max": "max\n", "job/step/memory.current": "1000\n"})
+    assert _memory_available(proc, v2) == 3800  # the job's limit binds, not the step's "max"
+
+    files(proc, **{"self/cgroup": "5:cpu:/x\n4:memory:/a\n0::/\n"})
+    files(v1, **{"memory/a/memory.limit_in_bytes": "9223372036854771712", "memory/a/memory.usage_in_bytes": "9",
+                 "memory/memory.limit_in_bytes": "20000", "memory/memory.usage_in_bytes": "1000"})
+    assert _memory_available(proc, v1) == 10 * 1024  # v1: the root's 19,000 left is more than MemAvailable
+    files(v1, **{"memory/a/memory.limit_in_bytes": "3000"})
+    assert _memory_available(proc, v1) == 2991
 
 
 def test_resize_short_side_and_centre_crop(tmp_path):
