@@ -2,7 +2,7 @@
 
 Every image is decoded once, resized (short side) and centre-cropped, and kept in memory as
 uint8, so that training never waits on a JPEG decoder. Where the decoded set would not fit in
-memory, images are decoded on demand instead.
+memory, images are decoded on demand instead, each batch during the step before (ReadAhead).
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         raise DataError(f"{root}: no such file or folder")
     files = [root] if root.is_file() else find_files(root)
     decode_as = channels or 3
-    # Decode straight into one buffer when the set fits in half the free memory, else only check
-    # each file now and decode it again whenever a batch needs it: never a list of every image.
+    # Decode straight into one buffer when the set fits in half the available memory, else only
+    # check each file now and decode it again whenever a batch needs it: never a list of every image.
     in_memory = len(files) * decode_as * size * size < _memory_available() // 2
     images = torch.empty((len(files) if in_memory else 0, decode_as, size, size), dtype=torch.uint8)
     kept: list[Path] = []
