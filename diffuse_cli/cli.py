@@ -181,7 +181,8 @@ def train(
         task = bar.add_task("decoding images", total=None)
         auto_channels = data is not None and not resuming and "channels" not in given_model
         data_set = load_data(data, config.model.image_size, None if auto_channels else config.model.channels,
-                             progress=lambda i, n: bar.update(task, completed=i, total=n))
+                             progress=lambda i, n: bar.update(task, completed=i, total=n),
+                             copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each DDP process holds one
         bar.remove_task(task)
     if data_set.channels != config.model.channels:
         config = replace(config, model=replace(config.model, channels=data_set.channels))

@@ -223,11 +223,12 @@ def is_grayscale(image: torch.Tensor) -> bool:
 
 
 def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
-                progress: Callable[[int, int], None] | None = None) -> ImageData:
+                progress: Callable[[int, int], None] | None = None, copies: int = 1) -> ImageData:
     """Decode every image below root once; unusable files are listed in `skipped`.
 
     channels=None picks them from the images: 1 when every one is grayscale (whatever its file
-    mode: L, palette or RGB with equal channels), else 3."""
+    mode: L, palette or RGB with equal channels), else 3. `copies`: how many processes on this
+    machine load the same set (DDP), so that all of them together fit in memory."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -235,7 +236,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     decode_as = channels or 3
     # Decode straight into one buffer when the set fits in half the available memory, else only
     # check each file now and decode it again whenever a batch needs it: never a list of every image.
-    in_memory = len(files) * decode_as * size * size < _memory_available() // 2
+    in_memory = len(files) * decode_as * size * size * copies < _memory_available() // 2
     images = torch.empty((len(files) if in_memory else 0, decode_as, size, size), dtype=torch.uint8)
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []
@@ -277,11 +278,11 @@ def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> 
 
 
 def load_data(source: str | None, size: int, channels: int | None = 3,
-              progress: Callable[[int, int], None] | None = None) -> ImageData:
+              progress: Callable[[int, int], None] | None = None, copies: int = 1) -> ImageData:
     """A folder path, or None / 'builtin:shapes' for the built-in dataset; channels=None: from the images."""
     if source in (None, BUILTIN):
         return load_builtin(size, channels)
-    return load_folder(source, size, channels, progress)
+    return load_folder(source, size, channels, progress, copies)
 
 
 # -- grids and PNGs ---------------------------------------------------------------------------
