@@ -338,7 +338,8 @@ def sample(
 
 # -- noise --------------------------------------------------------------------------------
 @app.command(epilog="Examples:\n\n  diffuse noise photo.png --t 500\n\n"
-             "  diffuse noise photo.png --t 0 --t 250 --t 500 --t 1000 --schedule cosine")
+             "  diffuse noise photo.png --t 0 --t 250 --t 500 --t 1000 --schedule cosine\n\n"
+             "  diffuse noise photo.png --t 0 --t 500 --image-size 32   # as a 32x32 model sees it")
 def noise(
     image: Path = typer.Argument(..., help="An image file."),
     t: List[int] = typer.Option([500], "--t", help="Forward steps to apply (0 = the image, T = pure noise); repeat for a strip."),
@@ -346,30 +347,36 @@ def noise(
     timesteps: int = typer.Option(DiffusionConfig.timesteps, help="Diffusion steps T."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output PNG. \\[default: <image>_t<...>.png here]"),
     seed: int = typer.Option(0, help="Seed of the noise ε (the same ε at every t)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize (short side) and centre-crop as train does, then "
+                                             "enlarge to be seen. \\[default: the image's own size]"),
 ) -> None:
-    """Show what the forward process q(x_t | x_0) does to an image, at its own size."""
+    """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
     check_choice(schedule, Schedule, "schedule")
     if timesteps < 2:
         raise UserError(f"--timesteps must be at least 2, not {timesteps}")
     bad = [k for k in t if not 0 <= k <= timesteps]
     if bad:
         raise UserError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size must be at least 1, not {image_size}")
     if image.is_dir():
         raise UserError(f"{image}: is a folder; give one image file")
     if not image.is_file():
         raise UserError(f"{image}: no such file")
     import torch
 
-    from .data import labelled_strip, read_image, save_png, to_model, to_uint8
+    from .data import decode_image, grid_upscale, labelled_strip, read_image, save_png, to_model, to_uint8
     from .schedule import NoiseSchedule
 
     try:
-        x0 = to_model(read_image(image))[None]
+        x0 = to_model(read_image(image) if image_size is None else decode_image(image, image_size))[None]
     except Exception as e:  # any decoder failure is the user's file, not our bug
         raise UserError(f"{image}: cannot read as an image ({e})") from None
     sched = NoiseSchedule.make(schedule, timesteps)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    panels = [to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in t]
+    zoom = grid_upscale(image_size) if image_size else 1  # nearest, so that each pixel of noise stays a pixel
+    panels = [to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0])
+              .repeat_interleave(zoom, 1).repeat_interleave(zoom, 2) for k in t]
     target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
     save_png(panels[0] if len(t) == 1 else labelled_strip(panels, [f"t = {k}" for k in t]), target)
     out.print(f"wrote {target} ({schedule} schedule, T = {timesteps})", highlight=False)

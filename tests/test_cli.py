@@ -5,12 +5,15 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from rich.progress import Progress
 
 from diffuse_cli import cli
 from diffuse_cli.cli import app
+from diffuse_cli.data import decode_image
 from diffuse_cli.samplers import SAMPLERS
 
 from .conftest import assert_clean_error, write_image
@@ -101,6 +104,10 @@ def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
     zero = run_cli("noise", photo, "--t", "0", "--out", "z.png")
     assert zero.code == 0
     assert Image.open(tmp_path / "z.png").tobytes() == Image.open(photo).convert("RGB").tobytes()
+    small = run_cli("noise", photo, "--t", "0", "--image-size", "16", "--out", "16.png")  # as a 16x16 model sees it
+    assert small.code == 0
+    seen = torch.from_numpy(np.array(Image.open(tmp_path / "16.png"))).permute(2, 0, 1)
+    assert torch.equal(seen, decode_image(photo, 16).repeat_interleave(4, 1).repeat_interleave(4, 2))
 
 
 def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, image_folder):
