@@ -86,6 +86,9 @@ def _launch_devices(devices: int, device: str) -> None:
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if not on_cuda and "OMP_NUM_THREADS" not in os.environ:  # else torchrun gives each process one thread
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // devices))
     out_at = args.index("--out") + 1 if "--out" in args else None
     try:
         torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])

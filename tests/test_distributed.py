@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from diffuse_cli import cli
 from diffuse_cli.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin
@@ -84,3 +85,19 @@ def test_devices_flag_launches_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     _, _, info = load_model(tmp_path / "run" / "model.safetensors")
     assert info["world_size"] == 2 and info["step"] == 2
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "4"), ("3", "3")])
+def test_devices_on_the_cpu_share_the_cores(tmp_path, monkeypatch, preset, expected):
+    """torchrun gives each process one thread unless OMP_NUM_THREADS says otherwise; ours split the cores."""
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr("torch.distributed.run.main", lambda args: seen.update(threads=os.environ["OMP_NUM_THREADS"]))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(sys, "argv", ["diffuse", "train", "--devices", "2", "--device", "cpu"])
+    if preset is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    cli._launch_devices(2, "cpu")
+    assert seen["threads"] == expected
