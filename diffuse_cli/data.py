@@ -175,6 +175,14 @@ def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int
         return f"corrupt ({type(e).__name__}: {e})"
 
 
+def _decode_all(files: list[Path], size: int, channels: int, window: int = 4096):
+    """(path, _try_decode's result) for every file in order, decoded on the decoder threads a
+    window at a time, so that a folder of millions of files never queues millions of tasks."""
+    for start in range(0, len(files), window):
+        some = files[start:start + window]
+        yield from zip(some, _decoder_threads().map(lambda path: _try_decode(path, size, channels), some))
+
+
 def _memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
     """Bytes of memory this process can still take: the kernel's MemAvailable (free memory and
     the page cache it can drop), less where a cgroup limit (a container, a Slurm job) leaves less."""
@@ -242,8 +250,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     skipped: list[tuple[str, str]] = []
     upscaled: list[int] = []
     grayscale = True
-    results = _decoder_threads().map(lambda path: _try_decode(path, size, decode_as), files)
-    for i, (path, result) in enumerate(zip(files, results)):
+    for i, (path, result) in enumerate(_decode_all(files, size, decode_as)):
         if isinstance(result, str):
             skipped.append((str(path), result))
         else:

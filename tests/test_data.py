@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, _memory_available, decode_image, find_files, labelled_strip,
-                              load_builtin, load_data, load_folder, make_grid, to_model, to_uint8)
+from diffuse_cli.data import (BUILTIN, DataError, _decode_all, _memory_available, decode_image, find_files,
+                              labelled_strip, load_builtin, load_data, load_folder, make_grid, to_model, to_uint8)
 
 from .conftest import write_image
 
@@ -19,6 +19,14 @@ def test_folder_of_mixed_modes(image_folder):
     skipped = {os.path.basename(p): why for p, why in data.skipped}
     assert set(skipped) == {"broken.png", "notes.txt"}
     assert skipped["notes.txt"] == "not an image" and skipped["broken.png"].startswith("corrupt")
+
+
+def test_decoding_a_window_at_a_time_keeps_the_order(image_folder):
+    files = find_files(image_folder)
+    one_go, windows = list(_decode_all(files, 8, 3)), list(_decode_all(files, 8, 3, window=2))
+    assert [p for p, _ in windows] == files == [p for p, _ in one_go]
+    for (_, a), (_, b) in zip(one_go, windows):
+        assert a == b if isinstance(a, str) else torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
 def test_grayscale_training_converts_everything(image_folder):
