@@ -207,7 +207,10 @@ def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
         return None
     left = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not "id:controllers:path"
+            continue
+        _, controllers, path = fields
         if controllers == "":
             mount, files = cgroups, ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):

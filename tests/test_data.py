@@ -86,7 +86,7 @@ def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp
                  "job/step/memory.max": "max\n", "job/step/memory.current": "1000\n"})
     assert _memory_available(proc, v2) == 3800  # the job's limit binds, not the step's "max"
 
-    files(proc, **{"self/cgroup": "5:cpu:/x\n4:memory:/a\n0::/\n"})
+    files(proc, **{"self/cgroup": "5:cpu:/x\n4:memory:/a\n0::/\ngarbage\n"})
     files(v1, **{"memory/a/memory.limit_in_bytes": "9223372036854771712", "memory/a/memory.usage_in_bytes": "9",
                  "memory/memory.limit_in_bytes": "20000", "memory/memory.usage_in_bytes": "1000"})
     assert _memory_available(proc, v1) == 10 * 1024  # v1: the root's 19,000 left is more than MemAvailable
