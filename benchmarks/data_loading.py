@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    data_module._memory_available = lambda: 0  # every set is "too large": decoded on demand
+    data_module.memory_available = lambda: 0  # every set is "too large": decoded on demand
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(Path(folder), 400)
         for size in args.sizes:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 
+from .device import memory_available
 from .errors import DataError
 from .files import atomic_write_bytes
 from .shapes import render_shapes
@@ -183,51 +184,6 @@ def _decode_all(files: list[Path], size: int, channels: int, window: int = 4096)
         yield from zip(some, _decoder_threads().map(lambda path: _try_decode(path, size, channels), some))
 
 
-def _memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes of memory this process can still take: the kernel's MemAvailable (free memory and
-    the page cache it can drop), less where a cgroup limit (a container, a Slurm job) leaves less."""
-    try:
-        meminfo = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
-        available = int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError, IndexError):
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            available = 8 << 30
-    left = _cgroup_memory_left(proc, cgroups)
-    return available if left is None else min(available, left)
-
-
-def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
-    """Least of limit less usage over this process's memory cgroup and its parents (v2 or v1);
-    None when none of them has a limit."""
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    left = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:  # not "id:controllers:path"
-            continue
-        _, controllers, path = fields
-        if controllers == "":
-            mount, files = cgroups, ("memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            mount, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        else:
-            continue
-        own = mount / path.lstrip("/")
-        for folder in (own, *own.parents[:len(own.parents) - len(mount.parents)]):  # up to the mount
-            try:
-                limit, usage = ((folder / name).read_text().strip() for name in files)
-                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as about 2^63
-                    left.append(max(0, int(limit) - int(usage)))
-            except (OSError, ValueError):
-                continue
-    return min(left) if left else None
-
-
 def is_grayscale(image: torch.Tensor) -> bool:
     """Whether a (3, H, W) image has the same value in every channel of every pixel."""
     return bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
@@ -247,7 +203,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     decode_as = channels or 3
     # Decode straight into one buffer when the set fits in half the available memory, else only
     # check each file now and decode it again whenever a batch needs it: never a list of every image.
-    in_memory = len(files) * decode_as * size * size * copies < _memory_available() // 2
+    in_memory = len(files) * decode_as * size * size * copies < memory_available() // 2
     images = torch.empty((len(files) if in_memory else 0, decode_as, size, size), dtype=torch.uint8)
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []

@@ -1,10 +1,12 @@
-"""Where to run and in what precision."""
+"""Where to run, in what precision, and how much host memory this process may take."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -94,3 +96,48 @@ def keep_cpu_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory this process can still take: the kernel's MemAvailable (free memory and
+    the page cache it can drop), less where a cgroup limit (a container, a Slurm job) leaves less."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    left = _cgroup_memory_left(proc, cgroups)
+    return available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
+    """Least of limit less usage over this process's memory cgroup and its parents (v2 or v1);
+    None when none of them has a limit."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not "id:controllers:path"
+            continue
+        _, controllers, path = fields
+        if controllers == "":
+            mount, files = cgroups, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        own = mount / path.lstrip("/")
+        for folder in (own, *own.parents[:len(own.parents) - len(mount.parents)]):  # up to the mount
+            try:
+                limit, usage = ((folder / name).read_text().strip() for name in files)
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as about 2^63
+                    left.append(max(0, int(limit) - int(usage)))
+            except (OSError, ValueError):
+                continue
+    return min(left) if left else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, _decode_all, _memory_available, decode_image, find_files,
+from diffuse_cli.data import (BUILTIN, DataError, _decode_all, decode_image, find_files,
                               labelled_strip, load_builtin, load_data, load_folder, make_grid, to_model, to_uint8)
 
 from .conftest import write_image
@@ -56,10 +56,10 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     write_image(gray / "deep.png", "I;16", seed=2)
     (gray / "broken.png").write_bytes(b"\x89PNG\r\n")
     in_memory = {root: load_folder(root, 8, channels=None) for root in (image_folder, gray)}
-    monkeypatch.setattr("diffuse_cli.data._memory_available", lambda: 5000)  # 11 files of 3x8x8 need 2,112 bytes
+    monkeypatch.setattr("diffuse_cli.data.memory_available", lambda: 5000)  # 11 files of 3x8x8 need 2,112 bytes
     assert load_folder(image_folder, 8).images is not None
     assert load_folder(image_folder, 8, copies=2).images is None  # two processes on the machine need 4,224
-    monkeypatch.setattr("diffuse_cli.data._memory_available", lambda: 1000)
+    monkeypatch.setattr("diffuse_cli.data.memory_available", lambda: 1000)
     for root, kept in in_memory.items():
         lazy = load_folder(root, 8, channels=None)
         assert lazy.images is None and lazy.channels == kept.channels and len(lazy) == len(kept)
@@ -70,28 +70,6 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
     with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
         lazy.batch(torch.arange(len(lazy)))
-
-
-def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp_path):
-    def files(root, **contents):
-        for name, text in contents.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(text)
-    proc, v2, v1 = tmp_path / "proc", tmp_path / "v2", tmp_path / "v1"
-    files(proc, meminfo="MemTotal:  64 kB\nMemFree:  2 kB\nMemAvailable:  10 kB\n")
-    assert _memory_available(proc, v2) == 10 * 1024  # no cgroup file: the kernel's MemAvailable
-
-    files(proc, **{"self/cgroup": "0::/job/step\n"})
-    files(v2, **{"job/memory.max": "5000\n", "job/memory.current": "1200\n",
-                 "job/step/memory.max": "max\n", "job/step/memory.current": "1000\n"})
-    assert _memory_available(proc, v2) == 3800  # the job's limit binds, not the step's "max"
-
-    files(proc, **{"self/cgroup": "5:cpu:/x\n4:memory:/a\n0::/\ngarbage\n"})
-    files(v1, **{"memory/a/memory.limit_in_bytes": "9223372036854771712", "memory/a/memory.usage_in_bytes": "9",
-                 "memory/memory.limit_in_bytes": "20000", "memory/memory.usage_in_bytes": "1000"})
-    assert _memory_available(proc, v1) == 10 * 1024  # v1: the root's 19,000 left is more than MemAvailable
-    files(v1, **{"memory/a/memory.limit_in_bytes": "3000"})
-    assert _memory_available(proc, v1) == 2991
 
 
 def test_resize_short_side_and_centre_crop(tmp_path):

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from diffuse_cli.device import memory_available
+
 PROBE = """
 import resource, torch
 from diffuse_cli.device import keep_cpu_memory
@@ -33,3 +35,25 @@ def test_keep_cpu_memory_stops_refaulting_freed_blocks():
     assert applied
     assert default > pages // 2  # by default, a fault a page on every use
     assert kept < pages // 20     # kept, later uses find their pages already there
+
+
+def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp_path):
+    def files(root, **contents):
+        for name, text in contents.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+    proc, v2, v1 = tmp_path / "proc", tmp_path / "v2", tmp_path / "v1"
+    files(proc, meminfo="MemTotal:  64 kB\nMemFree:  2 kB\nMemAvailable:  10 kB\n")
+    assert memory_available(proc, v2) == 10 * 1024  # no cgroup file: the kernel's MemAvailable
+
+    files(proc, **{"self/cgroup": "0::/job/step\n"})
+    files(v2, **{"job/memory.max": "5000\n", "job/memory.current": "1200\n",
+                 "job/step/memory.max": "max\n", "job/step/memory.current": "1000\n"})
+    assert memory_available(proc, v2) == 3800  # the job's limit binds, not the step's "max"
+
+    files(proc, **{"self/cgroup": "5:cpu:/x\n4:memory:/a\n0::/\ngarbage\n"})
+    files(v1, **{"memory/a/memory.limit_in_bytes": "9223372036854771712", "memory/a/memory.usage_in_bytes": "9",
+                 "memory/memory.limit_in_bytes": "20000", "memory/memory.usage_in_bytes": "1000"})
+    assert memory_available(proc, v1) == 10 * 1024  # v1: the root's 19,000 left is more than MemAvailable
+    files(v1, **{"memory/a/memory.limit_in_bytes": "3000"})
+    assert memory_available(proc, v1) == 2991
