@@ -368,11 +368,15 @@ def noise(
         raise UserError(f"{image}: no such file")
     import torch
 
-    from .data import decode_image, grid_upscale, labelled_strip, read_image, save_png, to_model, to_uint8
+    from .data import (TooLarge, decode_image, grid_upscale, labelled_strip, read_image, save_png, to_model,
+                       to_uint8)
     from .schedule import NoiseSchedule
 
     try:
         x0 = to_model(read_image(image) if image_size is None else decode_image(image, image_size))[None]
+    except TooLarge as e:
+        hint = "; --image-size N reads a JPEG at a reduced scale" if image_size is None else ""
+        raise UserError(f"{image}: too large to show ({e}){hint}") from None
     except Exception as e:  # any decoder failure is the user's file, not our bug
         raise UserError(f"{image}: cannot read as an image ({e})") from None
     sched = NoiseSchedule.make(schedule, timesteps)

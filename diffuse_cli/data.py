@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,18 +106,41 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
+class TooLarge(ValueError):
+    """A file that would decode to more pixels than PIL's decompression-bomb limit allows."""
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_header(path: str | os.PathLike) -> Image.Image:
+    """Image.open (which reads the header only) without PIL's own pixel limit: that judges a file
+    by its full size, and a JPEG decodes at a reduced scale. _open applies the limit after that."""
+    with _OPEN_LOCK:  # the limit is PIL's global: set it aside for this one call
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
-    """Decode a file's first frame, EXIF orientation applied, as 'RGB' or 'L'."""
+    """Decode a file's first frame, EXIF orientation applied, as 'RGB' or 'L'.
+
+    draft: a JPEG may decode at 1/2, 1/4 or 1/8 scale, never below this short side; that is
+    what lets a 200-megapixel phone photo through PIL's limit (MAX_IMAGE_PIXELS, ~89M pixels),
+    which applies to the pixels actually decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings become our per-file reasons
-        with Image.open(path) as im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(f"too large ({im.width}x{im.height} pixels)")
+        with _open_header(path) as im:
             if im.width < 1 or im.height < 1:
                 raise ValueError("has no pixels")
             im = next(ImageSequence.Iterator(im))  # first frame of a GIF/WebP/TIFF
             if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                 im.draft(im.mode, (draft, draft))  # decode at a reduced scale, never below `draft`
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise TooLarge(f"{im.width}x{im.height} pixels, over PIL's limit of {limit:,}")
             return _to_mode(ImageOps.exif_transpose(im), channels)
 
 
@@ -168,8 +192,8 @@ def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int
         return _decode(path, size, channels)
     except Image.UnidentifiedImageError:
         return "not an image"
-    except Image.DecompressionBombError as e:
-        return f"too large ({e})"
+    except (TooLarge, Image.DecompressionBombError) as e:
+        return f"too large: {e}"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         return f"corrupt ({str(e) or type(e).__name__})"
     except Exception as e:  # decoders raise many types on hostile input; one file never stops the run

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, _decode_all, decode_image, find_files,
-                              labelled_strip, load_builtin, load_data, load_folder, make_grid, to_model, to_uint8)
+from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _decode_all, decode_image, find_files, labelled_strip,
+                              load_builtin, load_data, load_folder, make_grid, read_image, to_model, to_uint8)
 
 from .conftest import write_image
 
@@ -86,6 +86,19 @@ def test_images_smaller_than_the_training_size_are_counted(tmp_path):
     Image.new("RGB", (200, 100)).save(tmp_path / "photo.jpg")  # decoded at a reduced scale, still not below 16
     assert load_folder(tmp_path, 16).upscaled == [8]
     assert sorted(load_folder(tmp_path, 64).upscaled) == [8, 40]
+
+
+def test_pixel_limit_counts_the_pixels_a_jpeg_decodes(tmp_path, monkeypatch):
+    """A phone's 200-megapixel JPEG decodes at 1/8 scale for training; the same PNG is refused."""
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "big.jpg")
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 96x64 is over it; 12x8 (1/8 scale) is not
+    data = load_folder(tmp_path, 8)
+    assert [p.name for p in data.paths] == ["big.jpg"] and data.images[:, 0].float().mean() > 150
+    assert data.skipped == [(str(tmp_path / "big.png"), "too large: 96x64 pixels, over PIL's limit of 1,000")]
+    with pytest.raises(TooLarge):
+        read_image(tmp_path / "big.jpg")  # at its own size nothing is reduced
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's global, set aside while a header was read, is back
 
 
 def test_exif_orientation_is_applied(tmp_path):
