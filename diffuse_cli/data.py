@@ -186,12 +186,22 @@ def find_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
+# Images that Pillow cannot read, by extension: the reason says what to do.
+UNSUPPORTED = {
+    **dict.fromkeys((".heic", ".heif"), "HEIC is not supported; convert it to JPEG or PNG"),
+    **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"),
+                    "camera RAW is not supported; export it as JPEG or PNG"),
+    ".svg": "SVG is a vector image; export it as PNG",
+    ".jxl": "JPEG XL is not supported; convert it to JPEG or PNG",
+}
+
+
 def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int] | str:
     """The decoded image and its own short side, or the reason it could not be decoded."""
     try:
         return _decode(path, size, channels)
     except Image.UnidentifiedImageError:
-        return "not an image"
+        return UNSUPPORTED.get(path.suffix.lower(), "not an image")
     except (TooLarge, Image.DecompressionBombError) as e:
         return f"too large: {e}"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
@@ -247,7 +257,11 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         if progress:
             progress(i + 1, len(files))
     if not kept:
-        what = f"{len(files)} files, none of them a readable image" if files else "no files"
+        what = "no files"
+        if files:
+            first, why = skipped[0]
+            what = (f"{len(files)} file{'s' * (len(files) > 1)}, none of them a readable image "
+                    f"({Path(first).name}: {why})")
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
     if channels is None:
         channels = 1 if grayscale else 3

@@ -129,7 +129,7 @@ def test_empty_and_useless_folders_are_errors(tmp_path):
         load_folder(tmp_path / "empty", 8)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_text("hello")
-    with pytest.raises(DataError, match="none of them a readable image"):
+    with pytest.raises(DataError, match=r"1 file, none of them a readable image \(a.jpg: not an image\)"):
         load_folder(tmp_path / "junk", 8)
     with pytest.raises(DataError, match="no such file"):
         load_folder(tmp_path / "missing", 8)

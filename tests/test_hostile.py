@@ -45,6 +45,7 @@ NASTY = {  # name: (bytes, decoded?)
     "binary.bmp": (encoded("BMP", "1"), True),
     "random.webp": (bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)), False),
     "header_only.png": (write_bytes_png()[:33], False),
+    "IMG_0001.HEIC": (b"\x00\x00\x00\x18ftypheic" + bytes(64), False),
 }
 
 
@@ -60,6 +61,7 @@ def test_nasty_corpus(tmp_path, monkeypatch):
     reasons = dict((os.path.basename(p), why) for p, why in data.skipped)
     assert "too large" in reasons["bomb.png"]
     assert reasons["text_named.jpg"] == "not an image"
+    assert reasons["IMG_0001.HEIC"] == "HEIC is not supported; convert it to JPEG or PNG"
     assert set(reasons) == {n for n, (_, ok) in NASTY.items() if not ok} | {"bomb.png"}
 
 
