@@ -167,6 +167,7 @@ def train(
         raise UserError(f"{data}: no such file or folder")
 
     from .data import load_data
+    from .device import resolve_precision
     from .train import Hooks, Options
     from .train import train as run_training
 
@@ -177,6 +178,10 @@ def train(
     if resuming and model is not None and model != config.preset:
         raise UserError(f"--model {model} differs from the run being resumed ({config.preset}); "
                         "the model cannot change on resume")
+    try:
+        resolve_precision(config.train.precision, torch_device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     is_main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: err.print(m, highlight=False, markup=False)) if is_main else (lambda m: None)
 
@@ -227,10 +232,15 @@ def train(
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
                           max_time=budget, resume=resuming, compile=compile, cuda_graph=cuda_graph)
+        fresh = not run.exists()
         try:
             result = run_training(config, data_set, run, options, hooks)
         except OSError as e:  # a full disk, say: every checkpoint is written to a temporary file and renamed
             raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
+        except BaseException:
+            if fresh and run.is_dir() and not any(run.iterdir()):
+                run.rmdir()  # a run that failed before writing anything leaves no empty run folder behind
+            raise
     if result.stopped_by == "signal":
         say(f"stopped at step {result.step}; checkpoint saved. Resume with: "
             f"diffuse train --resume {run}")

@@ -132,6 +132,7 @@ BAD_INPUTS = {
     "negative batch": (["train", "--batch-size", "-3"], ["batch-size must be at least 1"]),
     "bad schedule": (["train", "--schedule", "wiggly"], ["unknown schedule", "cosine"]),
     "bad duration": (["train", "--max-time", "soon"], ["cannot read duration"]),
+    "fp16 on the CPU": (["train", "--precision", "fp16", "--device", "cpu"], ["fp16 is for GPUs"]),
     "zero duration": (["train", "--max-time", "0s"], ["'0s' must be more than 0"]),
     "unknown sampler": (["sample", "--sampler", "magic"], ["unknown sampler", "dpm++2m"]),
     "zero images": (["sample", "-n", "0"], ["at least 1"]),
@@ -173,6 +174,19 @@ def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeyp
         assert_clean_error(run_cli(*args), "cut.safetensors")
     (tmp_path / "text.png").write_text("hello")
     assert_clean_error(run_cli("noise", "text.png"), "cannot read as an image")
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
+    """An empty folder named like a run, left by every failed attempt, is clutter that looks like a run."""
+    import diffuse_cli.train
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(diffuse_cli.train, "make_optimizer", out_of_memory)
+    assert_clean_error(run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "checkpoints/run"), "out of memory")
+    assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()
 
 
 def test_readme_starts_with_the_two_setup_commands():
