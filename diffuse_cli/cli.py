@@ -32,8 +32,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
 # Below this many training images a diffusion model soon reproduces them: a note says so at start.
 FEW_IMAGES = 1000
-out = Console()
-err = Console(stderr=True)
+# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns, and training
+# prints a status line this often in place of the progress bar.
+STATUS_EVERY_S = 60.0
+out = Console(soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 class UserError(Exception):
@@ -54,11 +57,26 @@ class TimeLeftColumn(TimeRemainingColumn):
         return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
 
 
+def shows_progress_bar() -> bool:
+    return err.is_terminal or os.environ.get("DIFFUSE_PROGRESS") == "1"
+
+
 def progress_bar(*extra: str, enabled: bool = True) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
                     TimeElapsedColumn(), TextColumn("eta"), TimeLeftColumn(), console=err,
-                    transient=False, disable=not enabled or (not err.is_terminal and os.environ.get("DIFFUSE_PROGRESS") != "1"))
+                    transient=False, disable=not enabled or not shows_progress_bar())
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def status_line(step: int, steps: int, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
+    """The progress bar's facts as one plain line, for a log file."""
+    return (f"step {step}/{steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
+            f"elapsed {clock(elapsed)}  eta {clock(left)}")
 
 
 def compute_device(name: str):
@@ -220,12 +238,23 @@ def train(
         task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="",
                             deadline=time.monotonic() + budget if budget else None)
         smooth: dict[str, float] = {}
+        started, last_status = time.monotonic(), -math.inf
+        images_per_step = config.train.batch_size * config.train.grad_accum
 
         def on_progress(record: dict) -> None:
+            nonlocal last_status
             if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
                 smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
             bar.update(task, completed=record["step"], loss=f"loss {smooth.get('loss', math.nan):.4f}",
                        rate=f"{record['images_per_s']:.1f} img/s")
+            now, step, steps = time.monotonic(), record["step"], config.train.steps
+            if not shows_progress_bar() and (now - last_status >= STATUS_EVERY_S or step == steps):
+                left = (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
+                if budget:
+                    left = min(left, max(0.0, started + budget - now))
+                bar.console.print(status_line(step, steps, smooth.get("loss", math.nan), record["images_per_s"],
+                                              now - started, left), highlight=False, markup=False)
+                last_status = now
 
         hooks = Hooks(progress=on_progress if is_main else (lambda r: None),
                       log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,

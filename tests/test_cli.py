@@ -56,6 +56,17 @@ def test_train_writes_a_run_folder(trained):
     assert lines[-1]["step"] == 4 and {"loss", "lr", "images_per_s"} <= set(lines[-1])
 
 
+def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, tmp_path, monkeypatch):
+    """A batch job's log gets the first record, one line a STATUS_EVERY_S, and the last step."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "STATUS_EVERY_S", 1e9)
+    result = run_cli("train", image_folder, *TINY, "--steps", "30", "--out", "run")
+    assert result.code == 0, result
+    lines = re.findall(r"^step (\d+)/30  loss \d+\.\d{4}  [\d.]+ img/s  elapsed \d:\d\d:\d\d  eta (\S+)$",
+                       result.err, re.M)
+    assert [step for step, _ in lines] == ["10", "30"] and lines[-1][1] == "0:00:00", result.err
+
+
 def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli, tmp_path):
     first = run_cli("sample", "-n", "3", "--steps", "5", "--out", "a", "--batch-size", "2")
     assert first.code == 0, first
