@@ -503,7 +503,11 @@ def main() -> None:
         if isinstance(e, OSError):
             _exit_with(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), 1)
         if isinstance(e, (ValueError, RuntimeError)) and not os.environ.get("DIFFUSE_DEBUG"):
-            _exit_with(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in message:
+                message = message.rstrip(".") + ("; try a smaller --batch-size (train: with --grad-accum to keep the effective batch)"
+                            " or a smaller --image-size or --model")
+            _exit_with(message, 1)
         raise
 
 

@@ -187,16 +187,17 @@ def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeyp
     assert_clean_error(run_cli("noise", "text.png"), "cannot read as an image")
 
 
-def test_a_run_that_fails_before_writing_anything_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
+def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
     """An empty folder named like a run, left by every failed attempt, is clutter that looks like a run."""
     import diffuse_cli.train
 
     def out_of_memory(*args, **kwargs):
-        raise RuntimeError("out of memory")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(diffuse_cli.train, "make_optimizer", out_of_memory)
-    assert_clean_error(run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "checkpoints/run"), "out of memory")
+    result = run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "checkpoints/run")
+    assert_clean_error(result, "CUDA out of memory. Tried to allocate 2.00 GiB; try a smaller --batch-size")
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()
 
 
