@@ -227,7 +227,7 @@ def train(
                   f"short side) and {verb} enlarged, which blurs them; a smaller --image-size keeps their detail",
                   highlight=False, soft_wrap=True)
     if data is not None and len(data_set) < FEW_IMAGES and is_main:
-        err.print(f"[yellow]note:[/] {len(data_set)} images is few for a diffusion model (thousands are usual); "
+        err.print(f"[yellow]note:[/] {len(data_set)} image{'s' * (len(data_set) != 1)} is few for a diffusion model (thousands are usual); "
                   "as training goes on its samples will copy them more and more closely", highlight=False, soft_wrap=True)
     if data_set.images is None and is_main:
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
