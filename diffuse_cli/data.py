@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence
+from PIL import Image, ImageOps, ImageSequence, JpegImagePlugin
 
 from .device import memory_available
 from .errors import DataError
@@ -110,18 +109,17 @@ class TooLarge(ValueError):
     """A file that would decode to more pixels than PIL's decompression-bomb limit allows."""
 
 
-_OPEN_LOCK = threading.Lock()
-
-
-def _open_header(path: str | os.PathLike) -> Image.Image:
-    """Image.open (which reads the header only) without PIL's own pixel limit: that judges a file
-    by its full size, and a JPEG decodes at a reduced scale. _open applies the limit after that."""
-    with _OPEN_LOCK:  # the limit is PIL's global: set it aside for this one call
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+def _open_image(path: str | os.PathLike) -> Image.Image:
+    """Image.open (the header only), except that a JPEG over PIL's hard limit (twice
+    MAX_IMAGE_PIXELS, judged by its full size) opens too: _open decodes it at a reduced scale
+    and applies the limit to the pixels that decodes to."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as f:
+            if f.read(3) != b"\xff\xd8\xff":  # not a JPEG
+                raise TooLarge(f"over twice PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        return JpegImagePlugin.JpegImageFile(path)
 
 
 def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
@@ -132,7 +130,7 @@ def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> I
     which applies to the pixels actually decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings become our per-file reasons
-        with _open_header(path) as im:
+        with _open_image(path) as im:
             if im.width < 1 or im.height < 1:
                 raise ValueError("has no pixels")
             im = next(ImageSequence.Iterator(im))  # first frame of a GIF/WebP/TIFF
@@ -140,7 +138,7 @@ def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> I
                 im.draft(im.mode, (draft, draft))  # decode at a reduced scale, never below `draft`
             limit = Image.MAX_IMAGE_PIXELS
             if limit and im.width * im.height > limit:
-                raise TooLarge(f"{im.width}x{im.height} pixels, over PIL's limit of {limit:,}")
+                raise TooLarge(f"{im.width}x{im.height}, over PIL's limit of {limit:,} pixels")
             return _to_mode(ImageOps.exif_transpose(im), channels)
 
 
@@ -202,7 +200,7 @@ def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int
         return _decode(path, size, channels)
     except Image.UnidentifiedImageError:
         return UNSUPPORTED.get(path.suffix.lower(), "not an image")
-    except (TooLarge, Image.DecompressionBombError) as e:
+    except (TooLarge, Image.DecompressionBombError) as e:  # the latter from a frame of an animation
         return f"too large: {e}"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         return f"corrupt ({str(e) or type(e).__name__})"

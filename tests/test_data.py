@@ -89,16 +89,17 @@ def test_images_smaller_than_the_training_size_are_counted(tmp_path):
 
 
 def test_pixel_limit_counts_the_pixels_a_jpeg_decodes(tmp_path, monkeypatch):
-    """A phone's 200-megapixel JPEG decodes at 1/8 scale for training; the same PNG is refused."""
-    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "big.jpg")
-    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 96x64 is over it; 12x8 (1/8 scale) is not
-    data = load_folder(tmp_path, 8)
-    assert [p.name for p in data.paths] == ["big.jpg"] and data.images[:, 0].float().mean() > 150
-    assert data.skipped == [(str(tmp_path / "big.png"), "too large: 96x64 pixels, over PIL's limit of 1,000")]
-    with pytest.raises(TooLarge):
-        read_image(tmp_path / "big.jpg")  # at its own size nothing is reduced
-    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's global, set aside while a header was read, is back
+    """A phone's 108- or 200-megapixel JPEG decodes at 1/8 scale for training; the same PNG is refused."""
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "huge.jpg")  # over twice the limit: PIL refuses to open
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "large.jpg")  # between the limit and twice it
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 12x8 and 5x5 (1/8 scale) are well under it
+    data = load_folder(tmp_path, 4)
+    assert [p.name for p in data.paths] == ["huge.jpg", "large.jpg"] and data.images[:, 0].float().mean() > 150
+    assert data.skipped == [(str(tmp_path / "huge.png"), "too large: over twice PIL's limit of 1,000 pixels")]
+    for name, size in (("huge.jpg", "96x64"), ("large.jpg", "40x40")):
+        with pytest.raises(TooLarge, match=f"{size}, over PIL's limit of 1,000 pixels"):
+            read_image(tmp_path / name)  # at its own size nothing is reduced
 
 
 def test_exif_orientation_is_applied(tmp_path):
