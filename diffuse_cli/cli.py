@@ -227,8 +227,9 @@ def train(
                   f"short side) and {verb} enlarged, which blurs them; a smaller --image-size keeps their detail",
                   highlight=False, soft_wrap=True)
     if data is not None and len(data_set) < FEW_IMAGES and is_main:
-        err.print(f"[yellow]note:[/] {len(data_set)} image{'s' * (len(data_set) != 1)} is few for a diffusion model (thousands are usual); "
-                  "as training goes on its samples will copy them more and more closely", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]note:[/] {len(data_set)} image{'s' * (len(data_set) != 1)} is few for a diffusion model "
+                  "(thousands are usual); as training goes on its samples will copy them more and more closely",
+                  highlight=False, soft_wrap=True)
     if data_set.images is None and is_main:
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
 
@@ -505,8 +506,8 @@ def main() -> None:
         if isinstance(e, (ValueError, RuntimeError)) and not os.environ.get("DIFFUSE_DEBUG"):
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             if type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in message:
-                message = message.rstrip(".") + ("; try a smaller --batch-size (train: with --grad-accum to keep the effective batch)"
-                            " or a smaller --image-size or --model")
+                message = (message.rstrip(".") + "; try a smaller --batch-size (train: with --grad-accum to keep the "
+                           "effective batch) or a smaller --image-size or --model")
             _exit_with(message, 1)
         raise
 
