@@ -8,6 +8,9 @@ on the module wrapped in DistributedDataParallel in a one-process group, so the 
 the wrapper's own cost (bucketing, the all-reduce hooks). Part 2 runs `diffuse train`'s loop
 in 1 and in N processes (global batch fixed) and compares images/s; on a 2-core CPU N
 processes share the same two cores, so expect no speed-up there: it checks the overhead.
+Part 3 times loading a folder of JPEGs (full-size decodes at --image-size 256) in one process,
+in N processes that each decode every file, and in N processes that decode a share each and
+swap the results over gloo, as `diffuse train` does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import os
 import socket
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
-from diffuse_cli.data import load_builtin  # noqa: E402
+from data_loading import write_jpegs  # noqa: E402
+
+from diffuse_cli import distributed  # noqa: E402
+from diffuse_cli.data import load_builtin, load_folder  # noqa: E402
 from diffuse_cli.device import memory_format, resolve_precision  # noqa: E402
 from diffuse_cli.train import Options, train  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
@@ -91,11 +99,38 @@ def processes(world: int, device: str, tmp: str) -> float:
     return rate
 
 
+def load_rank(rank: int, world: int, port: int, folder: str, shared: bool, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    share = distributed.share(torch.device("cpu"))
+    dist.barrier(share.group)
+    start = time.perf_counter()
+    load_folder(folder, 256, share=share if shared else None)
+    dist.barrier(share.group)
+    if rank == 0:
+        queue.put(time.perf_counter() - start)
+    dist.destroy_process_group()
+
+
+def loading(world: int, folder: str, shared: bool) -> float:
+    """Seconds until every one of `world` processes holds the decoded folder."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=load_rank, args=(r, world, port, folder, shared, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    seconds = queue.get()
+    for p in procs:
+        p.join()
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--tmp", default="checkpoints/ddp-bench")
+    parser.add_argument("--load-images", type=int, default=2000, help="JPEGs for part 3 (0: skip it)")
     args = parser.parse_args()
     wrapper_cost(args.device, 32)
     if args.device == "cpu" or torch.cuda.device_count() >= args.processes:
@@ -103,6 +138,15 @@ def main() -> None:
         many = processes(args.processes, args.device, args.tmp)
         print(f"diffuse train loop, global batch 32: 1 process {one:.1f} img/s, {args.processes} processes "
               f"{many:.1f} img/s ({many / one:.2f}x)")
+    if args.load_images:
+        with tempfile.TemporaryDirectory() as folder:
+            write_jpegs(Path(folder), args.load_images)
+            start = time.perf_counter()
+            load_folder(folder, 256)
+            one = time.perf_counter() - start
+            each, shared = loading(args.processes, folder, False), loading(args.processes, folder, True)
+        print(f"loading {args.load_images} 512x384 JPEGs at 256x256: 1 process {one:.1f} s; {args.processes} processes "
+              f"each decoding every file {each:.1f} s, sharing the decoding {shared:.1f} s")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,7 @@ def train(
     if data is not None and not Path(data).exists():
         raise UserError(f"{data}: no such file or folder")
 
+    from . import distributed
     from .data import load_data
     from .device import resolve_precision
     from .train import Hooks, Options
@@ -208,7 +209,8 @@ def train(
         auto_channels = data is not None and not resuming and "channels" not in given_model
         data_set = load_data(data, config.model.image_size, None if auto_channels else config.model.channels,
                              progress=lambda i, n: bar.update(task, completed=i, total=n),
-                             copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each DDP process holds one
+                             copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # each DDP process holds one
+                             share=distributed.share(torch_device) if data is not None else None)
         bar.remove_task(task)
     if data_set.channels != config.model.channels:
         config = replace(config, model=replace(config.model, channels=data_set.channels))

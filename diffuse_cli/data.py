@@ -14,7 +14,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from .device import memory_available
 from .errors import DataError
 from .files import atomic_write_bytes
 from .shapes import render_shapes
+
+if TYPE_CHECKING:
+    from .distributed import Share
 
 BUILTIN = "builtin:shapes"
 BUILTIN_SIZE = 8192
@@ -222,39 +225,51 @@ def is_grayscale(image: torch.Tensor) -> bool:
 
 
 def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
-                progress: Callable[[int, int], None] | None = None, copies: int = 1) -> ImageData:
+                progress: Callable[[int, int], None] | None = None, copies: int = 1,
+                share: Share | None = None) -> ImageData:
     """Decode every image below root once; unusable files are listed in `skipped`.
 
     channels=None picks them from the images: 1 when every one is grayscale (whatever its file
     mode: L, palette or RGB with equal channels), else 3. `copies`: how many processes on this
-    machine load the same set (DDP), so that all of them together fit in memory."""
+    machine load the same set (DDP), so that all of them together fit in memory. `share`: the
+    processes of a DDP run, each of which decodes every share.size-th file; they then swap what
+    they found, so that each ends with the whole set, decoded once."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
     files = [root] if root.is_file() else find_files(root)
+    rank, count = (share.rank, share.size) if share else (0, 1)
     decode_as = channels or 3
     # Decode straight into one buffer when the set fits in half the available memory, else only
     # check each file now and decode it again whenever a batch needs it: never a list of every image.
     in_memory = len(files) * decode_as * size * size * copies < memory_available() // 2
-    images = torch.empty((len(files) if in_memory else 0, decode_as, size, size), dtype=torch.uint8)
-    kept: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    upscaled: list[int] = []
-    grayscale = True
-    for i, (path, result) in enumerate(_decode_all(files, size, decode_as)):
+    in_memory = share.all(in_memory) if share else in_memory
+    images = (torch.zeros if share else torch.empty)((len(files) if in_memory else 0, decode_as, size, size),
+                                                     dtype=torch.uint8)  # zeros: summed over processes
+    decoded = torch.zeros(len(files), dtype=torch.uint8)  # per file: 1 if it decoded
+    grayscale = torch.zeros(len(files), dtype=torch.uint8)  # 1 if it is grayscale (when asked)
+    short_side = torch.zeros(len(files), dtype=torch.int32)
+    reasons: dict[int, str] = {}  # file index -> why it was skipped
+    mine = files[rank::count]
+    for k, (path, result) in enumerate(_decode_all(mine, size, decode_as)):
+        i = rank + k * count
         if isinstance(result, str):
-            skipped.append((str(path), result))
+            reasons[i] = result
         else:
-            image, short = result
+            image, short_side[i] = result
+            decoded[i] = 1
+            grayscale[i] = channels is None and is_grayscale(image)
             if in_memory:
-                images[len(kept)] = image
-            kept.append(path)
-            grayscale = grayscale and (channels is not None or is_grayscale(image))
-            if short < size:
-                upscaled.append(short)
+                images[i] = image
         if progress:
-            progress(i + 1, len(files))
-    if not kept:
+            progress(k + 1, len(mine))
+    if share:
+        for t in (images, decoded, grayscale, short_side):
+            share.sum_(t)
+        reasons = share.merge(reasons)
+    kept = decoded.nonzero()[:, 0]
+    skipped = [(str(files[i]), reasons[i]) for i in sorted(reasons)]
+    if not len(kept):
         what = "no files"
         if files:
             first, why = skipped[0]
@@ -262,11 +277,25 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
                     f"({Path(first).name}: {why})")
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
     if channels is None:
-        channels = 1 if grayscale else 3
-    data = ImageData(str(root), size, channels, paths=kept, skipped=skipped, upscaled=upscaled)
+        channels = 1 if bool(grayscale[kept].all()) else 3
+    shorts = short_side[kept]
+    upscaled = shorts[shorts < size].tolist()
+    data = ImageData(str(root), size, channels, paths=[files[i] for i in kept.tolist()], skipped=skipped,
+                     upscaled=upscaled)
     if in_memory:
+        _close_gaps(images, kept)
         data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
     return data
+
+
+def _close_gaps(images: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> None:
+    """Move images[kept] to the front of images, in place and in order, a chunk at a time.
+    Safe because kept rises and kept[i] >= i: a chunk's sources lie at or after its destinations,
+    each chunk is gathered before it is written, and later chunks read only from further on."""
+    for start in range(0, len(kept), chunk):
+        sources = kept[start:start + chunk]
+        if sources[-1] != start + len(sources) - 1:  # else already in place
+            images[start:start + len(sources)] = images[sources]
 
 
 def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> ImageData:
@@ -280,11 +309,12 @@ def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> 
 
 
 def load_data(source: str | None, size: int, channels: int | None = 3,
-              progress: Callable[[int, int], None] | None = None, copies: int = 1) -> ImageData:
+              progress: Callable[[int, int], None] | None = None, copies: int = 1,
+              share: Share | None = None) -> ImageData:
     """A folder path, or None / 'builtin:shapes' for the built-in dataset; channels=None: from the images."""
     if source in (None, BUILTIN):
         return load_builtin(size, channels)
-    return load_folder(source, size, channels, progress, copies)
+    return load_folder(source, size, channels, progress, copies, share)
 
 
 # -- grids and PNGs ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
 
@@ -56,3 +57,46 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@dataclass(frozen=True)
+class Share:
+    """The processes of a run, swapping CPU tensors over gloo whatever backend trains (data loading)."""
+
+    rank: int
+    size: int
+    group: object
+
+    def all(self, flag: bool) -> bool:
+        """True on every process if flag is true on all of them."""
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+    def sum_(self, t: torch.Tensor, chunk_bytes: int = 1 << 28) -> None:
+        """Sum a contiguous tensor over the processes in place, in slices of at most chunk_bytes."""
+        flat, step = t.view(-1), max(1, chunk_bytes // t.element_size())
+        for start in range(0, flat.numel(), step):
+            dist.all_reduce(flat[start:start + step], group=self.group)
+
+    def merge(self, texts: dict[int, str]) -> dict[int, str]:
+        """Every process's dict in one, sent as JSON."""
+        payload = torch.frombuffer(bytearray(json.dumps(texts).encode()), dtype=torch.uint8)
+        longest = torch.tensor([len(payload)])
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.group)
+        padded = torch.zeros(int(longest), dtype=torch.uint8)
+        padded[:len(payload)] = payload
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        merged: dict[int, str] = {}
+        for part in parts:  # JSON never holds a NUL byte: the padding is all that is stripped
+            merged.update((int(k), v) for k, v in json.loads(part.numpy().tobytes().rstrip(b"\0")).items())
+        return merged
+
+
+def share(device: torch.device) -> Share | None:
+    """Join the process group (as `init`) and open a gloo group on it for data loading; None alone."""
+    world = init(device)
+    if world.size == 1:
+        return None
+    return Share(world.rank, world.size, dist.new_group(backend="gloo"))

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _decode_all, decode_image, find_files, labelled_strip,
-                              load_builtin, load_data, load_folder, make_grid, read_image, to_model, to_uint8)
+from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _close_gaps, _decode_all, decode_image, find_files,
+                              labelled_strip, load_builtin, load_data, load_folder, make_grid, read_image, to_model,
+                              to_uint8)
 
 from .conftest import write_image
 
@@ -70,6 +71,17 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
     with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
         lazy.batch(torch.arange(len(lazy)))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4096])
+def test_closing_the_gaps_of_skipped_files_keeps_the_order(chunk):
+    rng = np.random.default_rng(chunk)
+    for _ in range(20):
+        images = torch.arange(12).repeat_interleave(3).view(12, 3, 1, 1).to(torch.uint8)
+        kept = torch.from_numpy(np.flatnonzero(rng.random(12) < 0.6))
+        expected = images[kept].clone()
+        _close_gaps(images, kept, chunk)
+        assert torch.equal(images[:len(kept)], expected), (kept, chunk)
 
 
 def test_resize_short_side_and_centre_crop(tmp_path):

@@ -1,5 +1,6 @@
 """Data parallelism on the CPU with gloo: two processes agree with one, and resume across sizes."""
 
+import json
 import os
 import socket
 import subprocess
@@ -11,11 +12,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from diffuse_cli import cli
+import diffuse_cli.data
+from diffuse_cli import cli, distributed
 from diffuse_cli.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
-from diffuse_cli.data import load_builtin
+from diffuse_cli.data import load_builtin, load_folder
 from diffuse_cli.train import Hooks, Options, train
+
+from .conftest import write_image
 
 # dropout 0: its masks are drawn per process, so only then are 1 and 2 processes comparable.
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
@@ -74,6 +78,54 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
     resumed = train(CONFIG, load_builtin(8, n=20), tmp_path / "run", replace(OPTIONS, resume=True))
     assert resumed.step == 4
     assert close(dict(straight.ema.state_dict()), dict(resumed.ema.state_dict()))
+
+
+def loaded(data) -> dict:
+    """What load_folder found, as JSON-ready facts and a tensor."""
+    return {"paths": [str(p) for p in data.paths], "skipped": [list(s) for s in data.skipped],
+            "upscaled": data.upscaled, "channels": data.channels, "in_memory": data.images is not None}
+
+
+def loading_worker(rank, world, port, root, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    share = distributed.share(torch.device("cpu"))
+    for on_demand in (False, True):
+        if on_demand:
+            diffuse_cli.data.memory_available = lambda: 0
+        for name in ("mixed", "gray"):
+            data = load_folder(os.path.join(root, name), 16, channels=None, share=share)
+            key = f"{name}-{on_demand}-rank{rank}"
+            with open(os.path.join(out_dir, key + ".json"), "w") as f:
+                json.dump(loaded(data), f)
+            if data.images is not None:
+                save_file({"images": data.images}, os.path.join(out_dir, key + ".safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_decode_a_share_each_and_end_with_the_same_set_as_one(tmp_path, image_folder, monkeypatch):
+    """Each of 2 processes decodes every other file; both end with exactly what one process loads,
+    skipped files (on both processes' shares), enlarged images and channels included."""
+    (tmp_path / "mixed").symlink_to(image_folder)
+    (image_folder / "c_bad.jpg").write_bytes(b"no jpeg")  # files 2 and 3, 5: bad ones on both shares
+    for i in range(5):
+        write_image(tmp_path / "gray" / f"{i}.png", "L", size=(16 + i, 20), seed=i)
+    (tmp_path / "gray" / "zz.txt").write_text("not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(loading_worker, args=(2, free_port(), str(tmp_path), str(out)), nprocs=2, start_method="spawn")
+    for on_demand in (False, True):
+        if on_demand:
+            monkeypatch.setattr(diffuse_cli.data, "memory_available", lambda: 0)
+        for name in ("mixed", "gray"):
+            one = load_folder(tmp_path / name, 16, channels=None)
+            assert one.skipped and (one.images is None) == on_demand
+            for rank in (0, 1):
+                key = f"{name}-{on_demand}-rank{rank}"
+                assert json.loads((out / f"{key}.json").read_text()) == json.loads(json.dumps(loaded(one))), key
+                if not on_demand:
+                    assert torch.equal(load_file(out / f"{key}.safetensors")["images"], one.images), key
+    assert json.loads((out / "mixed-False-rank0.json").read_text())["upscaled"] == [14] * 7  # the 20x14 ones
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")
