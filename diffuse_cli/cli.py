@@ -5,6 +5,7 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -35,12 +36,17 @@ FEW_IMAGES = 1000
 # Without a terminal (a batch job's log file) lines are not wrapped at 80 columns, and training
 # prints a status line this often in place of the progress bar.
 STATUS_EVERY_S = 60.0
+GRID_MAX = 64  # `sample` puts at most this many images in grid.png: an 8x8 grid
 out = Console(soft_wrap=not sys.stdout.isatty())
 err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept: printed as one line, exit code 130."""
 
 
 class TimeLeftColumn(TimeRemainingColumn):
@@ -281,6 +287,15 @@ def train(
         f"weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
 
 
+@contextlib.contextmanager
+def interrupted_says(message: Callable[[], str]):
+    """Turn Ctrl-C inside the block into Interrupted(message())."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message()) from None
+
+
 def install_stop_handler() -> dict:
     """Ctrl-C / SIGTERM ask the loop to save and stop; a second Ctrl-C exits at once."""
     state = {"requested": False}
@@ -317,7 +332,7 @@ def sample(
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
                                     help="On CUDA, replay each network call as a CUDA graph; off to debug."),
 ) -> None:
-    """Generate images from a trained checkpoint: n PNGs and grid.png."""
+    """Generate images from a trained checkpoint: n PNGs and grid.png (of the first 64)."""
     from .samplers import SAMPLERS, Spacing, Variance
 
     if n < 1 or steps < 1 or batch_size < 1:
@@ -342,7 +357,7 @@ def sample(
 
     from .checkpoint import load_model, resolve_checkpoint
     from .data import grid_upscale, make_grid, save_gif, save_png, to_uint8
-    from .generate import generate
+    from .generate import generate_batches
 
     path = resolve_checkpoint(checkpoint)
     net, config, info = load_model(path, compute_device(device))
@@ -356,29 +371,36 @@ def sample(
     def record(i: int, x_t, x0) -> None:
         frames.append((to_uint8(x_t[0]), to_uint8(x0[0])))
 
-    start = time.perf_counter()
-    with progress_bar() as bar:
+    start, written, shown = time.perf_counter(), 0, []
+    width = max(4, len(str(n - 1)))  # 0000.png ...: names sort in order however many there are
+    kept = lambda: f"interrupted; the {written} images made so far are in {folder}/"  # noqa: E731
+    with progress_bar() as bar, interrupted_says(kept):
         task = bar.add_task(f"sampling ({sampler})", total=None)
-        images, nfe = generate(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-                               spacing=spacing, precision=precision, callback=record if trajectory else None,
-                               progress=lambda i, total: bar.update(task, completed=i, total=total),
-                               cuda_graph=cuda_graph, log=lambda m: bar.console.print(m, highlight=False, markup=False),
-                               **options)
+        for batch in generate_batches(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                                      spacing=spacing, precision=precision, callback=record if trajectory else None,
+                                      progress=lambda i, total: bar.update(task, completed=i, total=total),
+                                      cuda_graph=cuda_graph, log=lambda m: bar.console.print(m, highlight=False,
+                                                                                            markup=False),
+                                      **options):
+            for image in batch:  # written as each batch is done: an interrupted run keeps what it made
+                save_png(image, folder / f"{written:0{width}d}.png")
+                written += 1
+            shown.append(batch[:GRID_MAX - sum(map(len, shown))])
     elapsed = time.perf_counter() - start
-    for i, image in enumerate(images):
-        save_png(image, folder / f"{i:04d}.png")
     upscale = grid_upscale(config.model.image_size)
-    save_png(make_grid(images), folder / "grid.png", upscale)
+    save_png(make_grid(torch.cat(shown)), folder / "grid.png", upscale)
     if trajectory:
         frames = frames[:len(frames) // -(-n // batch_size)]  # the first batch's steps
         picks = sorted({round(k * (len(frames) - 1) / 9) for k in range(10)})
         strip = make_grid(torch.stack([frames[k][0] for k in picks] + [frames[k][1] for k in picks]), nrow=len(picks))
         save_png(strip, folder / "trajectory.png", upscale)
         save_gif([make_grid(torch.stack(f), nrow=2) for f in frames], folder / "trajectory.gif")
+    nfe = SAMPLERS[sampler].nfe(steps)
     out.print(f"{sampler}, {steps} steps, {nfe} network calls per batch, {elapsed / n * 1000:.0f} ms per image "
               f"({elapsed:.1f} s in all) from {path}", highlight=False)
-    out.print(f"wrote {n} image{'s' * (n != 1)} and grid.png to {folder}/" + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""),
-              highlight=False)
+    grid = "grid.png" if n <= GRID_MAX else f"grid.png (the first {GRID_MAX})"
+    out.print(f"wrote {n} image{'s' * (n != 1)} and {grid} to {folder}/"
+              + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""), highlight=False)
 
 
 # -- noise --------------------------------------------------------------------------------
@@ -495,6 +517,8 @@ def main() -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except (UserError, ConfigError, DataError, CheckpointError, RunError) as e:
         _exit_with(str(e), 2)
+    except Interrupted as e:
+        _exit_with(str(e), 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

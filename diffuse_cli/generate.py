@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,14 +21,15 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
-             steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
-             precision: Precision = "fp32", clip_x0: bool = True,
-             progress: Callable[[int, int], None] | None = None,
-             callback: Callback | None = None, cuda_graph: bool = True,
-             log: Callable[[str], None] = lambda message: None, **options) -> tuple[torch.Tensor, int]:
-    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; on CUDA each
-    network call replays a CUDA graph unless cuda_graph=False (or its capture fails: `log` says so)."""
+def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
+                     steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
+                     precision: Precision = "fp32", clip_x0: bool = True,
+                     progress: Callable[[int, int], None] | None = None,
+                     callback: Callback | None = None, cuda_graph: bool = True,
+                     log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
+    """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
+    CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
+    `log` says so)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
@@ -42,8 +43,7 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
     fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
     net = graphed_forward(network, fallback) if cuda_graph and device.type == "cuda" else network
     counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
-    nfe_per_batch = SAMPLERS[sampler].nfe(steps)
-    total_calls = nfe_per_batch * -(-n // batch_size)
+    total_calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size)
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = counted(x, t)
@@ -52,10 +52,15 @@ def generate(model: torch.nn.Module, config: Config, n: int, *, sampler: str = D
         return eps
 
     c, s = config.model.channels, config.model.image_size
-    out = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         x = sample(eps_model, (count, c, s, s), schedule, sampler, steps, image_generators(seed, start, count),
                    spacing=spacing, device=device, callback=callback, **options)
-        out.append(to_uint8(x).cpu())
-    return torch.cat(out), nfe_per_batch
+        yield to_uint8(x).cpu()
+
+
+def generate(model: torch.nn.Module, config: Config, n: int, **kwargs) -> tuple[torch.Tensor, int]:
+    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; keyword arguments
+    as generate_batches."""
+    images = torch.cat(list(generate_batches(model, config, n, **kwargs)))
+    return images, SAMPLERS[kwargs.get("sampler", DEFAULT_SAMPLER)].nfe(kwargs.get("steps", DEFAULT_STEPS))

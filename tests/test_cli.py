@@ -81,6 +81,30 @@ def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli,
     assert Image.open(tmp_path / "c" / "trajectory.png").mode == "RGB"
 
 
+def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(trained, run_cli, tmp_path,
+                                                                              monkeypatch):
+    import diffuse_cli.generate
+
+    result = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "many")
+    assert result.code == 0 and "grid.png (the first 64)" in result.out, result
+    assert sorted(p.name for p in (tmp_path / "many").glob("0*.png")) == [f"{i:04d}.png" for i in range(70)]
+    assert Image.open(tmp_path / "many" / "grid.png").size == (656, 656)  # 8x8 cells of 8+2 px, +2, enlarged 8x
+
+    sampled = diffuse_cli.generate.sample
+    calls = []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sampled(*args, **kwargs)
+
+    monkeypatch.setattr(diffuse_cli.generate, "sample", interrupted_at_the_second_batch)
+    stopped = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "cut")
+    assert stopped.code == 130 and "interrupted; the 32 images made so far are in cut/" in stopped.err, stopped
+    assert len(list((tmp_path / "cut").glob("0*.png"))) == 32  # the first batch, kept
+
+
 def test_sample_precision_auto_is_what_train_picks_and_fp16_needs_a_gpu(trained, run_cli, tmp_path):
     import torch
 
