@@ -318,7 +318,7 @@ def install_stop_handler() -> dict:
 def sample(
     n: int = typer.Option(16, "-n", "--num", help="How many images."),
     checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors or a run folder. \\[default: newest under ./checkpoints]"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-<sampler>-<steps>-seed<seed>]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>]"),
     sampler: str = typer.Option("dpm++3m-sde", help="ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, unipc or heun."),
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
     spacing: Optional[str] = typer.Option(None, help="trailing, quadratic, karras or logsnr. \\[default: the sampler's paper's]"),
@@ -363,7 +363,8 @@ def sample(
     net, config, info = load_model(path, compute_device(device))
     if steps > config.diffusion.timesteps:
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
-    folder = out_dir or Path("samples") / f"{path.parent.name}-{sampler}-{steps}steps-seed{seed}"
+    trained = f"-step{info['step']}" if isinstance(info.get("step"), int) else ""  # a run trained on samples anew
+    folder = out_dir or Path("samples") / f"{path.parent.name}{trained}-{sampler}-{steps}steps-seed{seed}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; name a folder for the images with --out")
     frames: list = []

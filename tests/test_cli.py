@@ -89,6 +89,8 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
     assert result.code == 0 and "grid.png (the first 64)" in result.out, result
     assert sorted(p.name for p in (tmp_path / "many").glob("0*.png")) == [f"{i:04d}.png" for i in range(70)]
     assert Image.open(tmp_path / "many" / "grid.png").size == (656, 656)  # 8x8 cells of 8+2 px, +2, enlarged 8x
+    assert run_cli("sample", "-n", "1", "--steps", "1", "--sampler", "ddim").code == 0
+    assert (tmp_path / "samples" / "run-step4-ddim-1steps-seed0" / "0000.png").exists()  # names the steps trained
 
     sampled = diffuse_cli.generate.sample
     calls = []
