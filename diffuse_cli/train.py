@@ -258,6 +258,9 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         info = load_training_state(run_dir / STATE_FILE, model, ema, optimizer)
         step = info["step"]
         hooks.log(f"resumed from {run_dir / STATE_FILE} at step {step}")
+        if info.get("data_size", len(data)) != len(data):  # the order of the images from here on differs too
+            hooks.log(f"note: the data now holds {len(data)} images, {info['data_size']} when the run was saved; "
+                      "training goes on with the images as they are now")
     net: torch.nn.Module = model
     if world.size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -45,6 +45,9 @@ def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
     assert ia["step"] == ib["step"] == 6
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    logs = []
+    train(CONFIG, load_builtin(8, n=12), tmp_path / "b", replace(OPTIONS, resume=True), Hooks(log=logs.append))
+    assert "note: the data now holds 12 images, 10 when the run was saved" in " ".join(logs)
     online = [UNet(CONFIG.model) for _ in range(4)]
     for run, (model, ema) in zip("ab", (online[:2], online[2:])):
         load_training_state(tmp_path / run / STATE_FILE, model, ema, torch.optim.AdamW(model.parameters()))
