@@ -122,7 +122,9 @@ def sample_diffusers_pipeline(model, n: int, image_size: int, batch: int = 128) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="10m")
-    parser.add_argument("--steps", type=int, default=4000, help="--steps for every recipe (the LR schedule's length)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="--steps for every recipe (the LR schedule's length); default: none, so that "
+                             "`diffuse train` fits them to the budget, as it does for a user")
     parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=list(RECIPES))
     parser.add_argument("--out", default="checkpoints/convergence")
     parser.add_argument("--samples", type=int, default=512, help="images per set of samples")
@@ -136,7 +138,8 @@ def main() -> None:
             results.update(diffusers_example(parse_duration(args.budget), args.samples, seeds))
             continue
         run = Path(args.out) / name
-        cmd = [sys.executable, "-m", "diffuse_cli", "train", "--max-time", args.budget, "--steps", str(args.steps),
+        steps = ["--steps", str(args.steps)] if args.steps else []
+        cmd = [sys.executable, "-m", "diffuse_cli", "train", "--max-time", args.budget, *steps,
                "--out", str(run), "--sample-every", "100000", "--save-every", "100000", *RECIPES[name]]
         if (run / "model.safetensors").exists():
             print(f"reusing {run} (delete it to train again)", flush=True)

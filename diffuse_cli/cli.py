@@ -138,8 +138,10 @@ def train(
     timesteps: Optional[int] = typer.Option(None, help=f"Diffusion steps T. \\[default: {DiffusionConfig.timesteps}]"),
     dropout: Optional[float] = typer.Option(None, help="Dropout in residual blocks. \\[default: the preset's]"),
     batch_size: Optional[int] = typer.Option(None, help=f"Global batch (split across processes under DDP). \\[default: {TrainConfig.batch_size}]"),
-    steps: Optional[int] = typer.Option(None, help=f"Optimizer steps to train for. \\[default: {TrainConfig.steps}]"),
-    max_time: Optional[str] = typer.Option(None, help="Stop after this wall-clock time (90s, 10m, 2h), save and sample."),
+    steps: Optional[int] = typer.Option(None, help=f"Optimizer steps to train for. \\[default: {TrainConfig.steps}; "
+                                        "with --max-time, what the budget holds]"),
+    max_time: Optional[str] = typer.Option(None, help="Stop after this wall-clock time (90s, 10m, 2h), save and sample; "
+                                           "without --steps, the LR decays over the steps that fit in it."),
     lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (AdamW). Not rescaled with batch or processes. \\[default: {TrainConfig.lr}]"),
     lr_schedule: Optional[str] = typer.Option(None, help=f"constant or cosine (decay to 10%) after warm-up. \\[default: {TrainConfig.lr_schedule}]"),
     warmup: Optional[int] = typer.Option(None, help=f"Linear LR warm-up steps. \\[default: {TrainConfig.warmup}]"),
@@ -254,9 +256,9 @@ def train(
             nonlocal last_status
             if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
                 smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
-            bar.update(task, completed=record["step"], loss=f"loss {smooth.get('loss', math.nan):.4f}",
-                       rate=f"{record['images_per_s']:.1f} img/s")
-            now, step, steps = time.monotonic(), record["step"], config.train.steps
+            bar.update(task, completed=record["step"], total=record["steps"],
+                       loss=f"loss {smooth.get('loss', math.nan):.4f}", rate=f"{record['images_per_s']:.1f} img/s")
+            now, step, steps = time.monotonic(), record["step"], record["steps"]
             if not shows_progress_bar() and (now - last_status >= STATUS_EVERY_S or step == steps):
                 left = (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
                 if budget:
@@ -269,7 +271,8 @@ def train(
                       log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
-                          max_time=budget, resume=resuming, compile=compile, cuda_graph=cuda_graph)
+                          max_time=budget, fit_steps="steps" not in given_train, resume=resuming, compile=compile,
+                          cuda_graph=cuda_graph)
         fresh = not run.exists()
         try:
             result = run_training(config, data_set, run, options, hooks)

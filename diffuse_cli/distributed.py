@@ -59,6 +59,15 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def smallest(value: int, world: World, device: torch.device) -> int:
+    """The smallest of every rank's value, on every rank."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 @dataclass(frozen=True)
 class Share:
     """The processes of a run, swapping CPU tensors over gloo whatever backend trains (data loading)."""

@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,9 @@ from .unet import UNet, count_parameters
 
 GRID_IMAGES = 16
 LOG_EVERY = 10
+# --max-time without --steps: the speed is read from step FIT_FROM (past start-up) to the end of the
+# LR warm-up or step FIT_AT if later, then --steps is set to what the budget holds (fitted_steps).
+FIT_FROM, FIT_AT = 10, 50
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,6 +53,7 @@ class Options:
     save_every: int = 500
     sample_every: int = 500
     max_time: float | None = None  # seconds
+    fit_steps: bool = False  # with max_time, set config.train.steps to what the budget holds (fitted_steps)
     resume: bool = False
     compile: bool = False
     cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
@@ -94,6 +98,14 @@ def lr_at(step: int, cfg: Config) -> float:
         return tc.lr
     progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fitted_steps(step: int, elapsed: float, since: tuple[int, float], budget: float) -> int:
+    """The steps a time budget holds at the speed measured since (step, elapsed seconds) earlier:
+    `--max-time` without `--steps` trains that many, so that the learning rate's decay ends with the
+    budget. The budget stops the run whichever way the estimate errs."""
+    per_step = (elapsed - since[1]) / max(1, step - since[0])
+    return step + max(1, int((budget - elapsed) / max(per_step, 1e-9)))
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
@@ -342,6 +354,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
 
     perms: dict[int, torch.Tensor] = {}
     start_time, start_step, stopped_by = time.monotonic(), step, "steps"
+    fit_from = None  # (step, seconds) where the speed for fitted_steps is first read
+    fitting = options.fit_steps and options.max_time is not None and not options.resume
     last_log = (time.monotonic(), step)
     model.train()
     if step >= tc.steps:
@@ -364,9 +378,19 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             n_steps = step - last_log[1]
             skipped = check_bad_steps(step)
             finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
+            if fitting:
+                elapsed = time.monotonic() - start_time  # read after check_bad_steps' host sync
+                if fit_from is None and step >= FIT_FROM:
+                    fit_from = (step, elapsed)
+                elif fit_from is not None and step >= max(tc.warmup, FIT_AT):
+                    steps = distributed.smallest(fitted_steps(step, elapsed, fit_from, options.max_time), world, device)
+                    config = replace(config, train=replace(tc, steps=steps))
+                    tc, fitting = config.train, False
+                    hooks.log(f"{steps:,} steps fit in the time budget at this speed; the learning rate decays "
+                              "over them (--steps sets them instead)")
             record = {"step": step, "loss": io.loss_sum.item() / finite_steps if finite_steps else math.nan, "lr": lr,
                       "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
-                      "time": round(now - start_time, 3)}
+                      "time": round(now - start_time, 3), "steps": tc.steps}
             records.append(record)
             unsaved.append(record)
             hooks.progress(record)

@@ -34,6 +34,24 @@ def weights(path):
     return net.state_dict(), info
 
 
+def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_path):
+    config = replace(CONFIG, train=replace(CONFIG.train, steps=10**6))
+    plain = train(config, DATA, tmp_path / "plain", replace(OPTIONS, max_time=0.5))
+    assert plain.stopped_by == "time" and plain.records[-1]["lr"] > 0.99 * config.train.lr  # 10**6 steps: no decay
+    assert (tmp_path / "plain" / "samples" / f"step_{plain.step:06d}.png").exists()
+
+    logs = []
+    start = time.monotonic()
+    fit = train(config, DATA, tmp_path / "fit", replace(OPTIONS, max_time=2.0, fit_steps=True), Hooks(log=logs.append))
+    assert time.monotonic() - start < 2.0 + 10  # the budget, the final save and grid
+    _, saved, info = load_model(tmp_path / "fit" / MODEL_FILE)
+    steps = saved.train.steps
+    assert train_module.FIT_AT < steps < 10**6 and info["step"] == fit.step and fit.step >= steps // 2
+    assert f"{steps:,} steps fit in the time budget" in " ".join(logs)
+    last = fit.records[-1]
+    assert last["steps"] == steps and last["lr"] == lr_at(last["step"] - 1, saved)  # the decay runs over them
+
+
 def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
     straight = train(CONFIG, DATA, tmp_path / "a", OPTIONS)
     assert straight.step == 6
