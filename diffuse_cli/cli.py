@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
+from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
 from .runs import config_for_run, new_run_folder, resolve_run
 
@@ -79,10 +79,10 @@ def clock(seconds: float) -> str:
     return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
 
 
-def status_line(step: int, steps: int, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
-    """The progress bar's facts as one plain line, for a log file."""
-    return (f"step {step}/{steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
-            f"elapsed {clock(elapsed)}  eta {clock(left)}")
+def status_line(step: int, steps: int | None, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
+    """The progress bar's facts as one plain line, for a log file (steps None: not yet known)."""
+    return (f"step {step}/{'?' if steps is None else steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
+            f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
 
 
 def compute_device(name: str):
@@ -246,7 +246,8 @@ def train(
     stop = install_stop_handler()
     say(f"run folder {run}" + (" (resuming)" if resuming else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
-        task = bar.add_task("training", total=config.train.steps, loss="loss  -", rate="",
+        fit_steps = budget is not None and "steps" not in given_train  # the run sets them (--max-time's help)
+        task = bar.add_task("training", total=None if fit_steps else config.train.steps, loss="loss  -", rate="",
                             deadline=time.monotonic() + budget if budget else None)
         smooth: dict[str, float] = {}
         started, last_status = time.monotonic(), -math.inf
@@ -260,7 +261,7 @@ def train(
                        loss=f"loss {smooth.get('loss', math.nan):.4f}", rate=f"{record['images_per_s']:.1f} img/s")
             now, step, steps = time.monotonic(), record["step"], record["steps"]
             if not shows_progress_bar() and (now - last_status >= STATUS_EVERY_S or step == steps):
-                left = (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
+                left = math.inf if steps is None else (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
                 if budget:
                     left = min(left, max(0.0, started + budget - now))
                 bar.console.print(status_line(step, steps, smooth.get("loss", math.nan), record["images_per_s"],
@@ -271,7 +272,7 @@ def train(
                       log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,
-                          max_time=budget, fit_steps="steps" not in given_train, resume=resuming, compile=compile,
+                          max_time=budget, fit_steps=fit_steps, resume=resuming, compile=compile,
                           cuda_graph=cuda_graph)
         fresh = not run.exists()
         try:
@@ -283,8 +284,9 @@ def train(
                 run.rmdir()  # a run that failed before writing anything leaves no empty run folder behind
             raise
     if result.stopped_by == "signal":
+        unfitted = fit_steps and all(r["steps"] is None for r in result.records)
         say(f"stopped at step {result.step}; checkpoint saved. Resume with: "
-            f"diffuse train --resume {run}")
+            f"diffuse train --resume {run}" + (" --max-time TIME" if unfitted else ""))
         raise typer.Exit(130)
     say(f"done: step {result.step} ({'time budget reached' if result.stopped_by == 'time' else 'all steps'}); "
         f"weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
@@ -494,7 +496,8 @@ def inspect(
             ("objective", config.diffusion.objective), ("data", f"{info.get('data', '?')} ({info.get('data_size', '?')} images)"),
             ("file size", f"{size_mb:.1f} MB, {len(tensors)} tensors")]
     rows += [(f"model.{k}", str(v)) for k, v in to_dict(config.model).items()]
-    rows += [(f"train.{k}", str(v)) for k, v in to_dict(config.train).items()]
+    rows += [(f"train.{k}", "not yet fitted to --max-time" if (k, v) == ("steps", UNFITTED_STEPS) else str(v))
+             for k, v in to_dict(config.train).items()]
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)

@@ -51,6 +51,11 @@ class DiffusionConfig:
     objective: Objective = "v"
 
 
+# TrainConfig.steps of a --max-time run without --steps until the run has timed its steps and fitted
+# them to the budget (train.fitted_steps): no limit, and the learning rate at its peak after warm-up.
+UNFITTED_STEPS = 2**62
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation; none of it is needed to sample."""

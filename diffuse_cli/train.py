@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .checkpoint import load_training_state, save_model, save_training_state
 from .files import MODEL_FILE, STATE_FILE
-from .config import Config, TrainConfig
+from .config import UNFITTED_STEPS, Config, TrainConfig
 from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_png, to_model
 from .device import autocast, memory_format, resolve_precision
 from .files import atomic_write_bytes
@@ -36,9 +36,10 @@ from .unet import UNet, count_parameters
 
 GRID_IMAGES = 16
 LOG_EVERY = 10
-# --max-time without --steps: the speed is read from step FIT_FROM (past start-up) to the end of the
-# LR warm-up or step FIT_AT if later, then --steps is set to what the budget holds (fitted_steps).
-FIT_FROM, FIT_AT = 10, 50
+# --max-time without --steps: the speed is read from step FIT_FROM (past start-up) until the LR warm-up
+# is over, FIT_AT steps are done and FIT_SHARE of the budget is spent; then --steps is set to what the
+# budget holds (fitted_steps). Until then the run has no step limit (config.UNFITTED_STEPS).
+FIT_FROM, FIT_AT, FIT_SHARE = 10, 50, 0.05
 
 
 class NonFiniteLoss(RuntimeError):
@@ -355,7 +356,14 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     perms: dict[int, torch.Tensor] = {}
     start_time, start_step, stopped_by = time.monotonic(), step, "steps"
     fit_from = None  # (step, seconds) where the speed for fitted_steps is first read
-    fitting = options.fit_steps and options.max_time is not None and not options.resume
+    fitting = (options.fit_steps and options.max_time is not None
+               and (not options.resume or tc.steps == UNFITTED_STEPS))
+    if fitting:
+        config = replace(config, train=replace(tc, steps=UNFITTED_STEPS))
+        tc = config.train
+    elif tc.steps == UNFITTED_STEPS:
+        raise ValueError(f"{run_dir} was stopped before its steps were fitted to its --max-time; "
+                         "resume it with --max-time or --steps")
     last_log = (time.monotonic(), step)
     model.train()
     if step >= tc.steps:
@@ -382,7 +390,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                 elapsed = time.monotonic() - start_time  # read after check_bad_steps' host sync
                 if fit_from is None and step >= FIT_FROM:
                     fit_from = (step, elapsed)
-                elif fit_from is not None and step >= max(tc.warmup, FIT_AT):
+                elif (fit_from is not None and step >= max(tc.warmup, FIT_AT)
+                      and elapsed >= FIT_SHARE * options.max_time):
                     steps = distributed.smallest(fitted_steps(step, elapsed, fit_from, options.max_time), world, device)
                     config = replace(config, train=replace(tc, steps=steps))
                     tc, fitting = config.train, False
@@ -390,7 +399,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                               "over them (--steps sets them instead)")
             record = {"step": step, "loss": io.loss_sum.item() / finite_steps if finite_steps else math.nan, "lr": lr,
                       "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
-                      "time": round(now - start_time, 3), "steps": tc.steps}
+                      "time": round(now - start_time, 3), "steps": None if fitting else tc.steps}
             records.append(record)
             unsaved.append(record)
             hooks.progress(record)

@@ -16,7 +16,7 @@ import torch
 from diffuse_cli import train as train_module
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
-from diffuse_cli.config import Config, TrainConfig, model_config
+from diffuse_cli.config import UNFITTED_STEPS, Config, TrainConfig, model_config
 from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
@@ -50,6 +50,17 @@ def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_pa
     assert f"{steps:,} steps fit in the time budget" in " ".join(logs)
     last = fit.records[-1]
     assert last["steps"] == steps and last["lr"] == lr_at(last["step"] - 1, saved)  # the decay runs over them
+    assert fit.records[0]["steps"] is None  # not known yet
+
+    # Stopped before the fit: a resume fits the steps if it has a budget, and is refused without one.
+    early = replace(OPTIONS, max_time=600.0, fit_steps=True)
+    train(config, DATA, tmp_path / "early", early, Hooks(should_stop=lambda step: step == 20))
+    unfitted = load_model(tmp_path / "early" / MODEL_FILE)[1]  # what the CLI resumes with
+    assert unfitted.train.steps == UNFITTED_STEPS
+    with pytest.raises(ValueError, match="stopped before its steps were fitted"):
+        train(unfitted, DATA, tmp_path / "early", replace(OPTIONS, resume=True))
+    resumed = train(unfitted, DATA, tmp_path / "early", replace(early, max_time=2.0, resume=True))
+    assert resumed.stopped_by in ("steps", "time") and resumed.records[-1]["steps"] < 10**6
 
 
 def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
