@@ -85,18 +85,22 @@ def run_rank(rank: int, world: int, port: int, run_dir: str, device: str, queue)
         queue.put(sum(late) / len(late))
 
 
-def processes(world: int, device: str, tmp: str) -> float:
-    """Images/s of `diffuse train`'s loop in `world` processes."""
+def in_processes(target, world: int, *args) -> float:
+    """Run target(rank, world, port, *args, queue) in `world` spawned processes; what rank 0 puts."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world, port, f"{tmp}/w{world}", device, queue))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    rate = queue.get()
+    value = queue.get()
     for p in procs:
         p.join()
-    return rate
+    return value
+
+
+def processes(world: int, device: str, tmp: str) -> float:
+    """Images/s of `diffuse train`'s loop in `world` processes."""
+    return in_processes(run_rank, world, f"{tmp}/w{world}", device)
 
 
 def load_rank(rank: int, world: int, port: int, folder: str, shared: bool, queue) -> None:
@@ -114,15 +118,7 @@ def load_rank(rank: int, world: int, port: int, folder: str, shared: bool, queue
 
 def loading(world: int, folder: str, shared: bool) -> float:
     """Seconds until every one of `world` processes holds the decoded folder."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=load_rank, args=(r, world, port, folder, shared, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    seconds = queue.get()
-    for p in procs:
-        p.join()
-    return seconds
+    return in_processes(load_rank, world, folder, shared)
 
 
 def main() -> None:
