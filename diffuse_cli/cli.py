@@ -320,7 +320,7 @@ def install_stop_handler() -> dict:
 @app.command(epilog="Examples:\n\n  diffuse sample -n 16                   # newest checkpoint, default sampler\n\n"
              "  diffuse sample --sampler ddim --steps 50 --eta 0 --seed 3\n\n"
              "  diffuse sample --checkpoint checkpoints/run/model.safetensors --trajectory\n\n"
-             "  diffuse sample -n 50000 --out fid/          # for an FID: written batch by batch")
+             "  diffuse sample -n 50000 --out fid/     # for an FID; saved as they come")
 def sample(
     n: int = typer.Option(16, "-n", "--num", help="How many images."),
     checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors or a run folder. \\[default: newest under ./checkpoints]"),
