@@ -212,7 +212,8 @@ def train(
     is_main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: err.print(m, highlight=False, markup=False)) if is_main else (lambda m: None)
 
-    with progress_bar(enabled=is_main) as bar:
+    with progress_bar(enabled=is_main) as bar, interrupted_says(lambda: "interrupted while decoding the images; "
+                                                                  "nothing was written"):
         task = bar.add_task("decoding images", total=None)
         auto_channels = data is not None and not resuming and "channels" not in given_model
         data_set = load_data(data, config.model.image_size, None if auto_channels else config.model.channels,

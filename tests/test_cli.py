@@ -227,6 +227,17 @@ def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, imag
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()
 
 
+def test_ctrl_c_while_decoding_is_one_line(run_cli, image_folder, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("diffuse_cli.data.load_data", interrupted)
+    result = run_cli("train", image_folder, "--out", "run")
+    assert result.code == 130 and "interrupted while decoding the images; nothing was written" in result.err, result
+    assert "Traceback" not in result.err and not (tmp_path / "run").exists()
+
+
 def test_readme_starts_with_the_two_setup_commands():
     text = README.read_text()
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
