@@ -8,6 +8,7 @@ memory, images are decoded on demand instead, each batch during the step before 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import warnings
@@ -238,6 +239,9 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
     files = [root] if root.is_file() else find_files(root)
+    if share and not share.same(_fingerprint(root, files)):  # else their shares would not fit together
+        raise DataError(f"{root}: the processes of this run see different files there; every machine must see "
+                        "the same folder")
     rank, count = (share.rank, share.size) if share else (0, 1)
     decode_as = channels or 3
     # Decode straight into one buffer when the set fits in half the available memory, else only
@@ -286,6 +290,12 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         _close_gaps(images, kept)
         data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
     return data
+
+
+def _fingerprint(root: Path, files: list[Path]) -> int:
+    """A 56-bit digest of the file names below root, the same on every machine that mounts it anywhere."""
+    names = "\n".join(str(f.relative_to(root)) if f != root else f.name for f in files)
+    return int.from_bytes(hashlib.sha256(names.encode("utf-8", "surrogateescape")).digest()[:7], "little")
 
 
 def _close_gaps(images: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> None:

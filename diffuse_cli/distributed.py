@@ -82,6 +82,12 @@ class Share:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
+    def same(self, value: int) -> bool:
+        """True on every process if every process passed the same value."""
+        t = torch.tensor([value, -value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t[0]) == value == -int(t[1])
+
     def sum_(self, t: torch.Tensor, chunk_bytes: int = 1 << 28) -> None:
         """Sum a contiguous tensor over the processes in place, in slices of at most chunk_bytes."""
         flat, step = t.view(-1), max(1, chunk_bytes // t.element_size())

@@ -100,6 +100,11 @@ def loading_worker(rank, world, port, root, out_dir):
                 json.dump(loaded(data), f)
             if data.images is not None:
                 save_file({"images": data.images}, os.path.join(out_dir, key + ".safetensors"))
+    try:  # rank 1 sees one more file than rank 0
+        load_folder(os.path.join(root, "gray" if rank == 0 else "mixed"), 16, share=share)
+    except diffuse_cli.data.DataError as e:
+        with open(os.path.join(out_dir, f"mismatch-rank{rank}.txt"), "w") as f:
+            f.write(str(e))
     torch.distributed.destroy_process_group()
 
 
@@ -126,6 +131,8 @@ def test_processes_decode_a_share_each_and_end_with_the_same_set_as_one(tmp_path
                 if not on_demand:
                     assert torch.equal(load_file(out / f"{key}.safetensors")["images"], one.images), key
     assert json.loads((out / "mixed-False-rank0.json").read_text())["upscaled"] == [14] * 7  # the 20x14 ones
+    for rank in (0, 1):
+        assert "the processes of this run see different files" in (out / f"mismatch-rank{rank}.txt").read_text()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")
