@@ -1,6 +1,7 @@
 """Checkpoints round-trip exactly, and every broken file is one clear CheckpointError."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from diffuse_cli.checkpoint import (CheckpointError, load_model, load_training_state, read_metadata, save_model,
                                     save_training_state)
 from diffuse_cli.config import Config, TrainConfig, model_config
-from diffuse_cli.files import MODEL_FILE, STATE_FILE
+from diffuse_cli.files import MODEL_FILE, STATE_FILE, atomic_write_bytes
 from diffuse_cli.train import make_optimizer
 from diffuse_cli.unet import UNet
 
@@ -25,6 +26,23 @@ def saved_model(tmp_path):
     path = tmp_path / MODEL_FILE
     save_model(path, net, CONFIG, {"step": 7, "data": "x"})
     return net, path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_written_files_get_the_umask_permissions_or_keep_their_own(tmp_path):
+    """Not mkstemp's 0600: on a shared machine the team must be able to read checkpoints and PNGs."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "new.png", b"x")
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.png").chmod(0o640)
+        atomic_write_bytes(tmp_path / "new.png", b"y")  # replaced: its permissions stay
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.png", b"z")
+        assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_model_round_trip_is_bit_exact(tmp_path):
