@@ -201,6 +201,9 @@ def train(
     torch_device = compute_device(device)
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
     run, resuming = resolve_run(out_dir, resume, data, preset, confirm)
+    if data is not None and Path(data).is_dir() and run.resolve().is_relative_to(Path(data).resolve()):
+        raise UserError(f"the run folder {run} is inside the data folder {data}: its sample grids would become "
+                        "training images; choose another --out")
     config = config_for_run(run, resuming, new, given_model, given_diffusion, given_train)
     if resuming and model is not None and model != config.preset:
         raise UserError(f"--model {model} differs from the run being resumed ({config.preset}); "

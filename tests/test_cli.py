@@ -227,6 +227,12 @@ def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, imag
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()
 
 
+def test_a_run_folder_inside_the_data_folder_is_refused(run_cli, image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_clean_error(run_cli("train", image_folder, "--out", image_folder / "runs" / "a"), "inside the data folder")
+    assert not (image_folder / "runs").exists()
+
+
 def test_ctrl_c_while_decoding_is_one_line(run_cli, image_folder, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
