@@ -306,7 +306,7 @@ def interrupted_says(message: Callable[[], str]):
 
 
 def install_stop_handler() -> dict:
-    """Ctrl-C / SIGTERM ask the loop to save and stop; a second Ctrl-C exits at once."""
+    """Ctrl-C, SIGTERM or SIGUSR1 ask the loop to save and stop; a second Ctrl-C exits at once."""
     state = {"requested": False}
 
     def handler(signum, frame):
@@ -317,6 +317,8 @@ def install_stop_handler() -> dict:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
+        signal.signal(signal.SIGUSR1, handler)
     return state
 
 

@@ -279,11 +279,13 @@ def test_kill_9_of_a_real_training_run(tmp_path):
         assert state["step"] >= 1
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []))
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, signum):
+    """Ctrl-C, and SIGUSR1, which Slurm's --signal sends ahead of a job's time limit."""
     proc = diffuse(*TRAIN_FOREVER, cwd=tmp_path)
     wait_for_checkpoint(tmp_path / "run")
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "diffuse train --resume run" in err.replace("\n", " ")
