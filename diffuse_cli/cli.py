@@ -37,8 +37,8 @@ FEW_IMAGES = 1000
 # prints a status line this often in place of the progress bar.
 STATUS_EVERY_S = 60.0
 GRID_MAX = 64  # `sample` puts at most this many images in grid.png: an 8x8 grid
-out = Console(soft_wrap=not sys.stdout.isatty())
-err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
+err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()))
 
 
 class UserError(Exception):
