@@ -375,7 +375,7 @@ def sample(
     net, config, info = load_model(path, compute_device(device))
     if steps > config.diffusion.timesteps:
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
-    trained = f"-step{info['step']}" if isinstance(info.get("step"), int) else ""  # a run trained on samples anew
+    trained = f"-step{info['step']}" if isinstance(info.get("step"), int) else ""  # more training: a new folder
     folder = out_dir or Path("samples") / f"{path.parent.name}{trained}-{sampler}-{steps}steps-seed{seed}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; name a folder for the images with --out")
