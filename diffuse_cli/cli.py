@@ -98,6 +98,7 @@ def compute_device(name: str):
 # -- train --------------------------------------------------------------------------------
 def _launch_devices(devices: int, device: str) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -114,8 +115,14 @@ def _launch_devices(devices: int, device: str) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // devices))
     out_at = args.index("--out") + 1 if "--out" in args else None
+    # torchrun's --signals-to-handle (newer torch): it passes these on to the processes, which save and stop;
+    # SIGUSR1 is what Slurm's --signal sends ahead of a job's time limit
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     try:
         torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        raise Interrupted(f"stopped by {name}: each process was asked to save and stop") from None
     except ChildFailedError as e:
         rank, failure = next(iter(e.failures.items()), (0, None))
         code = getattr(failure, "exitcode", 1)
@@ -247,7 +254,7 @@ def train(
     if data_set.images is None and is_main:
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
 
-    stop = install_stop_handler()
+    stop = install_stop_handler(announce=is_main)
     say(f"run folder {run}" + (" (resuming)" if resuming else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
         fit_steps = budget is not None and "steps" not in given_train  # the run sets them (--max-time's help)
@@ -305,7 +312,7 @@ def interrupted_says(message: Callable[[], str]):
         raise Interrupted(message()) from None
 
 
-def install_stop_handler() -> dict:
+def install_stop_handler(announce: bool = True) -> dict:
     """Ctrl-C, SIGTERM or SIGUSR1 ask the loop to save and stop; a second Ctrl-C exits at once."""
     state = {"requested": False}
 
@@ -313,7 +320,8 @@ def install_stop_handler() -> dict:
         if state["requested"]:
             os._exit(130)
         state["requested"] = True
-        err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
+        if announce:
+            err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

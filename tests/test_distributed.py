@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -144,6 +146,31 @@ def test_devices_flag_launches_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     _, _, info = load_model(tmp_path / "run" / "model.safetensors")
     assert info["world_size"] == 2 and info["step"] == 2
+
+
+def torchrun_forwards_signals() -> bool:
+    from torch.distributed.run import get_args_parser
+
+    return any("--signals-to-handle" in a.option_strings for a in get_args_parser()._actions)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not torchrun_forwards_signals(),
+                    reason="torchrun's standalone rendezvous, and its --signals-to-handle (newer torch)")
+def test_a_signal_to_the_devices_launcher_saves_and_stops_every_process(tmp_path):
+    """Ctrl-C or Slurm's SIGUSR1 reach torchrun, which passes them on: one line, exit 130, no traceback."""
+    cmd = [sys.executable, "-m", "diffuse_cli", "train", "--devices", "2", "--model", "tiny", "--image-size", "8",
+           "--batch-size", "4", "--steps", "100000", "--save-every", "1", "--out", "run", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "model.safetensors").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "training never saved"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "error: stopped by SIGUSR1: each process was asked to save and stop" in err
+    assert "stopped at step" in err and "checkpoint saved" in err
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "4"), ("3", "3")])
