@@ -1,6 +1,6 @@
 """How close to the practical peak can a training step of a preset get? An upper bound.
 
-Records every convolution of one forward pass (input shape, output channels, kernel, stride),
+Records every convolution one forward pass calls (input and weight shapes, stride, padding),
 then times each one alone, forward and backward, at the model's own shapes, layout and
 precision, as oneDNN runs it on this CPU. Their sum is what the step's convolutions cost even if
 everything around them (norms, activations, attention, optimizer) were free, so
@@ -16,7 +16,9 @@ full steps of ours and of diffusers' UNet2DModel (the same architecture, trained
 AdamW as in train_speed.py), alternating the two. Both run in this one process, so diffusers
 gets our malloc setting too (train_speed.py's "as shipped" leaves it out). Ours can be at most
 (diffusers' step) / (our convolutions) times as fast as diffusers, even if everything in our
-step but the convolutions cost nothing.
+step but the convolutions cost nothing. The step's FLOPs are the network's as drawn (common.step_flops:
+an Upsample counts as a 3x3 convolution of the upsampled image), while each convolution's own
+GFLOP/s are of the work it does (our upsampling runs 2x2 kernels at the lower resolution).
 
     python benchmarks/conv_ceiling.py                       # small, batch 16, bf16
     python benchmarks/conv_ceiling.py --preset ddpm-cifar10 --batch 64 --precision fp32
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import statistics
 import sys
 import time
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import step_flops, timed, train_step_fn  # noqa: E402
@@ -43,38 +47,54 @@ from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
 
-ConvCall = collections.namedtuple("ConvCall", "input_shape out_channels kernel stride")
+ConvCall = collections.namedtuple("ConvCall", "input_shape weight_shape stride padding")
+
+
+def conv_call(args: tuple, kwargs: dict) -> ConvCall:
+    """The shapes and settings of one torch.conv2d(input, weight, bias, stride, padding, ...) call."""
+    params = dict(zip(("input", "weight", "bias", "stride", "padding"), args), **kwargs)
+    stride, padding = (torch.nn.modules.utils._pair(params.get(k, d)) for k, d in (("stride", 1), ("padding", 0)))
+    return ConvCall(tuple(params["input"].shape), tuple(params["weight"].shape), stride[0], padding[0])
+
+
+class ConvRecorder(TorchFunctionMode):
+    """Counts the convolutions called under it, whether by nn.Conv2d or by a function such as upsample_conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.conv2d:
+            self.calls[conv_call(args, kwargs or {})] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def conv_calls(model: UNet, x: torch.Tensor, t: torch.Tensor, precision: str) -> collections.Counter:
     """How many times one forward pass calls each distinct convolution."""
-    calls: collections.Counter = collections.Counter()
-
-    def record(conv, args):
-        calls[ConvCall(tuple(args[0].shape), conv.out_channels, conv.kernel_size[0], conv.stride[0])] += 1
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad(), autocast(precision, x.device):
+    with torch.no_grad(), autocast(precision, x.device), ConvRecorder() as recorder:
         model(x, t)
-    for hook in hooks:
-        hook.remove()
-    return calls
+    return recorder.calls
+
+
+def conv_output_size(call: ConvCall) -> int:
+    k = call.weight_shape[-1]
+    return (call.input_shape[2] + 2 * call.padding - k) // call.stride + 1
 
 
 def conv_seconds(call: ConvCall, fmt: torch.memory_format, precision: str, dev: torch.device,
                  input_grad: bool) -> float:
     """Median seconds of one convolution's forward and backward, alone."""
-    cin = call.input_shape[1]
     dtype = torch.bfloat16 if precision == "bf16" and input_grad else torch.float32  # inputs arrive as autocast left them
     x = torch.randn(call.input_shape, device=dev, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(input_grad)
-    w = torch.randn(call.out_channels, cin, call.kernel, call.kernel, device=dev, requires_grad=True)
-    w = w.detach().contiguous(memory_format=fmt).requires_grad_()
-    b = torch.zeros(call.out_channels, device=dev, requires_grad=True)
+    w = torch.randn(call.weight_shape, device=dev).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.zeros(call.weight_shape[0], device=dev, requires_grad=True)
     with autocast(precision, dev):
-        grad = torch.randn_like(F.conv2d(x, w, b, call.stride, call.kernel // 2))
+        grad = torch.randn_like(F.conv2d(x, w, b, call.stride, call.padding))
 
     def run() -> None:
         with autocast(precision, dev):
-            y = F.conv2d(x, w, b, call.stride, call.kernel // 2)
+            y = F.conv2d(x, w, b, call.stride, call.padding)
         y.backward(grad)
         x.grad = w.grad = b.grad = None
     return timed(run, repeats=15, warmup=3)
@@ -94,28 +114,22 @@ class _Mark(torch.autograd.Function):
         return grad, None, None
 
 
-class LayerClock:
-    """Adds up the seconds one kind of layer takes, forward and backward, inside real steps.
+class Clock:
+    """Adds up the seconds some layers take, forward and backward, inside real steps.
 
     On the CPU every kernel runs synchronously, so wall-clock time around a layer is its cost.
     The autograd engine runs a layer's backward right after its output's gradient is ready; the
     marks only add timing calls (the step is timed again without them)."""
 
-    def __init__(self, model: torch.nn.Module, kind: type):
+    def __init__(self):
         self.on, self.seconds, self._started = False, 0.0, 0.0
-        for layer in (m for m in model.modules() if isinstance(m, kind)):
-            layer.forward = self._timed(layer.forward)
 
-    def _timed(self, forward):
-        def run(x):
-            if not self.on:
-                return forward(x)
-            x = _Mark.apply(x, self, "input")
-            start = time.perf_counter()
-            y = forward(x)
-            self.seconds += time.perf_counter() - start
-            return _Mark.apply(y, self, "output")
-        return run
+    def timed(self, forward, x, *args, **kwargs):
+        x = _Mark.apply(x, self, "input")
+        start = time.perf_counter()
+        y = forward(x, *args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return _Mark.apply(y, self, "output")
 
     def backward_mark(self, edge: str) -> None:
         now = time.perf_counter()
@@ -125,7 +139,33 @@ class LayerClock:
             self.seconds += now - self._started
 
 
-CLOCKED = {"convolutions": torch.nn.Conv2d, "GroupNorm": torch.nn.GroupNorm, "linear": torch.nn.Linear}
+class LayerClock(Clock):
+    """Clocks the modules of one kind."""
+
+    def __init__(self, model: torch.nn.Module, kind: type):
+        super().__init__()
+        for layer in (m for m in model.modules() if isinstance(m, kind)):
+            layer.forward = self._wrap(layer.forward)
+
+    def _wrap(self, forward):
+        return lambda x: self.timed(forward, x) if self.on else forward(x)
+
+
+class ConvClock(Clock, TorchFunctionMode):
+    """Clocks every torch.conv2d call made under it, whoever makes it: nn.Conv2d or a function such
+    as our upsample_conv (whose interleaving of its output is not counted)."""
+
+    def __init__(self):
+        Clock.__init__(self)
+        TorchFunctionMode.__init__(self)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.conv2d and self.on:
+            return self.timed(func, *args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+CLOCKED = {"convolutions": None, "GroupNorm": torch.nn.GroupNorm, "linear": torch.nn.Linear}
 
 
 def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
@@ -136,7 +176,7 @@ def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
     for impl in ("ours", "diffusers"):
         model, net, x0, t, eps, optimizer = contestant(impl, preset, batch, precision, torch.device("cpu"),
                                                        our_runtime=impl == "ours")
-        clocks = {name: LayerClock(model, kind) for name, kind in CLOCKED.items()}
+        clocks = {name: LayerClock(model, kind) if kind else ConvClock() for name, kind in CLOCKED.items()}
         runs[impl] = (train_step_fn(model, net, x0, t, eps, precision, optimizer), clocks, collections.defaultdict(list))
         for _ in range(WARMUP_STEPS):
             runs[impl][0]()
@@ -147,7 +187,8 @@ def in_situ(preset: str, batch: int, precision: str, rounds: int = 15) -> None:
             times["step"].append(time.perf_counter() - start)
             for clock in clocks.values():
                 clock.on, clock.seconds = True, 0.0
-            step()
+            with clocks["convolutions"]:
+                step()
             for name, clock in clocks.items():
                 clock.on = False
                 times[name].append(clock.seconds)
@@ -184,9 +225,7 @@ def main() -> None:
     for call, n in sorted(conv_calls(model, x0, t, args.precision).items(), key=lambda kv: -kv[1]):
         first = call.input_shape[1] == x0.shape[1]  # the input convolution: no gradient for the image
         seconds = conv_seconds(call, fmt, args.precision, dev, input_grad=not first)
-        h = call.input_shape[2] // call.stride
-        flops = (2 if first else 3) * 2 * call.input_shape[0] * call.out_channels * h * h \
-            * call.input_shape[1] * call.kernel ** 2
+        flops = (2 if first else 3) * 2 * call.input_shape[0] * conv_output_size(call) ** 2 * math.prod(call.weight_shape)
         rows.append((n, call, seconds, flops))
         conv_total, conv_flops = conv_total + n * seconds, conv_flops + n * flops
     step = train_step_fn(model, model, x0, t, eps, args.precision)
@@ -195,9 +234,10 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset}, batch {args.batch}, "
           f"{args.precision}, {fmt}; practical peak {peak / 1e9:.0f} GFLOP/s (the larger of two measurements)")
-    print(f"{'calls':>5}  {'input':<20}{'out':>5}{'k':>3}{'s':>3} | {'ms each':>8}{'GFLOP/s':>9}{'% peak':>8}")
+    print(f"{'calls':>5}  {'input':<20}{'out':>5}{'k':>3}{'s':>3}{'p':>3} | {'ms each':>8}{'GFLOP/s':>9}{'% peak':>8}")
     for n, call, seconds, flops in rows:
-        print(f"{n:>5}  {str(call.input_shape):<20}{call.out_channels:>5}{call.kernel:>3}{call.stride:>3} | "
+        out, _, _, k = call.weight_shape
+        print(f"{n:>5}  {str(call.input_shape):<20}{out:>5}{k:>3}{call.stride:>3}{call.padding:>3} | "
               f"{seconds * 1e3:>8.2f}{flops / seconds / 1e9:>9.0f}{100 * flops / seconds / peak:>7.0f}%")
     print(f"convolutions alone: {conv_total * 1e3:.0f} ms a step, {conv_flops / conv_total / 1e9:.0f} GFLOP/s "
           f"({100 * conv_flops / conv_total / peak:.0f}% of peak), {100 * conv_flops / flops_of_step:.0f}% of the FLOPs")

@@ -95,13 +95,49 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def fold_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-tap kernel along dim, seen from the even and odd outputs of a 2x nearest upsampling.
+
+    Output 2i reads upsampled inputs 2i-1, 2i, 2i+1, which are inputs i-1, i, i: taps (w0, w1+w2)
+    on inputs (i-1, i). Output 2i+1 reads inputs i, i, i+1: taps (w0+w1, w2) on inputs (i, i+1).
+    """
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)), computed at x's resolution (a sub-pixel convolution).
+
+    The four output phases (even or odd row, even or odd column) each see a 2x2 kernel of summed
+    3x3 taps (fold_taps), so one 2x2 convolution with 4x the output channels, at a quarter of the
+    pixels, makes them all: 16/36 of the FLOPs, and no upsampled copy of x. Phase (a, b) of output
+    pixel (i, j) is that convolution's pixel (i + a, j + b). Equal to the upsample-then-conv form
+    up to rounding, with the same parameters.
+    """
+    n, _, h, w = x.shape
+    out_ch = weight.shape[0]
+    kernels = [k for rows in fold_taps(weight, 2) for k in fold_taps(rows, 3)]  # phases (0,0) (0,1) (1,0) (1,1)
+    y = F.conv2d(x, torch.cat(kernels), bias.repeat(4), padding=1)  # (n, 4 * out_ch, h + 1, w + 1)
+    y = y.unflatten(1, (2, 2, out_ch))
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, out_ch, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    phases = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # (n, out_ch, h, 2, w, 2), a view of out
+    for a in (0, 1):
+        for b in (0, 1):
+            phases[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + w]
+    return out
+
+
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (computed as upsample_conv)."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 class Stage(nn.Module):

@@ -1,13 +1,14 @@
-"""The U-Net's shapes, sizes and configuration checks, and its attention against the closed form."""
+"""The U-Net's shapes, sizes and configuration checks; its upsampling and attention against closed forms."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import Attention, UNet, count_parameters, timestep_embedding
+from diffuse_cli.unet import Attention, UNet, count_parameters, timestep_embedding, upsample_conv
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -53,6 +54,22 @@ def test_layout_of_follows_the_weights():
     model = UNet(model_config("tiny", image_size=8))
     assert layout_of(model) == torch.contiguous_format
     assert layout_of(model.to(memory_format=torch.channels_last)) == torch.channels_last
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    out = upsample_conv(x, weight, bias)
+    assert out.shape == (2, 7, 6, 8) and out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(expected)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
+                            torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
 
 
 def attention_by_hand(attn: Attention, x: torch.Tensor) -> torch.Tensor:
