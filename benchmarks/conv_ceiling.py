@@ -18,7 +18,8 @@ gets our malloc setting too (train_speed.py's "as shipped" leaves it out). Ours 
 (diffusers' step) / (our convolutions) times as fast as diffusers, even if everything in our
 step but the convolutions cost nothing. The step's FLOPs are the network's as drawn (common.step_flops:
 an Upsample counts as a 3x3 convolution of the upsampled image), while each convolution's own
-GFLOP/s are of the work it does (our upsampling runs 2x2 kernels at the lower resolution).
+GFLOP/s are of the work it does (our upsampling is a transposed convolution, kernel "4T" below,
+at 16/36 of the FLOPs).
 
     python benchmarks/conv_ceiling.py                       # small, batch 16, bf16
     python benchmarks/conv_ceiling.py --preset ddpm-cifar10 --batch 64 --precision fp32
@@ -36,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,26 +47,27 @@ from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast, keep_cpu_memory, memory_format  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
 
-ConvCall = collections.namedtuple("ConvCall", "input_shape weight_shape stride padding")
+CONVOLUTIONS = (torch.conv2d, torch.conv_transpose2d)  # the second is our Upsample (unet.upsample_conv)
+ConvCall = collections.namedtuple("ConvCall", "func input_shape weight_shape stride padding")
 
 
-def conv_call(args: tuple, kwargs: dict) -> ConvCall:
-    """The shapes and settings of one torch.conv2d(input, weight, bias, stride, padding, ...) call."""
+def conv_call(func, args: tuple, kwargs: dict) -> ConvCall:
+    """The shapes and settings of one call func(input, weight, bias, stride, padding, ...)."""
     params = dict(zip(("input", "weight", "bias", "stride", "padding"), args), **kwargs)
     stride, padding = (torch.nn.modules.utils._pair(params.get(k, d)) for k, d in (("stride", 1), ("padding", 0)))
-    return ConvCall(tuple(params["input"].shape), tuple(params["weight"].shape), stride[0], padding[0])
+    return ConvCall(func, tuple(params["input"].shape), tuple(params["weight"].shape), stride[0], padding[0])
 
 
 class ConvRecorder(TorchFunctionMode):
-    """Counts the convolutions called under it, whether by nn.Conv2d or by a function such as upsample_conv."""
+    """Counts the convolutions called under it, by nn.Conv2d or by a function such as upsample_conv."""
 
     def __init__(self):
         super().__init__()
         self.calls: collections.Counter = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.conv2d:
-            self.calls[conv_call(args, kwargs or {})] += 1
+        if func in CONVOLUTIONS:
+            self.calls[conv_call(func, args, kwargs or {})] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -77,9 +78,17 @@ def conv_calls(model: UNet, x: torch.Tensor, t: torch.Tensor, precision: str) ->
     return recorder.calls
 
 
-def conv_output_size(call: ConvCall) -> int:
-    k = call.weight_shape[-1]
-    return (call.input_shape[2] + 2 * call.padding - k) // call.stride + 1
+def forward_flops(call: ConvCall) -> int:
+    """Multiply-adds x 2 of one forward: each pixel on the kernel's sliding side meets the whole weight."""
+    n, _, h, w = call.input_shape
+    if call.func is torch.conv2d:
+        k = call.weight_shape[-1]
+        h, w = ((size + 2 * call.padding - k) // call.stride + 1 for size in (h, w))
+    return 2 * n * h * w * math.prod(call.weight_shape)
+
+
+def out_channels(call: ConvCall) -> int:
+    return call.weight_shape[0 if call.func is torch.conv2d else 1]
 
 
 def conv_seconds(call: ConvCall, fmt: torch.memory_format, precision: str, dev: torch.device,
@@ -88,13 +97,13 @@ def conv_seconds(call: ConvCall, fmt: torch.memory_format, precision: str, dev: 
     dtype = torch.bfloat16 if precision == "bf16" and input_grad else torch.float32  # inputs arrive as autocast left them
     x = torch.randn(call.input_shape, device=dev, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(input_grad)
     w = torch.randn(call.weight_shape, device=dev).contiguous(memory_format=fmt).requires_grad_()
-    b = torch.zeros(call.weight_shape[0], device=dev, requires_grad=True)
+    b = torch.zeros(out_channels(call), device=dev, requires_grad=True)
     with autocast(precision, dev):
-        grad = torch.randn_like(F.conv2d(x, w, b, call.stride, call.padding))
+        grad = torch.randn_like(call.func(x, w, b, call.stride, call.padding))
 
     def run() -> None:
         with autocast(precision, dev):
-            y = F.conv2d(x, w, b, call.stride, call.padding)
+            y = call.func(x, w, b, call.stride, call.padding)
         y.backward(grad)
         x.grad = w.grad = b.grad = None
     return timed(run, repeats=15, warmup=3)
@@ -152,15 +161,14 @@ class LayerClock(Clock):
 
 
 class ConvClock(Clock, TorchFunctionMode):
-    """Clocks every torch.conv2d call made under it, whoever makes it: nn.Conv2d or a function such
-    as our upsample_conv (whose interleaving of its output is not counted)."""
+    """Clocks every convolution called under it, by nn.Conv2d or by a function such as upsample_conv."""
 
     def __init__(self):
         Clock.__init__(self)
         TorchFunctionMode.__init__(self)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.conv2d and self.on:
+        if func in CONVOLUTIONS and self.on:
             return self.timed(func, *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
@@ -225,7 +233,7 @@ def main() -> None:
     for call, n in sorted(conv_calls(model, x0, t, args.precision).items(), key=lambda kv: -kv[1]):
         first = call.input_shape[1] == x0.shape[1]  # the input convolution: no gradient for the image
         seconds = conv_seconds(call, fmt, args.precision, dev, input_grad=not first)
-        flops = (2 if first else 3) * 2 * call.input_shape[0] * conv_output_size(call) ** 2 * math.prod(call.weight_shape)
+        flops = (2 if first else 3) * forward_flops(call)
         rows.append((n, call, seconds, flops))
         conv_total, conv_flops = conv_total + n * seconds, conv_flops + n * flops
     step = train_step_fn(model, model, x0, t, eps, args.precision)
@@ -234,10 +242,10 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset}, batch {args.batch}, "
           f"{args.precision}, {fmt}; practical peak {peak / 1e9:.0f} GFLOP/s (the larger of two measurements)")
-    print(f"{'calls':>5}  {'input':<20}{'out':>5}{'k':>3}{'s':>3}{'p':>3} | {'ms each':>8}{'GFLOP/s':>9}{'% peak':>8}")
+    print(f"{'calls':>5}  {'input':<20}{'out':>5}{'k':>3}{'s':>3} | {'ms each':>8}{'GFLOP/s':>9}{'% peak':>8}")
     for n, call, seconds, flops in rows:
-        out, _, _, k = call.weight_shape
-        print(f"{n:>5}  {str(call.input_shape):<20}{out:>5}{k:>3}{call.stride:>3}{call.padding:>3} | "
+        kernel = f"{call.weight_shape[-1]}{'T' if call.func is torch.conv_transpose2d else ''}"
+        print(f"{n:>5}  {str(call.input_shape):<20}{out_channels(call):>5}{kernel:>3}{call.stride:>3} | "
               f"{seconds * 1e3:>8.2f}{flops / seconds / 1e9:>9.0f}{100 * flops / seconds / peak:>7.0f}%")
     print(f"convolutions alone: {conv_total * 1e3:.0f} ms a step, {conv_flops / conv_total / 1e9:.0f} GFLOP/s "
           f"({100 * conv_flops / conv_total / peak:.0f}% of peak), {100 * conv_flops / flops_of_step:.0f}% of the FLOPs")
