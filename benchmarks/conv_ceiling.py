@@ -54,8 +54,9 @@ ConvCall = collections.namedtuple("ConvCall", "func input_shape weight_shape str
 def conv_call(func, args: tuple, kwargs: dict) -> ConvCall:
     """The shapes and settings of one call func(input, weight, bias, stride, padding, ...)."""
     params = dict(zip(("input", "weight", "bias", "stride", "padding"), args), **kwargs)
-    stride, padding = (torch.nn.modules.utils._pair(params.get(k, d)) for k, d in (("stride", 1), ("padding", 0)))
-    return ConvCall(func, tuple(params["input"].shape), tuple(params["weight"].shape), stride[0], padding[0])
+    stride, padding = (params.get(name, 1 if name == "stride" else 0) for name in ("stride", "padding"))
+    first = lambda value: value if isinstance(value, int) else value[0]  # noqa: E731  (square kernels here)
+    return ConvCall(func, tuple(params["input"].shape), tuple(params["weight"].shape), first(stride), first(padding))
 
 
 class ConvRecorder(TorchFunctionMode):
