@@ -118,6 +118,11 @@ def grid_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The U-Net's upsampling as drawn, and as diffusers computes it; ours is unet.upsample_conv."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
 def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, precision: str) -> int:
     """FLOPs of one training step's forward and backward (the v-loss), counted by torch; grads are cleared after.
 
@@ -132,9 +137,6 @@ def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: to
     from diffuse_cli.device import autocast
     from diffuse_cli.objectives import diffusion_loss
     from diffuse_cli.schedule import NoiseSchedule
-
-    def upsample_then_conv(x, weight, bias):
-        return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
     with mock.patch.object(unet, "upsample_conv", upsample_then_conv), FlopCounterMode(display=False) as counter, \
             autocast(precision, x0.device):

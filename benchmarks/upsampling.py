@@ -19,18 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import grid_parser, synchronizer, train_step_fn  # noqa: E402
+from common import grid_parser, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli import unet  # noqa: E402
 from diffuse_cli.device import keep_cpu_memory  # noqa: E402
-
-
-def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
 FORMS = {"textbook": upsample_then_conv, "ours": unet.upsample_conv}
