@@ -34,6 +34,37 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def uniform16_like(x: torch.Tensor) -> torch.Tensor:
+    """int16 draws, uniform on [-2^15, 2^15), shaped and laid out like x: four per 64-bit draw of
+    torch's generator for x's device (so torch.manual_seed makes them reproducible)."""
+    like = torch.empty_like(x, dtype=torch.int16)  # x's strides when x is dense, else contiguous ones
+    words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    return words.view(torch.int16)[:like.numel()].as_strided(like.shape, like.stride())
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout, with a CPU mask that costs a quarter of a random draw an element.
+
+    torch's CPU dropout draws one Bernoulli variable at a time, ~8 ns an element here: 10% of a
+    `ddpm-cifar10` step. Here an element is dropped when its 16-bit uniform falls below
+    round(p·2^16), and kept ones are scaled by 1 / (1 - p'), p' that rounded probability, so that
+    E[output] = x exactly as in F.dropout (p' is within 2^-17 of p). GPUs and torch.compile keep
+    F.dropout, whose fused kernels draw their masks as they go.
+    """
+    if not training or not 0 < p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    dropped = round(p * 2**16)
+    keep = uniform16_like(x) >= dropped - 2**15
+    return torch.where(keep, x * (1 / (1 - dropped / 2**16)), 0)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + projected SiLU(embedding), GroupNorm, SiLU, dropout, conv; skip."""
 
@@ -43,7 +74,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_ch, out_ch)
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 

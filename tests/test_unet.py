@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import Attention, UNet, count_parameters, timestep_embedding, upsample_conv
+from diffuse_cli.unet import Attention, UNet, count_parameters, dropout, timestep_embedding, upsample_conv
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -70,6 +70,33 @@ def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
     for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
                             torch.autograd.grad(expected, (x, weight, bias), grad)):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_dropout_drops_each_element_with_probability_p_and_keeps_the_mean(layout):
+    p = 0.1
+    kept_scale = 1 / (1 - round(p * 2**16) / 2**16)  # p rounded to 16 bits, within 2^-17 of it
+    torch.manual_seed(0)
+    x = torch.rand(8, 32, 64, 64, dtype=torch.float64).add(0.5).contiguous(memory_format=layout).requires_grad_()  # 1M elements, none 0
+    torch.manual_seed(1)
+    out = dropout(x, p)
+    assert out.is_contiguous(memory_format=layout)
+    ratio = (out / x).detach()
+    dropped = ratio == 0
+    torch.testing.assert_close(ratio[~dropped], torch.full_like(ratio[~dropped], kept_scale), rtol=1e-12, atol=0)
+    # Four draws share each 64-bit word: every position within a word, and pairs in one word or
+    # across words, must drop with probabilities p and p² (5 standard errors).
+    flat = dropped.permute(0, 2, 3, 1).flatten() if layout == torch.channels_last else dropped.flatten()
+    by_position = flat.view(-1, 4).double()
+    for rate, expected in [*zip(by_position.mean(0), [p] * 4),
+                           ((by_position[:, 0] * by_position[:, 1]).mean(), p * p),
+                           ((by_position[:-1, 3] * by_position[1:, 0]).mean(), p * p)]:
+        assert abs(rate - expected) < 5 * math.sqrt(expected * (1 - expected) / len(by_position))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, ratio)  # d out / d x is the mask times the scale
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, p), out) and not torch.equal(dropout(x, p), out)  # seeded, fresh each call
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
 
 
 def attention_by_hand(attn: Attention, x: torch.Tensor) -> torch.Tensor:
