@@ -1,14 +1,21 @@
-"""Our upsampling against the textbook one, inside whole training steps.
+"""Our forms of two computations against torch's or the textbook's, inside whole training steps.
 
-The U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution. `diffuse`
-computes the two as one stride-2 transposed convolution of the unenlarged input
-(`unet.upsample_conv`: the same function, 16/36 of the FLOPs). This trains two copies of a
-preset side by side, one with each form, alternating their steps in one process (this machine's
-speed drifts by 10-20% over minutes, which alternation cancels), and prints the median step time
-of each and their ratio. Both take `diffuse train`'s step (on a GPU, replayed as a CUDA graph).
+- `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
+  `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
+  (`unet.upsample_conv`: the same function, 16/36 of the FLOPs); the textbook form enlarges, then
+  convolves.
+- `dropout`: torch's CPU dropout draws one Bernoulli variable an element; `unet.dropout` takes
+  four 16-bit uniforms from each 64-bit draw (the same distribution, up to p rounded to 16 bits).
+  Only presets with dropout (`ddpm-cifar10`, `base`) have any; on a GPU both are F.dropout.
 
-    python benchmarks/upsampling.py                             # small and ddpm-cifar10, batch 16 and 64, fp32 and bf16
-    python benchmarks/upsampling.py --presets small --batches 16 --precisions bf16
+This trains two copies of a preset side by side, one with each form, alternating their steps in
+one process (this machine's speed drifts by 10-20% over minutes, which alternation cancels), and
+prints the median step time of each and their ratio. Both take `diffuse train`'s step (on a GPU,
+replayed as a CUDA graph).
+
+    python benchmarks/forms.py                                  # upsampling: small and ddpm-cifar10, batch 16 and 64, fp32 and bf16
+    python benchmarks/forms.py --presets small --batches 16 --precisions bf16
+    python benchmarks/forms.py --change dropout --presets ddpm-cifar10 --batches 16
 """
 
 from __future__ import annotations
@@ -19,31 +26,35 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli import unet  # noqa: E402
+from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import keep_cpu_memory  # noqa: E402
 
 
-FORMS = {"textbook": upsample_then_conv, "ours": unet.upsample_conv}
+# change -> (the modules it is in, their forward in the other form, that form's name)
+CHANGES = {
+    "upsampling": (unet.Upsample, lambda m: lambda x, emb=None: upsample_then_conv(x, m.conv.weight, m.conv.bias),
+                   "textbook"),
+    "dropout": (unet.Dropout, lambda m: lambda x: F.dropout(x, m.p, m.training), "torch"),
+}
 
 
-def with_upsampling(model: torch.nn.Module, form) -> None:
-    """Make every Upsample of this model (only) compute with `form`, from its own parameters."""
-    for module in model.modules():
-        if isinstance(module, unet.Upsample):
-            module.forward = lambda x, emb=None, m=module: form(x, m.conv.weight, m.conv.bias)
-
-
-def compare(preset: str, batch: int, precision: str, dev: torch.device, rounds: int) -> dict[str, float]:
-    """Median seconds of a training step with each form, alternating."""
+def compare(change: str, preset: str, batch: int, precision: str, dev: torch.device, rounds: int) -> dict[str, float]:
+    """Median seconds of a training step in the other form and in ours, alternating."""
+    kind, other_forward, other = CHANGES[change]
     steps = {}
-    for name, form in FORMS.items():
+    for name in (other, "ours"):
         model, net, x0, t, eps, _ = contestant("ours", preset, batch, precision, dev, our_runtime=True)
-        with_upsampling(model, form)
+        if name == other:
+            for module in model.modules():
+                if isinstance(module, kind):
+                    module.forward = other_forward(module)
         steps[name] = train_step_fn(model, net, x0, t, eps, precision)
         for _ in range(WARMUP_STEPS):
             steps[name]()
@@ -61,22 +72,27 @@ def compare(preset: str, batch: int, precision: str, dev: torch.device, rounds: 
 
 def main() -> None:
     parser = grid_parser(__doc__)
+    parser.add_argument("--change", choices=list(CHANGES), default="upsampling")
     parser.add_argument("--rounds", type=int, default=None,
                         help="steps of each form (default: 15, 6 for ddpm-cifar10 on the CPU)")
     args = parser.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cpu":
         keep_cpu_memory()
-    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; median step, ms")
-    print(f"{'preset':<14}{'batch':>6}{'prec':>6} | {'textbook':>9}{'ours':>9}{'speed-up':>10}")
+    other = CHANGES[args.change][2]
+    print(f"{args.change}: torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; median step, ms")
+    print(f"{'preset':<14}{'batch':>6}{'prec':>6} | {other:>9}{'ours':>9}{'speed-up':>10}")
     for preset in args.presets:
+        if args.change == "dropout" and model_config(preset).dropout == 0:
+            print(f"{preset:<14} has no dropout: skipped")
+            continue
         for batch in args.batches:
             for precision in args.precisions:
                 slow = preset == "ddpm-cifar10" and dev.type == "cpu"
-                ms = {k: v * 1e3 for k, v in compare(preset, batch, precision, dev,
+                ms = {k: v * 1e3 for k, v in compare(args.change, preset, batch, precision, dev,
                                                      args.rounds or (6 if slow else 15)).items()}
-                print(f"{preset:<14}{batch:>6}{precision:>6} | {ms['textbook']:>9.1f}{ms['ours']:>9.1f}"
-                      f"{ms['textbook'] / ms['ours']:>9.3f}x", flush=True)
+                print(f"{preset:<14}{batch:>6}{precision:>6} | {ms[other]:>9.1f}{ms['ours']:>9.1f}"
+                      f"{ms[other] / ms['ours']:>9.3f}x", flush=True)
 
 
 if __name__ == "__main__":
