@@ -147,7 +147,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help=f"Global batch (split across processes under DDP). \\[default: {TrainConfig.batch_size}]"),
     steps: Optional[int] = typer.Option(None, help=f"Optimizer steps to train for. \\[default: {TrainConfig.steps}; "
                                         "with --max-time, what the budget holds]"),
-    max_time: Optional[str] = typer.Option(None, help="Stop after this wall-clock time (90s, 10m, 2h), save and sample; "
+    max_time: Optional[str] = typer.Option(None, help="Stop after this wall-clock time (90s, 10m, 2h, 1h30m), save and sample; "
                                            "without --steps, the LR decays over the steps that fit in it."),
     lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (AdamW). Not rescaled with batch or processes. \\[default: {TrainConfig.lr}]"),
     lr_schedule: Optional[str] = typer.Option(None, help=f"constant or cosine (decay to 10%) after warm-up. \\[default: {TrainConfig.lr_schedule}]"),

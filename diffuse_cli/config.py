@@ -195,15 +195,23 @@ def config_from_json(text: str) -> Config:
     return from_dict(Config, json.loads(text))
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_SECONDS_PER = {unit: seconds for names, seconds in (("s sec secs second seconds", 1), ("m min mins minute minutes", 60),
+                                                     ("h hr hrs hour hours", 3600), ("d day days", 86400))
+                for unit in names.split()}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '10m', '2h', '1d' or plain seconds -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 2h")
-    if float(match.group(1)) <= 0:
+    """'90s', '10m', '2h', '1d', compounds such as '1h30m' or '2h 15min', or plain seconds -> seconds."""
+    parts, end = [], 0
+    while match := _DURATION_PART.match(text, end):
+        parts.append((float(match.group(1)), match.group(2).lower()))
+        end = match.end()
+    units = [unit for _, unit in parts]
+    if (text[end:].strip() or not parts or any(unit not in _SECONDS_PER for unit in units if unit)
+            or ("" in units and len(parts) > 1)):
+        raise ConfigError(f"cannot read duration {text!r}; write e.g. 90s, 10m, 2h or 1h30m")
+    seconds = sum(value * _SECONDS_PER.get(unit, 1) for value, unit in parts)
+    if seconds <= 0:
         raise ConfigError(f"duration {text!r} must be more than 0")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return float(match.group(1)) * unit
+    return seconds

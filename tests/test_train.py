@@ -16,7 +16,7 @@ import torch
 from diffuse_cli import train as train_module
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
-from diffuse_cli.config import UNFITTED_STEPS, Config, TrainConfig, model_config
+from diffuse_cli.config import UNFITTED_STEPS, Config, ConfigError, TrainConfig, model_config, parse_duration
 from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
@@ -61,6 +61,18 @@ def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_pa
         train(unfitted, DATA, tmp_path / "early", replace(OPTIONS, resume=True))
     resumed = train(unfitted, DATA, tmp_path / "early", replace(early, max_time=2.0, resume=True))
     assert resumed.stopped_by in ("steps", "time") and resumed.records[-1]["steps"] < 10**6
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("90", 90), ("10m", 600), ("1.5h", 5400), ("1d", 86400),
+                                           ("1h30m", 5400), ("2h 15min", 8100), ("1m30s", 90), (" 10 MIN ", 600)])
+def test_max_time_reads_units_and_compounds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "", "m", "10x", "-5m", "1h30", "5 parsecs", "0", "0h0m"])
+def test_max_time_refuses_what_it_cannot_read(text):
+    with pytest.raises(ConfigError, match="duration"):
+        parse_duration(text)
 
 
 def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
