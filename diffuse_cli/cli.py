@@ -26,7 +26,7 @@ from rich.text import Text
 from . import __version__
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
-from .runs import config_for_run, new_run_folder, resolve_run
+from .runs import config_for_run, data_of_run, new_run_folder, resolve_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -136,7 +136,7 @@ def _launch_devices(devices: int, device: str) -> None:
              "  diffuse train --resume auto --out checkpoints/mine   # continue a stopped run\n\n"
              "  diffuse train ./photos --devices 4     # four processes (DDP) on this machine")
 def train(
-    data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes."),
+    data: Optional[str] = typer.Argument(None, help="Folder of images (searched recursively). Default: built-in shapes; on --resume, the run's own."),
     image_size: Optional[int] = typer.Option(None, help=f"Train at this resolution (short side resized, centre crop). \\[default: {ModelConfig.image_size}; {BUILTIN_IMAGE_SIZE} for the built-in shapes]"),
     channels: Optional[int] = typer.Option(None, help="3 for RGB, 1 for grayscale. \\[default: 1 if every image is grayscale, else 3]"),
     model: Optional[str] = typer.Option(None, "--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}. \\[default: {Config.preset}]"),
@@ -208,6 +208,9 @@ def train(
     torch_device = compute_device(device)
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
     run, resuming = resolve_run(out_dir, resume, data, preset, confirm)
+    data_from_run = resuming and data is None
+    if data_from_run:
+        data = data_of_run(run)
     if data is not None and Path(data).is_dir() and run.resolve().is_relative_to(Path(data).resolve()):
         raise UserError(f"the run folder {run} is inside the data folder {data}: its sample grids would become "
                         "training images; choose another --out")
@@ -255,7 +258,8 @@ def train(
         err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
 
     stop = install_stop_handler(announce=is_main)
-    say(f"run folder {run}" + (" (resuming)" if resuming else ""))
+    say(f"run folder {run}" + (f" (resuming, on its data: {data})" if data_from_run and data else
+                                 " (resuming)" if resuming else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
         fit_steps = budget is not None and "steps" not in given_train  # the run sets them (--max-time's help)
         task = bar.add_task("training", total=None if fit_steps else config.train.steps, loss="loss  -", rate="",

@@ -284,7 +284,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         channels = 1 if bool(grayscale[kept].all()) else 3
     shorts = short_side[kept]
     upscaled = shorts[shorts < size].tolist()
-    data = ImageData(str(root), size, channels, paths=[files[i] for i in kept.tolist()], skipped=skipped,
+    data = ImageData(str(root.resolve()), size, channels, paths=[files[i] for i in kept.tolist()], skipped=skipped,
                      upscaled=upscaled)
     if in_memory:
         _close_gaps(images, kept)

@@ -54,6 +54,21 @@ def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[s
     return out_dir, False
 
 
+def data_of_run(run: Path) -> Optional[str]:
+    """The image folder a run trains on, as its training state records it; None for the built-in shapes."""
+    from .checkpoint import read_metadata
+    from .data import BUILTIN
+
+    _, info = read_metadata(run / STATE_FILE, "diffuse/training-state")
+    source = info.get("data")
+    if source in (None, BUILTIN):
+        return None
+    if not Path(source).exists():
+        raise RunError(f"{run} trained on {source}, which is not there any more; name its images: "
+                       f"diffuse train FOLDER --resume {run}")
+    return source
+
+
 def config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, given_diffusion: dict,
                    given_train: dict) -> Config:
     """A fresh run's config, or the saved one with the train options given on this command line."""

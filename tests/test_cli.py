@@ -160,6 +160,19 @@ def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, ima
     assert_clean_error(changed, "image-size", "cannot change on resume")
 
 
+def test_resume_without_data_trains_on_the_runs_own_images(trained, run_cli, image_folder):
+    """What Ctrl-C's 'Resume with: diffuse train --resume RUN' says to type must not switch to the built-in shapes."""
+    run, _ = trained
+    resumed = run_cli("train", "--steps", "6", "--resume", run)
+    assert resumed.code == 0, resumed
+    said = " ".join((resumed.err + resumed.out).split())
+    assert "9 images at 8x8" in said and "resuming, on its data" in said, said
+    facts = json.loads(run_cli("inspect", run, "--json").out)
+    assert (facts["step"], facts["data"], facts["data_size"]) == (6, str(image_folder.resolve()), 9)
+    image_folder.rename(image_folder.with_name("moved"))
+    assert_clean_error(run_cli("train", "--steps", "8", "--resume", run), "not there any more", "FOLDER --resume")
+
+
 BAD_INPUTS = {
     "missing folder": (["train", "no/such/folder"], ["no such file"]),
     "unknown preset": (["train", "--model", "huge"], ["unknown preset", "tiny"]),
