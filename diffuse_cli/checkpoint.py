@@ -218,17 +218,21 @@ def find_latest(root: str | os.PathLike = "checkpoints") -> Path:
     root = Path(root)
     found = sorted(root.glob(f"**/{MODEL_FILE}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not found:
-        raise CheckpointError(f"no checkpoint found under {root}/; train one with `diffuse train`, "
-                              "or pass --checkpoint PATH")
+        raise CheckpointError(f"no checkpoint found under {root}/; train one with `diffuse train`, or pass "
+                              "--checkpoint PATH" if root == Path("checkpoints") else
+                              f"{root}: no {MODEL_FILE} in this folder or below it; give a run folder or a "
+                              ".safetensors file")
     return found[-1]
 
 
 def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
-    """A file as given, a run folder's model.safetensors, or the newest under ./checkpoints."""
+    """A file as given, a run folder's model.safetensors, or the newest below a folder (./checkpoints by default)."""
     if path is None:
         return find_latest()
     path = Path(path)
-    return path / MODEL_FILE if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / MODEL_FILE if (path / MODEL_FILE).exists() else find_latest(path)
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "read_metadata", "read_header",

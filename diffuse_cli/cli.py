@@ -341,7 +341,7 @@ def install_stop_handler(announce: bool = True) -> dict:
              "  diffuse sample -n 50000 --out fid/     # for an FID; saved as they come")
 def sample(
     n: int = typer.Option(16, "-n", "--num", help="How many images."),
-    checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors or a run folder. \\[default: newest under ./checkpoints]"),
+    checkpoint: Optional[Path] = typer.Option(None, help="model.safetensors, a run folder, or a folder of runs (the newest). \\[default: newest under ./checkpoints]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs. \\[default: samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>]"),
     sampler: str = typer.Option("dpm++3m-sde", help="ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, unipc or heun."),
     steps: int = typer.Option(25, help="Sampler steps (heun makes 2 network calls a step, less one)."),
@@ -482,15 +482,14 @@ def noise(
 @app.command(epilog="Examples:\n\n  diffuse inspect checkpoints/run/model.safetensors\n\n"
              "  diffuse inspect checkpoints/run --json")
 def inspect(
-    path: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run folder."),
+    path: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run folder (in a folder of runs, the newest)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show what a checkpoint holds, reading its header only."""
-    from .checkpoint import read_header, read_metadata
-    from .files import MODEL_FILE, STATE_FILE
+    from .checkpoint import read_header, read_metadata, resolve_checkpoint
+    from .files import STATE_FILE
 
-    if path.is_dir():
-        path = path / MODEL_FILE
+    path = resolve_checkpoint(path)
     header = read_header(path)
     fmt = (header.get("__metadata__") or {}).get("format")
     config, info = read_metadata(path, fmt if fmt in ("diffuse/model", "diffuse/training-state") else "diffuse/model",

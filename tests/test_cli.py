@@ -127,6 +127,8 @@ def test_inspect_table_and_json(trained, run_cli):
     data = json.loads(run_cli("inspect", run, "--json").out)
     assert data["step"] == 4 and data["preset"] == "tiny" and data["config"]["model"]["image_size"] == 8
     assert data["parameters"] > 1000 and data["data_size"] == 9
+    newest = json.loads(run_cli("inspect", run.parent, "--json").out)  # a folder of runs: the newest
+    assert newest["file"] == str(run / "model.safetensors")
 
 
 def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
@@ -224,6 +226,8 @@ def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeyp
         assert_clean_error(run_cli(*args), "cut.safetensors")
     (tmp_path / "text.png").write_text("hello")
     assert_clean_error(run_cli("noise", "text.png"), "cannot read as an image")
+    for args in (["sample", "--checkpoint", "empty"], ["inspect", "empty"]):  # a folder that holds no run
+        assert_clean_error(run_cli(*args), "empty: no model.safetensors in this folder or below")
 
 
 def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
