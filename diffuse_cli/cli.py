@@ -440,7 +440,9 @@ def noise(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output PNG. \\[default: <image>_t<...>.png here]"),
     seed: int = typer.Option(0, help="Seed of the noise ε (the same ε at every t)."),
     image_size: Optional[int] = typer.Option(None, help="Resize (short side) and centre-crop as train does, then "
-                                             "enlarge to be seen. \\[default: the image's own size]"),
+                                             "enlarge to be seen. \\[default: the image's own size, up to --max-side]"),
+    max_side: int = typer.Option(1024, help="Without --image-size, shrink an image whose long side is longer to "
+                                 "this many pixels (0: never), so that a photo's strip stays a PNG you can open."),
 ) -> None:
     """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
     check_choice(schedule, Schedule, "schedule")
@@ -451,20 +453,23 @@ def noise(
         raise UserError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1, not {image_size}")
+    if max_side < 0:
+        raise UserError(f"--max-side must be 0 (never shrink) or more, not {max_side}")
     if image.is_dir():
         raise UserError(f"{image}: is a folder; give one image file")
     if not image.is_file():
         raise UserError(f"{image}: no such file")
     import torch
 
-    from .data import (TooLarge, decode_image, grid_upscale, labelled_strip, read_image, save_png, to_model,
-                       to_uint8)
+    from .data import (TooLarge, decode_image, grid_upscale, image_dimensions, labelled_strip, read_image, save_png,
+                       to_model, to_uint8)
     from .schedule import NoiseSchedule
 
     try:
-        x0 = to_model(read_image(image) if image_size is None else decode_image(image, image_size))[None]
+        own = image_dimensions(image)
+        x0 = to_model(read_image(image, max_side=max_side) if image_size is None else decode_image(image, image_size))[None]
     except TooLarge as e:
-        hint = "; --image-size N reads a JPEG at a reduced scale" if image_size is None else ""
+        hint = "; --max-side N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
         raise UserError(f"{image}: too large to show ({e}){hint}") from None
     except Exception as e:  # any decoder failure is the user's file, not our bug
         raise UserError(f"{image}: cannot read as an image ({e})") from None
@@ -475,7 +480,10 @@ def noise(
               .repeat_interleave(zoom, 1).repeat_interleave(zoom, 2) for k in t]
     target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
     save_png(panels[0] if len(t) == 1 else labelled_strip(panels, [f"t = {k}" for k in t]), target)
-    out.print(f"wrote {target} ({schedule} schedule, T = {timesteps})", highlight=False)
+    shown = f"{x0.shape[-1]}x{x0.shape[-2]}"
+    size = (f"{shown}, shrunk from {own[0]}x{own[1]}; --max-side 0 keeps every pixel" if image_size is None and
+            (x0.shape[-1], x0.shape[-2]) != own else f"{image_size}x{image_size} as a model sees it" if image_size else shown)
+    out.print(f"wrote {target} ({size}; {schedule} schedule, T = {timesteps})", highlight=False)
 
 
 # -- inspect ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence, JpegImagePlugin
+from PIL import ExifTags, Image, ImageOps, ImageSequence, JpegImagePlugin
 
 from .device import memory_available
 from .errors import DataError
@@ -152,9 +152,23 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
-    """One image at its own size, (C, H, W) uint8."""
-    return _to_tensor(_open(path, channels))
+def read_image(path: str | os.PathLike, channels: int = 3, max_side: int = 0) -> torch.Tensor:
+    """One image at its own size, or shrunk to max_side on its long side if longer (0: never): (C, H, W) uint8."""
+    im = _open(path, channels, draft=max_side or None)
+    longest = max(im.size)
+    if max_side and longest > max_side:
+        im = im.resize(tuple(max(1, round(n * max_side / longest)) for n in im.size), Image.Resampling.BICUBIC,
+                       reducing_gap=3.0)
+    return _to_tensor(im)
+
+
+def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a file's first frame as shown (EXIF orientation applied), from its header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open_image(path) as im:
+            transposed = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            return (im.height, im.width) if transposed else im.size
 
 
 def decode_image(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:

@@ -147,6 +147,10 @@ def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
     assert small.code == 0
     seen = torch.from_numpy(np.array(Image.open(tmp_path / "16.png"))).permute(2, 0, 1)
     assert torch.equal(seen, decode_image(photo, 16).repeat_interleave(4, 1).repeat_interleave(4, 2))
+    capped = run_cli("noise", photo, "--t", "0", "--t", "1000", "--max-side", "20", "--out", "c.png")
+    assert capped.code == 0 and "shrunk from 50x30" in capped.out
+    zoomed_out = Image.open(tmp_path / "c.png")
+    assert zoomed_out.height < h and zoomed_out.width < w  # a strip of 20x12 panels, not 50x30 ones
 
 
 def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, image_folder):

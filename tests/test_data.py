@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _close_gaps, _decode_all, decode_image, find_files,
-                              labelled_strip, load_builtin, load_data, load_folder, make_grid, read_image, to_model,
-                              to_uint8)
+                              image_dimensions, labelled_strip, load_builtin, load_data, load_folder, make_grid,
+                              read_image, to_model, to_uint8)
 
 from .conftest import write_image
 
@@ -122,6 +122,10 @@ def test_exif_orientation_is_applied(tmp_path):
     im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
     out = decode_image(tmp_path / "rot.jpg", 20).float()
     assert out[:, :5].mean() > 200 and out[:, -5:].mean() < 50
+    assert image_dimensions(tmp_path / "rot.jpg") == (20, 40)  # as shown, from the header alone
+    shrunk = read_image(tmp_path / "rot.jpg", max_side=10).float()  # the long side to 10, the aspect kept
+    assert shrunk.shape == (3, 10, 5) and shrunk[:, :3].mean() > 200 and shrunk[:, -3:].mean() < 50
+    assert read_image(tmp_path / "rot.jpg", max_side=64).shape == (3, 40, 20)  # never enlarged
 
 
 def test_sixteen_bit_keeps_its_range(tmp_path):
