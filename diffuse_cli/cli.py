@@ -5,7 +5,6 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -14,18 +13,16 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
-from rich.text import Text
 
 from . import __version__
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
+from .console import (Interrupted, err, install_stop_handler, interrupted_says, out, progress_bar, shows_progress_bar,
+                      status_line)
 from .runs import config_for_run, data_of_run, new_run_folder, resolve_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,56 +30,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
 # Below this many training images a diffusion model soon reproduces them: a note says so at start.
 FEW_IMAGES = 1000
-# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns, and training
-# prints a status line this often in place of the progress bar.
+# Without a terminal (a batch job's log file) training prints a status line this often in place
+# of the progress bar.
 STATUS_EVERY_S = 60.0
 GRID_MAX = 64  # `sample` puts at most this many images in grid.png: an 8x8 grid
-out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
-err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()))
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C, with what was kept: printed as one line, exit code 130."""
-
-
-class TimeLeftColumn(TimeRemainingColumn):
-    """Rich's time remaining, capped by the task's `deadline` field (time.monotonic()), if any:
-    under --max-time the run ends at the deadline, however many steps are left."""
-
-    def render(self, task: Task) -> Text:
-        deadline = task.fields.get("deadline")
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if left is None or task.finished or (task.time_remaining is not None and task.time_remaining <= left):
-            return super().render(task)
-        minutes, seconds = divmod(int(left), 60)
-        hours, minutes = divmod(minutes, 60)
-        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
-
-
-def shows_progress_bar() -> bool:
-    return err.is_terminal or os.environ.get("DIFFUSE_PROGRESS") == "1"
-
-
-def progress_bar(*extra: str, enabled: bool = True) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
-                    TimeElapsedColumn(), TextColumn("eta"), TimeLeftColumn(), console=err,
-                    transient=False, disable=not enabled or not shows_progress_bar())
-
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
-
-
-def status_line(step: int, steps: int | None, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
-    """The progress bar's facts as one plain line, for a log file (steps None: not yet known)."""
-    return (f"step {step}/{'?' if steps is None else steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
-            f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
 
 
 def compute_device(name: str):
@@ -305,33 +260,6 @@ def train(
         raise typer.Exit(130)
     say(f"done: step {result.step} ({'time budget reached' if result.stopped_by == 'time' else 'all steps'}); "
         f"weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
-
-
-@contextlib.contextmanager
-def interrupted_says(message: Callable[[], str]):
-    """Turn Ctrl-C inside the block into Interrupted(message())."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise Interrupted(message()) from None
-
-
-def install_stop_handler(announce: bool = True) -> dict:
-    """Ctrl-C, SIGTERM or SIGUSR1 ask the loop to save and stop; a second Ctrl-C exits at once."""
-    state = {"requested": False}
-
-    def handler(signum, frame):
-        if state["requested"]:
-            os._exit(130)
-        state["requested"] = True
-        if announce:
-            err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
-        signal.signal(signal.SIGUSR1, handler)
-    return state
 
 
 # -- sample -------------------------------------------------------------------------------

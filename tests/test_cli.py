@@ -13,6 +13,7 @@ from rich.progress import Progress
 
 from diffuse_cli import cli
 from diffuse_cli.cli import app
+from diffuse_cli.console import TimeLeftColumn
 from diffuse_cli.data import decode_image
 from diffuse_cli.samplers import SAMPLERS
 
@@ -372,7 +373,7 @@ def test_eta_is_the_time_left_when_the_max_time_budget_ends_first():
     for clock[0], done in ((6.0, 25), (11.0, 50)):  # 5 steps/s: the last 50 steps take 10 s
         for task in tasks.values():
             progress.update(task, completed=done)
-    eta = {name: str(cli.TimeLeftColumn().render(progress.tasks[task])) for name, task in tasks.items()}
+    eta = {name: str(TimeLeftColumn().render(progress.tasks[task])) for name, task in tasks.items()}
     assert eta["steps end first"] == eta["no budget"] == "0:00:10"
     assert eta["time ends first"] in ("0:00:04", "0:00:05")
 

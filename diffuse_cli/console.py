@@ -1,0 +1,90 @@
+"""The terminal: progress bars with rate and ETA, plain status lines for log files, and Ctrl-C.
+
+Only the CLI imports this module; the engine reports progress through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns.
+out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
+err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()))
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept: printed as one line, exit code 130."""
+
+
+class TimeLeftColumn(TimeRemainingColumn):
+    """Rich's time remaining, capped by the task's `deadline` field (time.monotonic()), if any:
+    under --max-time the run ends at the deadline, however many steps are left."""
+
+    def render(self, task: Task) -> Text:
+        deadline = task.fields.get("deadline")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if left is None or task.finished or (task.time_remaining is not None and task.time_remaining <= left):
+            return super().render(task)
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
+def shows_progress_bar() -> bool:
+    return err.is_terminal or os.environ.get("DIFFUSE_PROGRESS") == "1"
+
+
+def progress_bar(*extra: str, enabled: bool = True) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
+                    TimeElapsedColumn(), TextColumn("eta"), TimeLeftColumn(), console=err,
+                    transient=False, disable=not enabled or not shows_progress_bar())
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def status_line(step: int, steps: int | None, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
+    """The progress bar's facts as one plain line, for a log file (steps None: not yet known)."""
+    return (f"step {step}/{'?' if steps is None else steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
+            f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
+
+
+@contextlib.contextmanager
+def interrupted_says(message: Callable[[], str]):
+    """Turn Ctrl-C inside the block into Interrupted(message())."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message()) from None
+
+
+def install_stop_handler(announce: bool = True) -> dict:
+    """Ctrl-C, SIGTERM or SIGUSR1 ask the loop to save and stop; a second Ctrl-C exits at once."""
+    state = {"requested": False}
+
+    def handler(signum, frame):
+        if state["requested"]:
+            os._exit(130)
+        state["requested"] = True
+        if announce:
+            err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
+        signal.signal(signal.SIGUSR1, handler)
+    return state
