@@ -217,10 +217,11 @@ def find_latest(root: str | os.PathLike = "checkpoints") -> Path:
     """The most recently written model.safetensors below root."""
     root = Path(root)
     found = sorted(root.glob(f"**/{MODEL_FILE}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found and root == Path("checkpoints"):
+        raise CheckpointError("no checkpoint found under checkpoints/; train one with `diffuse train`, "
+                              "or pass --checkpoint PATH")
     if not found:
-        raise CheckpointError(f"no checkpoint found under {root}/; train one with `diffuse train`, or pass "
-                              "--checkpoint PATH" if root == Path("checkpoints") else
-                              f"{root}: no {MODEL_FILE} in this folder or below it; give a run folder or a "
+        raise CheckpointError(f"{root}: no {MODEL_FILE} in this folder or below it; give a run folder or a "
                               ".safetensors file")
     return found[-1]
 

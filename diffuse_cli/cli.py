@@ -394,8 +394,10 @@ def noise(
     from .schedule import NoiseSchedule
 
     try:
-        own = image_dimensions(image)
-        x0 = to_model(read_image(image, max_side=max_side) if image_size is None else decode_image(image, image_size))[None]
+        if image_size is None:
+            own, x0 = image_dimensions(image), to_model(read_image(image, max_side=max_side))[None]
+        else:
+            x0 = to_model(decode_image(image, image_size))[None]
     except TooLarge as e:
         hint = "; --max-side N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
         raise UserError(f"{image}: too large to show ({e}){hint}") from None
@@ -408,9 +410,12 @@ def noise(
               .repeat_interleave(zoom, 1).repeat_interleave(zoom, 2) for k in t]
     target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
     save_png(panels[0] if len(t) == 1 else labelled_strip(panels, [f"t = {k}" for k in t]), target)
-    shown = f"{x0.shape[-1]}x{x0.shape[-2]}"
-    size = (f"{shown}, shrunk from {own[0]}x{own[1]}; --max-side 0 keeps every pixel" if image_size is None and
-            (x0.shape[-1], x0.shape[-2]) != own else f"{image_size}x{image_size} as a model sees it" if image_size else shown)
+    if image_size:
+        size = f"{image_size}x{image_size} as a model sees it"
+    else:
+        size = f"{x0.shape[-1]}x{x0.shape[-2]}"
+        if (x0.shape[-1], x0.shape[-2]) != own:
+            size += f", shrunk from {own[0]}x{own[1]}; --max-side 0 keeps every pixel"
     out.print(f"wrote {target} ({size}; {schedule} schedule, T = {timesteps})", highlight=False)
 
 
