@@ -308,8 +308,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         if not world.is_main:
             return
         info = facts(now_step)
-        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, info)
-        save_model(run_dir / MODEL_FILE, ema, config, info)
+        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, info)  # the folder, for --resume
+        save_model(run_dir / MODEL_FILE, ema, config, {**info, "data": Path(data.source).name or data.source})
         write_metrics(run_dir / "metrics.jsonl", unsaved, now_step)
         unsaved.clear()
 

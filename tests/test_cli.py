@@ -174,8 +174,10 @@ def test_resume_without_data_trains_on_the_runs_own_images(trained, run_cli, ima
     assert resumed.code == 0, resumed
     said = " ".join((resumed.err + resumed.out).split())
     assert "9 images at 8x8" in said and "resuming, on its data" in said, said
-    facts = json.loads(run_cli("inspect", run, "--json").out)
+    facts = json.loads(run_cli("inspect", run / "training_state.safetensors", "--json").out)
     assert (facts["step"], facts["data"], facts["data_size"]) == (6, str(image_folder.resolve()), 9)
+    shared = json.loads(run_cli("inspect", run, "--json").out)  # the weights people share name the folder alone
+    assert (shared["step"], shared["data"]) == (6, image_folder.name)
     image_folder.rename(image_folder.with_name("moved"))
     assert_clean_error(run_cli("train", "--steps", "8", "--resume", run), "not there any more", "FOLDER --resume")
 
