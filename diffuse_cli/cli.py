@@ -491,6 +491,11 @@ def main() -> None:
         _exit_with("interrupted", 130)
     except Exception as e:  # click's usage errors, OS errors, the engine's ValueErrors
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a click exception (typer may vendor click)
+            if "unexpected extra argument" in str(e) and sys.argv[1:2] == ["train"]:  # `diffuse train photos/*.jpg`
+                parents = {str(Path(arg).parent) for arg in sys.argv[2:] if Path(arg).is_file()}
+                folder = parents.pop() if len(parents) == 1 else "photos"
+                _exit_with("diffuse train takes one folder, not its files (a pattern such as photos/*.jpg names "
+                           f"each file); pass the folder: diffuse train {folder}", 2)
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, OSError):

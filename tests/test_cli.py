@@ -184,6 +184,7 @@ def test_resume_without_data_trains_on_the_runs_own_images(trained, run_cli, ima
 
 BAD_INPUTS = {
     "missing folder": (["train", "no/such/folder"], ["no such file"]),
+    "files, not a folder": (["train", "a.png", "b.png", "c.png"], ["takes one folder", "diffuse train photos"]),
     "unknown preset": (["train", "--model", "huge"], ["unknown preset", "tiny"]),
     "bad image size": (["train", "--image-size", "30"], ["cannot be halved"]),
     "zero steps": (["train", "--steps", "0"], ["steps must be at least 1"]),
@@ -218,6 +219,12 @@ def test_bad_input_is_one_clear_line(case, run_cli, tmp_path, monkeypatch):
     assert_clean_error(result, *words)
     assert len(result.err.strip().splitlines()) <= 3  # one message (rich may wrap it)
     assert not (tmp_path / "checkpoints").exists()  # refused before a run folder was made
+
+
+def test_train_given_a_folders_files_names_the_folder(run_cli, image_folder, monkeypatch):
+    monkeypatch.chdir(image_folder.parent)
+    result = run_cli("train", "images/rgb.png", "images/alpha.png", "--model", "tiny")  # what images/*.png expands to
+    assert_clean_error(result, "takes one folder", "diffuse train images")
 
 
 def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeypatch):
