@@ -319,6 +319,9 @@ def sample(
     folder = out_dir or Path("samples") / f"{path.parent.name}{trained}-{sampler}-{steps}steps-seed{seed}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; name a folder for the images with --out")
+    if not folder.exists() and folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError(f"--out {folder} names the folder for the PNGs (and grid.png), not a file: "
+                        f"e.g. --out {folder.with_suffix('')}")
     frames: list = []
 
     def record(i: int, x_t, x0) -> None:
@@ -387,6 +390,11 @@ def noise(
         raise UserError(f"{image}: is a folder; give one image file")
     if not image.is_file():
         raise UserError(f"{image}: no such file")
+    target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
+    if target.is_dir():
+        raise UserError(f"--out {target} is a folder; name the PNG to write, e.g. --out {target / 'noise.png'}")
+    if target.suffix.lower() != ".png":
+        raise UserError(f"--out {target}: diffuse noise writes a PNG; name it {target.with_suffix('.png')}")
     import torch
 
     from .data import (TooLarge, decode_image, grid_upscale, image_dimensions, labelled_strip, read_image, save_png,
@@ -408,7 +416,6 @@ def noise(
     zoom = grid_upscale(image_size) if image_size else 1  # nearest, so that each pixel of noise stays a pixel
     panels = [to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0])
               .repeat_interleave(zoom, 1).repeat_interleave(zoom, 2) for k in t]
-    target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
     save_png(panels[0] if len(t) == 1 else labelled_strip(panels, [f"t = {k}" for k in t]), target)
     if image_size:
         size = f"{image_size}x{image_size} as a model sees it"

@@ -221,6 +221,17 @@ def test_bad_input_is_one_clear_line(case, run_cli, tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints").exists()  # refused before a run folder was made
 
 
+def test_out_paths_that_name_the_wrong_kind_of_thing(trained, run_cli, tmp_path):
+    run, _ = trained
+    photo = write_image(tmp_path / "photo.png")
+    assert_clean_error(run_cli("sample", "--checkpoint", run, "-n", "1", "--out", "mine.png"),
+                       "names the folder for the PNGs", "--out mine")
+    assert not (tmp_path / "mine.png").exists()
+    assert_clean_error(run_cli("noise", photo, "--out", "x.jpg"), "writes a PNG", "x.png")
+    assert_clean_error(run_cli("noise", photo, "--out", run), "is a folder", "noise.png")
+    assert not list(run.glob(".*.tmp"))
+
+
 def test_train_given_a_folders_files_names_the_folder(run_cli, image_folder, monkeypatch):
     monkeypatch.chdir(image_folder.parent)
     result = run_cli("train", "images/rgb.png", "images/alpha.png", "--model", "tiny")  # what images/*.png expands to
