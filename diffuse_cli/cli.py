@@ -498,8 +498,8 @@ def main() -> None:
         _exit_with("interrupted", 130)
     except Exception as e:  # click's usage errors, OS errors, the engine's ValueErrors
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a click exception (typer may vendor click)
-            if "unexpected extra argument" in str(e) and sys.argv[1:2] == ["train"]:  # `diffuse train photos/*.jpg`
-                parents = {str(Path(arg).parent) for arg in sys.argv[2:] if Path(arg).is_file()}
+            parents = {str(Path(arg).parent) for arg in sys.argv[2:] if Path(arg).is_file()}
+            if "unexpected extra argument" in str(e) and sys.argv[1:2] == ["train"] and parents:  # photos/*.jpg
                 folder = parents.pop() if len(parents) == 1 else "photos"
                 _exit_with("diffuse train takes one folder, not its files (a pattern such as photos/*.jpg names "
                            f"each file); pass the folder: diffuse train {folder}", 2)
