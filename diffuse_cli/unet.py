@@ -149,15 +149,22 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
 
 
+class UpsampleConv(nn.Conv2d):
+    """nn.Conv2d (3x3) of the 2x nearest-upsampled input, through `upsample_conv`: its own hooks still fire."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample_conv(x, self.weight, self.bias)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 convolution (computed as upsample_conv)."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = UpsampleConv(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return upsample_conv(x, self.conv.weight, self.conv.bias)
+        return self.conv(x)
 
 
 class Stage(nn.Module):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import Attention, UNet, count_parameters, dropout, timestep_embedding, upsample_conv
+from diffuse_cli.unet import (Attention, UNet, Upsample, count_parameters, dropout, timestep_embedding,
+                              upsample_conv)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -70,6 +71,17 @@ def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
     for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
                             torch.autograd.grad(expected, (x, weight, bias), grad)):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+
+
+def test_upsample_keeps_its_conv_module_keys_and_hooks():
+    """Outside code (hooks, LoRA-style wrappers, old checkpoints) sees Upsample.conv as the 3x3 convolution it is."""
+    up = Upsample(4)
+    assert set(up.state_dict()) == {"conv.weight", "conv.bias"} and isinstance(up.conv, torch.nn.Conv2d)
+    seen = []
+    up.conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(1, 4, 3, 5)
+    torch.testing.assert_close(up(x), upsample_conv(x, up.conv.weight, up.conv.bias))
+    assert seen == [(1, 4, 6, 10)]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
