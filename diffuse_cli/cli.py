@@ -40,6 +40,14 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def require_positive(**options: int) -> None:
+    """Refuse the first option below 1, by its flag: require_positive(save_every=0) -> '--save-every must be ...'."""
+    for name, value in options.items():
+        if value < 1:
+            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be at least 1, not {value}")
+
+
 def compute_device(name: str):
     """The device to train or sample on; on the CPU, malloc keeps freed memory for the next step."""
     from .device import keep_cpu_memory, pick_device
@@ -129,8 +137,7 @@ def train(
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     if devices > 1:
         return _launch_devices(devices, device)
-    if devices < 1 or save_every < 1 or sample_every < 1:
-        raise UserError("--devices, --save-every and --sample-every must be at least 1")
+    require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
     given_model = {k: v for k, v in dict(image_size=image_size, channels=channels, dropout=dropout).items() if v is not None}
     given_diffusion = {k: v for k, v in dict(schedule=schedule, objective=objective, timesteps=timesteps).items()
                        if v is not None}
@@ -287,8 +294,7 @@ def sample(
     """Generate images from a trained checkpoint: n PNGs and grid.png (of the first 64)."""
     from .samplers import SAMPLERS, Spacing, Variance
 
-    if n < 1 or steps < 1 or batch_size < 1:
-        raise UserError("-n, --steps and --batch-size must be at least 1")
+    require_positive(n=n, steps=steps, batch_size=batch_size)
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if spacing is not None:
