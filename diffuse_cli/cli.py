@@ -335,7 +335,11 @@ def sample(
 
     start, written, shown = time.perf_counter(), 0, []
     width = max(4, len(str(n - 1)))  # 0000.png ...: names sort in order however many there are
-    kept = lambda: f"interrupted; the {written} images made so far are in {folder}/"  # noqa: E731
+    def kept() -> str:
+        if written == 0:
+            return "interrupted before the first batch was done; no images were written"
+        return f"interrupted; the {written} image{'s' * (written != 1)} made so far are in {folder}/"
+
     with progress_bar() as bar, interrupted_says(kept):
         task = bar.add_task(f"sampling ({sampler})", total=None)
         for batch in generate_batches(net, config, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,

@@ -106,6 +106,9 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
     stopped = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "cut")
     assert stopped.code == 130 and "interrupted; the 32 images made so far are in cut/" in stopped.err, stopped
     assert len(list((tmp_path / "cut").glob("0*.png"))) == 32  # the first batch, kept
+    calls[:] = [1]  # the next call counts as the second: interrupted before any image is made
+    stopped = run_cli("sample", "-n", "1", "--steps", "1", "--sampler", "ddim", "--out", "none")
+    assert stopped.code == 130 and "no images were written" in stopped.err and not (tmp_path / "none").exists()
 
 
 def test_sample_precision_auto_is_what_train_picks_and_fp16_needs_a_gpu(trained, run_cli, tmp_path):
