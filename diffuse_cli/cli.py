@@ -221,7 +221,8 @@ def train(
 
     stop = install_stop_handler(announce=is_main)
     say(f"run folder {run}" + (f" (resuming, on its data: {data})" if data_from_run and data else
-                                 " (resuming)" if resuming else ""))
+                                 " (resuming)" if resuming else
+                                 " (new: --resume auto found no run to continue)" if resume == "auto" else ""))
     with progress_bar("loss", "rate", enabled=is_main) as bar:
         fit_steps = budget is not None and "steps" not in given_train  # the run sets them (--max-time's help)
         task = bar.add_task("training", total=None if fit_steps else config.train.steps, loss="loss  -", rate="",

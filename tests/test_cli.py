@@ -168,6 +168,8 @@ def test_resume_continues_and_rerun_without_resume_refuses(trained, run_cli, ima
     assert done.code == 0 and "already at step 6 of 3" in done.err + done.out
     changed = run_cli("train", image_folder, "--image-size", "16", "--resume", run)
     assert_clean_error(changed, "image-size", "cannot change on resume")
+    first = run_cli("train", image_folder, *TINY, "--steps", "1", "--out", run.parent / "first", "--resume", "auto")
+    assert first.code == 0 and "(new: --resume auto found no run to continue)" in first.err, first  # a job's 1st start
 
 
 def test_resume_without_data_trains_on_the_runs_own_images(trained, run_cli, image_folder):
