@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
@@ -23,7 +24,7 @@ from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSche
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
 from .console import (Interrupted, err, install_stop_handler, interrupted_says, out, progress_bar, shows_progress_bar,
                       status_line)
-from .runs import config_for_run, data_of_run, new_run_folder, resolve_run
+from .runs import claim, config_for_run, data_of_run, new_run_folder, resolve_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -254,7 +255,8 @@ def train(
                           cuda_graph=cuda_graph)
         fresh = not run.exists()
         try:
-            result = run_training(config, data_set, run, options, hooks)
+            with claim(run) if is_main else nullcontext():
+                result = run_training(config, data_set, run, options, hooks)
         except OSError as e:  # a full disk, say: every checkpoint is written to a temporary file and renamed
             raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
         except BaseException:

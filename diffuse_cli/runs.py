@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .config import Config, validate_train
 from .errors import RunError
@@ -52,6 +55,33 @@ def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[s
             return out_dir, True
         raise RunError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose another --out")
     return out_dir, False
+
+
+@contextmanager
+def claim(run: Path) -> Iterator[None]:
+    """Create the run folder and hold it while the block runs: a second `diffuse train` into the same
+    folder (two terminals, a job launched twice) is refused instead of interleaving its checkpoints.
+
+    The lock is flock on the folder itself, so nothing is left behind and a killed process lets go at
+    once; where the OS or file system cannot lock a folder (Windows, some network mounts) nothing is held.
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunError(f"{run} is being trained by another diffuse process; wait for it, stop it, "
+                               "or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # closing the folder releases the lock
 
 
 def data_of_run(run: Path) -> Optional[str]:

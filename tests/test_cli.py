@@ -409,6 +409,17 @@ def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):
     assert_clean_error(result, "[/weird]/x.safetensors")
 
 
+def test_a_run_folder_in_use_by_another_training_is_refused(run_cli, image_folder, tmp_path, monkeypatch):
+    from diffuse_cli.runs import claim
+
+    monkeypatch.chdir(tmp_path)
+    with claim(tmp_path / "busy"):  # as another `diffuse train --out busy` holds it (flock is per open file)
+        assert_clean_error(run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "busy"),
+                           "busy is being trained by another diffuse process")
+        assert list((tmp_path / "busy").iterdir()) == []  # nothing of the other run's was touched
+    assert run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "busy").code == 0  # released
+
+
 def test_an_existing_run_is_resumed_only_when_asked(tmp_path, monkeypatch):
     from diffuse_cli.errors import RunError
     from diffuse_cli.files import STATE_FILE
