@@ -20,7 +20,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, float_dtype
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -38,7 +38,8 @@ def randn(shape: Sequence[int], generator: Generator = None, device: torch.devic
 
 
 def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.expand(x.shape[0]).to(x.device)
+    """Step t for each image of the batch, on x's device; a fractional one in the widest float it has."""
+    return t.expand(x.shape[0]).to(x.device, float_dtype(x.device) if t.is_floating_point() else t.dtype)
 
 
 def _lam(alpha_bar: float) -> float:

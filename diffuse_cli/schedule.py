@@ -57,6 +57,13 @@ def sigmoid_betas(timesteps: int, start: float = -3, end: float = 3, tau: float 
 
 BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
 
+NO_FLOAT64 = {"mps"}  # device types without float64: Apple's Metal has none, and moving one there raises
+
+
+def float_dtype(device: torch.device | str) -> torch.dtype:
+    """The widest float a device computes in: float64, or float32 where it has no float64 (NO_FLOAT64)."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64 else torch.float64
+
 
 def _expand(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) coefficients -> (B, 1, ..., 1) in x's dtype and device, to broadcast over x."""
@@ -104,8 +111,8 @@ class NoiseSchedule:
         """A schedule tensor (e.g. 'snr') at integer steps t, on t's device with no host copy."""
         cache = self.__dict__.setdefault("_on_device", {})
         key = (name, str(t.device))
-        if key not in cache:  # float64 everywhere but MPS, which has none
-            cache[key] = getattr(self, name).to(t.device, torch.float32 if t.device.type == "mps" else torch.float64)
+        if key not in cache:
+            cache[key] = getattr(self, name).to(t.device, float_dtype(t.device))
         return cache[key][t]
 
     # -- continuous time: fractional t interpolates log σ linearly between steps ----------
@@ -118,7 +125,7 @@ class NoiseSchedule:
         lo = t64.floor().long().clamp(max=self.timesteps - 2)
         w = t64 - lo
         log_sigma = (1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]
-        return log_sigma.exp().to(t.device)
+        return log_sigma.exp().to(t.device, float_dtype(t.device))
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ at step indices t: exact for integer t, interpolated in log σ for fractional t."""
