@@ -40,12 +40,13 @@ final_loss() { "$py" -c 'import json,sys; print(json.loads(open(sys.argv[1]).rea
 
 "$py" - <<'EOF' | tee "$out/machine.log"
 import platform, torch
+from diffuse_cli.device import cuda_has_bf16
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"cuDNN {torch.backends.cudnn.version()}")
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
-          f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+          f"bf16 in hardware: {'yes' if cuda_has_bf16(torch.device('cuda', i)) else 'no'}")
 if not torch.cuda.is_available():
     print("no CUDA GPU here: the GPU-only tests skip and the benchmarks run on the CPU")
 EOF

@@ -41,6 +41,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """True where the GPU computes bf16 in hardware: NVIDIA from Ampere on (compute capability 8), or
+    ROCm. Older NVIDIA GPUs (T4, V100, RTX 20xx) only emulate it, far slower than fp16, although
+    torch.cuda.is_bf16_supported() answers True there (it counts emulation)."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     """'auto' -> bf16 where the hardware computes it natively, else fp16 on CUDA, else fp32."""
     if precision != "auto":
@@ -48,7 +57,7 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
             raise ValueError("fp16 is for GPUs; on the CPU use bf16 or fp32")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_bf16(device) else "fp16"
     if device.type == "cpu" and cpu_has_bf16():
         return "bf16"
     return "fp32"

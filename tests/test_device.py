@@ -57,3 +57,18 @@ def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp
     assert memory_available(proc, v1) == 10 * 1024  # v1: the root's 19,000 left is more than MemAvailable
     files(v1, **{"memory/a/memory.limit_in_bytes": "3000"})
     assert memory_available(proc, v1) == 2991
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, expected):
+    """A T4 (7.5) or V100 (7.0) answers torch.cuda.is_bf16_supported() with True, since it can emulate
+    bf16, slowly: 'auto' must give it fp16 (with the gradient scaler) and Ampere on bf16."""
+    import torch
+
+    from diffuse_cli.device import resolve_precision
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"  # asked for by name, it is what you get
