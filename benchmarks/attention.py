@@ -1,8 +1,9 @@
 """One attention layer of a preset, forward and backward: SDPA's math path against its fused kernels.
 
 `diffuse` hands SDPA q, k and v with contiguous channels on GPUs, so that it may pick a fused
-kernel (flash, memory-efficient or cuDNN), and keeps the strided views, which only the math path
-takes, on the CPU (`unet.fused_attention_layout`). This measures that choice on this machine:
+kernel (flash, memory-efficient or cuDNN), and on the CPU above 8x8 positions; up to 8x8 the CPU
+keeps the strided views, which only the math path takes (`unet.fused_attention_layout`). This
+measures that choice on this machine:
 
     strided   the views as the CPU gets them (math path)
     fused     contiguous q, k, v, SDPA's own pick among the fused kernels
@@ -10,6 +11,7 @@ takes, on the CPU (`unet.fused_attention_layout`). This measures that choice on 
 
     python benchmarks/attention.py                      # both presets' layers, batch 16 and 64, fp32 and bf16
     python benchmarks/attention.py --presets small --batches 16
+    python benchmarks/attention.py --presets small --image-sizes 32 64 128 --batches 16   # larger layers
 """
 
 from __future__ import annotations
@@ -31,26 +33,27 @@ FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 VARIANTS = {"strided": (False, [SDPBackend.MATH]), "fused": (True, FUSED), "math": (True, [SDPBackend.MATH])}
 
 
-def first_attention(preset: str) -> tuple[unet.Attention, torch.Size]:
-    """The preset's first attention layer at 32x32, and the input shape it sees (from one forward pass)."""
-    model = unet.UNet(model_config(preset, image_size=32))
+def first_attention(preset: str, image_size: int) -> tuple[unet.Attention, torch.Size]:
+    """The preset's first attention layer at this image size, and the input shape it sees (one forward pass)."""
+    model = unet.UNet(model_config(preset, image_size=image_size))
     attn = next(m for m in model.modules() if isinstance(m, unet.Attention))
     shapes = []
     hook = attn.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
     with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32), torch.zeros(1))
+        model(torch.zeros(1, 3, image_size, image_size), torch.zeros(1))
     hook.remove()
     return attn, shapes[0]
 
 
-def layer_seconds(preset: str, batch: int, precision: str, dev: torch.device, variant: str) -> float | None:
+def layer_seconds(preset: str, image_size: int, batch: int, precision: str, dev: torch.device,
+                  variant: str) -> float | None:
     """Median seconds of the preset's attention layer, forward and backward; None where no kernel takes it."""
     torch.manual_seed(0)
-    attn, shape = first_attention(preset)
+    attn, shape = first_attention(preset, image_size)
     attn = attn.to(dev)
     x = torch.randn(batch, *shape[1:], device=dev, requires_grad=True)
     contiguous, backends = VARIANTS[variant]
-    unet.fused_attention_layout = lambda device: contiguous  # noqa: E731  (this process only)
+    unet.fused_attention_layout = lambda device, positions: contiguous  # noqa: E731  (this process only)
 
     def run() -> None:
         with autocast(precision, dev), sdpa_kernel(backends):
@@ -67,15 +70,18 @@ def layer_seconds(preset: str, batch: int, precision: str, dev: torch.device, va
 
 def main() -> None:
     parser = grid_parser(__doc__)
+    parser.add_argument("--image-sizes", nargs="+", type=int, default=[32],
+                        help="image sizes of the presets; the first attention layer is at 8x8 for small at 32")
     args = parser.parse_args()
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}; ms per layer, forward + backward")
-    print(f"{'preset':<13}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in VARIANTS))
-    for preset in args.presets:
+    print(f"{'preset':<13}{'image':>6}{'layer':>6}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in VARIANTS))
+    for preset, size in ((p, s) for p in args.presets for s in args.image_sizes):
+        layer = first_attention(preset, size)[1][-1]
         for batch in args.batches:
             for precision in args.precisions:
-                cells = [layer_seconds(preset, batch, precision, dev, v) for v in VARIANTS]
-                print(f"{preset:<13}{batch:>6}{precision:>6} | "
+                cells = [layer_seconds(preset, size, batch, precision, dev, v) for v in VARIANTS]
+                print(f"{preset:<13}{size:>6}{layer:>6}{batch:>6}{precision:>6} | "
                       + "".join(f"{s * 1e3:>10.2f}" if s is not None else f"{'-':>10}" for s in cells), flush=True)
 
 

@@ -85,15 +85,21 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def fused_attention_layout(device: torch.device) -> bool:
+# Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its
+# flash kernel in bf16 (3.7 against 7.0 ms at batch 16); from 16x16 on the flash kernel wins, 1.6-2.7x at 32x32,
+# and it never holds the (positions x positions) scores: 74 MB against 1.6 GB for `small`'s layer at 64x64,
+# batch 4 (benchmarks/attention.py --image-sizes).
+CPU_MATH_POSITIONS = 64
+
+
+def fused_attention_layout(device: torch.device, positions: int) -> bool:
     """Whether attention copies q, k and v to contiguous channels, the layout SDPA's fused kernels need.
 
     Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; the
-    strided views of the qkv convolution's output silently fall back to the math path. The CPU keeps
-    the views and the math path: its flash kernel is slower in bf16 and saves under 1% of an fp32
-    step (benchmarks/attention.py).
+    strided views of the qkv convolution's output silently fall back to the math path, which
+    materialises every score. GPUs always take the copy; the CPU takes it above CPU_MATH_POSITIONS.
     """
-    return device.type != "cpu"
+    return device.type != "cpu" or positions > CPU_MATH_POSITIONS
 
 
 class Attention(nn.Module):
@@ -109,7 +115,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        if fused_attention_layout(x.device):
+        if fused_attention_layout(x.device, H * W):
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)

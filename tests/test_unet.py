@@ -128,10 +128,25 @@ def random_attention(device: str) -> Attention:
     return attn
 
 
-def test_attention_is_the_softmax_of_scaled_dot_products():
+@pytest.mark.parametrize("side", [4, 16])  # the CPU's math path on strided views; its flash kernel
+def test_attention_is_the_softmax_of_scaled_dot_products(side):
     attn = random_attention("cpu")
-    x = torch.randn(3, 64, 4, 4)
+    x = torch.randn(3, 64, side, side)
     torch.testing.assert_close(attn(x), attention_by_hand(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_large_attention_on_the_cpu_runs_the_flash_kernel():
+    """Above 8x8 positions the CPU gets contiguous q, k, v, so that SDPA may take its flash kernel, which
+    never holds the (HW x HW) scores; with only that kernel allowed, the strided views would raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attn = random_attention("cpu")
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        y = attn(x)
+        y.square().sum().backward()
+    torch.testing.assert_close(y, attention_by_hand(attn, x), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels are GPU kernels")
