@@ -266,10 +266,13 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
     use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
                  and precision != "fp16")  # fp16's GradScaler and DDP's hooks do host work each step
     optimizer = make_optimizer(model, tc, capturable=use_graph)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, records, unsaved = 0, [], []  # all log records; those not yet in metrics.jsonl
     if options.resume:
         info = load_training_state(run_dir / STATE_FILE, model, ema, optimizer)
         step = info["step"]
+        if scaler.is_enabled() and "grad_scaler" in info:  # else its scale starts over, and overflows cost steps
+            scaler.load_state_dict(info["grad_scaler"])
         hooks.log(f"resumed from {run_dir / STATE_FILE} at step {step}")
         if info.get("data_size", len(data)) != len(data):  # the order of the images from here on differs too
             hooks.log(f"note: the data now holds {len(data)} images, {info['data_size']} when the run was saved; "
@@ -279,7 +282,6 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if options.compile:
         net = torch.compile(net)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     io = StepTensors.allocate(config, local_batch, device, layout)
     take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule, precision, io)
     if use_graph:
@@ -308,7 +310,9 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         if not world.is_main:
             return
         info = facts(now_step)
-        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, info)  # the folder, for --resume
+        # The training state keeps the data folder's absolute path (for --resume) and fp16's loss scale.
+        resume_info = {**info, "grad_scaler": scaler.state_dict()} if scaler.is_enabled() else info
+        save_training_state(run_dir / STATE_FILE, model, ema, optimizer, config, resume_info)
         save_model(run_dir / MODEL_FILE, ema, config, {**info, "data": Path(data.source).name or data.source})
         write_metrics(run_dir / "metrics.jsonl", unsaved, now_step)
         unsaved.clear()

@@ -97,6 +97,28 @@ def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(online[0].state_dict().values(), wa.values()))
 
 
+def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
+    """fp16 (GPUs without bf16, such as the T4) trains through a gradient scaler whose scale halves on each
+    overflow: a resume that started it afresh would skip steps that the unbroken run took. Run on the CPU,
+    which autocasts fp16 too (the CLI refuses it there only for speed), from a scale that overflows this
+    network's gradients at step 1 and not at steps 2 to 4 (2^20; 2^16 overflows larger networks so)."""
+    from diffuse_cli import generate as generate_module
+
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: precision)
+    monkeypatch.setattr(generate_module, "resolve_precision", lambda precision, device: precision)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**20))
+    config = replace(CONFIG, train=replace(CONFIG.train, precision="fp16", lr=0.05))
+    straight = train(config, DATA, tmp_path / "a", OPTIONS)
+    train(config, DATA, tmp_path / "b", OPTIONS, Hooks(should_stop=lambda step: step == 3))
+    model = UNet(config.model)
+    saved = load_training_state(tmp_path / "b" / STATE_FILE, model, UNet(config.model),
+                                torch.optim.AdamW(model.parameters())).get("grad_scaler")
+    train(config, DATA, tmp_path / "b", replace(OPTIONS, resume=True))
+    (wa, _), (wb, _) = weights(tmp_path / "a" / MODEL_FILE), weights(tmp_path / "b" / MODEL_FILE)
+    assert straight.step == 6 and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert saved is not None and saved["scale"] == 2.0**19  # halved once, by the overflow of step 1
+
+
 def test_grad_accumulation_counts_micro_batches(tmp_path):
     config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=3, steps=2))
     train(config, DATA, tmp_path, OPTIONS)
