@@ -242,3 +242,21 @@ class UNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def layer_outputs(model: UNet, batch: int) -> int:
+    """Elements of every layer's output in a forward pass of `batch` images (one image, counted and
+    scaled): the memory a training step keeps for its backward grows with it."""
+    counts: list[int] = []
+    hooks = [module.register_forward_hook(lambda module, args, out: counts.append(out.numel()))
+             for module in model.modules() if not any(module.children())]
+    was_training, device, cfg = model.training, next(model.parameters()).device, model.cfg
+    try:
+        model.eval()  # no dropout: it would draw from the generator
+        model(torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device), torch.zeros(1, device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return batch * sum(counts)

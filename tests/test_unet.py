@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import (Attention, UNet, Upsample, count_parameters, dropout, timestep_embedding,
+from diffuse_cli.unet import (Attention, UNet, Upsample, count_parameters, dropout, layer_outputs, timestep_embedding,
                               upsample_conv)
 
 
@@ -163,3 +163,18 @@ def test_attention_runs_the_fused_kernels_on_a_gpu():
         expected = attention_by_hand(attn, x)
     torch.testing.assert_close(y.float(), expected.float(), atol=0.05, rtol=0.05)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_layer_outputs_counts_every_layer_of_a_whole_batch_and_leaves_the_model_as_it_was():
+    model = UNet(model_config("tiny", image_size=8, dropout=0.5)).train()
+    leaves = [m for m in model.modules() if not any(m.children())]
+    counts = []
+    for module in leaves:
+        module.register_forward_hook(lambda module, args, out: counts.append(out.numel()))
+    with torch.no_grad():
+        model(torch.zeros(3, 3, 8, 8), torch.zeros(3))
+    whole_batch = sum(counts)
+    rng = torch.get_rng_state()
+    assert layer_outputs(model, 3) == whole_batch  # counted on one image, scaled to three
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # no dropout draw, mode kept
+    assert all(len(m._forward_hooks) == 1 for m in leaves)  # only the test's own: layer_outputs' are removed
