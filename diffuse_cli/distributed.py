@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1  # the processes on this machine
+    host: object = None  # the gloo group for agreeing on host values (None: the default group, gloo itself)
 
     @property
     def is_main(self) -> bool:
@@ -31,12 +33,18 @@ def init(device: torch.device, timeout_s: float = 600) -> World:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); one process otherwise."""
     if not launched_by_torchrun():
         return World()
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
-                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return world
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")), _host_group())
+
+
+@functools.cache
+def _host_group() -> object:
+    """One gloo group over every process, made once per process (a collective call: every rank makes it at
+    the same point, in init). All-reducing a CPU tensor over it never waits for a GPU's queue to drain."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def device_for(device: torch.device, world: World) -> torch.device:
@@ -52,21 +60,22 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank if flag is true on any (so that all ranks stop together)."""
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank if flag is true on any (so that all ranks stop together), agreed on the host:
+    asked before every step, it must not wait for the GPU (an all-reduce there and .item() would)."""
     if world.size == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.host)
     return bool(t.item())
 
 
-def smallest(value: int, world: World, device: torch.device) -> int:
-    """The smallest of every rank's value, on every rank."""
+def smallest(value: int, world: World) -> int:
+    """The smallest of every rank's value, on every rank (agreed on the host)."""
     if world.size == 1:
         return value
-    t = torch.tensor([value], device=device, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=world.host)
     return int(t.item())
 
 
@@ -112,8 +121,8 @@ class Share:
 
 
 def share(device: torch.device) -> Share | None:
-    """Join the process group (as `init`) and open a gloo group on it for data loading; None alone."""
+    """Join the process group (as `init`), for data loading over its gloo group; None alone."""
     world = init(device)
     if world.size == 1:
         return None
-    return Share(world.rank, world.size, dist.new_group(backend="gloo"))
+    return Share(world.rank, world.size, world.host)

@@ -383,7 +383,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         hooks.log(f"the run is already at step {step} of {tc.steps}; pass a larger --steps to train it further")
     while step < tc.steps:
         over_time = options.max_time is not None and time.monotonic() - start_time >= options.max_time
-        stop = distributed.any_rank(hooks.should_stop(step) or over_time, world, device)
+        stop = distributed.any_rank(hooks.should_stop(step) or over_time, world)
         if stop:
             stopped_by = "time" if over_time else "signal"
             break
@@ -405,7 +405,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
                     fit_from = (step, elapsed)
                 elif (fit_from is not None and step >= max(tc.warmup, FIT_AT)
                       and elapsed >= FIT_SHARE * options.max_time):
-                    steps = distributed.smallest(fitted_steps(step, elapsed, fit_from, options.max_time), world, device)
+                    steps = distributed.smallest(fitted_steps(step, elapsed, fit_from, options.max_time), world)
                     config = replace(config, train=replace(tc, steps=steps))
                     tc, fitting = config.train, False
                     hooks.log(f"{steps:,} steps fit in the time budget at this speed; the learning rate decays "
