@@ -80,6 +80,15 @@ def memory_format(device: torch.device, precision: Precision) -> torch.memory_fo
     return torch.contiguous_format
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on device without the host waiting for the device: a CUDA copy from ordinary (pageable) memory
+    first waits for every kernel queued on the stream, so it goes through pinned memory instead (whose
+    block torch keeps until the copy is done)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def layout_of(model: torch.nn.Module) -> torch.memory_format:
     """The memory format of a model's convolution weights, for inputs to match."""
     weight = next((p for p in model.parameters() if p.ndim == 4), None)

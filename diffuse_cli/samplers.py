@@ -20,6 +20,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .device import to_device
 from .schedule import NoiseSchedule, float_dtype
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,14 +33,16 @@ Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal noise; with a list of generators, row i comes from generator i."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(*shape, generator=generator, device="cpu").to(device)
+        return to_device(torch.randn(*shape, generator=generator, device="cpu"), device)
     rows = [torch.randn(*shape[1:], generator=g) for g in generator]
-    return torch.stack(rows).to(device)
+    return to_device(torch.stack(rows), device)
 
 
 def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Step t for each image of the batch, on x's device; a fractional one in the widest float it has."""
-    return t.expand(x.shape[0]).to(x.device, float_dtype(x.device) if t.is_floating_point() else t.dtype)
+    """Step t (a host scalar) for each image of the batch, made on x's device (no copy there);
+    a fractional one in the widest float it has."""
+    dtype = float_dtype(x.device) if t.is_floating_point() else t.dtype
+    return torch.full((x.shape[0],), t.item(), dtype=dtype, device=x.device)
 
 
 def _lam(alpha_bar: float) -> float:

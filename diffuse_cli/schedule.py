@@ -121,11 +121,10 @@ class NoiseSchedule:
         t = torch.as_tensor(t)
         if not t.is_floating_point():
             return self.gather("sigmas", t)
-        t64 = t.detach().cpu().double().clamp(0, self.timesteps - 1)
-        lo = t64.floor().long().clamp(max=self.timesteps - 2)
-        w = t64 - lo
-        log_sigma = (1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]
-        return log_sigma.exp().to(t.device, float_dtype(t.device))
+        t = t.detach().to(float_dtype(t.device)).clamp(0, self.timesteps - 1)  # on its device: no host sync
+        lo = t.floor().long().clamp(max=self.timesteps - 2)
+        w = t - lo
+        return ((1 - w) * self.gather("log_sigmas", lo) + w * self.gather("log_sigmas", lo + 1)).exp()
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ at step indices t: exact for integer t, interpolated in log σ for fractional t."""

@@ -245,6 +245,39 @@ def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def host_syncs(run) -> int:
+    """How many times `run()` made the host wait for the GPU (torch's sync debug mode counts them)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs with a GPU")
+@pytest.mark.parametrize("graph", [True, False])
+def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
+    """The host reads the device only at logging intervals, saves and the end of a batch of samples, so the
+    GPU's queue never drains: a run or a sampling of more steps makes exactly as many host syncs as a short one
+    (the GPU's share of issue 4's 'no per-step host syncs')."""
+    from diffuse_cli.generate import generate
+
+    options = replace(OPTIONS, device=torch.device("cuda"), cuda_graph=graph)
+    runs = {steps: host_syncs(lambda steps=steps: train(replace(CONFIG, train=replace(CONFIG.train, steps=steps)),
+                                                        DATA, tmp_path / str(steps), options))
+            for steps in (5, 9)}  # both below LOG_EVERY: one log, one save and one grid each
+    assert runs[5] == runs[9], runs
+    model = UNet(CONFIG.model).cuda().eval()
+    draws = {steps: host_syncs(lambda steps=steps: generate(model, CONFIG, 4, steps=steps, cuda_graph=graph))
+             for steps in (5, 9)}
+    assert draws[5] == draws[9], draws
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_step_changes_nothing_but_the_counters(monkeypatch, fused):
     torch.manual_seed(0)
