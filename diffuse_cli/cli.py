@@ -6,7 +6,6 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -22,8 +21,7 @@ from rich.table import Table
 from . import __version__
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSchedule, ConfigError, DiffusionConfig, ModelConfig, Objective, Precision, Schedule, TrainConfig,
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
-from .console import (Interrupted, err, install_stop_handler, interrupted_says, out, progress_bar, shows_progress_bar,
-                      status_line)
+from .console import Interrupted, TrainingProgress, err, install_stop_handler, interrupted_says, out, progress_bar
 from .runs import claim, config_for_run, data_of_run, new_run_folder, resolve_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,9 +29,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
 # Below this many training images a diffusion model soon reproduces them: a note says so at start.
 FEW_IMAGES = 1000
-# Without a terminal (a batch job's log file) training prints a status line this often in place
-# of the progress bar.
-STATUS_EVERY_S = 60.0
 GRID_MAX = 64  # `sample` puts at most this many images in grid.png: an 8x8 grid
 
 
@@ -60,6 +55,28 @@ def compute_device(name: str):
 
 
 # -- train --------------------------------------------------------------------------------
+def data_notes(data_set, image_size: int, from_folder: bool) -> list[str]:
+    """The warnings and notes that a loaded data set calls for, as lines of rich markup."""
+    from rich.markup import escape
+
+    n, skipped, upscaled, notes = len(data_set), data_set.skipped, data_set.upscaled, []
+    if skipped:
+        listed = escape(", ".join(f"{Path(p).name} ({why})" for p, why in skipped[:8]))
+        more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+        notes.append(f"[yellow]warning:[/] skipped {len(skipped)} of {n + len(skipped)} files: {listed}{more}")
+    if upscaled:
+        verb = "is" if len(upscaled) == 1 else "are"
+        notes.append(f"[yellow]warning:[/] {len(upscaled)} of {n} images {verb} smaller than --image-size "
+                     f"{image_size} (the smallest is {min(upscaled)} pixels on its short side) and {verb} enlarged, "
+                     "which blurs them; a smaller --image-size keeps their detail")
+    if from_folder and n < FEW_IMAGES:
+        notes.append(f"[yellow]note:[/] {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
+                     "usual); as training goes on its samples will copy them more and more closely")
+    if data_set.images is None:
+        notes.append("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
+    return notes
+
+
 def _launch_devices(devices: int, device: str) -> None:
     """Re-run this command under torchrun with `devices` processes on this machine."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -200,25 +217,9 @@ def train(
     if data_set.channels != config.model.channels:
         config = replace(config, model=replace(config.model, channels=data_set.channels))
         say("every image is grayscale: training a 1-channel model (--channels 3 keeps RGB)")
-    if data_set.skipped and is_main:
-        from rich.markup import escape
-
-        listed = escape(", ".join(f"{Path(p).name} ({why})" for p, why in data_set.skipped[:8]))
-        more = f" and {len(data_set.skipped) - 8} more" if len(data_set.skipped) > 8 else ""
-        err.print(f"[yellow]warning:[/] skipped {len(data_set.skipped)} of {len(data_set) + len(data_set.skipped)} "
-                  f"files: {listed}{more}", highlight=False, soft_wrap=True)
-    if data_set.upscaled and is_main:
-        verb = "is" if len(data_set.upscaled) == 1 else "are"
-        err.print(f"[yellow]warning:[/] {len(data_set.upscaled)} of {len(data_set)} images {verb} smaller than "
-                  f"--image-size {config.model.image_size} (the smallest is {min(data_set.upscaled)} pixels on its "
-                  f"short side) and {verb} enlarged, which blurs them; a smaller --image-size keeps their detail",
-                  highlight=False, soft_wrap=True)
-    if data is not None and len(data_set) < FEW_IMAGES and is_main:
-        err.print(f"[yellow]note:[/] {len(data_set)} image{'s' * (len(data_set) != 1)} is few for a diffusion model "
-                  "(thousands are usual); as training goes on its samples will copy them more and more closely",
-                  highlight=False, soft_wrap=True)
-    if data_set.images is None and is_main:
-        err.print("[yellow]note:[/] the decoded images do not fit in memory; decoding on demand (slower)")
+    if is_main:
+        for line in data_notes(data_set, config.model.image_size, from_folder=data is not None):
+            err.print(line, highlight=False, soft_wrap=True)
 
     stop = install_stop_handler(announce=is_main)
     say(f"run folder {run}" + (f" (resuming, on its data: {data})" if data_from_run and data else
@@ -228,26 +229,8 @@ def train(
         fit_steps = budget is not None and "steps" not in given_train  # the run sets them (--max-time's help)
         task = bar.add_task("training", total=None if fit_steps else config.train.steps, loss="loss  -", rate="",
                             deadline=time.monotonic() + budget if budget else None)
-        smooth: dict[str, float] = {}
-        started, last_status = time.monotonic(), -math.inf
-        images_per_step = config.train.batch_size * config.train.grad_accum
-
-        def on_progress(record: dict) -> None:
-            nonlocal last_status
-            if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
-                smooth["loss"] = 0.9 * smooth.get("loss", record["loss"]) + 0.1 * record["loss"]
-            bar.update(task, completed=record["step"], total=record["steps"],
-                       loss=f"loss {smooth.get('loss', math.nan):.4f}", rate=f"{record['images_per_s']:.1f} img/s")
-            now, step, steps = time.monotonic(), record["step"], record["steps"]
-            if not shows_progress_bar() and (now - last_status >= STATUS_EVERY_S or step == steps):
-                left = math.inf if steps is None else (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
-                if budget:
-                    left = min(left, max(0.0, started + budget - now))
-                bar.console.print(status_line(step, steps, smooth.get("loss", math.nan), record["images_per_s"],
-                                              now - started, left), highlight=False, markup=False)
-                last_status = now
-
-        hooks = Hooks(progress=on_progress if is_main else (lambda r: None),
+        progress = TrainingProgress(bar, task, config.train.batch_size * config.train.grad_accum, budget)
+        hooks = Hooks(progress=progress.update if is_main else (lambda r: None),
                       log=lambda m: bar.console.print(m, highlight=False, markup=False) if is_main else None,
                       should_stop=lambda step: stop["requested"])
         options = Options(device=torch_device, save_every=save_every, sample_every=sample_every,

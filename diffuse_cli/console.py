@@ -63,6 +63,32 @@ def status_line(step: int, steps: int | None, loss: float, images_per_s: float, 
             f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
 
 
+class TrainingProgress:
+    """Training's log records on the bar (smoothed loss, images/s); without a terminal (a batch job's
+    log file) also as a plain status line every STATUS_EVERY_S seconds and at the last step."""
+
+    STATUS_EVERY_S = 60.0
+
+    def __init__(self, bar: Progress, task, images_per_step: int, budget: float | None):
+        self.bar, self.task, self.images_per_step, self.budget = bar, task, images_per_step, budget
+        self.started, self.last_status, self.loss = time.monotonic(), -math.inf, math.nan
+
+    def update(self, record: dict) -> None:
+        if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
+            self.loss = record["loss"] if math.isnan(self.loss) else 0.9 * self.loss + 0.1 * record["loss"]
+        self.bar.update(self.task, completed=record["step"], total=record["steps"], loss=f"loss {self.loss:.4f}",
+                        rate=f"{record['images_per_s']:.1f} img/s")
+        now, step, steps = time.monotonic(), record["step"], record["steps"]
+        if shows_progress_bar() or (now - self.last_status < self.STATUS_EVERY_S and step != steps):
+            return
+        left = math.inf if steps is None else (steps - step) * self.images_per_step / max(record["images_per_s"], 1e-9)
+        if self.budget:
+            left = min(left, max(0.0, self.started + self.budget - now))
+        self.bar.console.print(status_line(step, steps, self.loss, record["images_per_s"], now - self.started, left),
+                               highlight=False, markup=False)
+        self.last_status = now
+
+
 @contextlib.contextmanager
 def interrupted_says(message: Callable[[], str]):
     """Turn Ctrl-C inside the block into Interrupted(message())."""

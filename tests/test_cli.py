@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from diffuse_cli import cli
+from diffuse_cli import cli, console
 from diffuse_cli.cli import app
 from diffuse_cli.console import TimeLeftColumn
 from diffuse_cli.data import decode_image
@@ -58,9 +58,9 @@ def test_train_writes_a_run_folder(trained):
 
 
 def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, tmp_path, monkeypatch):
-    """A batch job's log gets the first record, one line a STATUS_EVERY_S, and the last step."""
+    """A batch job's log gets the first record, one line a TrainingProgress.STATUS_EVERY_S, and the last step."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "STATUS_EVERY_S", 1e9)
+    monkeypatch.setattr(console.TrainingProgress, "STATUS_EVERY_S", 1e9)
     result = run_cli("train", image_folder, *TINY, "--steps", "30", "--out", "run")
     assert result.code == 0, result
     lines = re.findall(r"^step (\d+)/30  loss \d+\.\d{4}  [\d.]+ img/s  elapsed \d:\d\d:\d\d  eta (\S+)$",
