@@ -301,12 +301,19 @@ def sample(
 
     from .checkpoint import load_model, resolve_checkpoint
     from .data import grid_upscale, make_grid, save_gif, save_png, to_uint8
-    from .generate import generate_batches
+    from .device import memory_available
+    from .generate import fitting_batch, generate_batches
 
     path = resolve_checkpoint(checkpoint)
     net, config, info = load_model(path, compute_device(device))
     if steps > config.diffusion.timesteps:
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
+    if next(net.parameters()).device.type == "cpu":  # where memory runs out, the system kills the process
+        fits = fitting_batch(net, min(batch_size, n), memory_available())
+        if fits < min(batch_size, n):
+            err.print(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
+                      f"(--batch-size {batch_size} would not; the images are the same either way)", highlight=False)
+            batch_size = fits
     trained = f"-step{info['step']}" if isinstance(info.get("step"), int) else ""  # more training: a new folder
     folder = out_dir or Path("samples") / f"{path.parent.name}{trained}-{sampler}-{steps}steps-seed{seed}"
     if folder.exists() and not folder.is_dir():

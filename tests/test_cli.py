@@ -68,6 +68,23 @@ def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, 
     assert [step for step, _ in lines] == ["10", "30"] and lines[-1][1] == "0:00:00", result.err
 
 
+def test_sample_on_the_cpu_lowers_a_batch_that_would_not_fit_and_draws_the_same_images(trained, run_cli, tmp_path,
+                                                                                        monkeypatch):
+    from diffuse_cli import device
+    from diffuse_cli.generate import SAMPLE_BYTES_PER_OUTPUT
+    from diffuse_cli.checkpoint import load_model
+    from diffuse_cli.unet import layer_outputs
+
+    plain = run_cli("sample", "-n", "5", "--steps", "3", "--out", "plain")
+    assert plain.code == 0 and "at a time" not in plain.err, plain
+    per_image = SAMPLE_BYTES_PER_OUTPUT * layer_outputs(load_model(trained[0] / "model.safetensors")[0], 1)
+    monkeypatch.setattr(device, "memory_available", lambda: int(2.5 * per_image))  # room for two images
+    lowered = run_cli("sample", "-n", "5", "--steps", "3", "--out", "lowered")
+    assert lowered.code == 0 and "note: sampling 2 images at a time" in lowered.err, lowered
+    for name in ("0000.png", "0004.png", "grid.png"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "lowered" / name).read_bytes(), name
+
+
 def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli, tmp_path):
     first = run_cli("sample", "-n", "3", "--steps", "5", "--out", "a", "--batch-size", "2")
     assert first.code == 0, first
