@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.table import Table
@@ -23,6 +23,9 @@ from .config import (BUILTIN_IMAGE_SIZE, PRESETS, UNFITTED_STEPS, Config, LRSche
                      check_choice, model_config, parse_duration, to_dict, validate_diffusion, validate_train)
 from .console import Interrupted, TrainingProgress, err, install_stop_handler, interrupted_says, out, progress_bar
 from .runs import claim, config_for_run, data_of_run, new_run_folder, resolve_run
+
+if TYPE_CHECKING:
+    from .data import ImageData
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -55,7 +58,7 @@ def compute_device(name: str):
 
 
 # -- train --------------------------------------------------------------------------------
-def data_notes(data_set, image_size: int, from_folder: bool) -> list[str]:
+def data_notes(data_set: ImageData, image_size: int, from_folder: bool) -> list[str]:
     """The warnings and notes that a loaded data set calls for, as lines of rich markup."""
     from rich.markup import escape
 
