@@ -39,10 +39,11 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def require_positive(**options: int) -> None:
-    """Refuse the first option below 1, by its flag: require_positive(save_every=0) -> '--save-every must be ...'."""
+def require_positive(**options: int | None) -> None:
+    """Refuse the first option below 1 (None: not given), by its flag: require_positive(save_every=0) ->
+    '--save-every must be ...'."""
     for name, value in options.items():
-        if value < 1:
+        if value is not None and value < 1:
             flag = "-n" if name == "n" else "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be at least 1, not {value}")
 
@@ -146,8 +147,10 @@ def train(
     seed: Optional[int] = typer.Option(None, help=f"Seed for weights, data order and noise. \\[default: {TrainConfig.seed}]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. \\[default: checkpoints/<data>-<preset>-<time>]"),
     resume: Optional[str] = typer.Option(None, help="Run folder to continue, or 'auto' (--out, else the newest run)."),
-    save_every: int = typer.Option(500, help="Save the checkpoint every N steps (and at the end)."),
-    sample_every: int = typer.Option(500, help="Write samples/step_N.png every N steps (and at the end)."),
+    save_every: Optional[int] = typer.Option(None, help="Save the checkpoint every N steps (and at the end). "
+                                             "\\[default: every 500 steps, at most once a minute]"),
+    sample_every: Optional[int] = typer.Option(None, help="Write samples/step_N.png every N steps (and at the end). "
+                                               "\\[default: every 500 steps, at most once a minute]"),
     device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (the plain module is saved)."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",

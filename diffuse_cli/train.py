@@ -39,6 +39,9 @@ LOG_EVERY = 10
 # is over, FIT_AT steps are done and FIT_SHARE of the budget is spent; then --steps is set to what the
 # budget holds (fitted_steps). Until then the run has no step limit (config.UNFITTED_STEPS).
 FIT_FROM, FIT_AT, FIT_SHARE = 10, 50, 0.05
+# Without --save-every / --sample-every: every DEFAULT_EVERY steps, but at most once every MIN_INTERVAL_S seconds.
+# A fast GPU trains 500 steps of `small` in seconds, and each save writes ~40 MB and each grid samples 16 images.
+DEFAULT_EVERY, MIN_INTERVAL_S = 500, 60.0
 # A CPU training step holds about this many bytes per element of its layers' outputs (unet.layer_outputs):
 # 3.7-7.7 measured, bf16 and fp32, `small` at 32x32 to 128x128, `base` and `ddpm-cifar10`.
 STEP_BYTES_PER_OUTPUT = 6
@@ -53,8 +56,8 @@ class Options:
     """How this invocation runs; none of it changes what the model learns."""
 
     device: torch.device = torch.device("cpu")
-    save_every: int = 500
-    sample_every: int = 500
+    save_every: int | None = None  # None: every DEFAULT_EVERY steps, at most once every MIN_INTERVAL_S (due)
+    sample_every: int | None = None
     max_time: float | None = None  # seconds
     fit_steps: bool = False  # with max_time, set config.train.steps to what the budget holds (fitted_steps)
     resume: bool = False
@@ -101,6 +104,14 @@ def lr_at(step: int, cfg: Config) -> float:
         return tc.lr
     progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def due(step: int, every: int | None, since: float) -> bool:
+    """Whether to save (or write a grid) after this step: every `every` steps, or by default every
+    DEFAULT_EVERY steps at most once every MIN_INTERVAL_S seconds (`since`: the last time, monotonic)."""
+    if every is not None:
+        return step % every == 0
+    return step % DEFAULT_EVERY == 0 and time.monotonic() - since >= MIN_INTERVAL_S
 
 
 def fitted_steps(step: int, elapsed: float, since: tuple[int, float], budget: float) -> int:
@@ -381,6 +392,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
         raise ValueError(f"{run_dir} was stopped before its steps were fitted to its --max-time; "
                          "resume it with --max-time or --steps")
     last_log = (time.monotonic(), step)
+    last_written = {"save": start_time, "grid": start_time}  # for the default intervals (due)
     model.train()
     if step >= tc.steps:
         hooks.log(f"the run is already at step {step} of {tc.steps}; pass a larger --steps to train it further")
@@ -421,10 +433,12 @@ def train(config: Config, data: ImageData, run_dir: str | Path, options: Options
             hooks.progress(record)
             io.loss_sum.zero_()
             last_log = (now, step)
-        if step % options.save_every == 0 and step < tc.steps:
+        if step < tc.steps and due(step, options.save_every, last_written["save"]):
             save(step)
-        if step % options.sample_every == 0 and step < tc.steps:
+            last_written["save"] = time.monotonic()
+        if step < tc.steps and due(step, options.sample_every, last_written["grid"]):
             sample_grid(step)
+            last_written["grid"] = time.monotonic()
 
     if step > start_step or not (run_dir / MODEL_FILE).exists():
         save(step)

@@ -129,6 +129,21 @@ def test_a_step_larger_than_the_memory_left_is_announced(tmp_path, monkeypatch, 
     assert bool(said) == warned and all("--batch-size" in m and "--grad-accum" in m for m in said)
 
 
+@pytest.mark.parametrize("min_interval, grids", [(60.0, ["step_000010.png"]),
+                                                  (0.0, ["step_000005.png", "step_000010.png"])])
+def test_by_default_saves_and_grids_come_every_500_steps_at_most_once_a_minute(tmp_path, monkeypatch, min_interval,
+                                                                              grids):
+    """A fast GPU trains 500 steps in seconds: the default intervals must not write a checkpoint and a grid
+    every few seconds. (Here every 5 steps stands for every 500.)"""
+    monkeypatch.setattr(train_module, "DEFAULT_EVERY", 5)
+    monkeypatch.setattr(train_module, "MIN_INTERVAL_S", min_interval)
+    saved = []
+    monkeypatch.setattr(train_module, "write_metrics", lambda path, new, step: saved.append(step))
+    train(replace(CONFIG, train=replace(CONFIG.train, steps=10)), DATA, tmp_path, Options(grid_steps=2))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == grids
+    assert saved == [int(name[5:11]) for name in grids]  # each save rewrites metrics.jsonl
+
+
 def test_grad_accumulation_counts_micro_batches(tmp_path):
     config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=3, steps=2))
     train(config, DATA, tmp_path, OPTIONS)
