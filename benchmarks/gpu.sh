@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What only an NVIDIA GPU can check or measure, in two parts that each fit in a few minutes on an H100:
 #
-#   bash benchmarks/gpu.sh checks   # the whole test suite (its 4 GPU-only tests included), then the CLI on
+#   bash benchmarks/gpu.sh checks   # the whole test suite (its 6 GPU-only tests included), then the CLI on
 #                                   # CUDA: train with and without the CUDA graph (same loss?), fp16 with
 #                                   # its gradient scaler, --compile, resume, and sampling on every spacing
 #   bash benchmarks/gpu.sh speed    # benchmarks/train_speed.py (the README's GPU table), attention.py

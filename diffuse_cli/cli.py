@@ -311,10 +311,11 @@ def sample(
     from .generate import fitting_batch, generate_batches
 
     path = resolve_checkpoint(checkpoint)
-    net, config, info = load_model(path, compute_device(device))
+    torch_device = compute_device(device)
+    net, config, info = load_model(path, torch_device)
     if steps > config.diffusion.timesteps:
         raise UserError(f"--steps {steps} is more than the model's {config.diffusion.timesteps} diffusion steps")
-    if next(net.parameters()).device.type == "cpu":  # where memory runs out, the system kills the process
+    if torch_device.type == "cpu":  # where memory runs out, the system kills the process
         fits = fitting_batch(net, min(batch_size, n), memory_available())
         if fits < min(batch_size, n):
             err.print(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
