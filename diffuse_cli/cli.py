@@ -71,8 +71,9 @@ def data_notes(data_set: ImageData, image_size: int, from_folder: bool) -> list[
     if upscaled:
         verb = "is" if len(upscaled) == 1 else "are"
         notes.append(f"[yellow]warning:[/] {len(upscaled)} of {n} images {verb} smaller than --image-size "
-                     f"{image_size} (the smallest is {min(upscaled)} pixels on its short side) and {verb} enlarged, "
-                     "which blurs them; a smaller --image-size keeps their detail")
+                     f"{image_size} (the smallest is {min(upscaled)} pixel{'s' * (min(upscaled) != 1)} on its short side) and "
+                     f"{verb} enlarged, which blurs {'it' if len(upscaled) == 1 else 'them'}; a smaller --image-size "
+                     f"keeps {'its' if len(upscaled) == 1 else 'their'} detail")
     if from_folder and n < FEW_IMAGES:
         notes.append(f"[yellow]note:[/] {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
                      "usual); as training goes on its samples will copy them more and more closely")

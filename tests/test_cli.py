@@ -363,6 +363,10 @@ def test_enlarging_small_images_is_a_warning(run_cli, tmp_path, monkeypatch):
     args = ["--model", "tiny", "--batch-size", "2", "--steps", "1"]
     enlarged = run_cli("train", "icons", *args, "--image-size", "16", "--out", "a")
     assert enlarged.code == 0 and "1 of 2 images is smaller than --image-size 16 (the smallest is 14" in enlarged.err
+    assert "is enlarged, which blurs it; a smaller --image-size keeps its detail" in enlarged.err
+    both = run_cli("train", "icons", *args, "--image-size", "32", "--out", "c")
+    assert "2 of 2 images are smaller than --image-size 32 (the smallest is 14 pixels" in both.err
+    assert "are enlarged, which blurs them; a smaller --image-size keeps their detail" in both.err
     assert "smaller than" not in run_cli("train", "icons", *args, "--image-size", "8", "--out", "b").err
 
 
