@@ -12,6 +12,7 @@
 
     python benchmarks/samplers.py
     python benchmarks/samplers.py --checkpoint checkpoints/<run>/model.safetensors
+    python benchmarks/samplers.py --samplers dpm++3m dpm++3m-sde --d2-weight 2   # 3M at the Taylor weight
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import image_fd  # noqa: E402
 
+from diffuse_cli import samplers as engine_samplers  # noqa: E402
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
 from diffuse_cli.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
@@ -102,9 +104,12 @@ if __name__ == "__main__":
     parser.add_argument("--spacing", default=None, help="override every sampler's default spacing")
     parser.add_argument("--no-reference", action="store_true", help="skip 1000-step DDPM (the slow part)")
     parser.add_argument("--fd-samples", type=int, default=512, help="samples per FD on the trained model")
+    parser.add_argument("--d2-weight", type=float, default=engine_samplers.D2_WEIGHT,
+                        help="DPM-Solver++(3M)'s second-difference weight (samplers.D2_WEIGHT; 2 is the Taylor one)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    engine_samplers.D2_WEIGHT = args.d2_weight  # dpmpp reads it at each step
     for kind in ("linear", "cosine") if not args.skip_mixture else ():
         closed_form(kind, args.mixture_n, args.samplers, args.spacing, not args.no_reference)
     if args.checkpoint:

@@ -86,9 +86,12 @@ def probability_flow_end(schedule, timesteps, x_T):
 def test_order_of_accuracy_against_the_exact_ode(kind):
     """Doubling the steps divides a deterministic solver's error by 2^order.
 
-    Measured orders (K = 40 -> 80): ddim 1.00, dpm++2m 2.0, heun 2.1, unipc 3.3. dpm++3m is
-    third order per step but tends to 2 globally, because its first (Euler) step's O(h²)
-    error is never corrected (as in Lu et al.'s and diffusers' code); it still beats dpm++2m.
+    Measured orders (K = 40 -> 80): ddim 1.00, dpm++2m 2.0, heun 2.1, unipc 3.3, dpm++3m 2.2.
+    dpm++3m is second order, not third: its update is the 3M step of Lu et al.'s code (and of
+    k-diffusion and diffusers), which gives the second difference d2 ≈ h²/2·x̂_0'' the weight -φ_3,
+    half of what the Taylor expansion asks (∫ e^-(h-u) u²/2 du = -φ_3·h²). With the full weight the
+    order is 4 here, but on the mixture at 10-50 calls it is no better, so the reference step
+    stays (README, Samplers); the bounds below would catch a change to it. It still beats dpm++2m.
     """
     schedule = NoiseSchedule.make(kind)
     model = GAUSSIAN.eps_model(schedule)
@@ -104,7 +107,7 @@ def test_order_of_accuracy_against_the_exact_ode(kind):
     assert 0.9 < order["ddim"] < 1.1
     assert 1.8 < order["dpm++2m"] < 2.3 and 1.8 < order["heun"] < 2.3
     assert order["unipc"] > 2.8
-    assert order["dpm++3m"] > 1.8 and all(a < b for a, b in zip(errors["dpm++3m"], errors["dpm++2m"]))
+    assert 1.8 < order["dpm++3m"] < 2.6 and all(a < b for a, b in zip(errors["dpm++3m"], errors["dpm++2m"]))
 
 
 def test_sde_solvers_are_random_and_eta_zero_is_the_ode():
