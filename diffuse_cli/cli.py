@@ -247,11 +247,12 @@ def train(
         try:
             with claim(run) if is_main else nullcontext():
                 result = run_training(config, data_set, run, options, hooks)
-        except OSError as e:  # a full disk, say: every checkpoint is written to a temporary file and renamed
-            raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
-        except BaseException:
+        except BaseException as e:
             if fresh and run.is_dir() and not any(run.iterdir()):
                 run.rmdir()  # a run that failed before writing anything leaves no empty run folder behind
+            if isinstance(e, OSError):  # a full disk, say: every checkpoint is written to a temporary file and renamed
+                raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact",
+                              e.filename) from None
             raise
     if result.stopped_by == "signal":
         unfitted = fit_steps and all(r["steps"] is None for r in result.records)

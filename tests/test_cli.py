@@ -334,6 +334,12 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(trained, run_c
     assert info["step"] == 4
     assert not list(run.glob(".*.tmp"))
 
+    monkeypatch.setattr(os, "fsync", disk_full)  # a new run on a full disk leaves no empty run folder behind
+    fresh = run_cli("train", image_folder, *TINY, "--steps", "2", "--out", run.parent / "new")
+    monkeypatch.undo()
+    assert_clean_error(fresh, "No space left on device")
+    assert not (run.parent / "new").exists()
+
 
 def test_unwritable_run_folder_is_a_clear_error(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
