@@ -43,8 +43,10 @@ def table(title: str, rows: dict[str, dict[int, float]], reference: float, ref_n
     print(f"{'sampler':<13}" + "".join(f"{f'NFE {n}':>10}" for n in NFES) + f"{'@25 vs ' + ref_name:>22}")
     for name, values in rows.items():
         cells = "".join(f"{values[n]:>10.4f}" if n in values else f"{'-':>10}" for n in NFES)
-        print(f"{name:<13}{cells}{values.get(25, float('nan')) / reference:>21.2f}x")
-    print(f"{ref_name:<13}{reference:>10.4f}", flush=True)
+        ratio = values.get(25, float("nan")) / reference
+        print(f"{name:<13}{cells}" + (f"{ratio:>21.2f}x" if ratio == ratio else f"{'-':>22}"))  # no reference: -
+    if reference == reference:  # not NaN: measured (--no-reference skips it)
+        print(f"{ref_name:<13}{reference:>10.4f}", flush=True)
 
 
 def closed_form(schedule_kind: str, n: int, samplers: list[str], spacing: str | None, with_ddpm_1000: bool) -> None:
