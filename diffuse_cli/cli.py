@@ -69,11 +69,11 @@ def data_notes(data_set: ImageData, image_size: int, from_folder: bool) -> list[
         more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
         notes.append(f"[yellow]warning:[/] skipped {len(skipped)} of {n + len(skipped)} files: {listed}{more}")
     if upscaled:
-        verb = "is" if len(upscaled) == 1 else "are"
-        notes.append(f"[yellow]warning:[/] {len(upscaled)} of {n} images {verb} smaller than --image-size "
-                     f"{image_size} (the smallest is {min(upscaled)} pixel{'s' * (min(upscaled) != 1)} on its short side) and "
-                     f"{verb} enlarged, which blurs {'it' if len(upscaled) == 1 else 'them'}; a smaller --image-size "
-                     f"keeps {'its' if len(upscaled) == 1 else 'their'} detail")
+        one = len(upscaled) == 1
+        smallest, (verb, pronoun, possessive) = min(upscaled), ("is", "it", "its") if one else ("are", "them", "their")
+        notes.append(f"[yellow]warning:[/] {len(upscaled)} of {n} images {verb} smaller than --image-size {image_size} "
+                     f"(the smallest is {smallest} pixel{'s' * (smallest != 1)} on its short side) and {verb} "
+                     f"enlarged, which blurs {pronoun}; a smaller --image-size keeps {possessive} detail")
     if from_folder and n < FEW_IMAGES:
         notes.append(f"[yellow]note:[/] {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
                      "usual); as training goes on its samples will copy them more and more closely")
