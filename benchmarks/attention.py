@@ -2,7 +2,7 @@
 
 `diffuse` hands SDPA q, k and v with contiguous channels on GPUs, so that it may pick a fused
 kernel (flash, memory-efficient or cuDNN), and on the CPU above 8x8 positions; up to 8x8 the CPU
-keeps the strided views, which only the math path takes (`unet.fused_attention_layout`). This
+keeps the strided views, which only the math path takes (`fast_ops.fused_attention_layout`). This
 measures that choice on this machine:
 
     strided   the views as the CPU gets them (math path)
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, synchronizer, timed  # noqa: E402
 
-from diffuse_cli import unet  # noqa: E402
+from diffuse_cli import fast_ops, unet  # noqa: E402
 from diffuse_cli.config import model_config  # noqa: E402
 from diffuse_cli.device import autocast  # noqa: E402
 
@@ -53,7 +53,7 @@ def layer_seconds(preset: str, image_size: int, batch: int, precision: str, dev:
     attn = attn.to(dev)
     x = torch.randn(batch, *shape[1:], device=dev, requires_grad=True)
     contiguous, backends = VARIANTS[variant]
-    unet.fused_attention_layout = lambda device, positions: contiguous  # noqa: E731  (this process only)
+    fast_ops.fused_attention_layout = lambda device, positions: contiguous  # noqa: E731  (this process only)
 
     def run() -> None:
         with autocast(precision, dev), sdpa_kernel(backends):

@@ -119,7 +119,7 @@ def grid_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The U-Net's upsampling as drawn, and as diffusers computes it; ours is unet.upsample_conv."""
+    """The U-Net's upsampling as drawn, and as diffusers computes it; ours is fast_ops.upsample_conv."""
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
@@ -133,12 +133,12 @@ def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: to
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffuse_cli import unet
+    from diffuse_cli import fast_ops
     from diffuse_cli.device import autocast
     from diffuse_cli.objectives import diffusion_loss
     from diffuse_cli.schedule import NoiseSchedule
 
-    with mock.patch.object(unet, "upsample_conv", upsample_then_conv), FlopCounterMode(display=False) as counter, \
+    with mock.patch.object(fast_ops, "upsample_conv", upsample_then_conv), FlopCounterMode(display=False) as counter, \
             autocast(precision, x0.device):
         diffusion_loss(net, "v", NoiseSchedule.make("cosine"), x0, t, eps).backward()
     model.zero_grad(set_to_none=True)

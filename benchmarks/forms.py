@@ -2,9 +2,9 @@
 
 - `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
   `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
-  (`unet.upsample_conv`: the same function, 16/36 of the FLOPs); the textbook form enlarges, then
+  (`fast_ops.upsample_conv`: the same function, 16/36 of the FLOPs); the textbook form enlarges, then
   convolves.
-- `dropout`: torch's CPU dropout draws one Bernoulli variable an element; `unet.dropout` takes
+- `dropout`: torch's CPU dropout draws one Bernoulli variable an element; `fast_ops.dropout` takes
   four 16-bit uniforms from each 64-bit draw (the same distribution, up to p rounded to 16 bits).
   Only presets with dropout (`ddpm-cifar10`, `base`) have any; on a GPU both are F.dropout.
 
@@ -34,7 +34,7 @@ from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli import unet  # noqa: E402
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import keep_cpu_memory  # noqa: E402
+from diffuse_cli.fast_ops import keep_cpu_memory  # noqa: E402
 
 
 # change -> (the modules it is in, their forward in the other form, that form's name)

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .config import Config, ConfigError, config_from_json, config_to_json, validate_diffusion, validate_model
+from .config import Config, ConfigError, config_from_json, config_to_json, to_dict, validate_diffusion, validate_model
 from .errors import CheckpointError
 from .files import MODEL_FILE, atomic_write_bytes
 
@@ -213,6 +213,18 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
                     state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def describe(path: str | os.PathLike) -> tuple[dict[str, Any], Config]:
+    """What a checkpoint holds, from its header alone: (facts as JSON-able data, its config)."""
+    path = Path(path)
+    header = read_header(path)
+    fmt = (header.get("__metadata__") or {}).get("format")
+    config, info = read_metadata(path, fmt if fmt in (MODEL_FORMAT, STATE_FORMAT) else MODEL_FORMAT, header)
+    info.pop("param_groups", None)
+    tensors = sum(1 for k in header if k != "__metadata__")
+    return ({"file": str(path), "format": fmt, "file_size_bytes": path.stat().st_size, "tensors": tensors,
+             "preset": config.preset, **info, "config": to_dict(config)}, config)
+
+
 def find_latest(root: str | os.PathLike = "checkpoints") -> Path:
     """The most recently written model.safetensors below root."""
     root = Path(root)
@@ -236,5 +248,5 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     return path / MODEL_FILE if (path / MODEL_FILE).exists() else find_latest(path)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "read_metadata", "read_header",
+__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "read_metadata", "read_header", "describe",
            "save_training_state", "load_training_state", "find_latest", "resolve_checkpoint"]

@@ -1,8 +1,9 @@
 """Configuration: small frozen dataclasses that travel with the weights as JSON.
 
 Defaults live here and nowhere else. The CLI's option names are these field names
-(`--base-channels` is `ModelConfig.base_channels`), and a CLI option left unset keeps
-the default below.
+(`--batch-size` is `TrainConfig.batch_size`, `--sampler` is `SampleConfig.sampler`), and a CLI
+option left unset keeps the default below. Closed choices are the Literal types below, read
+by the CLI's help and checked in one place (check_choice).
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
+from .errors import ConfigError, UsageError
+
 Schedule = Literal["linear", "cosine", "sigmoid"]
 Objective = Literal["eps", "x0", "v"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LRSchedule = Literal["constant", "cosine"]
+SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "heun"]
+Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
+Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 
 
 # The built-in shapes' default resolution: at 16x16 the `small` preset draws recognisable shapes
 # after 10 minutes on a 2-core CPU; at 32x32 it still draws blobs then (measured, see README).
 BUILTIN_IMAGE_SIZE = 16
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,12 @@ class DiffusionConfig:
     objective: Objective = "v"
 
 
-# TrainConfig.steps of a --max-time run without --steps until the run has timed its steps and fitted
-# them to the budget (train.fitted_steps): no limit, and the learning rate at its peak after warm-up.
-UNFITTED_STEPS = 2**62
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation; none of it is needed to sample."""
 
     batch_size: int = 32  # global: split across processes under DDP
-    steps: int = 4000
+    steps: int = 4000  # with --max-time alone: fitted to the time (budget.Budget)
     lr: float = 1e-3
     lr_schedule: LRSchedule = "cosine"
     warmup: int = 100
@@ -85,6 +82,20 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How images are drawn from a trained network; none of it is saved with the weights."""
+
+    sampler: SamplerName = "dpm++3m-sde"
+    steps: int = 25
+    spacing: Spacing | None = None  # None: the sampler's own (samplers.SAMPLERS)
+    eta: float | None = None  # None: the sampler's own (0, or 1 for the -sde solvers)
+    variance: Variance | None = None  # ddpm only; None: posterior
+    seed: int = 0  # image i uses seed + i
+    batch_size: int = 64
+    precision: Precision = "fp32"
 
 
 # Named U-Net sizes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters).
@@ -151,12 +162,52 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def make_config(preset: str | None = None, builtin: bool = False, **fields: Any) -> Config:
+    """A new run's Config: a preset with any field of ModelConfig, DiffusionConfig or TrainConfig given by
+    name (image_size=64, objective="eps", lr=2e-4); image_size defaults to BUILTIN_IMAGE_SIZE for the
+    built-in shapes. Every value is checked."""
+    model, diffusion, train = split_fields(fields)
+    preset = preset or Config.preset
+    for name, literal in CHOICES.items():
+        if name in fields:
+            check_choice(fields[name], literal, name.replace("_", "-"))
+    size = BUILTIN_IMAGE_SIZE if builtin else ModelConfig.image_size
+    return Config(preset=preset, model=model_config(preset, **{"image_size": size, **model}),
+                  diffusion=validate_diffusion(DiffusionConfig(**diffusion)), train=validate_train(TrainConfig(**train)))
+
+
+def split_fields(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Fields by name -> those of ModelConfig, DiffusionConfig and TrainConfig; an unknown name is an error."""
+    parts: tuple[dict[str, Any], ...] = ({}, {}, {})
+    owners = [{f.name for f in dataclasses.fields(cls)} for cls in (ModelConfig, DiffusionConfig, TrainConfig)]
+    for name, value in fields.items():
+        owner = next((i for i, names in enumerate(owners) if name in names), None)
+        if owner is None:
+            known = ", ".join(sorted(set().union(*owners)))
+            raise ConfigError(f"unknown setting {name!r}; the settings are: {known}")
+        parts[owner][name] = value
+    return parts  # type: ignore[return-value]
+
+
+def require_positive(**options: int | None) -> None:
+    """Refuse the first option below 1 (None: not given), by its flag: require_positive(save_every=0) ->
+    '--save-every must be at least 1, not 0'."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be at least 1, not {value}")
+
+
 def check_choice(value: Any, literal: Any, name: str) -> Any:
     """Return value if it is one of the Literal's choices, else raise ConfigError."""
     allowed = get_args(literal)
     if value not in allowed:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}")
     return value
+
+
+# The closed choices of the settings, by field name: what make_config checks before building.
+CHOICES = {"schedule": Schedule, "objective": Objective, "precision": Precision, "lr_schedule": LRSchedule}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

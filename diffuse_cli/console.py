@@ -63,30 +63,78 @@ def status_line(step: int, steps: int | None, loss: float, images_per_s: float, 
             f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
 
 
-class TrainingProgress:
-    """Training's log records on the bar (smoothed loss, images/s); without a terminal (a batch job's
-    log file) also as a plain status line every STATUS_EVERY_S seconds and at the last step."""
+class TrainDisplay:
+    """`diffuse train` on the terminal: a bar while the images decode, then the training bar (smoothed
+    loss, images/s, ETA within --max-time), plain status lines every STATUS_EVERY_S seconds without a
+    terminal (a batch job's log file), and from the first step on, Ctrl-C, SIGTERM or SIGUSR1 asking
+    the loop to save and stop. `hooks()` is what the engine reports to; off the main DDP process it shows nothing."""
 
     STATUS_EVERY_S = 60.0
 
-    def __init__(self, bar: Progress, task, images_per_step: int, budget: float | None):
-        self.bar, self.task, self.images_per_step, self.budget = bar, task, images_per_step, budget
+    def __init__(self, budget: float | None, enabled: bool = True):
+        self.bar = progress_bar("loss", "rate", enabled=enabled)
+        self.enabled, self.budget, self.first_step = enabled, budget, 0
+        self.decoding_task = self.task = self.stop = None
         self.started, self.last_status, self.loss = time.monotonic(), -math.inf, math.nan
 
-    def update(self, record: dict) -> None:
+    def __enter__(self) -> "TrainDisplay":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    @property
+    def training(self) -> bool:
+        return self.stop is not None
+
+    def hooks(self):
+        from .train import Hooks
+
+        return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding)
+
+    def decoding(self, done: int, total: int) -> None:
+        if self.decoding_task is None:
+            self.decoding_task = self.bar.add_task("decoding images", total=None)
+        self.bar.update(self.decoding_task, completed=done, total=total)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.bar.console.print(styled(message), highlight=False, soft_wrap=True)
+
+    def should_stop(self, step: int) -> bool:
+        if self.stop is None:  # the first step: training has begun, and a stop from now on saves
+            self.stop = install_stop_handler(announce=self.enabled)
+            if self.decoding_task is not None:
+                self.bar.remove_task(self.decoding_task)
+            self.started, self.first_step = time.monotonic(), step
+            self.task = self.bar.add_task("training", total=None, loss="loss  -", rate="",
+                                          deadline=self.started + self.budget if self.budget else None)
+        return self.stop["requested"]
+
+    def progress(self, record: dict) -> None:
         if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
             self.loss = record["loss"] if math.isnan(self.loss) else 0.9 * self.loss + 0.1 * record["loss"]
         self.bar.update(self.task, completed=record["step"], total=record["steps"], loss=f"loss {self.loss:.4f}",
                         rate=f"{record['images_per_s']:.1f} img/s")
         now, step, steps = time.monotonic(), record["step"], record["steps"]
-        if shows_progress_bar() or (now - self.last_status < self.STATUS_EVERY_S and step != steps):
+        if not self.enabled or shows_progress_bar() or (now - self.last_status < self.STATUS_EVERY_S and step != steps):
             return
-        left = math.inf if steps is None else (steps - step) * self.images_per_step / max(record["images_per_s"], 1e-9)
+        per_step = (now - self.started) / max(1, step - self.first_step)
+        left = math.inf if steps is None else (steps - step) * per_step
         if self.budget:
             left = min(left, max(0.0, self.started + self.budget - now))
         self.bar.console.print(status_line(step, steps, self.loss, record["images_per_s"], now - self.started, left),
                                highlight=False, markup=False)
         self.last_status = now
+
+
+def styled(message: str) -> Text:
+    """A message as plain text, its leading 'warning:' or 'note:' in yellow."""
+    head, sep, rest = message.partition(":")
+    if sep and head in ("warning", "note"):
+        return Text.assemble((head + sep, "yellow"), rest)
+    return Text(message)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 BUILTIN = "builtin:shapes"
 BUILTIN_SIZE = 8192
+# Below this many training images a diffusion model soon reproduces them: a note says so at start.
+FEW_IMAGES = 1000
 
 
 @dataclass
@@ -45,8 +47,40 @@ class ImageData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     upscaled: list[int] = field(default_factory=list)  # short sides of the images smaller than image_size
 
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, source: str = "tensor") -> "ImageData":
+        """Training images from memory: uint8 in [0, 255] or float in [-1, 1], (N, C, H, W) with C 1 or 3 and
+        H = W; what a notebook passes to `diffuse_cli.train`."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
+            raise DataError(f"images must be (N, C, H, W) with C 1 or 3 and H = W, not {tuple(images.shape)}")
+        if not len(images):
+            raise DataError("no images: the tensor is empty")
+        if images.dtype != torch.uint8:
+            images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return cls(source, images.shape[-1], images.shape[1], images=images.cpu().contiguous())
+
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths)
+
+    def notes(self, from_folder: bool) -> list[str]:
+        """The warnings and notes this data set calls for, each a line starting 'warning:' or 'note:'."""
+        n, skipped, upscaled, notes = len(self), self.skipped, self.upscaled, []
+        if skipped:
+            listed = ", ".join(f"{Path(p).name} ({why})" for p, why in skipped[:8])
+            more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+            notes.append(f"warning: skipped {len(skipped)} of {n + len(skipped)} files: {listed}{more}")
+        if upscaled:
+            one = len(upscaled) == 1
+            smallest, (verb, pronoun, possessive) = min(upscaled), ("is", "it", "its") if one else ("are", "them", "their")
+            notes.append(f"warning: {len(upscaled)} of {n} images {verb} smaller than --image-size {self.image_size} "
+                         f"(the smallest is {smallest} pixel{'s' * (smallest != 1)} on its short side) and {verb} "
+                         f"enlarged, which blurs {pronoun}; a smaller --image-size keeps {possessive} detail")
+        if from_folder and n < FEW_IMAGES:
+            notes.append(f"note: {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
+                         "usual); as training goes on its samples will copy them more and more closely")
+        if self.images is None:
+            notes.append("note: the decoded images do not fit in memory; decoding on demand (slower)")
+        return notes
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         """uint8 images at these indices, (B, C, H, W); from disk on decoder threads when not in memory."""
@@ -109,7 +143,7 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
-class TooLarge(ValueError):
+class TooLarge(DataError):
     """A file that would decode to more pixels than PIL's decompression-bomb limit allows."""
 
 

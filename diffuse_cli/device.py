@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
 from pathlib import Path
 
 import torch
 
 from .config import Precision
+from .errors import UsageError
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -19,11 +18,11 @@ def pick_device(name: str | None = None) -> torch.device:
         try:
             device = torch.device(name)
         except RuntimeError as e:
-            raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
+            raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+            raise UsageError(f"device {name!r} asked for, but CUDA is not available here")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' asked for, but Apple MPS is not available here")
+            raise UsageError("device 'mps' asked for, but Apple MPS is not available here")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -54,7 +53,7 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     """'auto' -> bf16 where the hardware computes it natively, else fp16 on CUDA, else fp32."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("fp16 is for GPUs; on the CPU use bf16 or fp32")
+            raise UsageError("fp16 is for GPUs; on the CPU use bf16 or fp32")
         return precision
     if device.type == "cuda":
         return "bf16" if cuda_has_bf16(device) else "fp16"
@@ -72,21 +71,12 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
 
 
 def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
-    """channels_last on GPUs, whose tensor-core convolutions want it, and on the CPU in fp32
-    (ddpm-cifar10 trains 9-18% faster, small ties); contiguous for the CPU's bf16 convolutions,
-    15-23% faster so (benchmarks/train_speed.py), and on Apple MPS."""
+    """channels_last on GPUs, whose tensor-core convolutions want it, and on the CPU in fp32, where
+    its convolutions are faster so; contiguous for the CPU's bf16 convolutions, faster that way, and
+    on Apple MPS (benchmarks/train_speed.py measures both)."""
     if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """t on device without the host waiting for the device: a CUDA copy from ordinary (pageable) memory
-    first waits for every kernel queued on the stream, so it goes through pinned memory instead (whose
-    block torch keeps until the copy is done)."""
-    if torch.device(device).type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def layout_of(model: torch.nn.Module) -> torch.memory_format:
@@ -95,25 +85,6 @@ def layout_of(model: torch.nn.Module) -> torch.memory_format:
     if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def keep_cpu_memory() -> bool:
-    """Let glibc's malloc reuse freed memory for blocks up to 32 MiB instead of returning it.
-
-    By default glibc maps every large block from the OS and unmaps it on free, so each
-    training step page-faults its activations in afresh: ~30k faults a step for `small`
-    at batch 16, ~76k for `ddpm-cifar10`. Keeping them makes CPU training 3-12% faster
-    (benchmarks/train_speed.py); peak memory is unchanged. A process-wide setting, so the
-    CLI calls it, not the engine. Returns False where the C library is not glibc.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 def memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:

@@ -1,13 +1,45 @@
-"""The errors a user can cause; the CLI prints each as one line. (No torch here: `--help` stays fast.)"""
+"""The errors diffuse raises on purpose; the CLI prints each as one line. (No torch here: `--help` stays fast.)
+
+Every one is a DiffuseError whose message says what is wrong and what to do instead; the CLI
+exits with its `exit_code` (2 for input that cannot work) without reading the message.
+"""
+
+from __future__ import annotations
 
 
-class DataError(ValueError):
-    """No usable training data; the message names the folder and what was found."""
+class DiffuseError(ValueError):
+    """Something diffuse cannot do as asked; the message names the input and the fix."""
+
+    exit_code = 2
 
 
-class CheckpointError(ValueError):
+class UsageError(DiffuseError):
+    """An option or argument out of its range, or options that do not go together."""
+
+
+class ConfigError(DiffuseError):
+    """A configuration value that cannot work; the message says what is allowed."""
+
+
+class DataError(DiffuseError):
+    """No usable training data, or an image that cannot be read; the message names the file or folder."""
+
+
+class CheckpointError(DiffuseError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
-class RunError(ValueError):
+class RunError(DiffuseError):
     """A run folder that cannot be started or resumed as asked; the message says what to pass instead."""
+
+
+class TrainingFailed(DiffuseError):
+    """Training went wrong on its own (it diverged, or the device ran out of memory), not from bad input."""
+
+    exit_code = 1
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an exception from torch is the device or the host running out of memory. torch raises
+    torch.OutOfMemoryError on GPUs but a plain RuntimeError on the CPU, told apart only by its text."""
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)

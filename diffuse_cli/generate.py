@@ -7,8 +7,9 @@ from typing import Callable, Iterator
 import torch
 
 from .config import Config, Precision
-from .data import to_uint8
+from .data import make_grid, to_uint8
 from .device import autocast, layout_of, resolve_precision
+from .errors import UsageError
 from .graphs import graphed_forward
 from .objectives import as_eps_model
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
@@ -42,7 +43,7 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
     `log` says so)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)  # 'auto' as training picks it; fp16 only on GPUs
     layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
@@ -75,3 +76,27 @@ def generate(model: torch.nn.Module, config: Config, n: int, **kwargs) -> tuple[
     as generate_batches."""
     images = torch.cat(list(generate_batches(model, config, n, **kwargs)))
     return images, SAMPLERS[kwargs.get("sampler", DEFAULT_SAMPLER)].nfe(kwargs.get("steps", DEFAULT_STEPS))
+
+
+class Trajectory:
+    """A sampling callback that keeps x_t and the predicted x_0 of the first image at every step of the
+    first batch, for a strip (10 steps: x_t above, x̂_0 below) and an animation."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.full = False
+
+    def __call__(self, i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        self.full = self.full or (i == 0 and bool(self.frames))  # step 0 again: a second batch
+        if not self.full:
+            self.frames.append((to_uint8(x_t[0]).cpu(), to_uint8(x0[0]).cpu()))
+
+    def strip(self, columns: int = 10) -> torch.Tensor:
+        """x_t (top row) and x̂_0 (bottom row) at `columns` evenly spaced steps: one uint8 (C, H, W) image."""
+        picks = sorted({round(k * (len(self.frames) - 1) / (columns - 1)) for k in range(columns)})
+        return make_grid(torch.stack([self.frames[k][0] for k in picks] + [self.frames[k][1] for k in picks]),
+                         nrow=len(picks))
+
+    def animation(self) -> list[torch.Tensor]:
+        """One uint8 (C, H, W) frame a step: x_t beside x̂_0."""
+        return [make_grid(torch.stack(pair), nrow=2) for pair in self.frames]

@@ -7,10 +7,11 @@ from typing import Callable
 import torch
 
 from .config import Objective
-from .samplers import EpsModel
-from .schedule import NoiseSchedule, _expand
+from .errors import ConfigError
+from .schedule import NoiseSchedule
 
-Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> the objective's prediction
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> ε̂: what every sampler takes
 
 
 def target(objective: Objective, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
@@ -22,7 +23,7 @@ def target(objective: Objective, schedule: NoiseSchedule, x0: torch.Tensor, t: t
         return x0
     if objective == "v":
         return schedule.v_target(x0, t, eps)
-    raise ValueError(f"unknown objective {objective!r}; choose eps, x0 or v")
+    raise ConfigError(f"unknown objective {objective!r}; choose eps, x0 or v")
 
 
 def loss_weight(objective: Objective, schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
@@ -59,8 +60,7 @@ def as_eps_model(net: Network, schedule: NoiseSchedule, objective: Objective, cl
         elif objective == "x0":
             x0 = out
         else:
-            ab = _expand(schedule.alpha_bar_at(t), x)
-            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out  # x_0 = sqrt(ᾱ) x_t - sqrt(1-ᾱ) v
+            x0 = schedule.x0_from_v(x, t, out)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         return schedule.predict_eps(x, t, x0)

@@ -8,9 +8,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from .config import Config, validate_train
+from .config import Config, split_fields, validate_train
 from .errors import RunError
 from .files import STATE_FILE
 
@@ -99,17 +99,19 @@ def data_of_run(run: Path) -> Optional[str]:
     return source
 
 
-def config_for_run(run: Path, resuming: bool, new: Config, given_model: dict, given_diffusion: dict,
-                   given_train: dict) -> Config:
-    """A fresh run's config, or the saved one with the train options given on this command line."""
-    if not resuming:
-        return new
+def config_for_run(run: Path, preset: Optional[str], settings: dict[str, Any]) -> Config:
+    """The config of the run being resumed, with the training settings given now (a longer --steps, a new
+    --lr); a setting of the model or the forward process cannot change on resume."""
     from .checkpoint import read_metadata
 
     saved, _ = read_metadata(run / STATE_FILE, "diffuse/training-state")
-    for name, value in {**given_model, **given_diffusion}.items():
+    if preset is not None and preset != saved.preset:
+        raise RunError(f"--model {preset} differs from the run being resumed ({saved.preset}); "
+                       "the model cannot change on resume")
+    model, diffusion, train = split_fields(settings)
+    for name, value in {**model, **diffusion}.items():
         current = getattr(saved.model, name, getattr(saved.diffusion, name, None))
         if value != current:
             raise RunError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
                            f"({current}); the model cannot change on resume")
-    return replace(saved, train=validate_train(replace(saved.train, **given_train)))
+    return replace(saved, train=validate_train(replace(saved.train, **train)))

@@ -16,18 +16,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence, get_args
 
 import torch
 
-from .device import to_device
+from .config import Precision, SampleConfig, SamplerName, Spacing, Variance, check_choice, require_positive
+from .errors import ConfigError, UsageError
+from .fast_ops import to_device
+from .objectives import EpsModel
 from .schedule import NoiseSchedule, float_dtype
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
-Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
-Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -255,7 +255,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
     """
     T = schedule.timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be between 1 and {T}, not {steps}")
+        raise UsageError(f"steps must be between 1 and {T}, not {steps}")
     if spacing == "trailing":
         return (torch.linspace(T, 0, steps + 1, dtype=torch.float64)[:-1].round().long() - 1)
     if spacing == "quadratic":
@@ -269,7 +269,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
     elif spacing == "logsnr":
         sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose trailing, quadratic, karras or logsnr")
+        raise ConfigError(f"unknown spacing {spacing!r}; choose trailing, quadratic, karras or logsnr")
     return schedule.sigma_to_t(sigmas).clamp(0, T - 1)
 
 
@@ -294,8 +294,34 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "unipc": SamplerInfo(unipc, "logsnr", lambda k: k, "UniPC-bh2, Zhao et al. 2023, order 3"),
     "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
 }
-DEFAULT_SAMPLER = "dpm++3m-sde"
-DEFAULT_STEPS = 25
+assert tuple(SAMPLERS) == get_args(SamplerName), "config.SamplerName lists the samplers, for the CLI's help"
+DEFAULT_SAMPLER, DEFAULT_STEPS = SampleConfig.sampler, SampleConfig.steps
+
+
+def check_sample_config(cfg: SampleConfig, timesteps: int | None = None) -> SampleConfig:
+    """Refuse settings that cannot work with this sampler, or with a model of `timesteps` steps; return cfg."""
+    check_choice(cfg.sampler, SamplerName, "sampler")
+    if cfg.spacing is not None:
+        check_choice(cfg.spacing, Spacing, "spacing")
+    check_choice(cfg.precision, Precision, "precision")
+    require_positive(steps=cfg.steps, batch_size=cfg.batch_size)
+    for name in sampler_options(cfg).keys() - set(SAMPLERS[cfg.sampler].options):
+        takers = [s for s, info in SAMPLERS.items() if name in info.options]
+        raise UsageError(f"--{name} does not apply to {cfg.sampler}; it applies to {', '.join(takers)}")
+    if cfg.eta is not None and cfg.eta < 0:
+        raise UsageError("--eta must be at least 0")
+    if cfg.sampler == "ddim" and cfg.eta is not None and cfg.eta > 1:
+        raise UsageError(f"--eta {cfg.eta} is above 1: ddim's step has no room for more noise than DDPM's (eta 1)")
+    if cfg.variance is not None:
+        check_choice(cfg.variance, Variance, "variance")
+    if timesteps is not None and cfg.steps > timesteps:
+        raise UsageError(f"--steps {cfg.steps} is more than the model's {timesteps} diffusion steps")
+    return cfg
+
+
+def sampler_options(cfg: SampleConfig) -> dict[str, object]:
+    """The sampler-specific keyword options a SampleConfig sets (eta, variance)."""
+    return {name: value for name, value in (("eta", cfg.eta), ("variance", cfg.variance)) if value is not None}
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -319,7 +345,7 @@ def sample(eps_model: EpsModel, shape: Sequence[int], schedule: NoiseSchedule, s
            device: torch.device | str = "cpu", callback: Callback | None = None, **options) -> torch.Tensor:
     """Draw x_T ~ N(0, I) of this shape and run the named sampler on `steps` steps."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     info = SAMPLERS[sampler]
     timesteps = spaced_timesteps(schedule, steps, spacing or info.spacing)
     x = randn(shape, generator, device)

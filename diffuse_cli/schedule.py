@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Schedule
+from .errors import ConfigError
 
 
 def linear_betas(timesteps: int) -> torch.Tensor:
@@ -79,9 +80,9 @@ class NoiseSchedule:
     @classmethod
     def make(cls, kind: Schedule = "linear", timesteps: int = 1000) -> "NoiseSchedule":
         if kind not in BETAS:
-            raise ValueError(f"unknown schedule {kind!r}; choose one of: {', '.join(BETAS)}")
+            raise ConfigError(f"unknown schedule {kind!r}; choose one of: {', '.join(BETAS)}")
         if timesteps < 2:
-            raise ValueError(f"timesteps must be at least 2, not {timesteps}")
+            raise ConfigError(f"timesteps must be at least 2, not {timesteps}")
         return cls(BETAS[kind](timesteps))
 
     def __post_init__(self) -> None:
@@ -167,3 +168,8 @@ class NoiseSchedule:
         """ε = sqrt(ᾱ_t) v + sqrt(1 - ᾱ_t) x_t."""
         ab = _expand(self.alpha_bar_at(t), x_t)
         return ab.sqrt() * v + (1 - ab).sqrt() * x_t
+
+    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v."""
+        ab = _expand(self.alpha_bar_at(t), x_t)
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * v

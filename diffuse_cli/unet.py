@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_ops
 from .config import ModelConfig
 
 
@@ -34,35 +35,11 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def uniform16_like(x: torch.Tensor) -> torch.Tensor:
-    """int16 draws, uniform on [-2^15, 2^15), shaped and laid out like x: four per 64-bit draw of
-    torch's generator for x's device (so torch.manual_seed makes them reproducible)."""
-    like = torch.empty_like(x, dtype=torch.int16)  # x's strides when x is dense, else contiguous ones
-    words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-    return words.view(torch.int16)[:like.numel()].as_strided(like.shape, like.stride())
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout, with a CPU mask that costs a quarter of a random draw an element.
-
-    torch's CPU dropout draws one Bernoulli variable at a time, ~8 ns an element here: 10% of a
-    `ddpm-cifar10` step. Here an element is dropped when its 16-bit uniform falls below
-    round(p·2^16), and kept ones are scaled by 1 / (1 - p'), p' that rounded probability, so that
-    E[output] = x exactly as in F.dropout (p' is within 2^-17 of p). GPUs and torch.compile keep
-    F.dropout, whose fused kernels draw their masks as they go.
-    """
-    if not training or not 0 < p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, training)
-    dropped = round(p * 2**16)
-    keep = uniform16_like(x) >= dropped - 2**15
-    return torch.where(keep, x * (1 / (1 - dropped / 2**16)), 0)
-
-
 class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout`."""
+    """nn.Dropout, computed by fast_ops.dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return fast_ops.dropout(x, self.p, self.training)
 
 
 class ResBlock(nn.Module):
@@ -85,23 +62,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-# Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its
-# flash kernel in bf16 (3.7 against 7.0 ms at batch 16); from 16x16 on the flash kernel wins, 1.6-2.7x at 32x32,
-# and it never holds the (positions x positions) scores: 74 MB against 1.6 GB for `small`'s layer at 64x64,
-# batch 4 (benchmarks/attention.py --image-sizes).
-CPU_MATH_POSITIONS = 64
-
-
-def fused_attention_layout(device: torch.device, positions: int) -> bool:
-    """Whether attention copies q, k and v to contiguous channels, the layout SDPA's fused kernels need.
-
-    Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; the
-    strided views of the qkv convolution's output silently fall back to the math path, which
-    materialises every score. GPUs always take the copy; the CPU takes it above CPU_MATH_POSITIONS.
-    """
-    return device.type != "cpu" or positions > CPU_MATH_POSITIONS
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, through SDPA (fused kernels on GPUs)."""
 
@@ -115,7 +75,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        if fused_attention_layout(x.device, H * W):
+        if fast_ops.fused_attention_layout(x.device, H * W):  # same result, faster kernel
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)
@@ -132,38 +92,15 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-def fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """The 3 taps (w0, w1, w2) of a kernel along dim, as the 4 taps of a stride-2 transposed convolution.
-
-    After a 2x nearest upsampling, output 2i reads upsampled inputs 2i-1, 2i, 2i+1, which are inputs
-    i-1, i, i, and output 2i+1 reads inputs i, i, i+1. A transposed convolution with stride 2 and
-    padding 1 gives output o the sum of x[i] * k[o + 1 - 2i]: x[i-1] k3 + x[i] k1 for o = 2i, and
-    x[i] k2 + x[i+1] k0 for o = 2i+1. So k = (w2, w1 + w2, w0 + w1, w0).
-    """
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv3x3(nearest_upsample_2x(x)), computed as one transposed convolution of x (fold_taps).
-
-    Each output pixel sees 2x2 input pixels, so it costs 16/36 of the FLOPs of the convolution at
-    the upsampled resolution, and the upsampled copy of x is never made. Equal to upsample-then-conv
-    up to rounding, with the same parameters.
-    """
-    kernel = fold_taps(fold_taps(weight, 2), 3)  # (out, in, 4, 4)
-    return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
-
-
 class UpsampleConv(nn.Conv2d):
-    """nn.Conv2d (3x3) of the 2x nearest-upsampled input, through `upsample_conv`: its own hooks still fire."""
+    """nn.Conv2d (3x3) of the 2x nearest-upsampled input, computed by fast_ops.upsample_conv; its hooks still fire."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv(x, self.weight, self.bias)
+        return fast_ops.upsample_conv(x, self.weight, self.bias)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (computed as upsample_conv)."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution."""
 
     def __init__(self, ch: int):
         super().__init__()

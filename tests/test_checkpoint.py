@@ -12,7 +12,7 @@ from diffuse_cli.checkpoint import (CheckpointError, load_model, load_training_s
                                     save_training_state)
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.files import MODEL_FILE, STATE_FILE, atomic_write_bytes
-from diffuse_cli.train import make_optimizer
+from diffuse_cli.step import make_optimizer
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8))

@@ -58,9 +58,9 @@ def test_train_writes_a_run_folder(trained):
 
 
 def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, tmp_path, monkeypatch):
-    """A batch job's log gets the first record, one line a TrainingProgress.STATUS_EVERY_S, and the last step."""
+    """A batch job's log gets the first record, one line a TrainDisplay.STATUS_EVERY_S, and the last step."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(console.TrainingProgress, "STATUS_EVERY_S", 1e9)
+    monkeypatch.setattr(console.TrainDisplay, "STATUS_EVERY_S", 1e9)
     result = run_cli("train", image_folder, *TINY, "--steps", "30", "--out", "run")
     assert result.code == 0, result
     lines = re.findall(r"^step (\d+)/30  loss \d+\.\d{4}  [\d.]+ img/s  elapsed \d:\d\d:\d\d  eta (\S+)$",
@@ -381,10 +381,10 @@ def test_a_small_folder_gets_a_note_that_samples_will_copy_it(run_cli, tmp_path,
     for i in range(2):
         write_image(tmp_path / "few" / f"{i}.png", seed=i)
     args = ["few", "--model", "tiny", "--batch-size", "2", "--steps", "1", "--image-size", "8"]
-    monkeypatch.setattr(cli, "FEW_IMAGES", 3)
+    monkeypatch.setattr("diffuse_cli.data.FEW_IMAGES", 3)
     noted = run_cli("train", *args, "--out", "a")
     assert noted.code == 0 and "note: 2 images is few" in noted.err
-    monkeypatch.setattr(cli, "FEW_IMAGES", 2)
+    monkeypatch.setattr("diffuse_cli.data.FEW_IMAGES", 2)
     assert "is few" not in run_cli("train", *args, "--out", "b").err
 
 

@@ -19,6 +19,7 @@ from diffuse_cli import cli, distributed
 from diffuse_cli.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin, load_folder
+from diffuse_cli.launch import launch_devices
 from diffuse_cli.train import Hooks, Options, train
 
 from .conftest import write_image
@@ -185,5 +186,5 @@ def test_devices_on_the_cpu_share_the_cores(tmp_path, monkeypatch, preset, expec
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", preset)
-    cli._launch_devices(2, "cpu")
+    launch_devices(2, "cpu", sys.argv[1:])
     assert seen["threads"] == expected

@@ -13,14 +13,19 @@ from dataclasses import replace
 import pytest
 import torch
 
+from diffuse_cli import budget as budget_module
+from diffuse_cli import step as step_module
 from diffuse_cli import train as train_module
+from diffuse_cli.budget import UNFITTED
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
-from diffuse_cli.files import MODEL_FILE, STATE_FILE
-from diffuse_cli.config import UNFITTED_STEPS, Config, ConfigError, TrainConfig, model_config, parse_duration
+from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
 from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
+from diffuse_cli.errors import RunError
+from diffuse_cli.fast_ops import ema_update
+from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.train import (Hooks, NonFiniteLoss, Options, StepTensors, batch_indices, ema_decay, ema_update,
-                               lr_at, optimizer_step, train)
+from diffuse_cli.step import StepTensors, ema_decay, lr_at, optimizer_step
+from diffuse_cli.train import Hooks, NonFiniteLoss, Options, batch_indices, train
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
@@ -46,18 +51,18 @@ def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_pa
     assert time.monotonic() - start < 2.0 + 10  # the budget, the final save and grid
     _, saved, info = load_model(tmp_path / "fit" / MODEL_FILE)
     steps = saved.train.steps
-    assert train_module.FIT_AT < steps < 10**6 and info["step"] == fit.step and fit.step >= steps // 2
+    assert budget_module.FIT_AT < steps < 10**6 and info["step"] == fit.step and fit.step >= steps // 2
     assert f"{steps:,} steps fit in the time budget" in " ".join(logs)
     last = fit.records[-1]
-    assert last["steps"] == steps and last["lr"] == lr_at(last["step"] - 1, saved)  # the decay runs over them
+    assert last["steps"] == steps and last["lr"] == lr_at(last["step"] - 1, saved.train, steps)  # the decay runs over them
     assert fit.records[0]["steps"] is None  # not known yet
 
     # Stopped before the fit: a resume fits the steps if it has a budget, and is refused without one.
     early = replace(OPTIONS, max_time=600.0, fit_steps=True)
     train(config, DATA, tmp_path / "early", early, Hooks(should_stop=lambda step: step == 20))
     unfitted = load_model(tmp_path / "early" / MODEL_FILE)[1]  # what the CLI resumes with
-    assert unfitted.train.steps == UNFITTED_STEPS
-    with pytest.raises(ValueError, match="stopped before its steps were fitted"):
+    assert unfitted.train.steps == UNFITTED
+    with pytest.raises(RunError, match="stopped before its steps were fitted"):
         train(unfitted, DATA, tmp_path / "early", replace(OPTIONS, resume=True))
     resumed = train(unfitted, DATA, tmp_path / "early", replace(early, max_time=2.0, resume=True))
     assert resumed.stopped_by in ("steps", "time") and resumed.records[-1]["steps"] < 10**6
@@ -166,20 +171,20 @@ def test_images_decoded_on_demand_train_as_images_in_memory_do(tmp_path, monkeyp
 
 
 def test_lr_warmup_then_cosine_to_ten_percent():
-    cfg = replace(CONFIG, train=replace(CONFIG.train, lr=1.0, warmup=10, steps=110))
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_at(110, cfg) == pytest.approx(0.1)
-    const = replace(cfg, train=replace(cfg.train, lr_schedule="constant"))
-    assert lr_at(100, const) == 1.0
+    tc = replace(CONFIG.train, lr=1.0, warmup=10)
+    assert lr_at(0, tc, 110) == pytest.approx(0.1) and lr_at(9, tc, 110) == pytest.approx(1.0)
+    assert lr_at(10, tc, 110) == pytest.approx(1.0)
+    assert lr_at(60, tc, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, tc, 110) == pytest.approx(0.1)
+    assert lr_at(60, tc, None) == 1.0  # steps not yet fitted to --max-time: the peak
+    assert lr_at(100, replace(tc, lr_schedule="constant"), 110) == 1.0
 
 
 def test_ema_warms_up_and_is_capped():
-    assert ema_decay(0, CONFIG) == 0.0  # the first update copies the weights
-    decays = [ema_decay(s, CONFIG) for s in (1, 10, 100, 1000, 10**9)]
+    assert ema_decay(0, CONFIG.train) == 0.0  # the first update copies the weights
+    decays = [ema_decay(s, CONFIG.train) for s in (1, 10, 100, 1000, 10**9)]
     assert decays == sorted(decays) and decays[-1] == CONFIG.train.ema_max_decay
-    assert ema_decay(999, CONFIG) == pytest.approx(1 - 1000 ** (-2 / 3))
+    assert ema_decay(999, CONFIG.train) == pytest.approx(1 - 1000 ** (-2 / 3))
 
 
 def test_ema_moves_toward_the_weights_by_its_weight():
@@ -206,13 +211,13 @@ def test_each_epoch_is_a_fresh_permutation():
 def test_hflip_mirrors_some_images_and_no_hflip_none(tmp_path, monkeypatch, hflip):
     images = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     data = ImageData("noise", 8, 3, images=images)
-    real, fed = train_module.diffusion_loss, []
+    real, fed = step_module.diffusion_loss, []
 
     def spy(net, objective, schedule, x0, *args, **kwargs):
         fed.append(x0.detach().clone())
         return real(net, objective, schedule, x0, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "diffusion_loss", spy)
+    monkeypatch.setattr(step_module, "diffusion_loss", spy)
     train(replace(CONFIG, train=replace(CONFIG.train, hflip=hflip)), data, tmp_path, OPTIONS)
     plain, mirrored = to_model(images).flatten(1), to_model(images.flip(-1)).flatten(1)
     rows = torch.cat(fed).flatten(1)
@@ -225,7 +230,7 @@ def test_hflip_mirrors_some_images_and_no_hflip_none(tmp_path, monkeypatch, hfli
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     train(CONFIG, DATA, tmp_path, OPTIONS)  # a good checkpoint at step 6
     before = weights(tmp_path / MODEL_FILE)[0]
-    real = train_module.diffusion_loss
+    real = step_module.diffusion_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -233,7 +238,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * math.nan if calls["n"] in (2, 4) or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(train_module, "diffusion_loss", sometimes_nan)
+    monkeypatch.setattr(step_module, "diffusion_loss", sometimes_nan)
     config = replace(CONFIG, train=replace(CONFIG.train, steps=100, max_bad_steps=3))
     logs = []
     # steps 7 and 9 are skipped; from step 11 on every step is bad: counted at the next report
@@ -308,8 +313,8 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(monkeypatch, fused):
                                            *(v for s in optimizer.state.values() for v in s.values())]]
     before, loss_before = snapshot(), io.loss_sum.clone()
     assert io.bad.tolist() == [0, 0, 0] and loss_before > 0
-    real = train_module.diffusion_loss
-    monkeypatch.setattr(train_module, "diffusion_loss", lambda *a, **k: real(*a, **k) * math.nan)  # NaN gradients
+    real = step_module.diffusion_loss
+    monkeypatch.setattr(step_module, "diffusion_loss", lambda *a, **k: real(*a, **k) * math.nan)  # NaN gradients
     step()
     step()
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))  # weights, EMA, moments and step count

@@ -1,4 +1,4 @@
-"""The U-Net's shapes, sizes and configuration checks; its upsampling and attention against closed forms."""
+"""The U-Net's shapes, sizes and configuration checks; its attention against the closed form."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
 from diffuse_cli.device import layout_of
-from diffuse_cli.unet import (Attention, UNet, Upsample, count_parameters, dropout, layer_outputs, timestep_embedding,
-                              upsample_conv)
+from diffuse_cli.fast_ops import upsample_conv
+from diffuse_cli.unet import Attention, UNet, Upsample, count_parameters, layer_outputs, timestep_embedding
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -57,22 +57,6 @@ def test_layout_of_follows_the_weights():
     assert layout_of(model.to(memory_format=torch.channels_last)) == torch.channels_last
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
-    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    out = upsample_conv(x, weight, bias)
-    assert out.shape == (2, 7, 6, 8) and out.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
-    grad = torch.randn_like(expected)
-    for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
-                            torch.autograd.grad(expected, (x, weight, bias), grad)):
-        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
-
-
 def test_upsample_keeps_its_conv_module_keys_and_hooks():
     """Outside code (hooks, LoRA-style wrappers, old checkpoints) sees Upsample.conv as the 3x3 convolution it is."""
     up = Upsample(4)
@@ -82,33 +66,6 @@ def test_upsample_keeps_its_conv_module_keys_and_hooks():
     x = torch.randn(1, 4, 3, 5)
     torch.testing.assert_close(up(x), upsample_conv(x, up.conv.weight, up.conv.bias))
     assert seen == [(1, 4, 6, 10)]
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_dropout_drops_each_element_with_probability_p_and_keeps_the_mean(layout):
-    p = 0.1
-    kept_scale = 1 / (1 - round(p * 2**16) / 2**16)  # p rounded to 16 bits, within 2^-17 of it
-    torch.manual_seed(0)
-    x = torch.rand(8, 32, 64, 64, dtype=torch.float64).add(0.5).contiguous(memory_format=layout).requires_grad_()  # 1M elements, none 0
-    torch.manual_seed(1)
-    out = dropout(x, p)
-    assert out.is_contiguous(memory_format=layout)
-    ratio = (out / x).detach()
-    dropped = ratio == 0
-    torch.testing.assert_close(ratio[~dropped], torch.full_like(ratio[~dropped], kept_scale), rtol=1e-12, atol=0)
-    # Four draws share each 64-bit word: every position within a word, and pairs in one word or
-    # across words, must drop with probabilities p and p² (5 standard errors).
-    flat = dropped.permute(0, 2, 3, 1).flatten() if layout == torch.channels_last else dropped.flatten()
-    by_position = flat.view(-1, 4).double()
-    for rate, expected in [*zip(by_position.mean(0), [p] * 4),
-                           ((by_position[:, 0] * by_position[:, 1]).mean(), p * p),
-                           ((by_position[:-1, 3] * by_position[1:, 0]).mean(), p * p)]:
-        assert abs(rate - expected) < 5 * math.sqrt(expected * (1 - expected) / len(by_position))
-    (grad,) = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(grad, ratio)  # d out / d x is the mask times the scale
-    torch.manual_seed(1)
-    assert torch.equal(dropout(x, p), out) and not torch.equal(dropout(x, p), out)  # seeded, fresh each call
-    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
 
 
 def attention_by_hand(attn: Attention, x: torch.Tensor) -> torch.Tensor:

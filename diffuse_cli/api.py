@@ -1,0 +1,256 @@
+"""The Python API: what the commands do, as functions and one class a notebook can call.
+
+    import diffuse_cli as diffuse
+
+    model = diffuse.train(images, steps=200, preset="tiny")   # a uint8 (N, C, H, W) tensor; nothing written
+    model = diffuse.train("photos", out="runs/a", max_time="5m")  # a folder; checkpoints and grids in runs/a
+    model = diffuse.load("runs/a")                             # a run folder, a folder of runs, or a file
+    images = model.sample(16, sampler="ddim", steps=50)        # uint8 (16, C, H, W)
+    diffuse.save_images(images, "samples/a")                   # 0000.png ... and grid.png
+    panels = diffuse.noise("photo.png", [0, 250, 500])         # uint8 (3, C, H, W): x_t at each t
+
+Nothing here prints or exits: progress and messages come through callbacks, and input that
+cannot work raises a DiffuseError whose message says what to do. Files are written only where
+a function is given a path.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .budget import Budget
+from .checkpoint import load_model, resolve_checkpoint, save_model
+from .config import Config, DiffusionConfig, SampleConfig, Schedule, check_choice, make_config, parse_duration
+from .data import ImageData, save_png
+from . import device as device_module
+from .device import pick_device, resolve_precision
+from .errors import DataError, TrainingFailed, UsageError, out_of_memory
+from .files import MODEL_FILE
+from .generate import Trajectory, fitting_batch, generate_batches
+from .samplers import SAMPLERS, check_sample_config, sampler_options
+from .schedule import NoiseSchedule
+from .train import Hooks, Options, Result
+from .unet import UNet
+
+PathLike = str | os.PathLike
+GRID_MAX = 64  # a grid.png shows at most this many images: an 8x8 grid
+
+
+@dataclass
+class Model:
+    """A trained network with its config: what sampling needs. `training` holds how a `train` call went."""
+
+    net: UNet  # in eval mode, on its device
+    config: Config
+    info: dict[str, Any]
+    path: Path | None = None  # the checkpoint it was loaded from or saved to
+    training: Result | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def sample(self, n: int = 16, **settings: Any) -> torch.Tensor:
+        """n images as uint8 (n, C, H, W); settings are SampleConfig's fields (sampler, steps, seed, ...)
+        and sample_batches' keyword arguments."""
+        callbacks = {k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph") if k in settings}
+        return torch.cat(list(self.sample_batches(n, SampleConfig(**settings), **callbacks)))
+
+    def sample_batches(self, n: int, settings: SampleConfig = SampleConfig(),
+                       progress: Callable[[int, int], None] | None = None,
+                       callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                       log: Callable[[str], None] = lambda message: None, cuda_graph: bool = True
+                       ) -> Iterator[torch.Tensor]:
+        """n images as uint8 batches, each as soon as it is drawn; image i always from seed + i. On the
+        CPU a batch that would not fit in memory is made smaller (`log` says so): the images are the same."""
+        if n < 1:
+            raise UsageError(f"-n must be at least 1, not {n}")
+        check_sample_config(settings, self.config.diffusion.timesteps)
+        batch_size = self.sampling_batch(min(settings.batch_size, n), log)
+        yield from generate_batches(self.net, self.config, n, sampler=settings.sampler, steps=settings.steps,
+                                    seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
+                                    precision=settings.precision, progress=progress, callback=callback,
+                                    cuda_graph=cuda_graph, log=log, **sampler_options(settings))
+
+    def sampling_batch(self, batch_size: int, log: Callable[[str], None] = lambda message: None) -> int:
+        """The batch to sample with: batch_size, or on the CPU (where running out of memory is the
+        system killing the process) the most that fits in the memory available."""
+        if self.device.type != "cpu":
+            return batch_size
+        fits = fitting_batch(self.net, batch_size, device_module.memory_available())
+        if fits < batch_size:
+            log(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
+                f"(--batch-size {batch_size} would not; the images are the same either way)")
+        return fits
+
+    def nfe(self, settings: SampleConfig = SampleConfig()) -> int:
+        """Network calls per batch for these settings."""
+        return SAMPLERS[settings.sampler].nfe(settings.steps)
+
+    def save(self, path: PathLike) -> Path:
+        """Write the weights and config as a model checkpoint (safetensors); returns the path."""
+        save_model(path, self.net, self.config, self.info)
+        self.path = Path(path)
+        return self.path
+
+
+def load(path: PathLike | None = None, device: str = "auto") -> Model:
+    """A model checkpoint: a .safetensors file, a run folder, or the newest under a folder (default ./checkpoints)."""
+    path = resolve_checkpoint(path)
+    net, config, info = load_model(path, pick_device(device))
+    return Model(net, config, info, path)
+
+
+def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
+          resume: bool = False, preset: str | None = None, max_time: float | str | None = None,
+          device: str = "auto", compile: bool = False, cuda_graph: bool = True, save_every: int | None = None,
+          sample_every: int | None = None, hooks: Hooks = Hooks(), **settings: Any) -> Model:
+    """Train a model and return it (its EMA weights).
+
+    data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
+    folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
+    the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
+    objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
+    learning rate decays over the steps that fit in it."""
+    from . import data as data_module  # looked up at call time: tests stand in for load_data
+    from . import distributed, runs
+    from .train import train as train_loop
+
+    seconds = parse_duration(max_time) if isinstance(max_time, str) else max_time
+    torch_device, run = pick_device(device), None if out is None else Path(out)
+    folder = None if data is None or isinstance(data, (torch.Tensor, ImageData)) else str(data)
+    if folder is not None and not Path(folder).exists():
+        raise DataError(f"{folder}: no such file or folder")
+    if resume:
+        if run is None:
+            raise UsageError("resume=True needs out, the run folder to continue")
+        if data is None and (folder := runs.data_of_run(run)) is not None:
+            hooks.log(f"resuming, on its data: {folder}")
+        config = runs.config_for_run(run, preset, settings)
+    else:
+        config = make_config(preset, builtin=data is None, **{**_tensor_shape(data), **settings})
+    if folder is not None and run is not None and Path(folder).is_dir() and \
+            run.resolve().is_relative_to(Path(folder).resolve()):
+        raise UsageError(f"the run folder {run} is inside the data folder {folder}: its sample grids would become "
+                         "training images; choose another --out")
+    fit_steps = seconds is not None and "steps" not in settings
+    Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
+    resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
+
+    if isinstance(data, (torch.Tensor, ImageData)):
+        data_set = data if isinstance(data, ImageData) else ImageData.from_tensor(data)
+    else:
+        auto_channels = folder is not None and not resume and "channels" not in settings
+        data_set = data_module.load_data(folder, config.model.image_size, None if auto_channels else config.model.channels,
+                                         progress=hooks.decoding,
+                                         copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # each DDP process holds one
+                                         share=distributed.share(torch_device) if folder is not None else None)
+    if data_set.image_size != config.model.image_size:
+        raise DataError(f"the images are {data_set.image_size}x{data_set.image_size}, and the model is "
+                        f"{config.model.image_size}x{config.model.image_size}")
+    if data_set.channels != config.model.channels:
+        config = replace(config, model=replace(config.model, channels=data_set.channels))
+        if data_set.channels == 1:
+            hooks.log("every image is grayscale: training a 1-channel model (--channels 3 keeps RGB)")
+    for note in data_set.notes(from_folder=folder is not None):
+        hooks.log(note)
+
+    options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, max_time=seconds,
+                      fit_steps=fit_steps, resume=resume, compile=compile,
+                      cuda_graph=cuda_graph)
+    fresh = run is not None and not run.exists()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with runs.claim(run) if run is not None and is_main else nullcontext():
+            result = train_loop(config, data_set, run, options, hooks)
+    except BaseException as e:
+        if fresh and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()  # a run that failed before writing anything leaves no empty run folder behind
+        if isinstance(e, OSError):  # a full disk, say: every checkpoint is written to a temporary file and renamed
+            raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
+        if isinstance(e, RuntimeError) and out_of_memory(e):
+            raise TrainingFailed(str(e).splitlines()[0].rstrip(".") + "; try a smaller --batch-size (with --grad-accum "
+                                 "to keep the effective batch) or a smaller --image-size or --model") from None
+        raise
+    info = {"step": result.step, "data": data_set.source, "data_size": len(data_set)}
+    return Model(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
+
+
+def _tensor_shape(data: object) -> dict[str, int]:
+    """The image size and channels of in-memory data, for a new config."""
+    if isinstance(data, ImageData):
+        return {"image_size": data.image_size, "channels": data.channels}
+    if isinstance(data, torch.Tensor) and data.ndim == 4:
+        return {"image_size": data.shape[-1], "channels": data.shape[1]}
+    return {}
+
+
+def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
+          timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,
+          max_side: int = 1024) -> torch.Tensor:
+    """x_t of q(x_t | x_0) at each t (t = 0: the image, t = T: pure noise) with one ε: uint8 (len(t), C, H, W).
+
+    image: a file (read at its own size, shrunk to max_side on its long side if longer, or resized
+    and centre-cropped to image_size as training does) or a uint8 (C, H, W) tensor."""
+    from .data import TooLarge, decode_image, read_image, to_model, to_uint8
+
+    ts = [t] if isinstance(t, int) else list(t)
+    check_choice(schedule, Schedule, "schedule")
+    if timesteps < 2:
+        raise UsageError(f"--timesteps must be at least 2, not {timesteps}")
+    if bad := [k for k in ts if not 0 <= k <= timesteps]:
+        raise UsageError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size must be at least 1, not {image_size}")
+    if max_side < 0:
+        raise UsageError(f"--max-side must be 0 (never shrink) or more, not {max_side}")
+    if isinstance(image, torch.Tensor):
+        x0 = to_model(image)[None]
+    else:
+        image = Path(image)
+        if image.is_dir():
+            raise DataError(f"{image}: is a folder; give one image file")
+        if not image.is_file():
+            raise DataError(f"{image}: no such file")
+        try:
+            x0 = to_model(read_image(image, max_side=max_side) if image_size is None
+                          else decode_image(image, image_size))[None]
+        except TooLarge as e:
+            hint = "; --max-side N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
+            raise DataError(f"{image}: too large to show ({e}){hint}") from None
+        except Exception as e:  # any decoder failure is the user's file, not our bug
+            raise DataError(f"{image}: cannot read as an image ({e})") from None
+    sched = NoiseSchedule.make(schedule, timesteps)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.stack([to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in ts])
+
+
+def save_images(images: torch.Tensor, folder: PathLike, start: int = 0, digits: int = 4,
+                grid: bool = True) -> list[Path]:
+    """Write uint8 (N, C, H, W) images as folder/NNNN.png (numbered from `start`), and grid.png of the
+    first 64; returns the image paths."""
+    folder, paths = Path(folder), []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{start + i:0{digits}d}.png")
+        save_png(image, paths[-1])
+    if grid:
+        save_grid([images], folder / "grid.png")
+    return paths
+
+
+def save_grid(images: torch.Tensor | list[torch.Tensor], path: PathLike) -> None:
+    """Write the first GRID_MAX of uint8 (N, C, H, W) images (or a list of such batches) as one PNG grid,
+    enlarged so that small images can be seen."""
+    from .data import grid_upscale, make_grid
+
+    images = torch.cat(images) if isinstance(images, list) else images
+    save_png(make_grid(images[:GRID_MAX]), path, grid_upscale(images.shape[-1]))
+
+__all__ = ["Model", "load", "train", "noise", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
+           "GRID_MAX"]

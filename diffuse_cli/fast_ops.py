@@ -1,0 +1,141 @@
+"""Speed tricks, each beside the plain PyTorch it stands for.
+
+Every function here computes what its docstring's "Plain:" line computes (tests/test_fast_ops.py
+checks each pair); the rest of the engine calls these so that the U-Net and the training loop
+read as architecture and algorithm. How much each one gains, and on what, is measured by
+`benchmarks/forms.py`, `benchmarks/attention.py` and `benchmarks/train_speed.py` (docs/speed.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import torch
+import torch.nn.functional as F
+
+
+# -- the U-Net -------------------------------------------------------------------------------
+def uniform16_like(x: torch.Tensor) -> torch.Tensor:
+    """int16 draws, uniform on [-2^15, 2^15), shaped and laid out like x: four per 64-bit draw of
+    torch's generator for x's device (so torch.manual_seed makes them reproducible)."""
+    like = torch.empty_like(x, dtype=torch.int16)  # x's strides when x is dense, else contiguous ones
+    words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    return words.view(torch.int16)[:like.numel()].as_strided(like.shape, like.stride())
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout whose CPU mask costs a quarter of a random draw an element. Plain: F.dropout(x, p, training).
+
+    torch's CPU dropout draws one Bernoulli variable at a time. Here an element is dropped when its
+    16-bit uniform falls below round(p·2^16), and kept ones are scaled by 1 / (1 - p'), p' that
+    rounded probability, so that E[output] = x exactly as in F.dropout (p' is within 2^-17 of p).
+    GPUs and torch.compile keep F.dropout, whose fused kernels draw their masks as they go.
+    """
+    if not training or not 0 < p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    dropped = round(p * 2**16)
+    keep = uniform16_like(x) >= dropped - 2**15
+    return torch.where(keep, x * (1 / (1 - dropped / 2**16)), 0)
+
+
+def fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps (w0, w1, w2) of a kernel along dim, as the 4 taps of a stride-2 transposed convolution.
+
+    After a 2x nearest upsampling, output 2i reads upsampled inputs 2i-1, 2i, 2i+1, which are inputs
+    i-1, i, i, and output 2i+1 reads inputs i, i, i+1. A transposed convolution with stride 2 and
+    padding 1 gives output o the sum of x[i] * k[o + 1 - 2i]: x[i-1] k3 + x[i] k1 for o = 2i, and
+    x[i] k2 + x[i+1] k0 for o = 2i+1. So k = (w2, w1 + w2, w0 + w1, w0).
+    """
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution of the 2x nearest-upsampled x, as one transposed convolution of x (fold_taps).
+    Plain: F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1).
+
+    Each output pixel sees 2x2 input pixels, so it costs 16/36 of the FLOPs of the convolution at
+    the upsampled resolution, and the upsampled copy of x is never made.
+    """
+    kernel = fold_taps(fold_taps(weight, 2), 3)  # (out, in, 4, 4)
+    return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
+
+
+# Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its
+# flash kernel; above it the flash kernel wins, and it never holds the (positions x positions) scores.
+CPU_MATH_POSITIONS = 64
+
+
+def fused_attention_layout(device: torch.device, positions: int) -> bool:
+    """Whether attention copies q, k and v to contiguous channels, the layout SDPA's fused kernels need.
+
+    Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; the
+    strided views of the qkv convolution's output silently fall back to the math path, which
+    materialises every score. GPUs always take the copy; the CPU takes it above CPU_MATH_POSITIONS.
+    Either layout computes the same attention; only the kernel SDPA picks differs.
+    """
+    return device.type != "cpu" or positions > CPU_MATH_POSITIONS
+
+
+# -- the optimizer step ----------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
+    """ema += weight · (model - ema), for every parameter at once; weight = 1 - decay (0 for a skipped step).
+    Plain: for e, p in zip(ema.parameters(), model.parameters()): e.lerp_(p, weight).
+
+    On a GPU the weight stays a tensor, so that the host never waits and a CUDA graph can
+    change it between replays; torch's foreach lerp takes no tensor weight, hence three passes.
+    On the CPU reading it costs nothing, and one lerp pass over every tensor is fastest."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if weight.device.type == "cpu":
+        torch._foreach_lerp_(ema_params, params, weight.item())
+        return
+    delta = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema_params, delta)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (a bool tensor) is set. Plain: if not skip.item(): optimizer.step().
+
+    Fused AdamW reads the flag on the device (the found_inf protocol of torch's GradScaler), so the
+    host never waits for the step's result; other kernels need it on the host."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()
+
+
+# -- the host --------------------------------------------------------------------------------
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on device without the host waiting for the device. Plain: t.to(device).
+
+    A CUDA copy from ordinary (pageable) memory first waits for every kernel queued on the stream,
+    so it goes through pinned memory instead (whose block torch keeps until the copy is done)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def keep_cpu_memory() -> bool:
+    """Let glibc's malloc reuse freed memory for blocks up to 32 MiB instead of returning it.
+    Plain: glibc's defaults, which change no result, only how memory is got.
+
+    By default glibc maps every large block from the OS and unmaps it on free, so each CPU
+    training step page-faults its activations in afresh; kept, they are reused. Peak memory is
+    unchanged. A process-wide setting, so the CLI calls it, not the engine. Returns False where
+    the C library is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))

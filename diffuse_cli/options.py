@@ -1,0 +1,118 @@
+"""The CLI's options, each declared once. Their help lists the engine's own choices (the Literal types
+of config.py) and defaults (its dataclasses), so that help can never disagree with what runs.
+
+A training option left unset is None and keeps the dataclass default (or, on --resume, the run's own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, List, Optional, get_args
+
+import typer
+
+from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
+                     Precision, SampleConfig, SamplerName, Schedule, Spacing, TrainConfig, Variance)
+
+
+def one_of(literal: Any) -> str:
+    """'a, b or c' from a Literal type."""
+    names = list(get_args(literal))
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def default(value: Any) -> str:
+    return f" \\[default: {value}]"
+
+
+T, S = TrainConfig, SampleConfig
+
+# -- every command that runs a network --------------------------------------------------------
+Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed: training's weights, data order and noise; sampling's "
+                                             f"image i uses seed+i, whatever --batch-size.{default(S.seed)}")]
+CudaGraph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph",
+                                         help="On CUDA, replay each step or network call as one CUDA graph; off to debug.")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="model.safetensors, a run folder, or a folder of runs (the "
+                                                    "newest). \\[default: newest under ./checkpoints]")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per step (train: global, split across processes "
+                                                  f"under DDP{default(T.batch_size)}; sample: per network call"
+                                                  f"{default(S.batch_size)}).")]
+
+# -- train ------------------------------------------------------------------------------------
+Data = Annotated[Optional[List[str]], typer.Argument(metavar="DATA", help="Folder of images (searched recursively). Default: "
+                                                     "built-in shapes; on --resume, the run's own.", show_default=False)]
+ImageSize = Annotated[Optional[int], typer.Option(help="Train at this resolution (short side resized, centre crop)."
+                                                  f" \\[default: {ModelConfig.image_size}; {BUILTIN_IMAGE_SIZE} for "
+                                                  "the built-in shapes]")]
+Channels = Annotated[Optional[int], typer.Option(help="3 for RGB, 1 for grayscale. \\[default: 1 if every image is "
+                                                 "grayscale, else 3]")]
+Preset = Annotated[Optional[str], typer.Option("--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}."
+                                               f"{default(Config.preset)}")]
+ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help=f"Noise schedule: {one_of(Schedule)}."
+                                                    f"{default(DiffusionConfig.schedule)}")]
+ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help=f"What the network predicts: "
+                                                     f"{one_of(Objective)}.{default(DiffusionConfig.objective)}")]
+Timesteps = Annotated[Optional[int], typer.Option(help=f"Diffusion steps T.{default(DiffusionConfig.timesteps)}")]
+Dropout = Annotated[Optional[float], typer.Option(help="Dropout in residual blocks. \\[default: the preset's]")]
+TrainSteps = Annotated[Optional[int], typer.Option(help=f"Optimizer steps to train for. \\[default: {T.steps}; with "
+                                                   "--max-time, what the budget holds]")]
+MaxTime = Annotated[Optional[str], typer.Option(help="Stop after this wall-clock time (90s, 10m, 2h, 1h30m), save "
+                                                "and sample; without --steps, the LR decays over the steps that fit.")]
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Not rescaled with batch or processes."
+                                             f"{default(T.lr)}")]
+LrScheduleOpt = Annotated[Optional[str], typer.Option("--lr-schedule", help=f"{one_of(LRSchedule)} (decay to 10%) "
+                                                      f"after warm-up.{default(T.lr_schedule)}")]
+Warmup = Annotated[Optional[int], typer.Option(help=f"Linear LR warm-up steps.{default(T.warmup)}")]
+GradAccum = Annotated[Optional[int], typer.Option(help=f"Micro-batches per optimizer step.{default(T.grad_accum)}")]
+GradClip = Annotated[Optional[float], typer.Option(help=f"Clip the gradient norm (0: off).{default(T.grad_clip)}")]
+MinSnrGamma = Annotated[Optional[float], typer.Option(help=f"Min-SNR-γ loss weighting (0: off).{default(T.min_snr_gamma)}")]
+EmaMaxDecay = Annotated[Optional[float], typer.Option(help=f"Upper bound of the EMA decay.{default(T.ema_max_decay)}")]
+Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Mirror training images left-right at "
+                                               "random; --no-hflip for text, digits or anything with a handedness."
+                                               f"{default('hflip' if T.hflip else 'no-hflip')}", show_default=False)]
+TrainPrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)}.{default(T.precision)}")]
+RunOut = Annotated[Optional[Path], typer.Option("--out", help="Run folder. \\[default: checkpoints/<data>-<preset>-<time>]")]
+Resume = Annotated[Optional[str], typer.Option(help="Run folder to continue, or 'auto' (--out, else the newest run).")]
+SaveEvery = Annotated[Optional[int], typer.Option(help="Save the checkpoint every N steps (and at the end). "
+                                                  "\\[default: every 500 steps, at most once a minute]")]
+SampleEvery = Annotated[Optional[int], typer.Option(help="Write samples/step_N.png every N steps (and at the end). "
+                                                    "\\[default: every 500 steps, at most once a minute]")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
+Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
+
+# -- sample -----------------------------------------------------------------------------------
+Count = Annotated[int, typer.Option("-n", "--num", help="How many images.")]
+SamplesOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs. \\[default: samples/<run>-step"
+                                                    "<N>-<sampler>-<steps>steps-seed<seed>]")]
+Sampler = Annotated[Optional[str], typer.Option(help=f"{', '.join(get_args(SamplerName))}.{default(S.sampler)}")]
+SampleSteps = Annotated[Optional[int], typer.Option(help="Sampler steps (heun makes 2 network calls a step, less one)."
+                                                    f"{default(S.steps)}")]
+SpacingOpt = Annotated[Optional[str], typer.Option("--spacing", help=f"{one_of(Spacing)}. \\[default: the sampler's "
+                                                   "paper's]")]
+Eta = Annotated[Optional[float], typer.Option(help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = "
+                                              "DDPM-like (ddim: at most 1). \\[default: 0; 1 for the -sde ones]")]
+VarianceOpt = Annotated[Optional[str], typer.Option("--variance", help=f"ddpm only: {one_of(Variance)} (β̃_t or β_t)."
+                                                    " \\[default: posterior]")]
+Trajectory = Annotated[bool, typer.Option("--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and "
+                                          "predicted x_0).")]
+SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
+                                                        f"(fp16: GPUs; auto: as train picks).{default(S.precision)}")]
+
+# -- noise ------------------------------------------------------------------------------------
+Image = Annotated[Path, typer.Argument(help="An image file.", show_default=False)]
+Steps = Annotated[List[int], typer.Option("--t", help="Forward steps to apply (0 = the image, T = pure noise); "
+                                          "repeat for a strip.")]
+NoiseOut = Annotated[Optional[Path], typer.Option("--out", help="Output PNG. \\[default: <image>_t<...>.png here]")]
+NoiseImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Resize (short side) and centre-crop as "
+                                                       "train does, then enlarge to be seen. \\[default: the image's "
+                                                       "own size, up to --max-side]")]
+MaxSide = Annotated[int, typer.Option(help="Without --image-size, shrink an image whose long side is longer to this "
+                                      "many pixels (0: never), so that a photo's strip stays a PNG you can open.")]
+
+NoiseSeed = Annotated[int, typer.Option("--seed", help="Seed of the noise ε (the same ε at every t).")]
+
+# -- inspect ----------------------------------------------------------------------------------
+CheckpointPath = Annotated[Path, typer.Argument(help="A .safetensors checkpoint, or a run folder (in a folder of "
+                                                "runs, the newest).", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

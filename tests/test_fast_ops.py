@@ -1,0 +1,147 @@
+"""Every speed trick of fast_ops against the plain PyTorch its docstring names: the same numbers."""
+
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffuse_cli import fast_ops
+from diffuse_cli.config import model_config
+from diffuse_cli.fast_ops import dropout, ema_update, step_unless, to_device, upsample_conv
+from diffuse_cli.unet import Attention, UNet
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    out = upsample_conv(x, weight, bias)
+    assert out.shape == (2, 7, 6, 8) and out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(expected)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
+                            torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_dropout_drops_each_element_with_probability_p_and_keeps_the_mean(layout):
+    p = 0.1
+    kept_scale = 1 / (1 - round(p * 2**16) / 2**16)  # p rounded to 16 bits, within 2^-17 of it
+    torch.manual_seed(0)
+    x = torch.rand(8, 32, 64, 64, dtype=torch.float64).add(0.5).contiguous(memory_format=layout).requires_grad_()  # 1M elements, none 0
+    torch.manual_seed(1)
+    out = dropout(x, p)
+    assert out.is_contiguous(memory_format=layout)
+    ratio = (out / x).detach()
+    dropped = ratio == 0
+    torch.testing.assert_close(ratio[~dropped], torch.full_like(ratio[~dropped], kept_scale), rtol=1e-12, atol=0)
+    # Four draws share each 64-bit word: every position within a word, and pairs in one word or
+    # across words, must drop with probabilities p and p² (5 standard errors).
+    flat = dropped.permute(0, 2, 3, 1).flatten() if layout == torch.channels_last else dropped.flatten()
+    by_position = flat.view(-1, 4).double()
+    for rate, expected in [*zip(by_position.mean(0), [p] * 4),
+                           ((by_position[:, 0] * by_position[:, 1]).mean(), p * p),
+                           ((by_position[:-1, 3] * by_position[1:, 0]).mean(), p * p)]:
+        assert abs(rate - expected) < 5 * math.sqrt(expected * (1 - expected) / len(by_position))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, ratio)  # d out / d x is the mask times the scale
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, p), out) and not torch.equal(dropout(x, p), out)  # seeded, fresh each call
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+
+
+@pytest.mark.parametrize("side", [4, 16])  # below and above CPU_MATH_POSITIONS
+def test_attention_computes_the_same_in_either_layout(side, monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(64, head_channels=32)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)  # zero-initialised, it would hide the attention
+    x = torch.randn(2, 64, side, side)
+    outputs = []
+    for contiguous in (True, False):
+        monkeypatch.setattr(fast_ops, "fused_attention_layout", lambda device, positions: contiguous)
+        outputs.append(attn(x))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.0])  # a step, and a skipped one
+def test_ema_update_is_a_lerp_of_every_parameter(weight):
+    torch.manual_seed(0)
+    model, ema, plain = (UNet(model_config("tiny", image_size=8)) for _ in range(3))
+    plain.load_state_dict(ema.state_dict())
+    ema_update(ema, model, torch.tensor(weight))
+    with torch.no_grad():
+        for e, p in zip(plain.parameters(), model.parameters()):
+            e.lerp_(p, weight)
+    for a, b in zip(ema.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("skip", [True, False])
+def test_step_unless_steps_exactly_when_not_skipped(fused, skip):
+    def stepped(take):
+        torch.manual_seed(0)
+        model = UNet(model_config("tiny", image_size=8))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        for step in range(2):  # one step to give the optimizer moments, then the step in question
+            model(torch.randn(2, 3, 8, 8), torch.tensor([1, 500])).square().mean().backward()
+            take(optimizer) if step else optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], optimizer.state_dict()["state"]
+
+    ours, our_state = stepped(lambda optimizer: step_unless(optimizer, torch.tensor(skip)))
+    plain, plain_state = stepped(lambda optimizer: None if skip else optimizer.step())
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+    assert our_state.keys() == plain_state.keys()
+    for i in our_state:
+        assert all(torch.equal(our_state[i][k], plain_state[i][k]) for k in our_state[i])
+
+
+def test_to_device_is_a_copy_to_the_device():
+    x = torch.randn(3, 5)
+    assert to_device(x, "cpu") is x  # nothing to copy
+    if torch.cuda.is_available():
+        y = to_device(x, "cuda")
+        torch.cuda.synchronize()
+        assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
+
+
+PROBE = """
+import resource, torch
+from diffuse_cli.fast_ops import keep_cpu_memory
+def faults_of_later_uses(nbytes, uses=8):
+    faults = []
+    for _ in range(uses):  # allocate, touch every page, free
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(faults[1:])  # the fewest of any use after the first: one stray kernel event (once seen in CI,
+                            # every page of one use refaulted) cannot decide the test
+default = faults_of_later_uses(16 * 2**20)
+print(keep_cpu_memory(), default, faults_of_later_uses(16 * 2**20))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_cpu_memory_stops_refaulting_freed_blocks():
+    # glibc's threshold pinned at its 128 KiB start: left alone, it adapts to what the process
+    # frees first, which made "by default" fault in some runs and not in others.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    applied, default, kept = out[0] == "True", int(out[1]), int(out[2])
+    pages = 16 * 2**20 // 4096
+    assert applied
+    assert default > pages // 2  # by default, a fault a page on every use
+    assert kept < pages // 20     # kept, later uses find their pages already there
+
+
