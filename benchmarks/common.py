@@ -70,7 +70,7 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
                   optimizer: torch.optim.Optimizer | None = None, cuda_graph: bool = True):
     """One training step: v-loss with min-SNR-5, backward, clip at 1, AdamW, EMA.
 
-    By default it is `diffuse train`'s own step (train.optimizer_step with fused AdamW, replayed
+    By default it is `diffuse train`'s own step (step.optimizer_step with fused AdamW, replayed
     as a CUDA graph on a GPU). Pass an optimizer (torch's plain AdamW, say) to time instead a
     plain eager step as another tool's training script takes it."""
     import copy
@@ -80,7 +80,7 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
     from diffuse_cli.objectives import diffusion_loss
     from diffuse_cli.schedule import NoiseSchedule
     from diffuse_cli.graphs import graphed_step
-    from diffuse_cli.train import StepTensors, make_optimizer, optimizer_step
+    from diffuse_cli.step import StepTensors, make_optimizer, optimizer_step
 
     schedule = NoiseSchedule.make("cosine")
     ema = copy.deepcopy(model).requires_grad_(False)

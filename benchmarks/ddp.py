@@ -37,7 +37,7 @@ from data_loading import write_jpegs  # noqa: E402
 from diffuse_cli import distributed  # noqa: E402
 from diffuse_cli.data import load_builtin, load_folder  # noqa: E402
 from diffuse_cli.device import memory_format, resolve_precision  # noqa: E402
-from diffuse_cli.train import Options, train  # noqa: E402
+from diffuse_cli.training import Options, train  # noqa: E402
 from diffuse_cli.unet import UNet  # noqa: E402
 
 

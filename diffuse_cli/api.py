@@ -35,7 +35,7 @@ from .files import MODEL_FILE
 from .generate import Trajectory, fitting_batch, generate_batches
 from .samplers import SAMPLERS, check_sample_config, sampler_options
 from .schedule import NoiseSchedule
-from .train import Hooks, Options, Result
+from .training import Hooks, Options, Result
 from .unet import UNet
 
 PathLike = str | os.PathLike
@@ -120,11 +120,12 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     learning rate decays over the steps that fit in it."""
     from . import data as data_module  # looked up at call time: tests stand in for load_data
     from . import distributed, runs
-    from .train import train as train_loop
+    from .training import train as train_loop
 
     seconds = parse_duration(max_time) if isinstance(max_time, str) else max_time
+    data = ImageData.from_tensor(data) if isinstance(data, torch.Tensor) else data  # checked before anything else
     torch_device, run = pick_device(device), None if out is None else Path(out)
-    folder = None if data is None or isinstance(data, (torch.Tensor, ImageData)) else str(data)
+    folder = None if data is None or isinstance(data, ImageData) else str(data)
     if folder is not None and not Path(folder).exists():
         raise DataError(f"{folder}: no such file or folder")
     if resume:
@@ -143,8 +144,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
     resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
 
-    if isinstance(data, (torch.Tensor, ImageData)):
-        data_set = data if isinstance(data, ImageData) else ImageData.from_tensor(data)
+    if isinstance(data, ImageData):
+        data_set = data
     else:
         auto_channels = folder is not None and not resume and "channels" not in settings
         data_set = data_module.load_data(folder, config.model.image_size, None if auto_channels else config.model.channels,
@@ -186,8 +187,6 @@ def _tensor_shape(data: object) -> dict[str, int]:
     """The image size and channels of in-memory data, for a new config."""
     if isinstance(data, ImageData):
         return {"image_size": data.image_size, "channels": data.channels}
-    if isinstance(data, torch.Tensor) and data.ndim == 4:
-        return {"image_size": data.shape[-1], "channels": data.shape[1]}
     return {}
 
 

@@ -25,8 +25,8 @@ Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
 Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 
 
-# The built-in shapes' default resolution: at 16x16 the `small` preset draws recognisable shapes
-# after 10 minutes on a 2-core CPU; at 32x32 it still draws blobs then (measured, see README).
+# The built-in shapes' default resolution: small enough that a few CPU-minutes of the `small` preset draw
+# recognisable shapes, where at 32x32 it still draws blobs (docs/training.md).
 BUILTIN_IMAGE_SIZE = 16
 
 

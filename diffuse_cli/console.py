@@ -89,7 +89,7 @@ class TrainDisplay:
         return self.stop is not None
 
     def hooks(self):
-        from .train import Hooks
+        from .training import Hooks
 
         return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding)
 

@@ -17,7 +17,7 @@ from .schedule import NoiseSchedule
 from .unet import layer_outputs
 
 # Sampling holds about this many bytes per element of the network's layer outputs (unet.layer_outputs), having
-# no backward to keep them for: 1.06-1.12 measured for `small` at 128x128 and 256x256, batch 16 and 64, fp32.
+# no backward to keep them for: a margin over what was measured, since running out kills the process.
 SAMPLE_BYTES_PER_OUTPUT = 1.5
 
 

@@ -1,8 +1,8 @@
 """CUDA graphs: launch a whole training step, or a whole network call, at once.
 
-Eagerly, every operator is a kernel launch that costs the host ~10-30 µs. A small U-Net's
-training step is ~1,300 launches, so on a fast GPU the host, not the GPU, sets the pace
-(`small` at batch 16 on an H100: 37 ms a step, of which the kernels take 5). A graph records
+Eagerly, every operator is a kernel launch that costs the host microseconds. A small U-Net's
+training step is over a thousand launches, so on a fast GPU the host, not the GPU, sets the pace
+(docs/speed.md). A graph records
 the launches once and replays them with one call. What a graph reads and writes must stay
 at fixed addresses, so its inputs are copied into buffers it owns.
 """

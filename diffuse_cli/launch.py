@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 from .console import Interrupted
 from .errors import TrainingFailed, UsageError

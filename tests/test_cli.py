@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from diffuse_cli import cli, console
+from diffuse_cli import console
 from diffuse_cli.cli import app
 from diffuse_cli.console import TimeLeftColumn
 from diffuse_cli.data import decode_image
@@ -279,13 +279,13 @@ def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeyp
 
 def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
     """An empty folder named like a run, left by every failed attempt, is clutter that looks like a run."""
-    import diffuse_cli.train
+    import diffuse_cli.training
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(diffuse_cli.train, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(diffuse_cli.training, "make_optimizer", out_of_memory)
     result = run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "checkpoints/run")
     assert_clean_error(result, "CUDA out of memory. Tried to allocate 2.00 GiB; try a smaller --batch-size")
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()

@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import diffuse_cli.data
-from diffuse_cli import cli, distributed
+from diffuse_cli import distributed
 from diffuse_cli.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin, load_folder
 from diffuse_cli.launch import launch_devices
-from diffuse_cli.train import Hooks, Options, train
+from diffuse_cli.training import Hooks, Options, train
 
 from .conftest import write_image
 

@@ -15,7 +15,7 @@ import torch
 
 from diffuse_cli import budget as budget_module
 from diffuse_cli import step as step_module
-from diffuse_cli import train as train_module
+from diffuse_cli import training as train_module
 from diffuse_cli.budget import UNFITTED
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
@@ -25,7 +25,7 @@ from diffuse_cli.fast_ops import ema_update
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.schedule import NoiseSchedule
 from diffuse_cli.step import StepTensors, ema_decay, lr_at, optimizer_step
-from diffuse_cli.train import Hooks, NonFiniteLoss, Options, batch_indices, train
+from diffuse_cli.training import Hooks, NonFiniteLoss, Options, batch_indices, train
 from diffuse_cli.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
