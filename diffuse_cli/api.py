@@ -155,16 +155,14 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     if data_set.image_size != config.model.image_size:
         raise DataError(f"the images are {data_set.image_size}x{data_set.image_size}, and the model is "
                         f"{config.model.image_size}x{config.model.image_size}")
-    if data_set.channels != config.model.channels:
+    if data_set.channels != config.model.channels:  # 1 where every image is grayscale (the summary says so)
         config = replace(config, model=replace(config.model, channels=data_set.channels))
-        if data_set.channels == 1:
-            hooks.log("every image is grayscale: training a 1-channel model (--channels 3 keeps RGB)")
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
 
     options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, max_time=seconds,
-                      fit_steps=fit_steps, resume=resume, compile=compile,
-                      cuda_graph=cuda_graph)
+                      fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
+                      chosen=frozenset(settings) | (frozenset() if folder else {"image_size", "channels"}))
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:

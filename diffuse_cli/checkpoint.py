@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .config import Config, ConfigError, config_from_json, config_to_json, to_dict, validate_diffusion, validate_model
 from .errors import CheckpointError
-from .files import MODEL_FILE, atomic_write_bytes
+from .files import LOSS_PLOT, MODEL_FILE, atomic_write_bytes
 
 MODEL_FORMAT = "diffuse/model"
 STATE_FORMAT = "diffuse/training-state"
@@ -221,8 +221,11 @@ def describe(path: str | os.PathLike) -> tuple[dict[str, Any], Config]:
     config, info = read_metadata(path, fmt if fmt in (MODEL_FORMAT, STATE_FORMAT) else MODEL_FORMAT, header)
     info.pop("param_groups", None)
     tensors = sum(1 for k in header if k != "__metadata__")
-    return ({"file": str(path), "format": fmt, "file_size_bytes": path.stat().st_size, "tensors": tensors,
-             "preset": config.preset, **info, "config": to_dict(config)}, config)
+    facts = {"file": str(path), "format": fmt, "file_size_bytes": path.stat().st_size, "tensors": tensors,
+             "preset": config.preset, **info, "config": to_dict(config)}
+    if (plot := path.parent / LOSS_PLOT).exists():
+        facts["loss_plot"] = str(plot)
+    return facts, config
 
 
 def find_latest(root: str | os.PathLike = "checkpoints") -> Path:

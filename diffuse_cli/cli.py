@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from . import options as opt
-from .config import SampleConfig, parse_duration, require_positive, to_dict
+from .config import HFLIP, SampleConfig, parse_duration, parse_hflip, require_positive, to_dict
 from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
@@ -62,7 +62,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           steps: opt.TrainSteps = None, max_time: opt.MaxTime = None, lr: opt.Lr = None,
           lr_schedule: opt.LrScheduleOpt = None, warmup: opt.Warmup = None, grad_accum: opt.GradAccum = None,
           grad_clip: opt.GradClip = None, min_snr_gamma: opt.MinSnrGamma = None, ema_max_decay: opt.EmaMaxDecay = None,
-          hflip: opt.Hflip = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
+          hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, device: opt.Device = "auto", compile: opt.Compile = False,
           cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1) -> None:
@@ -76,8 +76,9 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     settings = given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
-                     min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, hflip=hflip, precision=precision,
-                     seed=seed)
+                     min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed)
+    if hflip is not None or no_hflip:  # 'auto' is None, and is still a choice made (on resume: probe again)
+        settings["hflip"] = parse_hflip("off" if no_hflip else hflip)
     seconds = parse_duration(max_time) if max_time else None
     if folder is not None and not Path(folder).exists():
         raise UsageError(f"{folder}: no such file or folder")
@@ -210,6 +211,7 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
             ("schedule", f"{d.schedule}, T = {d.timesteps}"), ("objective", d.objective),
             ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
             ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
+    rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
     rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
     rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
              for k, v in to_dict(config.train).items()]
@@ -230,8 +232,16 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     """Train a denoising diffusion model (DDPM) on a folder of images, and sample from it."""
 
 
+def bare_hflip(argv: list[str]) -> list[str]:
+    """`--hflip` alone (a flag before it took a value) means `--hflip on`."""
+    return [*argv[:1], *(w for i, a in enumerate(argv[1:], 1)
+                         for w in ([a, "on"] if a == "--hflip" and (i + 1 == len(argv) or argv[i + 1] not in HFLIP)
+                                   else [a]))]
+
+
 def main() -> None:
     """Entry point: known failures become one line on stderr and a non-zero exit, never a traceback."""
+    sys.argv = bare_hflip(sys.argv)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

@@ -68,7 +68,9 @@ class TrainConfig:
     ema_max_decay: float = 0.9999
     ema_power: float = 2 / 3  # EMA warm-up of Karras et al.: decay = 1 - (1 + step)^-power
     min_snr_gamma: float = 5.0  # 0 turns min-SNR-γ weighting off
-    hflip: bool = True  # mirror each training image left-right with probability 1/2 (Ho et al.'s augmentation)
+    # Mirror each training image left-right with probability 1/2 (Ho et al.'s augmentation); None: decide
+    # from the data (mirror.probe_mirroring), and record the decision in the run's config.
+    hflip: bool | None = None
     precision: Precision = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     seed: int = 0
@@ -204,6 +206,16 @@ def check_choice(value: Any, literal: Any, name: str) -> Any:
     if value not in allowed:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}")
     return value
+
+
+# --hflip's words and TrainConfig.hflip's values: auto leaves the choice to the data (mirror.py).
+HFLIP = {"auto": None, "on": True, "off": False}
+
+
+def parse_hflip(word: str) -> bool | None:
+    if word not in HFLIP:
+        raise ConfigError(f"unknown hflip {word!r}; choose one of: {', '.join(HFLIP)}")
+    return HFLIP[word]
 
 
 # The closed choices of the settings, by field name: what make_config checks before building.

@@ -395,14 +395,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, "L" if arr.shape[2] == 1 else "RGB")
 
 
+def save_image(im: Image.Image, path: str | os.PathLike) -> None:
+    """Write a PIL image as PNG, atomically."""
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_png(image: torch.Tensor, path: str | os.PathLike, upscale: int = 1) -> None:
     """Write a (C, H, W) uint8 image as PNG, optionally enlarged (nearest) to be seen."""
     im = to_pil(image)
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    save_image(im, path)
 
 
 def save_gif(frames: Sequence[torch.Tensor], path: str | os.PathLike, ms_per_frame: int = 80) -> None:
@@ -416,14 +421,13 @@ def save_gif(frames: Sequence[torch.Tensor], path: str | os.PathLike, ms_per_fra
 
 def labelled_strip(panels: Sequence[torch.Tensor], labels: Sequence[str], gap: int = 8) -> torch.Tensor:
     """Images of one size side by side, left to right, each with its label above: (C, H', W') uint8."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
+
+    from .plots import default_font
 
     c, h, w = panels[0].shape
     font_size = max(12, min(48, w // 12))
-    try:
-        font = ImageFont.load_default(size=font_size)
-    except TypeError:  # Pillow < 10.1 has one fixed size
-        font = ImageFont.load_default()
+    font = default_font(font_size)
     top = font_size + 2 * gap
     canvas = Image.new("RGB", (len(panels) * (w + gap) + gap, h + top + gap), "white")
     draw = ImageDraw.Draw(canvas)

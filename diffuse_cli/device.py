@@ -62,6 +62,15 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     return "fp32"
 
 
+def precision_reason(precision: Precision, device: torch.device) -> str:
+    """Why 'auto' picks this precision on this device, in a few words."""
+    if device.type == "cuda":
+        return "this GPU computes bf16" if precision == "bf16" else "this GPU only emulates bf16, so fp16 with loss scaling"
+    if device.type == "cpu":
+        return "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"
+    return f"the choice for {device.type}"
+
+
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

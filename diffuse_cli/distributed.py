@@ -60,14 +60,14 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank if flag is true on any (so that all ranks stop together), agreed on the host:
-    asked before every step, it must not wait for the GPU (an all-reduce there and .item() would)."""
+def agree(flag: bool, seconds: float, world: World) -> tuple[bool, float]:
+    """(any rank's flag, the largest of the ranks' seconds), the same on every rank: asked before every step
+    (stop? and how far into the time budget, on which the learning rate may depend), agreed on the host."""
     if world.size == 1:
-        return flag
-    t = torch.tensor([int(flag)])
+        return flag, seconds
+    t = torch.tensor([float(flag), seconds], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.host)
-    return bool(t.item())
+    return bool(t[0].item()), float(t[1].item())
 
 
 def smallest(value: int, world: World) -> int:

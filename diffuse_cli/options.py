@@ -68,9 +68,11 @@ GradAccum = Annotated[Optional[int], typer.Option(help=f"Micro-batches per optim
 GradClip = Annotated[Optional[float], typer.Option(help=f"Clip the gradient norm (0: off).{default(T.grad_clip)}")]
 MinSnrGamma = Annotated[Optional[float], typer.Option(help=f"Min-SNR-γ loss weighting (0: off).{default(T.min_snr_gamma)}")]
 EmaMaxDecay = Annotated[Optional[float], typer.Option(help=f"Upper bound of the EMA decay.{default(T.ema_max_decay)}")]
-Hflip = Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Mirror training images left-right at "
-                                               "random; --no-hflip for text, digits or anything with a handedness."
-                                               f"{default('hflip' if T.hflip else 'no-hflip')}", show_default=False)]
+Hflip = Annotated[Optional[str], typer.Option("--hflip", help="Mirror training images left-right at random: auto "
+                                              "(unless a quick probe finds the data has a handedness, as text and "
+                                              "digits do), on or off. --hflip alone is on, --no-hflip off. "
+                                              "\\[default: auto]", show_default=False)]
+NoHflip = Annotated[bool, typer.Option("--no-hflip", help="The same as --hflip off.", hidden=True)]
 TrainPrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)}.{default(T.precision)}")]
 RunOut = Annotated[Optional[Path], typer.Option("--out", help="Run folder. \\[default: checkpoints/<data>-<preset>-<time>]")]
 Resume = Annotated[Optional[str], typer.Option(help="Run folder to continue, or 'auto' (--out, else the newest run).")]

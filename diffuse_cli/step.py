@@ -29,13 +29,13 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def lr_at(step: int, tc: TrainConfig, steps: int | None) -> float:
-    """Linear warm-up, then constant or cosine decay to 10% over `steps` (None: not yet known, the peak)."""
+def lr_at(step: int, tc: TrainConfig, progress: float | None) -> float:
+    """Linear warm-up over tc.warmup steps, then constant, or cosine decay to 10% as `progress` (the share of
+    the steps or time after the warm-up: budget.Budget.progress) goes from 0 to 1 (None: not begun)."""
     if step < tc.warmup:
         return tc.lr * (step + 1) / tc.warmup
-    if tc.lr_schedule == "constant" or steps is None:
+    if tc.lr_schedule == "constant" or progress is None:
         return tc.lr
-    progress = min(1.0, (step - tc.warmup) / max(1, steps - tc.warmup))
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

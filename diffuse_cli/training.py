@@ -23,13 +23,15 @@ from . import distributed
 from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config
-from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_png, to_model
-from .device import memory_available, memory_format, resolve_precision
+from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_image, save_png, to_model
+from .device import memory_available, memory_format, precision_reason, resolve_precision
 from .errors import TrainingFailed, UsageError
 from .fast_ops import to_device
-from .files import MODEL_FILE, STATE_FILE, atomic_write_bytes
+from .files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
 from .generate import generate
 from .graphs import graphed_step
+from .mirror import MirrorVerdict, probe_data
+from .plots import loss_plot
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, mix_seed, optimizer_step, set_lr
@@ -63,6 +65,7 @@ class Options:
     cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
     grid_sampler: str = DEFAULT_SAMPLER
     grid_steps: int = DEFAULT_STEPS
+    chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
 
 
 @dataclass
@@ -83,7 +86,8 @@ class Result:
     model: torch.nn.Module  # the online weights
     ema: torch.nn.Module    # the weights to sample with
     records: list[dict[str, Any]] = field(default_factory=list)
-    config: Config | None = None  # as trained: with the steps fitted to --max-time
+    config: Config | None = None  # as trained: with the steps fitted to --max-time and hflip decided
+    mirror: MirrorVerdict | None = None  # the probe's verdict, where the data decided hflip
 
 
 def due(step: int, every: int | None, since: float) -> bool:
@@ -197,9 +201,9 @@ class Learner:
             self.scaler.load_state_dict(info["grad_scaler"])
         return info
 
-    def step(self, step: int, config: Config, budget: Budget) -> float:
+    def step(self, step: int, config: Config, budget: Budget, elapsed: float) -> float:
         """Set this step's learning rate and EMA weight, and take it; returns the learning rate."""
-        lr = lr_at(step, config.train, budget.steps)
+        lr = lr_at(step, config.train, budget.progress(step, config.train.warmup, elapsed))
         set_lr(self.optimizer, lr)
         self.io.ema_weight.fill_(1 - ema_decay(step, config.train))
         self.take_step()
@@ -230,6 +234,16 @@ class RunFolder:
     learner: Learner
     world: distributed.World
     unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
+    history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
+
+    def start(self, step: int) -> None:
+        """On resume: the records written before `step` (a resumed run keeps its loss curve)."""
+        if self.path is not None and self.world.is_main:
+            self.history = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.unsaved.append(record)
+        self.history.append(record)
 
     def facts(self, step: int, config: Config) -> dict[str, Any]:
         tc = config.train
@@ -256,6 +270,8 @@ class RunFolder:
         grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=options.grid_sampler,
                            steps=options.grid_steps, seed=config.train.seed, precision=precision, log=log)
         save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
+        if self.history:
+            save_image(loss_plot(self.history), self.path / LOSS_PLOT)
 
 
 def check_writable(folder: Path) -> None:
@@ -265,18 +281,24 @@ def check_writable(folder: Path) -> None:
     (folder / ".write-test").unlink()
 
 
-def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
-    """Rewrite metrics.jsonl atomically: the earlier lines, then the new ones (up to `step`)."""
-    first_new = new[0]["step"] if new else step + 1
-    kept = []
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn or foreign line is dropped, not fatal."""
+    records = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] < first_new:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn or foreign line is dropped, not fatal
-    lines = kept + [json.dumps(r) for r in new]
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+            except ValueError:
+                continue
+    return records
+
+
+def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
+    """Rewrite metrics.jsonl atomically: the earlier lines, then the new ones (up to `step`)."""
+    first_new = new[0]["step"] if new else step + 1
+    lines = [json.dumps(r) for r in read_metrics(path) if r["step"] < first_new] + [json.dumps(r) for r in new]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode() if lines else b"")
 
 
@@ -304,7 +326,70 @@ def memory_warning(config: Config, learner: Learner, world: distributed.World) -
             "use a smaller --batch-size (with --grad-accum to keep the effective batch) or --image-size")
 
 
-# -- the loop --------------------------------------------------------------------------------
+# -- reporting and the loop ------------------------------------------------------------------
+@dataclass
+class Reporter:
+    """Every LOG_EVERY steps and at the end: a record of loss, learning rate and speed, for the caller
+    (hooks.progress), metrics.jsonl and loss.png; and the time budget's reading of the speed."""
+
+    hooks: Hooks
+    learner: Learner
+    folder: RunFolder
+    budget: Budget
+    world: distributed.World
+    last: tuple[float, int]  # (time, step) of the last record
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def due(self, step: int) -> bool:
+        return step % LOG_EVERY == 0 or self.budget.done(step)
+
+    def report(self, step: int, lr: float, config: Config) -> Config:
+        """Log the steps since the last record; returns config with the steps the budget now expects."""
+        tc, now = config.train, time.monotonic()
+        n_steps = step - self.last[1]
+        skipped = self.learner.bad_steps(step, tc.max_bad_steps, self.folder.path, log=self.hooks.log)
+        finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
+        if self.budget.observe(step, tc.warmup, agree=lambda n: distributed.smallest(n, self.world)):
+            self.hooks.log(f"about {self.budget.steps:,} steps fit in the time budget at this speed; the learning "
+                           "rate decays over the time left (--steps sets a number of steps instead)")
+        if self.budget.fitting:
+            config = replace(config, train=replace(tc, steps=self.budget.recorded_steps()))
+        record = {"step": step, "loss": self.learner.io.loss_sum.item() / finite_steps if finite_steps else math.nan,
+                  "lr": lr, "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - self.last[0], 1e-9),
+                  "time": round(now - self.budget.started, 3), "steps": self.budget.steps}
+        self.records.append(record)
+        self.folder.record(record)
+        self.hooks.progress(record)
+        self.learner.io.loss_sum.zero_()
+        self.last = (now, step)
+        return config
+
+
+def choices_made(config: Config, options: Options, precision: str, device: torch.device, budget: Budget,
+                 verdict: MirrorVerdict | None) -> str | None:
+    """The start-of-run summary: every choice made for the user, each with the option that sets it."""
+    m, chosen = config.model, options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
+    rows = []
+    if verdict is not None:
+        rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
+                     f"--hflip {'off' if verdict.mirror else 'on'}"))
+    if not options.resume:
+        if "image_size" not in chosen:
+            rows.append(("image size", f"{m.image_size}x{m.image_size}", "--image-size"))
+        if "channels" not in chosen:
+            rows.append(("channels", "1: every image is grayscale" if m.channels == 1 else "3 (RGB)",
+                         "--channels 3" if m.channels == 1 else "--channels"))
+        if "precision" not in chosen:
+            rows.append(("precision", f"{precision}: {precision_reason(precision, device)}", "--precision"))
+    if budget.fitting:
+        rows.append(("steps", "fitted to the time budget once the speed is known", "--steps"))
+    if not rows:
+        return None
+    width = max(len(value) for _, value, _ in rows)
+    return "\n".join(["choices made for this run (the option on the right sets each):"]
+                     + [f"  {name:<11}{value:<{width}}  {option}" for name, value, option in rows])
+
+
 def train(config: Config, data: ImageData, run_dir: str | Path | None, options: Options,
           hooks: Hooks = Hooks()) -> Result:
     """Train a U-Net on `data`, writing checkpoints, grids and metrics into run_dir (None: nothing written)."""
@@ -319,9 +404,15 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         check_writable(run_dir)  # fail now, not after hours of training
     precision = resolve_precision(tc.precision, device)
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
+    verdict = None
+    if tc.hflip is None:  # decide from the data, and record the decision in the run's config
+        verdict = probe_data(data, tc.seed)
+        verdict = replace(verdict, mirror=bool(distributed.smallest(int(verdict.mirror), world)))
+        config = replace(config, train=replace(tc, hflip=verdict.mirror))
+        tc = config.train
 
     learner = Learner.build(config, options, world, device, precision, schedule, hooks.log)
-    step, records = 0, []
+    step = 0
     if options.resume:
         info = learner.resume(run_dir / STATE_FILE)
         step = info["step"]
@@ -331,14 +422,18 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
                       "training goes on with the images as they are now")
     batches = Batches(data, config, schedule, world, device)
     folder = RunFolder(run_dir, data, learner, world)
+    folder.start(step)
+    budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
     hooks.log(start_line(config, data, device, precision, learner, world))
+    if summary := choices_made(config, options, precision, device, budget, verdict):
+        hooks.log(summary)
     if device.type == "cpu" and (warning := memory_warning(config, learner, world)):
         hooks.log(warning)
 
-    budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
+    budget.started = time.monotonic()  # the budget is for training, not for setting up
     config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records
-    start_step, stopped_by = step, "steps"
-    last_log = (time.monotonic(), step)
+    report = Reporter(hooks, learner, folder, budget, world, last=(budget.started, step))
+    start_step, stopped_by, lr = step, "steps", tc.lr
     last_written = {"save": budget.started, "grid": budget.started}  # for the default intervals (due)
 
     def save(now_step: int) -> None:
@@ -350,32 +445,15 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         hooks.log(f"the run is already at step {step} of {budget.steps}; pass a larger --steps to train it further")
     while not budget.done(step):
         over_time = budget.out_of_time()
-        if distributed.any_rank(hooks.should_stop(step) or over_time, world):
+        stop, elapsed = distributed.agree(hooks.should_stop(step) or over_time, budget.elapsed(), world)
+        if stop:
             stopped_by = "time" if over_time else "signal"
             break
         batches.fill(step, learner.io, last=budget.done(step + 1))
-        lr = learner.step(step, config, budget)
+        lr = learner.step(step, config, budget, elapsed)
         step += 1
-
-        if step % LOG_EVERY == 0 or budget.done(step):
-            now = time.monotonic()
-            n_steps = step - last_log[1]
-            skipped = learner.bad_steps(step, tc.max_bad_steps, run_dir, log=hooks.log)
-            finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
-            fitted = budget.observe(step, tc.warmup, agree=lambda n: distributed.smallest(n, world))
-            if fitted is not None:
-                config = replace(config, train=replace(config.train, steps=fitted))
-                hooks.log(f"{fitted:,} steps fit in the time budget at this speed; the learning rate decays "
-                          "over them (--steps sets them instead)")
-            record = {"step": step,
-                      "loss": learner.io.loss_sum.item() / finite_steps if finite_steps else math.nan, "lr": lr,
-                      "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - last_log[0], 1e-9),
-                      "time": round(now - budget.started, 3), "steps": budget.steps}
-            records.append(record)
-            folder.unsaved.append(record)
-            hooks.progress(record)
-            learner.io.loss_sum.zero_()
-            last_log = (now, step)
+        if report.due(step):
+            config = report.report(step, lr, config)
         if not budget.done(step) and due(step, options.save_every, last_written["save"]):
             save(step)
             last_written["save"] = time.monotonic()
@@ -383,9 +461,11 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
             folder.grid(step, config, options, precision, hooks.log)
             last_written["grid"] = time.monotonic()
 
+    if step > report.last[1]:  # stopped between log points: the last steps get their record too
+        config = report.report(step, lr, config)
     if step > start_step or (run_dir is not None and not (run_dir / MODEL_FILE).exists()):
         save(step)
         if stopped_by != "signal":
             folder.grid(step, config, options, precision, hooks.log)
     distributed.barrier(world)
-    return Result(step, stopped_by, run_dir, learner.model, learner.ema, records, config)
+    return Result(step, stopped_by, run_dir, learner.model, learner.ema, report.records, config, verdict)

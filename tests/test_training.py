@@ -16,7 +16,7 @@ import torch
 from diffuse_cli import budget as budget_module
 from diffuse_cli import step as step_module
 from diffuse_cli import training as train_module
-from diffuse_cli.budget import UNFITTED
+from diffuse_cli.budget import UNFITTED, Budget
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
 from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
@@ -50,11 +50,12 @@ def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_pa
     fit = train(config, DATA, tmp_path / "fit", replace(OPTIONS, max_time=2.0, fit_steps=True), Hooks(log=logs.append))
     assert time.monotonic() - start < 2.0 + 10  # the budget, the final save and grid
     _, saved, info = load_model(tmp_path / "fit" / MODEL_FILE)
-    steps = saved.train.steps
-    assert budget_module.FIT_AT < steps < 10**6 and info["step"] == fit.step and fit.step >= steps // 2
-    assert f"{steps:,} steps fit in the time budget" in " ".join(logs)
+    steps = saved.train.steps  # the last estimate, recorded for a resume
+    assert budget_module.FIT_AT < steps < 10**6 and info["step"] == fit.step and abs(fit.step - steps) <= 2
+    assert fit.stopped_by == "time" and "steps fit in the time budget at this speed" in " ".join(logs)
     last = fit.records[-1]
-    assert last["steps"] == steps and last["lr"] == lr_at(last["step"] - 1, saved.train, steps)  # the decay runs over them
+    assert last["step"] == fit.step and last["time"] >= 0.98 * 2.0  # the whole budget, and a record of its end
+    assert last["lr"] < 0.102 * config.train.lr  # the decay ran over the time: it ends at its floor (10%)
     assert fit.records[0]["steps"] is None  # not known yet
 
     # Stopped before the fit: a resume fits the steps if it has a budget, and is refused without one.
@@ -172,12 +173,25 @@ def test_images_decoded_on_demand_train_as_images_in_memory_do(tmp_path, monkeyp
 
 def test_lr_warmup_then_cosine_to_ten_percent():
     tc = replace(CONFIG.train, lr=1.0, warmup=10)
-    assert lr_at(0, tc, 110) == pytest.approx(0.1) and lr_at(9, tc, 110) == pytest.approx(1.0)
-    assert lr_at(10, tc, 110) == pytest.approx(1.0)
-    assert lr_at(60, tc, 110) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_at(110, tc, 110) == pytest.approx(0.1)
-    assert lr_at(60, tc, None) == 1.0  # steps not yet fitted to --max-time: the peak
-    assert lr_at(100, replace(tc, lr_schedule="constant"), 110) == 1.0
+    budget = Budget(110)
+    at = lambda step: lr_at(step, tc, budget.progress(step, tc.warmup, 0.0))  # noqa: E731
+    assert at(0) == pytest.approx(0.1) and at(9) == pytest.approx(1.0)
+    assert at(10) == pytest.approx(1.0)
+    assert at(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert at(110) == pytest.approx(0.1)
+    assert lr_at(60, tc, None) == 1.0  # the decay has not begun (steps not yet fitted to --max-time)
+    assert lr_at(100, replace(tc, lr_schedule="constant"), 1.0) == 1.0
+
+
+def test_with_a_time_budget_the_decay_follows_the_time_after_the_warm_up():
+    """--max-time alone: whatever the speed, the learning rate reaches its floor as the time runs out."""
+    tc = replace(CONFIG.train, lr=1.0, warmup=10)
+    budget = Budget(None, seconds=100.0, fitting=True)
+    assert budget.progress(5, tc.warmup, 1.0) is None  # still warming up
+    assert budget.progress(10, tc.warmup, 20.0) == 0.0  # the warm-up ended at 20 s: the decay starts there
+    assert budget.progress(11, tc.warmup, 60.0) == pytest.approx(0.5)
+    assert budget.progress(12, tc.warmup, 100.0) == 1.0 and budget.progress(13, tc.warmup, 130.0) == 1.0
+    assert not budget.done(10**9)  # only the time stops such a run
 
 
 def test_ema_warms_up_and_is_capped():
