@@ -19,6 +19,11 @@ default sampler, and as its DDPMPipeline does (1000 DDPM steps; one set of sampl
     python benchmarks/convergence.py --budget 10m --recipes new diffusers-example   # needs '.[bench]'
     python benchmarks/convergence.py --budget 2m --recipes new
     python benchmarks/convergence.py --budget 1h --steps 1500 --recipes new new-fp32   # equal steps
+    python benchmarks/convergence.py --data glyphs --budget 4m --recipes new hflip-on hflip-off
+
+`--data glyphs` trains on rendered characters instead (shapes.render_glyphs, written to a folder of
+PNGs as a user's data would be): a data set with a handedness, on which mirroring (`--hflip on`)
+teaches the model mirror-writing, and `--hflip auto` (the default, recipe `new`) should not mirror.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.config import BUILTIN_IMAGE_SIZE, Config, DiffusionConfig, model_config, parse_duration  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
-from diffuse_cli.shapes import render_shapes  # noqa: E402
+from diffuse_cli.shapes import render_glyphs, render_shapes  # noqa: E402
 
 RECIPES = {
     # Ho et al. 2020: ε, linear schedule, lr 2e-4 constant, no EMA, fp32; our first cut.
@@ -47,6 +52,8 @@ RECIPES = {
             "--min-snr-gamma", "0", "--ema-max-decay", "0", "--precision", "fp32", "--warmup", "0"],
     "new": [],  # the current defaults
     "new-fp32": ["--precision", "fp32"],  # the same in fp32: does bf16 autocast cost quality per step?
+    "hflip-on": ["--hflip", "on"],  # the defaults, but always mirroring (before --hflip auto, the default)
+    "hflip-off": ["--hflip", "off"],  # the defaults, never mirroring
     "diffusers-example": None,  # not ours: trained by train_diffusers_example below
 }
 
@@ -129,17 +136,22 @@ def main() -> None:
     parser.add_argument("--out", default="checkpoints/convergence")
     parser.add_argument("--samples", type=int, default=512, help="images per set of samples")
     parser.add_argument("--sample-seeds", type=int, default=3, help="sets of samples scored per model")
+    parser.add_argument("--data", choices=["shapes", "glyphs"], default="shapes",
+                        help="the built-in shapes, or rendered characters (a data set with a handedness)")
     args = parser.parse_args()
     seeds = [i * args.samples for i in range(args.sample_seeds)]  # disjoint: image i has seed + i
+    render, data = render_shapes, []
+    if args.data == "glyphs":
+        render, data = render_glyphs, [str(write_glyphs(Path(args.out) / "glyphs-data"))]
 
     results = {}
     for name in args.recipes:
         if name == "diffusers-example":
             results.update(diffusers_example(parse_duration(args.budget), args.samples, seeds))
             continue
-        run = Path(args.out) / name
+        run = Path(args.out) / (name if args.data == "shapes" else f"{args.data}-{name}")
         steps = ["--steps", str(args.steps)] if args.steps else []
-        cmd = [sys.executable, "-m", "diffuse_cli", "train", "--max-time", args.budget, *steps,
+        cmd = [sys.executable, "-m", "diffuse_cli", "train", *data, "--max-time", args.budget, *steps,
                "--out", str(run), "--sample-every", "100000", "--save-every", "100000", *RECIPES[name]]
         if (run / "model.safetensors").exists():
             print(f"reusing {run} (delete it to train again)", flush=True)
@@ -147,7 +159,7 @@ def main() -> None:
             print(" ".join(cmd[2:]), flush=True)
             subprocess.run(cmd, check=True)
         model, config, info = load_model(run / "model.safetensors")
-        held_out = render_shapes(args.samples, config.model.image_size, seed=1)  # at the model's resolution
+        held_out = render(args.samples, config.model.image_size, seed=1)  # at the model's resolution
         fds = [image_fd(held_out, generate(model, config, args.samples, seed=seed, batch_size=128)[0])
                for seed in seeds]
         results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": fds}
@@ -159,6 +171,16 @@ def main() -> None:
         fds = r["fd"]
         spread = f" ({min(fds):.3f}-{max(fds):.3f})" if len(fds) > 1 else ""
         print(f"{name:<{width}}{r['steps']:>8}{r['images_seen']:>10}   {sum(fds) / len(fds):.3f}{spread}")
+
+
+def write_glyphs(folder: Path, n: int = 8192) -> Path:
+    """The glyph data set as a folder of PNGs at BUILTIN_IMAGE_SIZE (once), which `diffuse train` reads."""
+    from diffuse_cli.data import save_png
+
+    if not (folder / f"{n - 1:05d}.png").exists():
+        for i, image in enumerate(render_glyphs(n, BUILTIN_IMAGE_SIZE, seed=0)):
+            save_png(image, folder / f"{i:05d}.png")
+    return folder
 
 
 def diffusers_example(budget_s: float, n: int, seeds: list[int]) -> dict:

@@ -57,10 +57,35 @@ class Model:
         return next(self.net.parameters()).device
 
     def sample(self, n: int = 16, **settings: Any) -> torch.Tensor:
-        """n images as uint8 (n, C, H, W); settings are SampleConfig's fields (sampler, steps, seed, ...)
-        and sample_batches' keyword arguments."""
+        """n images as uint8 (n, C, H, W) (n of each class asked); settings are SampleConfig's fields (sampler,
+        steps, seed, classes, guidance, ...) and sample_batches' keyword arguments."""
         callbacks = {k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph") if k in settings}
+        if isinstance(settings.get("classes"), (str, int)):
+            settings["classes"] = (settings["classes"],)
+        settings["classes"] = tuple(map(str, settings.get("classes", ())))
         return torch.cat(list(self.sample_batches(n, SampleConfig(**settings), **callbacks)))
+
+    def class_labels(self, n: int, settings: SampleConfig = SampleConfig()) -> torch.Tensor | None:
+        """The class index of each image a request draws: n of each class asked, class by class (None: no class
+        asked). A class is named, or given by its index; 'all' is every class."""
+        names = self.config.model.class_names
+        if not settings.classes:
+            return None
+        if not names:
+            raise UsageError("this model was trained without classes; sample it without --class (train on a folder "
+                             "of subfolders, one a class, for a model that has them)")
+        if "all" in settings.classes:
+            picked = list(range(len(names)))
+        else:
+            picked = []
+            for asked in settings.classes:
+                if asked in names:
+                    picked.append(names.index(asked))
+                elif asked.isdigit() and int(asked) < len(names):
+                    picked.append(int(asked))
+                else:
+                    raise UsageError(f"unknown class {asked!r}; this model's classes are: {', '.join(names)}")
+        return torch.tensor(picked).repeat_interleave(n)
 
     def sample_batches(self, n: int, settings: SampleConfig = SampleConfig(),
                        progress: Callable[[int, int], None] | None = None,
@@ -72,25 +97,32 @@ class Model:
         if n < 1:
             raise UsageError(f"-n must be at least 1, not {n}")
         check_sample_config(settings, self.config.diffusion.timesteps)
-        batch_size = self.sampling_batch(min(settings.batch_size, n), log)
-        yield from generate_batches(self.net, self.config, n, sampler=settings.sampler, steps=settings.steps,
+        labels = self.class_labels(n, settings)
+        total = n if labels is None else len(labels)
+        guidance = settings.guidance if labels is not None else 1.0
+        batch_size = self.sampling_batch(min(settings.batch_size, total), log, copies=2 if guidance != 1 else 1)
+        yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
                                     seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
-                                    precision=settings.precision, progress=progress, callback=callback,
-                                    cuda_graph=cuda_graph, log=log, **sampler_options(settings))
+                                    precision=settings.precision, labels=labels, guidance=guidance,
+                                    progress=progress, callback=callback, cuda_graph=cuda_graph, log=log,
+                                    **sampler_options(settings))
 
-    def sampling_batch(self, batch_size: int, log: Callable[[str], None] = lambda message: None) -> int:
+    def sampling_batch(self, batch_size: int, log: Callable[[str], None] = lambda message: None,
+                       copies: int = 1) -> int:
         """The batch to sample with: batch_size, or on the CPU (where running out of memory is the
-        system killing the process) the most that fits in the memory available."""
+        system killing the process) the most that fits in the memory available, each network call
+        holding `copies` of it (2 under guidance)."""
         if self.device.type != "cpu":
             return batch_size
-        fits = fitting_batch(self.net, batch_size, device_module.memory_available())
+        fits = fitting_batch(self.net, batch_size * copies, device_module.memory_available()) // copies
+        fits = max(1, fits)
         if fits < batch_size:
             log(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
                 f"(--batch-size {batch_size} would not; the images are the same either way)")
         return fits
 
     def nfe(self, settings: SampleConfig = SampleConfig()) -> int:
-        """Network calls per batch for these settings."""
+        """Network calls per batch for these settings; with guidance, each is one call on the batch twice over."""
         return SAMPLERS[settings.sampler].nfe(settings.steps)
 
     def save(self, path: PathLike) -> Path:
@@ -157,6 +189,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                         f"{config.model.image_size}x{config.model.image_size}")
     if data_set.channels != config.model.channels:  # 1 where every image is grayscale (the summary says so)
         config = replace(config, model=replace(config.model, channels=data_set.channels))
+    config, data_set = with_classes(config, data_set, resume)
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
 
@@ -179,6 +212,20 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         raise
     info = {"step": result.step, "data": data_set.source, "data_size": len(data_set)}
     return Model(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
+
+
+def with_classes(config: Config, data: ImageData, resume: bool) -> tuple[Config, ImageData]:
+    """The class names a run learns: the data's (unless --classes off), or on resume the run's own, which
+    the data must still have."""
+    if resume:
+        names = config.model.class_names
+        if names and tuple(data.classes) != names:
+            raise DataError(f"the run learned the classes {', '.join(names)}; the data now has "
+                            f"{', '.join(data.classes) or 'none'}: name the folder it trained on")
+        return config, data if names else data.without_classes()
+    if config.train.classes == "off" or not data.classes:
+        return config, data.without_classes()
+    return replace(config, model=replace(config.model, class_names=tuple(data.classes))), data
 
 
 def _tensor_shape(data: object) -> dict[str, int]:
@@ -239,6 +286,58 @@ def save_images(images: torch.Tensor, folder: PathLike, start: int = 0, digits: 
     if grid:
         save_grid([images], folder / "grid.png")
     return paths
+
+
+class SampleFolder:
+    """Samples written to a folder as they come (Ctrl-C keeps what was made): NNNN.png, or NNNN-CLASS.png for a
+    class request, then grid.png: the first 64, or for a class request a row of each class."""
+
+    def __init__(self, folder: PathLike, total: int, labels: torch.Tensor | None = None,
+                 class_names: tuple[str, ...] = ()):
+        self.folder, self.total, self.written, self.kept = Path(folder), total, 0, []
+        self.names = None if labels is None else [class_names[k] for k in labels.tolist()]
+        self.digits = max(4, len(str(total - 1)))  # 0000.png ...: names sort in order however many there are
+
+    @staticmethod
+    def check(folder: Path) -> Path:
+        """Refuse, before any work, an --out that is a file or is named like one."""
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file; name a folder for the images with --out")
+        if not folder.exists() and folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+            raise UsageError(f"--out {folder} names the folder for the PNGs (and grid.png), not a file: "
+                             f"e.g. --out {folder.with_suffix('')}")
+        return folder
+
+    def add(self, batch: torch.Tensor) -> None:
+        for image in batch:
+            suffix = "" if self.names is None else f"-{self.names[self.written]}"
+            save_png(image, self.folder / f"{self.written:0{self.digits}d}{suffix}.png")
+            self.written += 1
+        self.kept.append(batch)
+
+    def finish(self) -> str:
+        """Write grid.png; returns what it shows, in words."""
+        from .data import grid_upscale, make_grid
+
+        images = torch.cat(self.kept)
+        if self.names is None:
+            save_grid(images, self.folder / "grid.png")
+            return "grid.png" if len(images) <= GRID_MAX else f"grid.png (the first {GRID_MAX})"
+        per_class = len(images) // len(dict.fromkeys(self.names)) if self.names else len(images)
+        columns = min(per_class, 16)
+        rows = images.view(-1, per_class, *images.shape[1:])[:GRID_MAX // 2, :columns]
+        grid = make_grid(rows.flatten(0, 1), nrow=columns)
+        save_png(grid, self.folder / "grid.png", grid_upscale(images.shape[-1]))
+        return f"grid.png (a row of each class{f', the first {columns} of each' if columns < per_class else ''})"
+
+
+def sample_folder_name(model: Model, settings: SampleConfig) -> Path:
+    """samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>[-<classes>-w<guidance>]: more training, or other
+    settings, make a new folder."""
+    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""
+    s = settings
+    asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
+    return Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}{asked}"
 
 
 def save_grid(images: torch.Tensor | list[torch.Tensor], path: PathLike) -> None:

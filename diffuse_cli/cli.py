@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from . import options as opt
-from .config import HFLIP, SampleConfig, parse_duration, parse_hflip, require_positive, to_dict
+from .config import SampleConfig, parse_duration, parse_hflip, require_positive, to_dict
 from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
@@ -62,7 +62,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           steps: opt.TrainSteps = None, max_time: opt.MaxTime = None, lr: opt.Lr = None,
           lr_schedule: opt.LrScheduleOpt = None, warmup: opt.Warmup = None, grad_accum: opt.GradAccum = None,
           grad_clip: opt.GradClip = None, min_snr_gamma: opt.MinSnrGamma = None, ema_max_decay: opt.EmaMaxDecay = None,
-          hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
+          hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False, classes: opt.ClassesOpt = None,
+          class_dropout: opt.ClassDropout = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, device: opt.Device = "auto", compile: opt.Compile = False,
           cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1) -> None:
@@ -76,7 +77,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     settings = given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
-                     min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed)
+                     min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed,
+                     classes=classes, class_dropout=class_dropout)
     if hflip is not None or no_hflip:  # 'auto' is None, and is still a choice made (on resume: probe again)
         settings["hflip"] = parse_hflip("off" if no_hflip else hflip)
     seconds = parse_duration(max_time) if max_time else None
@@ -111,8 +113,9 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
              "  diffuse sample -n 50000 --out fid/     # for an FID; saved as they come")
 def sample(n: opt.Count = 16, checkpoint: opt.Checkpoint = None, out_dir: opt.SamplesOut = None,
            sampler: opt.Sampler = None, steps: opt.SampleSteps = None, spacing: opt.SpacingOpt = None,
-           eta: opt.Eta = None, variance: opt.VarianceOpt = None, seed: opt.Seed = None,
-           batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
+           eta: opt.Eta = None, variance: opt.VarianceOpt = None, seed: opt.Seed = None, class_: opt.ClassName = None,
+           guidance: opt.Guidance = None, batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False,
+           device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True) -> None:
     """Generate images from a trained checkpoint: n PNGs and grid.png (of the first 64)."""
     from .samplers import check_sample_config
@@ -120,42 +123,36 @@ def sample(n: opt.Count = 16, checkpoint: opt.Checkpoint = None, out_dir: opt.Sa
     require_positive(n=n)
     settings = check_sample_config(SampleConfig(**given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                                         variance=variance, seed=seed, batch_size=batch_size,
-                                                        precision=precision)))
+                                                        precision=precision, guidance=guidance,
+                                                        classes=tuple(class_) if class_ else None)))
     use_device(device)
     from . import api
     from .data import grid_upscale, save_gif, save_png
     from .generate import Trajectory
 
-    model = api.load(checkpoint, device)
-    s = settings
-    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""  # more training: a new folder
-    folder = out_dir or Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}"
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file; name a folder for the images with --out")
-    if not folder.exists() and folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UsageError(f"--out {folder} names the folder for the PNGs (and grid.png), not a file: "
-                         f"e.g. --out {folder.with_suffix('')}")
-    steps_seen, written, first = Trajectory() if trajectory else None, 0, []
-    start = time.perf_counter()
-    kept = lambda: ("interrupted before the first batch was done; no images were written" if not written  # noqa: E731
-                    else f"interrupted; the {written} image{'s' * (written != 1)} made so far are in {folder}/")
+    model, s = api.load(checkpoint, device), settings
+    labels = model.class_labels(n, settings)
+    folder = api.SampleFolder.check(out_dir or api.sample_folder_name(model, settings))
+    written = api.SampleFolder(folder, n if labels is None else len(labels), labels, model.config.model.class_names)
+    steps_seen, start = Trajectory() if trajectory else None, time.perf_counter()
+    kept = lambda k=written: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
+                              else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {folder}/")
     with progress_bar() as bar, interrupted_says(kept):
         task = bar.add_task(f"sampling ({s.sampler})", total=None)
         say = lambda m: bar.console.print(m, highlight=False, markup=False)  # noqa: E731
         for batch in model.sample_batches(n, settings, progress=lambda i, total: bar.update(task, completed=i, total=total),
                                           callback=steps_seen, log=say, cuda_graph=cuda_graph):
-            api.save_images(batch, folder, start=written, digits=max(4, len(str(n - 1))), grid=False)  # as they come
-            written += len(batch)
-            first.append(batch[:api.GRID_MAX - sum(map(len, first))])
-    elapsed = time.perf_counter() - start
-    api.save_grid(first, folder / "grid.png")
+            written.add(batch)  # as each batch is done: an interrupted run keeps what it made
+    elapsed, grid = time.perf_counter() - start, written.finish()
     if steps_seen is not None:
         save_png(steps_seen.strip(), folder / "trajectory.png", grid_upscale(model.config.model.image_size))
         save_gif(steps_seen.animation(), folder / "trajectory.gif")
-    out.print(f"{s.sampler}, {s.steps} steps, {model.nfe(settings)} network calls per batch, {elapsed / n * 1000:.0f} ms "
-              f"per image ({elapsed:.1f} s in all) from {model.path}", highlight=False)
-    grid = "grid.png" if n <= api.GRID_MAX else f"grid.png (the first {api.GRID_MAX})"
-    out.print(f"wrote {n} image{'s' * (n != 1)} and {grid} to {folder}/"
+    doubled = ", each on the batch twice over (guidance)" if labels is not None and s.guidance != 1 else ""
+    total = written.written
+    out.print(f"{s.sampler}, {s.steps} steps, {model.nfe(settings)} network calls per batch{doubled}, "
+              f"{elapsed / total * 1000:.0f} ms per image ({elapsed:.1f} s in all) from {model.path}", highlight=False)
+    asked = "" if labels is None else f" ({n} of each of {', '.join(dict.fromkeys(written.names))}, guidance {s.guidance:g})"
+    out.print(f"wrote {total} image{'s' * (total != 1)}{asked} and {grid} to {folder}/"
               + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""), highlight=False)
 
 
@@ -212,6 +209,9 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
             ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
             ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
     rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
+    if m.class_names:
+        counts = facts.get("class_counts", {})
+        rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
     rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
     rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
              for k, v in to_dict(config.train).items()]
@@ -233,10 +233,11 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 
 def bare_hflip(argv: list[str]) -> list[str]:
-    """`--hflip` alone (a flag before it took a value) means `--hflip on`."""
-    return [*argv[:1], *(w for i, a in enumerate(argv[1:], 1)
-                         for w in ([a, "on"] if a == "--hflip" and (i + 1 == len(argv) or argv[i + 1] not in HFLIP)
-                                   else [a]))]
+    """`--hflip` alone (a flag before it took a value) means `--hflip on`: at the end, or before another
+    option or an existing path (`diffuse train --hflip photos`)."""
+    def bare(i: int) -> bool:
+        return i + 1 == len(argv) or argv[i + 1].startswith("-") or Path(argv[i + 1]).exists()
+    return [w for i, a in enumerate(argv) for w in ([a, "on"] if i and a == "--hflip" and bare(i) else [a])]
 
 
 def main() -> None:

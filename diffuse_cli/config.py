@@ -23,6 +23,7 @@ LRSchedule = Literal["constant", "cosine"]
 SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "heun"]
 Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
 Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
+ClassesMode = Literal["auto", "off"]
 
 
 # The built-in shapes' default resolution: small enough that a few CPU-minutes of the `small` preset draw
@@ -42,6 +43,9 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = (8,)
     head_channels: int = 64  # channels per attention head
     dropout: float = 0.0
+    # Class names (a data folder's subfolders): a conditional model learns an embedding for each, and one
+    # more, index len(class_names), for "no class" (classifier-free guidance's unconditional half). () : none.
+    class_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ class TrainConfig:
     ema_max_decay: float = 0.9999
     ema_power: float = 2 / 3  # EMA warm-up of Karras et al.: decay = 1 - (1 + step)^-power
     min_snr_gamma: float = 5.0  # 0 turns min-SNR-γ weighting off
+    classes: ClassesMode = "auto"  # auto: a data folder's subfolders are classes (a conditional model); off: ignore them
+    # A conditional model sees "no class" instead of the label this often, so that one network also
+    # predicts unconditionally: the half that classifier-free guidance pushes away from (Ho & Salimans 2022).
+    class_dropout: float = 0.1
     # Mirror each training image left-right with probability 1/2 (Ho et al.'s augmentation); None: decide
     # from the data (mirror.probe_mirroring), and record the decision in the run's config.
     hflip: bool | None = None
@@ -98,6 +106,8 @@ class SampleConfig:
     seed: int = 0  # image i uses seed + i
     batch_size: int = 64
     precision: Precision = "fp32"
+    classes: tuple[str, ...] = ()  # a conditional model's classes to draw, by name or index; ("all",): each
+    guidance: float = 3.0  # classifier-free guidance weight w: 1 is the plain conditional model, 0 unconditional
 
 
 # Named U-Net sizes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters).
@@ -136,6 +146,8 @@ def validate_model(cfg: ModelConfig) -> ModelConfig:
             raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), not {cfg.dropout}")
+    if len(set(cfg.class_names)) != len(cfg.class_names) or not all(isinstance(c, str) and c for c in cfg.class_names):
+        raise ConfigError(f"class names must be distinct and not empty, not {list(cfg.class_names)}")
     return cfg
 
 
@@ -161,6 +173,8 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("warmup, grad-clip and min-snr-gamma must not be negative")
     if not 0 <= cfg.ema_max_decay < 1:
         raise ConfigError(f"ema-max-decay must be in [0, 1), not {cfg.ema_max_decay}")
+    if not 0 <= cfg.class_dropout < 1:
+        raise ConfigError(f"class-dropout must be in [0, 1), not {cfg.class_dropout}")
     return cfg
 
 
@@ -219,7 +233,8 @@ def parse_hflip(word: str) -> bool | None:
 
 
 # The closed choices of the settings, by field name: what make_config checks before building.
-CHOICES = {"schedule": Schedule, "objective": Objective, "precision": Precision, "lr_schedule": LRSchedule}
+CHOICES = {"schedule": Schedule, "objective": Objective, "precision": Precision, "lr_schedule": LRSchedule,
+           "classes": ClassesMode}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

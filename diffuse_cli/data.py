@@ -13,7 +13,7 @@ import io
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -24,7 +24,7 @@ from PIL import ExifTags, Image, ImageOps, ImageSequence, JpegImagePlugin
 from .device import memory_available
 from .errors import DataError
 from .files import atomic_write_bytes
-from .shapes import render_shapes
+from .shapes import SHAPES, render_shapes, shape_kinds
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -33,6 +33,8 @@ BUILTIN = "builtin:shapes"
 BUILTIN_SIZE = 8192
 # Below this many training images a diffusion model soon reproduces them: a note says so at start.
 FEW_IMAGES = 1000
+# A class with fewer images than this, or than a tenth of the classes' mean, gets a warning.
+FEW_PER_CLASS = 20
 
 
 @dataclass
@@ -46,18 +48,36 @@ class ImageData:
     paths: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     upscaled: list[int] = field(default_factory=list)  # short sides of the images smaller than image_size
+    classes: tuple[str, ...] = ()  # class names: the data folder's first-level subfolders (two or more)
+    labels: torch.Tensor | None = None  # (N,) int64 class index of each image; -1: none (directly in the folder)
 
     @classmethod
-    def from_tensor(cls, images: torch.Tensor, source: str = "tensor") -> "ImageData":
+    def from_tensor(cls, images: torch.Tensor, labels: torch.Tensor | None = None, classes: tuple[str, ...] = (),
+                    source: str = "tensor") -> "ImageData":
         """Training images from memory: uint8 in [0, 255] or float in [-1, 1], (N, C, H, W) with C 1 or 3 and
-        H = W; what a notebook passes to `diffuse_cli.train`."""
+        H = W, and optionally their class indices (N,) (-1: none) with the class names; what a notebook
+        passes to `diffuse_cli.train`."""
         if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
             raise DataError(f"images must be (N, C, H, W) with C 1 or 3 and H = W, not {tuple(images.shape)}")
         if not len(images):
             raise DataError("no images: the tensor is empty")
         if images.dtype != torch.uint8:
             images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return cls(source, images.shape[-1], images.shape[1], images=images.cpu().contiguous())
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+            if labels.shape != (len(images),) or not classes or labels.min() < -1 or labels.max() >= len(classes):
+                raise DataError(f"labels must be one class index (or -1) per image, below the {len(classes)} "
+                                "class names given")
+        return cls(source, images.shape[-1], images.shape[1], images=images.cpu().contiguous(), classes=tuple(classes),
+                   labels=labels)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class, by name."""
+        counts = torch.bincount(self.labels[self.labels >= 0], minlength=len(self.classes)).tolist() if self.classes else []
+        return dict(zip(self.classes, counts))
+
+    def without_classes(self) -> "ImageData":
+        return replace(self, classes=(), labels=None)
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths)
@@ -80,6 +100,11 @@ class ImageData:
                          "usual); as training goes on its samples will copy them more and more closely")
         if self.images is None:
             notes.append("note: the decoded images do not fit in memory; decoding on demand (slower)")
+        counts = self.class_counts()
+        for name, count in counts.items():
+            if count < max(FEW_PER_CLASS, 0.1 * len(self) / len(counts)):
+                notes.append(f"warning: class {name!r} has only {count} image{'s' * (count != 1)}; its samples will "
+                             "be poor, or copies of them")
         return notes
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -332,12 +357,26 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         channels = 1 if bool(grayscale[kept].all()) else 3
     shorts = short_side[kept]
     upscaled = shorts[shorts < size].tolist()
-    data = ImageData(str(root.resolve()), size, channels, paths=[files[i] for i in kept.tolist()], skipped=skipped,
-                     upscaled=upscaled)
+    paths = [files[i] for i in kept.tolist()]
+    classes, labels = folder_classes(root, paths)
+    data = ImageData(str(root.resolve()), size, channels, paths=paths, skipped=skipped, upscaled=upscaled,
+                     classes=classes, labels=labels)
     if in_memory:
         _close_gaps(images, kept)
         data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
     return data
+
+
+def folder_classes(root: Path, paths: list[Path]) -> tuple[tuple[str, ...], torch.Tensor | None]:
+    """(class names, each image's class index or -1) when the images sit in two or more first-level
+    subfolders of root, which name their classes; images directly in root have no class."""
+    firsts = [p.relative_to(root).parts[0] if p != root and len(p.relative_to(root).parts) > 1 else None
+              for p in paths]
+    classes = tuple(sorted({f for f in firsts if f is not None}))
+    if len(classes) < 2:
+        return (), None
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, torch.tensor([index.get(f, -1) if f is not None else -1 for f in firsts], dtype=torch.long)
 
 
 def _fingerprint(root: Path, files: list[Path]) -> int:
@@ -359,11 +398,11 @@ def _close_gaps(images: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> 
 def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> ImageData:
     """The built-in shapes dataset at this size (in colour unless channels=1)."""
     channels = channels or 3
-    images = render_shapes(n, size, seed=0)
+    images, kinds = render_shapes(n, size, seed=0), shape_kinds(n, seed=0)
     if channels == 1:
         images = (images.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
         images = images.round().to(torch.uint8)
-    return ImageData(BUILTIN, size, channels, images=images)
+    return ImageData(BUILTIN, size, channels, images=images, classes=SHAPES, labels=kinds)
 
 
 def load_data(source: str | None, size: int, channels: int | None = 3,

@@ -11,7 +11,8 @@ from .data import make_grid, to_uint8
 from .device import autocast, layout_of, resolve_precision
 from .errors import UsageError
 from .graphs import graphed_forward
-from .objectives import as_eps_model
+from .fast_ops import to_device
+from .objectives import as_eps_model, guided
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
 from .schedule import NoiseSchedule
 from .unet import layer_outputs
@@ -35,37 +36,45 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 @torch.no_grad()
 def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
-                     precision: Precision = "fp32", clip_x0: bool = True,
-                     progress: Callable[[int, int], None] | None = None,
+                     precision: Precision = "fp32", clip_x0: bool = True, labels: torch.Tensor | None = None,
+                     guidance: float = 1.0, progress: Callable[[int, int], None] | None = None,
                      callback: Callback | None = None, cuda_graph: bool = True,
                      log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
     """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
     CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
-    `log` says so)."""
+    `log` says so). A conditional model draws image i of class labels[i] (len(class_names): no
+    class; labels None: none asked), with classifier-free guidance of weight `guidance`."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    classes = config.model.class_names
+    if labels is not None and not classes:
+        raise UsageError("this model was trained without classes; sample it without --class")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)  # 'auto' as training picks it; fp16 only on GPUs
     layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 
-    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def network(x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
-            return model(x.contiguous(memory_format=layout), t)
+            return model(x.contiguous(memory_format=layout), t, *y)
     fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
     net = graphed_forward(network, fallback) if cuda_graph and device.type == "cuda" else network
-    counted = CountingModel(as_eps_model(net, schedule, config.diffusion.objective, clip_x0))
-    total_calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size)
-
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = counted(x, t)
-        if progress:
-            progress(counted.nfe, total_calls)
-        return eps
+    total_calls, calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), CountingModel(lambda x, t: None)
 
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
+        batch_net = net
+        if classes:
+            y = torch.full((count,), len(classes)) if labels is None else labels[start:start + count].long()
+            batch_net = guided(net, to_device(y, device), len(classes), guidance)
+        adapted = as_eps_model(batch_net, schedule, config.diffusion.objective, clip_x0, dynamic=guidance > 1)
+
+        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            calls(x, t)
+            if progress:
+                progress(calls.nfe, total_calls)
+            return adapted(x, t)
         x = sample(eps_model, (count, c, s, s), schedule, sampler, steps, image_generators(seed, start, count),
                    spacing=spacing, device=device, callback=callback, **options)
         yield to_uint8(x).cpu()

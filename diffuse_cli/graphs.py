@@ -67,33 +67,33 @@ def graphed_step(step: Callable[[], None], warmup: int = 3,
     return run
 
 
-def graphed_forward(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    on_fallback: Callable[[str], None] = lambda why: None
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """fn(x, t) (no grad) replayed as a CUDA graph, one per input shape; returns a fresh output.
-    If capture fails, `on_fallback(why)` is told and every call runs fn eagerly."""
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+def graphed_forward(fn: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] = lambda why: None
+                    ) -> Callable[..., torch.Tensor]:
+    """fn(*tensors) (no grad; x, t and, for a conditional model, class labels) replayed as a CUDA graph, one
+    per input shape; returns a fresh output. If capture fails, `on_fallback(why)` is told and every call
+    runs fn eagerly."""
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
     pool = torch.cuda.graph_pool_handle()  # the graphs of several batch sizes share their memory
     eager = False
 
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run(*tensors: torch.Tensor) -> torch.Tensor:
         nonlocal eager
-        key = (x.shape, x.dtype, x.stride(), t.shape, t.dtype)
+        key = tuple((a.shape, a.dtype, a.stride()) for a in tensors)
         if not eager and key not in graphs:
-            static_x, static_t = x.clone(), t.clone()
-            _warm_up(lambda: fn(static_x, static_t))
+            static = [a.clone() for a in tensors]
+            _warm_up(lambda: fn(*static))
             try:
-                graph, static_out = _capture(lambda: fn(static_x, static_t), pool)
+                graph, static_out = _capture(lambda: fn(*static), pool)
             except Exception as e:  # noqa: BLE001 -- any failure to record: sample on eagerly
                 eager = True
                 on_fallback(_why(e))
             else:
-                graphs[key] = graph, static_x, static_t, static_out
+                graphs[key] = graph, static, static_out
         if eager:
-            return fn(x, t)
-        graph, static_x, static_t, static_out = graphs[key]
-        static_x.copy_(x)
-        static_t.copy_(t)
+            return fn(*tensors)
+        graph, static, static_out = graphs[key]
+        for buffer, a in zip(static, tensors):
+            buffer.copy_(a)
         graph.replay()
         return static_out.clone()
     return run

@@ -80,6 +80,12 @@ SaveEvery = Annotated[Optional[int], typer.Option(help="Save the checkpoint ever
                                                   "\\[default: every 500 steps, at most once a minute]")]
 SampleEvery = Annotated[Optional[int], typer.Option(help="Write samples/step_N.png every N steps (and at the end). "
                                                     "\\[default: every 500 steps, at most once a minute]")]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="auto: when the images sit in two or more "
+                                                   "subfolders of DATA, each is a class, and the model learns to draw "
+                                                   f"the one asked for; off: ignore them.{default(T.classes)}")]
+ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditional model is shown 'no class' "
+                                                       "instead of the label, to learn the unconditional half that "
+                                                       f"guidance needs.{default(T.class_dropout)}")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
 
@@ -98,6 +104,12 @@ VarianceOpt = Annotated[Optional[str], typer.Option("--variance", help=f"ddpm on
                                                     " \\[default: posterior]")]
 Trajectory = Annotated[bool, typer.Option("--trajectory", help="Also save trajectory.png and trajectory.gif (x_t and "
                                           "predicted x_0).")]
+ClassName = Annotated[Optional[List[str]], typer.Option("--class", help="A conditional model's class to draw, by "
+                                                       "name or index (repeat for several; -n of each); 'all': a row "
+                                                       "of each. \\[default: none: any image]", show_default=False)]
+Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance weight w with --class: 1 is the "
+                                                   "plain conditional model, more follows the class more closely."
+                                                   f"{default(S.guidance)}")]
 SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
                                                         f"(fp16: GPUs; auto: as train picks).{default(S.precision)}")]
 

@@ -312,6 +312,8 @@ def check_sample_config(cfg: SampleConfig, timesteps: int | None = None) -> Samp
         raise UsageError(f"--eta {cfg.eta} is above 1: ddim's step has no room for more noise than DDPM's (eta 1)")
     if cfg.variance is not None:
         check_choice(cfg.variance, Variance, "variance")
+    if cfg.guidance < 0:
+        raise UsageError(f"--guidance must be at least 0, not {cfg.guidance}")
     if timesteps is not None and cfg.steps > timesteps:
         raise UsageError(f"--steps {cfg.steps} is more than the model's {timesteps} diffusion steps")
     return cfg

@@ -36,11 +36,16 @@ def _cross_sdf(q: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.maximum(a - radius, b - w), torch.maximum(a - w, b - radius))
 
 
+def shape_kinds(n: int, seed: int = 0) -> torch.Tensor:
+    """Which shape (an index into SHAPES) each image of render_shapes(n, size, seed) holds: its classes."""
+    return torch.randint(len(SHAPES), (n,), generator=torch.Generator().manual_seed(seed))
+
+
 def render_shapes(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """n images of one shape each, (n, 3, size, size) uint8, deterministic in seed."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    kind = torch.randint(len(SHAPES), (n,), generator=g)
+    kind = torch.randint(len(SHAPES), (n,), generator=g)  # first, as shape_kinds draws it
     radius = 0.55 + 0.15 * u(n)                       # in units of half the image
     centre = (u(n, 2) * 2 - 1) * 0.06                 # in the middle: the shape is the subject
     angle = (u(n) - 0.5) * 0.3                        # upright, give or take 9 degrees

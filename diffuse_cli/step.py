@@ -76,6 +76,7 @@ class StepTensors:
     ema_weight: torch.Tensor  # (): 1 - EMA decay
     loss_sum: torch.Tensor    # (): summed loss of the finite steps since the last log
     bad: torch.Tensor         # (3,): non-finite steps: the current run, the longest run and the total since the last log
+    labels: list[torch.Tensor] | None = None  # per micro-batch: class indices, (local batch,); None: unconditional
 
     @classmethod
     def allocate(cls, config: Config, batch: int, device: torch.device, layout: torch.memory_format) -> "StepTensors":
@@ -83,9 +84,10 @@ class StepTensors:
         image = lambda: torch.zeros(batch, m.channels, m.image_size, m.image_size,  # noqa: E731
                                     device=device).contiguous(memory_format=layout)
         k = config.train.grad_accum
-        return cls([image() for _ in range(k)], [torch.zeros(batch, dtype=torch.long, device=device) for _ in range(k)],
+        steps = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
+        return cls([image() for _ in range(k)], [steps() for _ in range(k)],
                    [image() for _ in range(k)], torch.zeros((), device=device), torch.zeros((), device=device),
-                   torch.zeros(3, device=device))
+                   torch.zeros(3, device=device), [steps() for _ in range(k)] if m.class_names else None)
 
 
 def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.Module,
@@ -101,7 +103,7 @@ def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.M
         defer_sync = micro < tc.grad_accum - 1 and hasattr(net, "no_sync")  # DDP: all-reduce once, at the end
         with (net.no_sync() if defer_sync else contextlib.nullcontext()), autocast(precision, io.x0[micro].device):
             loss = diffusion_loss(net, config.diffusion.objective, schedule, io.x0[micro], io.t[micro],
-                                  io.eps[micro], tc.min_snr_gamma)
+                                  io.eps[micro], tc.min_snr_gamma, None if io.labels is None else io.labels[micro])
         scaler.scale(loss / tc.grad_accum).backward()
         loss_step += loss.detach() / tc.grad_accum
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
-from .config import Config
+from .config import Config, SampleConfig
 from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_image, save_png, to_model
 from .device import memory_available, memory_format, precision_reason, resolve_precision
 from .errors import TrainingFailed, UsageError
@@ -131,6 +131,11 @@ class Batches:
                   and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
         self.images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
         self.read_ahead = ReadAhead(data) if self.images is None else None
+        self.labels = None  # each image's class for the model: its index, or "no class" (len(classes))
+        if config.model.class_names:
+            null = len(config.model.class_names)
+            labels = data.labels if data.labels is not None else torch.full((self.n,), -1, dtype=torch.long)
+            self.labels = torch.where(labels >= 0, labels, null).to(device)
 
     def fill(self, step: int, io: StepTensors, last: bool) -> None:
         """Step `step`'s inputs into io: every draw seeded by (seed, step, micro-batch); unless this is
@@ -150,6 +155,10 @@ class Batches:
             io.x0[micro].copy_(torch.where(flip[self.mine, None, None, None], x0.flip(-1), x0))
             io.t[micro].copy_(t[self.mine])
             io.eps[micro].copy_(eps[self.mine])
+            if self.labels is not None:  # drawn last, so that an unconditional run's draws are as they were
+                dropped = torch.rand(tc.batch_size, generator=g, device=self.device) < tc.class_dropout
+                labels = self.labels[to_device(idx, self.labels.device)]
+                io.labels[micro].copy_(torch.where(dropped[self.mine], len(self.config.model.class_names), labels))
         torch.manual_seed(mix_seed(tc.seed, 3, step, self.rank))  # dropout; a CUDA graph reads the seed at replay
         if self.read_ahead is not None and not last:  # decode the next step's images during this one
             for micro in range(tc.grad_accum):
@@ -247,8 +256,9 @@ class RunFolder:
 
     def facts(self, step: int, config: Config) -> dict[str, Any]:
         tc = config.train
+        counts = {"class_counts": self.data.class_counts()} if config.model.class_names else {}
         return {"step": step, "image_size": config.model.image_size, "channels": config.model.channels,
-                "data": self.data.source, "data_size": len(self.data),
+                "data": self.data.source, "data_size": len(self.data), **counts,
                 "parameters": count_parameters(self.learner.model), "images_seen": step * tc.batch_size * tc.grad_accum,
                 "weights": "ema", "world_size": self.world.size}
 
@@ -267,8 +277,11 @@ class RunFolder:
     def grid(self, step: int, config: Config, options: Options, precision: str, log: Callable[[str], None]) -> None:
         if self.path is None or not self.world.is_main:
             return
+        classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
+        labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
         grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=options.grid_sampler,
-                           steps=options.grid_steps, seed=config.train.seed, precision=precision, log=log)
+                           steps=options.grid_steps, seed=config.train.seed, precision=precision, log=log,
+                           labels=labels, guidance=SampleConfig.guidance)
         save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
         if self.history:
             save_image(loss_plot(self.history), self.path / LOSS_PLOT)
@@ -365,11 +378,15 @@ class Reporter:
         return config
 
 
-def choices_made(config: Config, options: Options, precision: str, device: torch.device, budget: Budget,
-                 verdict: MirrorVerdict | None) -> str | None:
+def choices_made(config: Config, data: ImageData, options: Options, precision: str, device: torch.device,
+                 budget: Budget, verdict: MirrorVerdict | None) -> str | None:
     """The start-of-run summary: every choice made for the user, each with the option that sets it."""
     m, chosen = config.model, options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
     rows = []
+    if m.class_names:
+        counts = data.class_counts()
+        rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
+                     "--classes off"))
     if verdict is not None:
         rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
                      f"--hflip {'off' if verdict.mirror else 'on'}"))
@@ -425,7 +442,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     folder.start(step)
     budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
     hooks.log(start_line(config, data, device, precision, learner, world))
-    if summary := choices_made(config, options, precision, device, budget, verdict):
+    if summary := choices_made(config, data, options, precision, device, budget, verdict):
         hooks.log(summary)
     if device.type == "cpu" and (warning := memory_warning(config, learner, world)):
         hooks.log(warning)

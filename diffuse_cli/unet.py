@@ -124,7 +124,7 @@ class Stage(nn.Module):
 
 
 class UNet(nn.Module):
-    """(x_t, t) -> output of x_t's shape; t is a (B,) tensor of step indices, fractional allowed."""
+    """(x_t, t[, class labels]) -> output of x_t's shape; t is a (B,) tensor of step indices, fractional allowed."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -160,9 +160,17 @@ class UNet(nn.Module):
                 res *= 2
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
+        # Made last, so that a conditional model's other weights start as the unconditional one's would. Zero:
+        # every class starts as "no class", and the net learns what each adds.
+        self.class_emb = zero_init(nn.Embedding(len(cfg.class_names) + 1, emb_ch)) if cfg.class_names else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """labels: (B,) class indices, len(class_names) for "no class" (None: no class for every image)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.full(t.shape, len(self.cfg.class_names), dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(labels).to(emb.dtype)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

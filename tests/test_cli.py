@@ -465,3 +465,24 @@ def test_an_existing_run_is_resumed_only_when_asked(tmp_path, monkeypatch):
     assert resolve_run(Path("run"), "auto", None, "tiny") == (Path("run"), True)
     fresh, resuming = resolve_run(None, None, None, "tiny")
     assert not resuming and fresh.parent == Path("checkpoints") and fresh.name.startswith("shapes-tiny-")
+
+
+def test_a_run_shows_how_it_went_in_loss_png_and_inspect_names_it(trained, run_cli):
+    run, _ = trained
+    assert Image.open(run / "loss.png").size == (720, 460)
+    assert json.loads(run_cli("inspect", run, "--json").out)["loss_plot"] == str(run / "loss.png")
+    assert "loss plot" in run_cli("inspect", run).out
+
+
+def test_the_start_of_a_run_names_each_choice_made_for_the_user(run_cli, image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--model", "tiny", "--batch-size", "4", "--save-every", "100", "--sample-every", "100"]
+    chosen_for = run_cli("train", image_folder, *small, "--max-time", "2s", "--out", "a")
+    said = " ".join(chosen_for.err.split())
+    assert chosen_for.code == 0 and "choices made for this run" in said, chosen_for
+    for row in ("mirroring on: too few images to probe", "image size 32x32", "--image-size", "channels 3 (RGB)",
+                "precision", "steps fitted to the time budget once the speed is known --steps"):
+        assert row in said, (row, said)
+    chose_all = run_cli("train", image_folder, *small, "--steps", "1", "--image-size", "8", "--hflip", "on",
+                        "--precision", "fp32", "--channels", "3", "--out", "b")
+    assert chose_all.code == 0 and "choices made" not in chose_all.err, chose_all

@@ -182,8 +182,10 @@ def test_devices_on_the_cpu_share_the_cores(tmp_path, monkeypatch, preset, expec
     monkeypatch.setattr("torch.distributed.run.main", lambda args: seen.update(threads=os.environ["OMP_NUM_THREADS"]))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(sys, "argv", ["diffuse", "train", "--devices", "2", "--device", "cpu"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # so that what launch_devices sets is undone after the test
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")
     if preset is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS")
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", preset)
     launch_devices(2, "cpu", sys.argv[1:])

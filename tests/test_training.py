@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -67,6 +68,37 @@ def test_max_time_stops_the_run_and_without_steps_fits_them_to_the_budget(tmp_pa
         train(unfitted, DATA, tmp_path / "early", replace(OPTIONS, resume=True))
     resumed = train(unfitted, DATA, tmp_path / "early", replace(early, max_time=2.0, resume=True))
     assert resumed.stopped_by in ("steps", "time") and resumed.records[-1]["steps"] < 10**6
+
+
+def burn_cpu(start: float, stop: float, processes: int = 2) -> threading.Thread:
+    """A thread that, from `start` to `stop` seconds from now, keeps `processes` CPU-bound processes running."""
+    def load() -> None:
+        time.sleep(start)
+        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+        time.sleep(stop - start)
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    thread = threading.Thread(target=load)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("busy", [(0.2, 2.0), (3.0, 5.5)])  # busy early (the fit was too small); busy late
+def test_max_time_spends_the_whole_budget_while_the_load_on_the_machine_changes(tmp_path, busy):
+    """Two CPU-bound processes during part of a run once stopped it early (the steps fitted to a slow start) or
+    ended it with the learning rate mid-decay (a late slowdown). Now the run ends with its budget, and the
+    learning rate at its floor then."""
+    config = replace(CONFIG, train=replace(CONFIG.train, steps=10**6, warmup=5))
+    load = burn_cpu(*busy)
+    try:
+        result = train(config, DATA, tmp_path, replace(OPTIONS, max_time=6.0, fit_steps=True))
+    finally:
+        load.join()
+    last = result.records[-1]
+    assert result.stopped_by == "time" and last["step"] == result.step
+    assert 0.98 * 6.0 <= last["time"] <= 1.02 * 6.0, last
+    assert last["lr"] < 0.102 * config.train.lr, last
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("90", 90), ("10m", 600), ("1.5h", 5400), ("1d", 86400),
@@ -383,8 +415,8 @@ def test_kill_9_of_a_real_training_run(tmp_path):
         time.sleep(rng.uniform(0.5, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        _, _, info = load_model(tmp_path / "run" / MODEL_FILE)
-        model, ema = UNet(CONFIG.model), UNet(CONFIG.model)
+        _, config, info = load_model(tmp_path / "run" / MODEL_FILE)
+        model, ema = UNet(config.model), UNet(config.model)  # the built-in shapes: a conditional model
         state = load_training_state(tmp_path / "run" / STATE_FILE, model, ema,
                                     torch.optim.AdamW(model.parameters()))
         assert state["step"] >= 1
