@@ -30,7 +30,7 @@ from .config import Config, DiffusionConfig, SampleConfig, Schedule, check_choic
 from .data import ImageData, save_png
 from . import device as device_module
 from .device import pick_device, resolve_precision
-from .errors import DataError, TrainingFailed, UsageError, out_of_memory
+from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
 from .files import MODEL_FILE
 from .generate import Trajectory, fitting_batch, generate_batches
 from .samplers import SAMPLERS, check_sample_config, sampler_options
@@ -104,6 +104,7 @@ class Model:
         yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
                                     seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
                                     precision=settings.precision, labels=labels, guidance=guidance,
+                                    threshold=settings.threshold,
                                     progress=progress, callback=callback, cuda_graph=cuda_graph, log=log,
                                     **sampler_options(settings))
 
@@ -349,4 +350,4 @@ def save_grid(images: torch.Tensor | list[torch.Tensor], path: PathLike) -> None
     save_png(make_grid(images[:GRID_MAX]), path, grid_upscale(images.shape[-1]))
 
 __all__ = ["Model", "load", "train", "noise", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
-           "GRID_MAX"]
+           "ImageData", "DiffuseError", "GRID_MAX"]

@@ -114,7 +114,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
 def sample(n: opt.Count = 16, checkpoint: opt.Checkpoint = None, out_dir: opt.SamplesOut = None,
            sampler: opt.Sampler = None, steps: opt.SampleSteps = None, spacing: opt.SpacingOpt = None,
            eta: opt.Eta = None, variance: opt.VarianceOpt = None, seed: opt.Seed = None, class_: opt.ClassName = None,
-           guidance: opt.Guidance = None, batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False,
+           guidance: opt.Guidance = None, threshold: opt.ThresholdOpt = None, batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False,
            device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True) -> None:
     """Generate images from a trained checkpoint: n PNGs and grid.png (of the first 64)."""
@@ -123,7 +123,7 @@ def sample(n: opt.Count = 16, checkpoint: opt.Checkpoint = None, out_dir: opt.Sa
     require_positive(n=n)
     settings = check_sample_config(SampleConfig(**given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                                         variance=variance, seed=seed, batch_size=batch_size,
-                                                        precision=precision, guidance=guidance,
+                                                        precision=precision, guidance=guidance, threshold=threshold,
                                                         classes=tuple(class_) if class_ else None)))
     use_device(device)
     from . import api

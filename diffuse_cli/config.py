@@ -24,6 +24,7 @@ SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm+
 Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
 Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 ClassesMode = Literal["auto", "off"]
+Threshold = Literal["clip", "dynamic"]
 
 
 # The built-in shapes' default resolution: small enough that a few CPU-minutes of the `small` preset draw
@@ -43,6 +44,10 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = (8,)
     head_channels: int = 64  # channels per attention head
     dropout: float = 0.0
+    # The fewest channels in a GroupNorm group. At 1 (what checkpoints from before it say), a 16- or
+    # 32-channel layer gets groups of one channel, whose normalisation removes the time and class
+    # embedding added just before it: `tiny` ignored t. Presets that narrow set 2 (unet.group_norm).
+    norm_group_min: int = 1
     # Class names (a data folder's subfolders): a conditional model learns an embedding for each, and one
     # more, index len(class_names), for "no class" (classifier-free guidance's unconditional half). () : none.
     class_names: tuple[str, ...] = ()
@@ -108,12 +113,13 @@ class SampleConfig:
     precision: Precision = "fp32"
     classes: tuple[str, ...] = ()  # a conditional model's classes to draw, by name or index; ("all",): each
     guidance: float = 3.0  # classifier-free guidance weight w: 1 is the plain conditional model, 0 unconditional
+    threshold: Threshold = "clip"  # how x̂_0 is kept in [-1, 1]: clipped, or dynamic thresholding (Saharia et al.)
 
 
 # Named U-Net sizes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,), head_channels=16),
+                 attention_resolutions=(4,), head_channels=16, norm_group_min=2),
     "small": dict(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attention_resolutions=(8,), head_channels=48),
     "base": dict(base_channels=96, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
@@ -141,7 +147,7 @@ def validate_model(cfg: ModelConfig) -> ModelConfig:
             f"use a multiple of {factor} of at least {2 * factor} (e.g. {sizes})")
     if cfg.channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), not {cfg.channels}")
-    for name in ("base_channels", "num_res_blocks", "head_channels"):
+    for name in ("base_channels", "num_res_blocks", "head_channels", "norm_group_min"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import Config, Precision
+from .config import Config, Precision, Threshold
 from .data import make_grid, to_uint8
 from .device import autocast, layout_of, resolve_precision
 from .errors import UsageError
@@ -37,7 +37,8 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
                      precision: Precision = "fp32", clip_x0: bool = True, labels: torch.Tensor | None = None,
-                     guidance: float = 1.0, progress: Callable[[int, int], None] | None = None,
+                     guidance: float = 1.0, threshold: Threshold = "clip",
+                     progress: Callable[[int, int], None] | None = None,
                      callback: Callback | None = None, cuda_graph: bool = True,
                      log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
     """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
@@ -68,7 +69,7 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
         if classes:
             y = torch.full((count,), len(classes)) if labels is None else labels[start:start + count].long()
             batch_net = guided(net, to_device(y, device), len(classes), guidance)
-        adapted = as_eps_model(batch_net, schedule, config.diffusion.objective, clip_x0, dynamic=guidance > 1)
+        adapted = as_eps_model(batch_net, schedule, config.diffusion.objective, clip_x0, dynamic=threshold == "dynamic")
 
         def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             calls(x, t)

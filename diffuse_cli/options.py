@@ -12,7 +12,7 @@ from typing import Annotated, Any, List, Optional, get_args
 import typer
 
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
-                     Precision, SampleConfig, SamplerName, Schedule, Spacing, TrainConfig, Variance)
+                     Precision, SampleConfig, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
 
 
 def one_of(literal: Any) -> str:
@@ -110,6 +110,9 @@ ClassName = Annotated[Optional[List[str]], typer.Option("--class", help="A condi
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance weight w with --class: 1 is the "
                                                    "plain conditional model, more follows the class more closely."
                                                    f"{default(S.guidance)}")]
+ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", help=f"How the predicted image is kept in "
+                                                     f"range: {one_of(Threshold)} (Imagen's, for strong --guidance)."
+                                                     f"{default(S.threshold)}")]
 SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
                                                         f"(fp16: GPUs; auto: as train picks).{default(S.precision)}")]
 

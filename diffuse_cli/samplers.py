@@ -20,7 +20,8 @@ from typing import Callable, Sequence, get_args
 
 import torch
 
-from .config import Precision, SampleConfig, SamplerName, Spacing, Variance, check_choice, require_positive
+from .config import (Precision, SampleConfig, SamplerName, Spacing, Threshold, Variance, check_choice,
+                     require_positive)
 from .errors import ConfigError, UsageError
 from .fast_ops import to_device
 from .objectives import EpsModel
@@ -312,6 +313,7 @@ def check_sample_config(cfg: SampleConfig, timesteps: int | None = None) -> Samp
         raise UsageError(f"--eta {cfg.eta} is above 1: ddim's step has no room for more noise than DDPM's (eta 1)")
     if cfg.variance is not None:
         check_choice(cfg.variance, Variance, "variance")
+    check_choice(cfg.threshold, Threshold, "threshold")
     if cfg.guidance < 0:
         raise UsageError(f"--guidance must be at least 0, not {cfg.guidance}")
     if timesteps is not None and cfg.steps > timesteps:

@@ -24,8 +24,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+def group_norm(channels: int, min_per_group: int = 1) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups (Ho et al.), halved until each holds at least min_per_group channels.
+
+    A group of one channel subtracts that channel's mean, and with it the per-channel bias that the
+    time and class embeddings add just before: min_per_group 2 keeps them (ModelConfig.norm_group_min)."""
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < min_per_group:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -45,12 +52,12 @@ class Dropout(nn.Dropout):
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + projected SiLU(embedding), GroupNorm, SiLU, dropout, conv; skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, norm_min: int = 1):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_min)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_ch, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_min)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -65,10 +72,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, through SDPA (fused kernels on GPUs)."""
 
-    def __init__(self, ch: int, head_channels: int):
+    def __init__(self, ch: int, head_channels: int, norm_min: int = 1):
         super().__init__()
         self.heads = max(1, ch // head_channels)
-        self.norm = group_norm(ch)
+        self.norm = group_norm(ch, norm_min)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -113,10 +120,11 @@ class Upsample(nn.Module):
 class Stage(nn.Module):
     """A residual block, followed by attention at the chosen resolutions."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, attn: bool, head_channels: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, attn: bool, head_channels: int,
+                 norm_min: int = 1):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_ch, dropout)
-        self.attn = Attention(out_ch, head_channels) if attn else None
+        self.res = ResBlock(in_ch, out_ch, emb_ch, dropout, norm_min)
+        self.attn = Attention(out_ch, head_channels, norm_min) if attn else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, emb)
@@ -132,8 +140,9 @@ class UNet(nn.Module):
         base, emb_ch = cfg.base_channels, 4 * cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.conv_in = nn.Conv2d(cfg.channels, base, 3, padding=1)
+        norm_min = cfg.norm_group_min
         stage = lambda i, o, res: Stage(i, o, emb_ch, cfg.dropout, res in cfg.attention_resolutions,  # noqa: E731
-                                        cfg.head_channels)
+                                        cfg.head_channels, norm_min)
 
         self.down = nn.ModuleList()
         skips, ch, res = [base], base, cfg.image_size
@@ -147,8 +156,8 @@ class UNet(nn.Module):
                 skips.append(ch)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, cfg.dropout), Attention(ch, cfg.head_channels),
-                                  ResBlock(ch, ch, emb_ch, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min),
+                                  Attention(ch, cfg.head_channels, norm_min), ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -159,10 +168,10 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
-        # Made last, so that a conditional model's other weights start as the unconditional one's would. Zero:
-        # every class starts as "no class", and the net learns what each adds.
-        self.class_emb = zero_init(nn.Embedding(len(cfg.class_names) + 1, emb_ch)) if cfg.class_names else None
+        self.out = nn.Sequential(group_norm(ch, norm_min), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
+        # Made last, so that a conditional model's other weights start as the unconditional one's would. Not
+        # zero: the residual branches start at zero, so a zero embedding would get no gradient for many steps.
+        self.class_emb = nn.Embedding(len(cfg.class_names) + 1, emb_ch) if cfg.class_names else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """labels: (B,) class indices, len(class_names) for "no class" (None: no class for every image)."""

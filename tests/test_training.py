@@ -139,12 +139,12 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
     """fp16 (GPUs without bf16, such as the T4) trains through a gradient scaler whose scale halves on each
     overflow: a resume that started it afresh would skip steps that the unbroken run took. Run on the CPU,
     which autocasts fp16 too (the CLI refuses it there only for speed), from a scale that overflows this
-    network's gradients at step 1 and not at steps 2 to 4 (2^20; 2^16 overflows larger networks so)."""
+    network's gradients at step 1 and not at steps 2 to 4 (2^19; 2^16 overflows larger networks so)."""
     from diffuse_cli import generate as generate_module
 
     monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: precision)
     monkeypatch.setattr(generate_module, "resolve_precision", lambda precision, device: precision)
-    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**20))
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**19))
     config = replace(CONFIG, train=replace(CONFIG.train, precision="fp16", lr=0.05))
     straight = train(config, DATA, tmp_path / "a", OPTIONS)
     train(config, DATA, tmp_path / "b", OPTIONS, Hooks(should_stop=lambda step: step == 3))
@@ -154,7 +154,7 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
     train(config, DATA, tmp_path / "b", replace(OPTIONS, resume=True))
     (wa, _), (wb, _) = weights(tmp_path / "a" / MODEL_FILE), weights(tmp_path / "b" / MODEL_FILE)
     assert straight.step == 6 and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert saved is not None and saved["scale"] == 2.0**19  # halved once, by the overflow of step 1
+    assert saved is not None and saved["scale"] == 2.0**18  # halved once, by the overflow of step 1
 
 
 @pytest.mark.parametrize("available, warned", [(1 << 50, False), (1 << 20, True)])

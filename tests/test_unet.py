@@ -134,3 +134,23 @@ def test_layer_outputs_counts_every_layer_of_a_whole_batch_and_leaves_the_model_
     assert layer_outputs(model, 3) == whole_batch  # counted on one image, scaled to three
     assert model.training and torch.equal(torch.get_rng_state(), rng)  # no dropout draw, mode kept
     assert all(len(m._forward_hooks) == 1 for m in leaves)  # only the test's own: layer_outputs' are removed
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_hears_the_time_and_the_class(preset):
+    """The embedding adds a bias per channel before a GroupNorm; a group of one channel would subtract it again
+    (as `tiny` did, with norm_group_min 1: its output did not depend on t)."""
+    cfg = model_config(preset, image_size=16 if preset == "tiny" else 32, class_names=("a", "b"))
+    torch.manual_seed(0)
+    net = UNet(cfg).eval()
+    for p in net.parameters():  # the zero-initialised residual branches would hide everything
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        y = {(t, k): net(x, torch.tensor([t]), torch.tensor([k])) for t in (10, 900) for k in (0, 1)}
+    assert not torch.allclose(y[10, 0], y[900, 0], atol=1e-4) and not torch.allclose(y[10, 0], y[10, 1], atol=1e-4)
+    if preset == "tiny":  # the old grouping, which checkpoints saved before norm_group_min keep
+        old = UNet(model_config("tiny", image_size=16, norm_group_min=1)).eval()
+        old.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("class_emb")})
+        with torch.no_grad():
+            assert torch.allclose(old(x, torch.tensor([10])), old(x, torch.tensor([900])), atol=1e-5)
