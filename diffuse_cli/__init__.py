@@ -6,7 +6,7 @@ It is loaded on first use, so that `diffuse --help` does not wait for torch.
 
 __version__ = "0.1.0"
 
-_API = ("Model", "load", "train", "noise", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
+_API = ("Model", "load", "train", "noise", "explore", "write_explorer", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
         "ImageData", "DiffuseError")
 
 

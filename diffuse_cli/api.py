@@ -31,7 +31,7 @@ from .data import ImageData, save_png
 from . import device as device_module
 from .device import pick_device, resolve_precision
 from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
-from .files import MODEL_FILE
+from .files import MODEL_FILE, atomic_write_bytes
 from .generate import Trajectory, fitting_batch, generate_batches
 from .samplers import SAMPLERS, check_sample_config, sampler_options
 from .schedule import NoiseSchedule
@@ -194,9 +194,11 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
 
+    # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
+    given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
     options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, max_time=seconds,
                       fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
-                      chosen=frozenset(settings) | (frozenset() if folder else {"image_size", "channels"}))
+                      chosen=frozenset(settings) | given_by_data)
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -276,6 +278,66 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
     return torch.stack([to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in ts])
 
 
+def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: int = 60, seed: int = 0,
+            class_name: str | None = None, guidance: float = SampleConfig.guidance):
+    """The time slider's frames (slider.Frames) for an image (a file, resized and cropped as training does,
+    or a uint8 (C, H, W) tensor at the model's size; None: one of the run's training images), walking back
+    into `class_name` on a conditional model."""
+    from .slider import explore_frames
+
+    if frames < 2:
+        raise UsageError(f"--frames must be at least 2, not {frames}")
+    label = None
+    if class_name is not None:
+        labels = model.class_labels(1, SampleConfig(classes=(class_name,)))
+        label = int(labels[0])
+    x = _explore_image(model, image, seed) if not isinstance(image, torch.Tensor) else image
+    m = model.config.model
+    if tuple(x.shape) != (m.channels, m.image_size, m.image_size):
+        raise DataError(f"the image is {tuple(x.shape)}; this model takes ({m.channels}, {m.image_size}, "
+                        f"{m.image_size})")
+    return explore_frames(model.net, model.config, x, frames, seed, label, guidance if label is not None else 1.0)
+
+
+def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Tensor:
+    """The image to explore, decoded as training decodes it: a file, or else one of the run's training images."""
+    from . import runs
+    from .data import BUILTIN, decode_image, find_files, is_grayscale
+    from .shapes import render_shapes
+
+    m = model.config.model
+    if image is None:
+        data = model.info.get("data")
+        if data == BUILTIN:
+            return render_shapes(seed + 1, m.image_size, seed=0)[seed]
+        folder = None
+        if model.path is not None and (model.path.parent / "training_state.safetensors").exists():
+            folder = runs.data_of_run(model.path.parent)
+        files = find_files(Path(folder)) if folder else []
+        if not files:
+            raise UsageError("the run's training images are not here; name an image: diffuse explore photo.png")
+        image = files[seed % len(files)]
+    path = Path(image)
+    if path.is_dir() or not path.is_file():
+        raise DataError(f"{path}: {'is a folder; give one image file' if path.is_dir() else 'no such file'}")
+    try:
+        rgb = decode_image(path, m.image_size, 3)
+    except Exception as e:  # any decoder failure is the user's file, not our bug
+        raise DataError(f"{path}: cannot read as an image ({e})") from None
+    if m.channels == 1 and not is_grayscale(rgb):
+        raise DataError(f"{path} is in colour, and this model is grayscale (1 channel): give a grayscale image")
+    return rgb[:1] if m.channels == 1 else rgb
+
+
+def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
+    """Write the time slider's page (slider_page) to `path`, atomically; returns the path."""
+    from .slider_page import page
+
+    path = Path(path)
+    atomic_write_bytes(path, page(frames, title).encode())
+    return path
+
+
 def save_images(images: torch.Tensor, folder: PathLike, start: int = 0, digits: int = 4,
                 grid: bool = True) -> list[Path]:
     """Write uint8 (N, C, H, W) images as folder/NNNN.png (numbered from `start`), and grid.png of the
@@ -349,5 +411,5 @@ def save_grid(images: torch.Tensor | list[torch.Tensor], path: PathLike) -> None
     images = torch.cat(images) if isinstance(images, list) else images
     save_png(make_grid(images[:GRID_MAX]), path, grid_upscale(images.shape[-1]))
 
-__all__ = ["Model", "load", "train", "noise", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
+__all__ = ["Model", "load", "train", "noise", "explore", "write_explorer", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
            "ImageData", "DiffuseError", "GRID_MAX"]

@@ -184,6 +184,33 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
     out.print(f"wrote {target} ({size}; {schedule} schedule, T = {timesteps})", highlight=False)
 
 
+@app.command(epilog="Examples:\n\n  diffuse explore                               # newest checkpoint, a training image\n\n"
+             "  diffuse explore photo.png --checkpoint checkpoints/run --open\n\n"
+             "  diffuse explore --class circle                # walk back into a circle")
+def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, class_: opt.OneClass = None,
+            guidance: opt.Guidance = None, frames: opt.Frames = 60, seed: opt.NoiseSeed = 0,
+            out_path: opt.ExploreOut = Path("explore.html"), open_page: opt.Open = False,
+            device: opt.Device = "auto") -> None:
+    """Write the time slider: one HTML page where an image dissolves into static and the model walks back out."""
+    if out_path.is_dir() or out_path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {out_path}: diffuse explore writes an HTML page; name it e.g. explore.html")
+    use_device(device)
+    from . import api
+
+    model = api.load(checkpoint, device)
+    with progress_bar() as bar:
+        bar.add_task("computing the frames", total=None)
+        shown = api.explore(model, image, frames, seed, class_, SampleConfig.guidance if guidance is None else guidance)
+    path = api.write_explorer(shown, out_path, f"diffuse: {model.path.parent.name}, the time slider")
+    size = shown.forward.shape[-1]
+    out.print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB: {len(shown.ks)} values of t, {size}x{size}); open it "
+              "in a browser", highlight=False)
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
 @app.command(epilog="Examples:\n\n  diffuse inspect checkpoints/run/model.safetensors\n\n"
              "  diffuse inspect checkpoints/run --json")
 def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:

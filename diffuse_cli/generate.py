@@ -33,6 +33,36 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
     return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
 
 
+class Denoiser:
+    """A trained network as the samplers' ε-model: in its precision and memory layout, replayed as a CUDA graph
+    on CUDA (unless cuda_graph=False, or its capture fails: `log` says so), its objective adapted, and for a
+    conditional model, guided towards the classes asked."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, precision: Precision = "fp32",
+                 cuda_graph: bool = True, log: Callable[[str], None] = lambda message: None):
+        self.config, self.device = config, next(model.parameters()).device
+        precision = resolve_precision(precision, self.device)  # 'auto' as training picks it; fp16 only on GPUs
+        layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
+        self.schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
+
+        def network(x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
+            with autocast(precision, self.device):
+                return model(x.contiguous(memory_format=layout), t, *y)
+        fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
+        self.net = graphed_forward(network, fallback) if cuda_graph and self.device.type == "cuda" else network
+
+    def eps_model(self, count: int, labels: torch.Tensor | None = None, guidance: float = 1.0, clip_x0: bool = True,
+                  threshold: Threshold = "clip") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The ε-model for a batch of `count` images of classes `labels` (None: no class asked)."""
+        classes, net = self.config.model.class_names, self.net
+        if labels is not None and not classes:
+            raise UsageError("this model was trained without classes; sample it without --class")
+        if classes:
+            y = torch.full((count,), len(classes)) if labels is None else labels.long()
+            net = guided(net, to_device(y, self.device), len(classes), guidance)
+        return as_eps_model(net, self.schedule, self.config.diffusion.objective, clip_x0, dynamic=threshold == "dynamic")
+
+
 @torch.no_grad()
 def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
@@ -47,37 +77,22 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     class; labels None: none asked), with classifier-free guidance of weight `guidance`."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    classes = config.model.class_names
-    if labels is not None and not classes:
-        raise UsageError("this model was trained without classes; sample it without --class")
-    device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)  # 'auto' as training picks it; fp16 only on GPUs
-    layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
-    schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
-
-    def network(x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, device):
-            return model(x.contiguous(memory_format=layout), t, *y)
-    fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
-    net = graphed_forward(network, fallback) if cuda_graph and device.type == "cuda" else network
+    denoiser = Denoiser(model, config, precision, cuda_graph, log)
     total_calls, calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), CountingModel(lambda x, t: None)
-
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        batch_net = net
-        if classes:
-            y = torch.full((count,), len(classes)) if labels is None else labels[start:start + count].long()
-            batch_net = guided(net, to_device(y, device), len(classes), guidance)
-        adapted = as_eps_model(batch_net, schedule, config.diffusion.objective, clip_x0, dynamic=threshold == "dynamic")
+        adapted = denoiser.eps_model(count, None if labels is None else labels[start:start + count], guidance,
+                                     clip_x0, threshold)
 
         def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             calls(x, t)
             if progress:
                 progress(calls.nfe, total_calls)
             return adapted(x, t)
-        x = sample(eps_model, (count, c, s, s), schedule, sampler, steps, image_generators(seed, start, count),
-                   spacing=spacing, device=device, callback=callback, **options)
+        x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps,
+                   image_generators(seed, start, count), spacing=spacing, device=denoiser.device, callback=callback,
+                   **options)
         yield to_uint8(x).cpu()
 
 

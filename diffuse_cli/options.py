@@ -129,6 +129,15 @@ MaxSide = Annotated[int, typer.Option(help="Without --image-size, shrink an imag
 
 NoiseSeed = Annotated[int, typer.Option("--seed", help="Seed of the noise ε (the same ε at every t).")]
 
+# -- explore ----------------------------------------------------------------------------------
+ExploreImage = Annotated[Optional[Path], typer.Argument(help="An image to noise and restore. \\[default: one of the "
+                                                        "run's training images]", show_default=False)]
+Frames = Annotated[int, typer.Option(help="Values of t the page holds (from 0 to T); more is smoother and larger.")]
+ExploreOut = Annotated[Path, typer.Option("--out", help="The page to write.")]
+OneClass = Annotated[Optional[str], typer.Option("--class", help="A conditional model's class to walk back into, "
+                                                 "by name or index.")]
+Open = Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")]
+
 # -- inspect ----------------------------------------------------------------------------------
 CheckpointPath = Annotated[Path, typer.Argument(help="A .safetensors checkpoint, or a run folder (in a folder of "
                                                 "runs, the newest).", show_default=False)]
