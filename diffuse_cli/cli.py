@@ -259,17 +259,9 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     """Train a denoising diffusion model (DDPM) on a folder of images, and sample from it."""
 
 
-def bare_hflip(argv: list[str]) -> list[str]:
-    """`--hflip` alone (a flag before it took a value) means `--hflip on`: at the end, or before another
-    option or an existing path (`diffuse train --hflip photos`)."""
-    def bare(i: int) -> bool:
-        return i + 1 == len(argv) or argv[i + 1].startswith("-") or Path(argv[i + 1]).exists()
-    return [w for i, a in enumerate(argv) for w in ([a, "on"] if i and a == "--hflip" and bare(i) else [a])]
-
-
 def main() -> None:
     """Entry point: known failures become one line on stderr and a non-zero exit, never a traceback."""
-    sys.argv = bare_hflip(sys.argv)
+    sys.argv = opt.bare_hflip(sys.argv)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

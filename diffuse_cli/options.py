@@ -89,6 +89,14 @@ ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditi
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
 
+def bare_hflip(argv: list[str]) -> list[str]:
+    """`--hflip` alone (a flag before it took a value) means `--hflip on`: at the end, or before another
+    option or an existing path (`diffuse train --hflip photos`)."""
+    def bare(i: int) -> bool:
+        return i + 1 == len(argv) or argv[i + 1].startswith("-") or Path(argv[i + 1]).exists()
+    return [w for i, a in enumerate(argv) for w in ([a, "on"] if i and a == "--hflip" and bare(i) else [a])]
+
+
 # -- sample -----------------------------------------------------------------------------------
 Count = Annotated[int, typer.Option("-n", "--num", help="How many images.")]
 SamplesOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs. \\[default: samples/<run>-step"
