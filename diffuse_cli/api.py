@@ -104,9 +104,19 @@ class Model:
         yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
                                     seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
                                     precision=settings.precision, labels=labels, guidance=guidance,
-                                    threshold=settings.threshold,
+                                    threshold=settings.threshold, class_weights=self.class_weights(),
                                     progress=progress, callback=callback, cuda_graph=cuda_graph, log=log,
                                     **sampler_options(settings))
+
+    def class_weights(self) -> torch.Tensor | None:
+        """How often the training data had each class, and then no class (images directly in the folder):
+        what a sample with no class asked draws its classes from. None: equally."""
+        counts = self.info.get("class_counts")
+        names = self.config.model.class_names
+        if not names or not isinstance(counts, dict) or set(counts) != set(names):
+            return None
+        unlabelled = max(0, int(self.info.get("data_size", 0)) - sum(counts.values()))
+        return torch.tensor([counts[name] for name in names] + [unlabelled], dtype=torch.float64)
 
     def sampling_batch(self, batch_size: int, log: Callable[[str], None] = lambda message: None,
                        copies: int = 1) -> int:

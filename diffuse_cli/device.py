@@ -31,6 +31,15 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (splitmix64), so nearby steps get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
 def cpu_has_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
     try:

@@ -8,7 +8,7 @@ import torch
 
 from .config import Config, Precision, Threshold
 from .data import make_grid, to_uint8
-from .device import autocast, layout_of, resolve_precision
+from .device import autocast, layout_of, mix_seed, resolve_precision
 from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
@@ -31,6 +31,19 @@ def fitting_batch(model: torch.nn.Module, batch_size: int, available: int) -> in
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
     """One generator per image: image i always gets the noise of seed + i, whatever the batching."""
     return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+
+
+def random_classes(seed: int, n: int, classes: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """A class for each of n images, image i's from its own seed (so independent of the batching), drawn with
+    `weights` (one a class, then one for "no class"; None: classes equally).
+
+    A conditional model's "no class" half learns only from the images whose label was dropped in
+    training, and draws worse images than its classes do: a class drawn as often as the data has it,
+    then the conditional model, draws the data as a whole (p(x) = Σ_c p(c) p(x | c)) better."""
+    weights = torch.ones(classes) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    draws = [torch.multinomial(weights.double(), 1, generator=torch.Generator().manual_seed(mix_seed(seed + i, 5)))
+             for i in range(n)]
+    return torch.cat(draws)
 
 
 class Denoiser:
@@ -67,17 +80,20 @@ class Denoiser:
 def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
                      precision: Precision = "fp32", clip_x0: bool = True, labels: torch.Tensor | None = None,
-                     guidance: float = 1.0, threshold: Threshold = "clip",
+                     guidance: float = 1.0, threshold: Threshold = "clip", class_weights: torch.Tensor | None = None,
                      progress: Callable[[int, int], None] | None = None,
                      callback: Callback | None = None, cuda_graph: bool = True,
                      log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
     """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
     CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
     `log` says so). A conditional model draws image i of class labels[i] (len(class_names): no
-    class; labels None: none asked), with classifier-free guidance of weight `guidance`."""
+    class), with classifier-free guidance of weight `guidance`; with no labels asked, each image's class
+    is drawn (random_classes), so that the images follow the data as a whole."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     denoiser = Denoiser(model, config, precision, cuda_graph, log)
+    if labels is None and config.model.class_names:
+        labels, guidance = random_classes(seed, n, len(config.model.class_names), class_weights), 1.0
     total_calls, calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), CountingModel(lambda x, t: None)
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):

@@ -20,15 +20,6 @@ from .objectives import diffusion_loss
 from .schedule import NoiseSchedule
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (splitmix64), so nearby steps get unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def lr_at(step: int, tc: TrainConfig, progress: float | None) -> float:
     """Linear warm-up over tc.warmup steps, then constant, or cosine decay to 10% as `progress` (the share of
     the steps or time after the warm-up: budget.Budget.progress) goes from 0 to 1 (None: not begun)."""

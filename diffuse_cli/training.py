@@ -24,7 +24,7 @@ from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config, SampleConfig
 from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_image, save_png, to_model
-from .device import memory_available, memory_format, precision_reason, resolve_precision
+from .device import memory_available, memory_format, mix_seed, precision_reason, resolve_precision
 from .errors import TrainingFailed, UsageError
 from .fast_ops import to_device
 from .files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
@@ -34,7 +34,7 @@ from .mirror import MirrorVerdict, probe_data
 from .plots import loss_plot
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
-from .step import StepTensors, ema_decay, lr_at, make_optimizer, mix_seed, optimizer_step, set_lr
+from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
 from .unet import UNet, count_parameters, layer_outputs
 
 GRID_IMAGES = 16

@@ -211,3 +211,13 @@ def test_a_checkpoint_from_before_classes_loads_and_samples_unchanged(tmp_path):
     new, before = diffuse.load(path, "cpu"), diffuse.load(tmp_path / "old.safetensors", "cpu")
     assert before.config.model.class_names == () and before.config.model.norm_group_min == 1
     assert torch.equal(before.sample(3, steps=3), new.sample(3, steps=3))
+
+
+def test_with_no_class_asked_each_image_draws_its_class_as_often_as_the_data_had_it():
+    from diffuse_cli.generate import random_classes
+
+    weights = torch.tensor([600.0, 300.0, 100.0, 0.0])  # three classes, no image without one
+    drawn = random_classes(7, 6000, 3, weights)
+    assert torch.equal(drawn[100:200], random_classes(107, 100, 3, weights))  # image i's own: seed + i
+    share = torch.bincount(drawn, minlength=4) / 6000.0
+    assert torch.allclose(share, weights / weights.sum(), atol=4 * math.sqrt(0.25 / 6000))
