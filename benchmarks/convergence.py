@@ -160,6 +160,7 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         model, config, info = load_model(run / "model.safetensors")
         held_out = render(args.samples, config.model.image_size, seed=1)  # at the model's resolution
+        held_out = held_out[:, :config.model.channels]  # glyphs are gray, and train a 1-channel model
         fds = [image_fd(held_out, generate(model, config, args.samples, seed=seed, batch_size=128)[0])
                for seed in seeds]
         results[name] = {"steps": info["step"], "images_seen": info["images_seen"], "fd": fds}

@@ -166,7 +166,7 @@ def test_train_on_subfolders_learns_their_classes_and_sample_draws_them_by_name(
     assert "dog (5 images)" in " ".join(run_cli("inspect", "run").out.split())
 
     drawn = run_cli("sample", "--checkpoint", "run", "--class", "dog", "--class", "0", "-n", "2", "--steps", "2",
-                    "--out", "drawn")
+                    "--guidance", "3", "--out", "drawn")
     assert drawn.code == 0 and "each on the batch twice over (guidance)" in drawn.out, drawn
     assert sorted(p.name for p in (tmp_path / "drawn").glob("0*.png")) == ["0000-dog.png", "0001-dog.png",
                                                                            "0002-cat.png", "0003-cat.png"]
