@@ -13,7 +13,7 @@ from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
 from .objectives import as_eps_model, guided
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, CountingModel, sample
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample
 from .schedule import NoiseSchedule
 from .unet import layer_outputs
 
@@ -94,7 +94,7 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     denoiser = Denoiser(model, config, precision, cuda_graph, log)
     if labels is None and config.model.class_names:
         labels, guidance = random_classes(seed, n, len(config.model.class_names), class_weights), 1.0
-    total_calls, calls = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), CountingModel(lambda x, t: None)
+    total_calls, done = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), 0
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
@@ -102,9 +102,10 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
                                      clip_x0, threshold)
 
         def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            calls(x, t)
+            nonlocal done
+            done += 1
             if progress:
-                progress(calls.nfe, total_calls)
+                progress(done, total_calls)
             return adapted(x, t)
         x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps,
                    image_generators(seed, start, count), spacing=spacing, device=denoiser.device, callback=callback,
