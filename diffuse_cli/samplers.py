@@ -3,12 +3,13 @@
 An ε-model is any callable `(x_t, t) -> ε̂` with t a (B,) tensor of step indices (integer, or
 fractional where a sampler needs times between steps). Every sampler has the signature
 
-    sampler(eps_model, x, schedule, timesteps, generator=None, callback=None, **options) -> x_0
+    sampler(eps_model, x, schedule, timesteps, generator=None, callback=None, end=None, **options) -> x_0
 
 where `timesteps` is a descending 1-D tensor of the steps to visit (see `spaced_timesteps`);
-after the last one the sampler lands on the clean image. `callback(i, x_t, x0_hat)` sees
-every step. `generator` is a torch.Generator, or a list of them, one per image, so that an
-image's noise does not depend on what else is in its batch.
+after the last one the sampler lands on the clean image, or, given `end` (a step below the
+last), on x_end: a stretch of a longer path, as RePaint's resampling runs (editing.py).
+`callback(i, x_t, x0_hat)` sees every step. `generator` is a torch.Generator, or a list of
+them, one per image, so that an image's noise does not depend on what else is in its batch.
 """
 
 from __future__ import annotations
@@ -61,36 +62,38 @@ def _predict(eps_model: EpsModel, x: torch.Tensor, t: torch.Tensor, ab: float, i
     return eps, x0
 
 
-def _with_clean_end(alpha_bar: torch.Tensor) -> tuple[list[float], list[float]]:
-    """ᾱ at each visited step, and at the step after it (1 after the last: the clean image)."""
-    ab = alpha_bar.tolist()
-    return ab, ab[1:] + [1.0]
+def _with_end(schedule: NoiseSchedule, timesteps: torch.Tensor,
+              end: torch.Tensor | None) -> tuple[list[float], list[float]]:
+    """ᾱ at each visited step, and at the step after it: after the last, ᾱ at `end`, or 1 (the clean image)."""
+    ab = schedule.alpha_bar_at(timesteps).tolist()
+    return ab, ab[1:] + [1.0 if end is None else schedule.alpha_bar_at(torch.as_tensor(end)).item()]
 
 
 def ddpm(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
          generator: Generator = None, callback: Callback | None = None,
-         variance: Variance = "posterior") -> torch.Tensor:
+         end: torch.Tensor | None = None, variance: Variance = "posterior") -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on respaced steps (Nichol & Dhariwal 2021, §4).
 
     variance='posterior' uses σ_t² = β̃_t, variance='beta' uses σ_t² = β_t.
     """
-    ab_all, ab_prev_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    ab_all, ab_prev_all = _with_end(schedule, timesteps, end)
     for i, t in enumerate(timesteps):
         ab, ab_prev = ab_all[i], ab_prev_all[i]
         beta = 1 - ab / ab_prev
         _, x0 = _predict(eps_model, x, t, ab, i, callback)
         # Posterior mean of q(x_{t-1} | x_t, x_0), eq. 7, with x_0 predicted.
         x = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
-        if i < len(timesteps) - 1:
+        if ab_prev < 1.0:  # every step but the one to the clean image adds noise
             var = beta * (1 - ab_prev) / (1 - ab) if variance == "posterior" else beta
             x = x + math.sqrt(var) * randn(x.shape, generator, x.device)
     return x
 
 
 def ddim(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-         generator: Generator = None, callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+         generator: Generator = None, callback: Callback | None = None, end: torch.Tensor | None = None,
+         eta: float = 0.0) -> torch.Tensor:
     """DDIM, eq. 12 of Song et al. 2021; eta=0 is deterministic, eta=1 is DDPM's posterior noise."""
-    ab_all, ab_prev_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    ab_all, ab_prev_all = _with_end(schedule, timesteps, end)
     for i, t in enumerate(timesteps):
         ab, ab_prev = ab_all[i], ab_prev_all[i]
         eps, x0 = _predict(eps_model, x, t, ab, i, callback)
@@ -110,8 +113,8 @@ D2_WEIGHT = 1.0
 
 
 def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-          generator: Generator = None, callback: Callback | None = None, order: int = 2,
-          eta: float = 0.0) -> torch.Tensor:
+          generator: Generator = None, callback: Callback | None = None, end: torch.Tensor | None = None,
+          order: int = 2, eta: float = 0.0) -> torch.Tensor:
     """DPM-Solver++(2M) and (3M), Lu et al. 2022: multistep, data prediction, in λ = log(α/σ).
 
     Each step integrates x̂_0(λ) against the exponential weight, with x̂_0 extrapolated from the
@@ -123,7 +126,7 @@ def dpmpp(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, not {order}")
-    ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
+    ab_all, ab_next_all = _with_end(schedule, timesteps, end)
     x0s, hs = [], []  # previous predictions and step sizes, newest last
     for i, t in enumerate(timesteps):
         ab, ab_next = ab_all[i], ab_next_all[i]
@@ -188,12 +191,13 @@ def _unipc_step(x: torch.Tensor, x0s: list[torch.Tensor], lams: list[float], lam
 
 
 def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-          generator: Generator = None, callback: Callback | None = None, order: int = 3) -> torch.Tensor:
+          generator: Generator = None, callback: Callback | None = None, end: torch.Tensor | None = None,
+          order: int = 3) -> torch.Tensor:
     """UniPC, Zhao et al. 2023: a multistep predictor (UniP-p, data prediction) and a corrector
     (UniC) that re-uses the network call at the new point, raising the order by one for free.
     Orders are lowered on the first steps (no history yet) and on the last ones."""
-    ab_all, ab_next_all = _with_clean_end(schedule.alpha_bar_at(timesteps))
-    lams = [_lam(ab) for ab in ab_all]
+    ab_all, ab_next_all = _with_end(schedule, timesteps, end)
+    lams = [_lam(ab) for ab in ab_all + ab_next_all[-1:] if ab < 1.0]  # and at `end`, if given
     x0s: list[torch.Tensor] = []
     last = None  # the arguments of the last predictor step, for its correction
     for i, t in enumerate(timesteps):
@@ -210,10 +214,11 @@ def unipc(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timeste
 
 
 def heun(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-         generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
+         generator: Generator = None, callback: Callback | None = None,
+         end: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic Heun, Algorithm 1 of Karras et al. 2022, in x̃ = x_t / sqrt(ᾱ_t) where dx̃/dσ = ε."""
-    sigmas = schedule.sigma_at(timesteps).tolist() + [0.0]
-    ts = list(timesteps) + [None]
+    ts = list(timesteps) + [None if end is None else torch.as_tensor(end)]
+    sigmas = schedule.sigma_at(timesteps).tolist() + [0.0 if end is None else schedule.sigma_at(ts[-1]).item()]
     x = x * math.sqrt(1 + sigmas[0] ** 2)
     eps_at = lambda x_tilde, i: eps_model(x_tilde / math.sqrt(1 + sigmas[i] ** 2), _t(ts[i], x_tilde))  # noqa: E731
     for i in range(len(timesteps)):
@@ -225,7 +230,7 @@ def heun(eps_model: EpsModel, x: torch.Tensor, schedule: NoiseSchedule, timestep
         if s_next > 0:  # second-order correction, except on the last step to σ = 0
             x_next = x + (s_next - s) * 0.5 * (d + eps_at(x_next, i + 1))
         x = x_next
-    return x
+    return x / math.sqrt(1 + sigmas[-1] ** 2)  # back from x̃ to x_end (a no-op at σ = 0)
 
 
 # -- which steps to visit ------------------------------------------------------------------
@@ -314,6 +319,11 @@ def check_sample_config(cfg: SampleConfig, timesteps: int | None = None) -> Samp
     if cfg.variance is not None:
         check_choice(cfg.variance, Variance, "variance")
     check_choice(cfg.threshold, Threshold, "threshold")
+    if not 0 < cfg.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1] (1: from pure noise, near 0: the init as it is), not "
+                         f"{cfg.strength}")
+    if cfg.resample_jumps < 0:
+        raise UsageError(f"--resample-jumps must be at least 0, not {cfg.resample_jumps}")
     if cfg.guidance < 0:
         raise UsageError(f"--guidance must be at least 0, not {cfg.guidance}")
     if timesteps is not None and cfg.steps > timesteps:

@@ -237,3 +237,36 @@ def test_no_float64_reaches_a_device_that_has_none(sampler, monkeypatch):
     for spacing, x in narrow.items():  # float32 holds a step near T = 1000 to 6e-5 of a step; the third-order
         # solvers' extrapolation makes that up to 3e-4 of x after 6 steps (measured)
         assert x.dtype == torch.float32 and torch.allclose(x, wide[spacing], atol=1e-3), spacing
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "heun"])
+def test_a_path_run_in_two_stretches_is_the_path(sampler):
+    """`end` stops a sampler at a noisy step; a one-step sampler (no history) continued from there from the
+    same generator retraces the whole run: the contract RePaint's resampling stands on."""
+    schedule, model = NoiseSchedule.make("linear"), GAUSSIAN.eps_model(NoiseSchedule.make("linear"))
+    fn, ts = SAMPLERS[sampler].fn, spaced_timesteps(schedule, 20, SAMPLERS[sampler].spacing)
+    x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = fn(model, x_T, schedule, ts, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    middle = fn(model, x_T, schedule, ts[:8], generator=g, end=ts[8])
+    assert not torch.allclose(middle, whole, atol=0.05)  # it stopped on the way
+    split = fn(model, middle, schedule, ts[8:], generator=g)
+    assert torch.allclose(split, whole, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_stopped_at_end_has_the_noisy_marginal_there(sampler):
+    """x_end of a Gaussian N(m, Σ) is N(sqrt(ᾱ) m, ᾱ Σ + (1 - ᾱ) I) at the stop (the same errors as
+    test_gaussian_mean_and_covariance allow)."""
+    schedule = NoiseSchedule.make("cosine")
+    ts = spaced_timesteps(schedule, steps_for_nfe(sampler, CONVERGED[sampler]), SAMPLERS[sampler].spacing)
+    keep = len(ts) // 2
+    model = GAUSSIAN.eps_model(schedule)
+    x_T = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = SAMPLERS[sampler].fn(model, x_T, schedule, ts[:keep], generator=torch.Generator().manual_seed(1),
+                             end=ts[keep]).double()
+    ab = schedule.alpha_bar_at(ts[keep:keep + 1]).item()
+    assert 0.05 < ab < 0.95  # a stop well inside the path
+    cov = ab * GAUSSIAN.covariance() + (1 - ab) * torch.eye(2, dtype=torch.float64)
+    assert torch.allclose(x.mean(0), math.sqrt(ab) * GAUSSIAN.mean(), atol=4 * 0.01 + 0.01)
+    assert torch.allclose(torch.cov(x.T), cov, atol=4 * 0.015 + 0.01)
