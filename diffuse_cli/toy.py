@@ -44,6 +44,19 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covs)
         return self.means[k] + (chol[k] @ z[:, :, None])[:, :, 0]
 
+    def conditional(self, known: list[int], value: torch.Tensor) -> "GaussianMixture":
+        """The mixture of the other coordinates given x[known] = value: each component's Gaussian conditional
+        μ_u + Σ_uk Σ_kk⁻¹ (a - μ_k), Σ_uu - Σ_uk Σ_kk⁻¹ Σ_ku, reweighted by how likely it makes the value."""
+        k = torch.tensor(known)
+        u = torch.tensor([i for i in range(self.dim) if i not in known])
+        a = torch.as_tensor(value, dtype=torch.float64)
+        s_kk, s_uk, s_uu = self.covs[:, k][:, :, k], self.covs[:, u][:, :, k], self.covs[:, u][:, :, u]
+        gain = s_uk @ torch.linalg.inv(s_kk)                                           # (K, u, k)
+        diff = a[None] - self.means[:, k]                                              # (K, k)
+        log_w = self.weights.log() + torch.distributions.MultivariateNormal(self.means[:, k], s_kk).log_prob(a[None])
+        return GaussianMixture(torch.softmax(log_w, 0), self.means[:, u] + (gain @ diff[:, :, None])[:, :, 0],
+                               s_uu - gain @ s_uk.transpose(1, 2))
+
     def eps_model(self, schedule: NoiseSchedule):
         """The exact ε-predictor (x_t, t) -> ε* for this mixture under `schedule`; x is (B, d)."""
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
