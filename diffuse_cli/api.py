@@ -27,19 +27,23 @@ import torch
 from .budget import Budget
 from .checkpoint import load_model, resolve_checkpoint, save_model
 from .config import Config, DiffusionConfig, SampleConfig, Schedule, check_choice, make_config, parse_duration
-from .data import ImageData, save_png
+from .data import ImageData, to_model, to_uint8
 from . import device as device_module
 from .device import pick_device, resolve_precision
 from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
 from .files import MODEL_FILE, atomic_write_bytes
-from .generate import Trajectory, fitting_batch, generate_batches
+from .generate import Trajectory, edit_plan, fitting_batch, generate_batches
+from .editing import Plan
+from .inputs import EditInputs, read_edit
+from .outputs import GRID_MAX, save_grid, save_images, save_strip  # noqa: F401 (the API)
 from .samplers import SAMPLERS, check_sample_config, sampler_options
 from .schedule import NoiseSchedule
 from .training import Hooks, Options, Result
 from .unet import UNet
 
 PathLike = str | os.PathLike
-GRID_MAX = 64  # a grid.png shows at most this many images: an 8x8 grid
+# DDIM steps of an interpolation, for the inversion and the way back alike: ...
+INTERPOLATE_STEPS = 50
 
 
 @dataclass
@@ -56,14 +60,44 @@ class Model:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def sample(self, n: int = 16, **settings: Any) -> torch.Tensor:
-        """n images as uint8 (n, C, H, W) (n of each class asked); settings are SampleConfig's fields (sampler,
-        steps, seed, classes, guidance, ...) and sample_batches' keyword arguments."""
+    def sample(self, n: int = 16, init: PathLike | torch.Tensor | None = None,
+               mask: PathLike | torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
+        """n images as uint8 (n, C, H, W) (n of each class asked, of each init given); settings are
+        SampleConfig's fields (sampler, steps, seed, classes, guidance, strength, ...) and sample_batches'
+        keyword arguments. init: an image file, a folder of them or uint8 images to edit (SDEdit at
+        `strength`); mask: where to generate (white or True), keeping the rest of the init (RePaint)."""
         callbacks = {k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph") if k in settings}
         if isinstance(settings.get("classes"), (str, int)):
             settings["classes"] = (settings["classes"],)
         settings["classes"] = tuple(map(str, settings.get("classes", ())))
-        return torch.cat(list(self.sample_batches(n, SampleConfig(**settings), **callbacks)))
+        edit = None if init is None and mask is None else self.edit_inputs(init, mask)
+        return torch.cat(list(self.sample_batches(n, SampleConfig(**settings), edit=edit, **callbacks)))
+
+    def edit_inputs(self, init: PathLike | torch.Tensor | None, mask: PathLike | torch.Tensor | None = None
+                    ) -> EditInputs:
+        """The init images (a file, a folder of them, or uint8 images) and mask of an edit, at this model's size."""
+        if init is None:
+            raise UsageError("--mask needs the image to fill in: give it with --init IMAGE")
+        m = self.config.model
+        return read_edit(init, mask, m.image_size, m.channels)
+
+    def request(self, n: int, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> Request:
+        """What a sampling request draws: each image's class, init and mask, in order (init by init, class by
+        class, n of each), and how its files and grid are laid out."""
+        labels = self.class_labels(n, settings)
+        names = self.config.model.class_names
+        per_init = n if labels is None else len(labels)
+        classes = None if labels is None else [names[k] for k in labels.tolist()]
+        if edit is None:
+            if settings.strength != 1:
+                raise UsageError("--strength applies to an edit: give the image to start from with --init IMAGE")
+            return Request(labels, classes, None if labels is None else n)
+        count, groups = len(edit.images), per_init // n  # an init's images: n of each class asked
+        suffixes = [name if classes is None else f"{name}-{c}" for name in edit.names for c in classes or [None] * n]
+        heads = edit.images if edit.generate is None else torch.where(edit.generate, 128, edit.images).to(torch.uint8)
+        return Request(None if labels is None else labels.repeat(count), suffixes, n,
+                       heads.repeat_interleave(groups, 0), edit.images.repeat_interleave(per_init, 0),
+                       None if edit.generate is None else edit.generate.repeat_interleave(per_init, 0))
 
     def class_labels(self, n: int, settings: SampleConfig = SampleConfig()) -> torch.Tensor | None:
         """The class index of each image a request draws: n of each class asked, class by class (None: no class
@@ -90,23 +124,25 @@ class Model:
     def sample_batches(self, n: int, settings: SampleConfig = SampleConfig(),
                        progress: Callable[[int, int], None] | None = None,
                        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                       log: Callable[[str], None] = lambda message: None, cuda_graph: bool = True
-                       ) -> Iterator[torch.Tensor]:
-        """n images as uint8 batches, each as soon as it is drawn; image i always from seed + i. On the
-        CPU a batch that would not fit in memory is made smaller (`log` says so): the images are the same."""
+                       log: Callable[[str], None] = lambda message: None, cuda_graph: bool = True,
+                       edit: EditInputs | None = None) -> Iterator[torch.Tensor]:
+        """n images as uint8 batches (n of each class asked, of each init), each as soon as it is drawn; image i
+        always from seed + i. On the CPU a batch that would not fit in memory is made smaller (`log` says so):
+        the images are the same."""
         if n < 1:
             raise UsageError(f"-n must be at least 1, not {n}")
         check_sample_config(settings, self.config.diffusion.timesteps)
-        labels = self.class_labels(n, settings)
-        total = n if labels is None else len(labels)
-        guidance = settings.guidance if labels is not None else 1.0
+        asked = self.request(n, settings, edit)
+        total = asked.total(n)
+        guidance = settings.guidance if asked.labels is not None else 1.0
         batch_size = self.sampling_batch(min(settings.batch_size, total), log, copies=2 if guidance != 1 else 1)
         yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
                                     seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
-                                    precision=settings.precision, labels=labels, guidance=guidance,
+                                    precision=settings.precision, labels=asked.labels, guidance=guidance,
                                     threshold=settings.threshold, class_weights=self.class_weights(),
-                                    progress=progress, callback=callback, cuda_graph=cuda_graph, log=log,
-                                    **sampler_options(settings))
+                                    init=asked.init, strength=settings.strength, generate=asked.generate,
+                                    resample_jumps=settings.resample_jumps, progress=progress, callback=callback,
+                                    cuda_graph=cuda_graph, log=log, **sampler_options(settings))
 
     def class_weights(self) -> torch.Tensor | None:
         """How often the training data had each class, and then no class (images directly in the folder):
@@ -132,15 +168,39 @@ class Model:
                 f"(--batch-size {batch_size} would not; the images are the same either way)")
         return fits
 
-    def nfe(self, settings: SampleConfig = SampleConfig()) -> int:
+    def nfe(self, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> int:
         """Network calls per batch for these settings; with guidance, each is one call on the batch twice over."""
-        return SAMPLERS[settings.sampler].nfe(settings.steps)
+        if edit is None:
+            return SAMPLERS[settings.sampler].nfe(settings.steps)
+        return self.edit_plan(settings, edit).nfe(settings.sampler)
+
+    def edit_plan(self, settings: SampleConfig, edit: EditInputs) -> Plan:
+        """The path an edit takes: how far the init is noised, the steps visited and RePaint's stretches."""
+        schedule = NoiseSchedule.make(self.config.diffusion.schedule, self.config.diffusion.timesteps)
+        return edit_plan(schedule, settings.sampler, settings.steps, settings.spacing, settings.strength,
+                         edit.generate is not None, settings.resample_jumps)
 
     def save(self, path: PathLike) -> Path:
         """Write the weights and config as a model checkpoint (safetensors); returns the path."""
         save_model(path, self.net, self.config, self.info)
         self.path = Path(path)
         return self.path
+
+
+@dataclass(frozen=True)
+class Request:
+    """A sampling request laid out: each image's class index (None: no class asked) and file suffix, a grid
+    row's length (None: a plain grid) and the image opening each row; for an edit, each image's init and mask."""
+
+    labels: torch.Tensor | None
+    suffixes: list[str] | None
+    row: int | None
+    heads: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+    generate: torch.Tensor | None = None
+
+    def total(self, n: int) -> int:
+        return len(self.labels) if self.labels is not None else len(self.init) if self.init is not None else n
 
 
 def load(path: PathLike | None = None, device: str = "auto") -> Model:
@@ -312,7 +372,7 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
 def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Tensor:
     """The image to explore, decoded as training decodes it: a file, or else one of the run's training images."""
     from . import runs
-    from .data import BUILTIN, decode_image, find_files, is_grayscale
+    from .data import BUILTIN, find_files
     from .shapes import render_shapes
 
     m = model.config.model
@@ -327,16 +387,66 @@ def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Ten
         if not files:
             raise UsageError("the run's training images are not here; name an image: diffuse explore photo.png")
         image = files[seed % len(files)]
-    path = Path(image)
-    if path.is_dir() or not path.is_file():
-        raise DataError(f"{path}: {'is a folder; give one image file' if path.is_dir() else 'no such file'}")
-    try:
-        rgb = decode_image(path, m.image_size, 3)
-    except Exception as e:  # any decoder failure is the user's file, not our bug
-        raise DataError(f"{path}: cannot read as an image ({e})") from None
-    if m.channels == 1 and not is_grayscale(rgb):
-        raise DataError(f"{path} is in colour, and this model is grayscale (1 channel): give a grayscale image")
-    return rgb[:1] if m.channels == 1 else rgb
+    if Path(image).is_dir():
+        raise DataError(f"{image}: is a folder; give one image file")
+    return read_edit(image, None, m.image_size, m.channels).images[0]
+
+
+def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | None = None,
+                       mask: PathLike | None = None) -> Path:
+    """samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>[-<classes>-w<guidance>][-init-<name>-s<strength>]
+    [-mask-<name>-jumps<J>]: more training, or other settings, make a new folder."""
+    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""
+    s = settings
+    asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
+    edited = f"-init-{Path(init).stem}-s{s.strength:g}" if init is not None else ""
+    edited += f"-mask-{Path(mask).stem}-jumps{s.resample_jumps}" if mask is not None else ""
+    return Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}{asked}{edited}"
+
+
+def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathLike | torch.Tensor | None = None,
+                frames: int = 9, seeds: tuple[int, int] | None = None, steps: int = INTERPOLATE_STEPS,
+                class_name: str | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """uint8 (frames, C, H, W) from a to b: two images inverted to noise by DDIM (η = 0), or two seeds' noises,
+    interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
+    `class_name` (None: no class)."""
+    from .editing import ddim_invert, slerp
+    from .generate import Denoiser
+    from .samplers import ddim, randn, spaced_timesteps
+
+    if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
+        raise UsageError("give two images, or --seeds A B, to interpolate between")
+    if frames < 2:
+        raise UsageError(f"--frames must be at least 2, not {frames}")
+    check_sample_config(SampleConfig(sampler="ddim", steps=steps), model.config.diffusion.timesteps)
+    label = None if class_name is None else model.class_labels(1, SampleConfig(classes=(class_name,)))
+    m, denoiser = model.config.model, Denoiser(model.net, model.config)
+    ts = spaced_timesteps(denoiser.schedule, steps, "trailing")
+    batch = model.sampling_batch(frames)
+    calls, done = steps * ((2 if seeds is None else 0) + -(-frames // batch)), 0
+
+    def counted(eps_model):
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, calls)
+            return eps_model(x, t)
+        return eps
+
+    labels = lambda count: None if label is None else label.expand(count)  # noqa: E731
+    with torch.no_grad():
+        if seeds is None:
+            images = torch.cat([read_edit(x, None, m.image_size, m.channels).images[:1] for x in (a, b)])
+            ends = ddim_invert(counted(denoiser.eps_model(2, labels(2))), to_model(images).to(model.device),
+                               denoiser.schedule, ts)
+        else:
+            shape = (1, m.channels, m.image_size, m.image_size)
+            ends = torch.cat([randn(shape, torch.Generator().manual_seed(seed), model.device) for seed in seeds])
+        noises = torch.cat([slerp(ends[:1], ends[1:], w) for w in torch.linspace(0, 1, frames).tolist()])
+        out = [ddim(counted(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
+               for part in noises.split(batch)]
+    return to_uint8(torch.cat(out)).cpu()
 
 
 def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
@@ -348,78 +458,5 @@ def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slide
     return path
 
 
-def save_images(images: torch.Tensor, folder: PathLike, start: int = 0, digits: int = 4,
-                grid: bool = True) -> list[Path]:
-    """Write uint8 (N, C, H, W) images as folder/NNNN.png (numbered from `start`), and grid.png of the
-    first 64; returns the image paths."""
-    folder, paths = Path(folder), []
-    for i, image in enumerate(images):
-        paths.append(folder / f"{start + i:0{digits}d}.png")
-        save_png(image, paths[-1])
-    if grid:
-        save_grid([images], folder / "grid.png")
-    return paths
-
-
-class SampleFolder:
-    """Samples written to a folder as they come (Ctrl-C keeps what was made): NNNN.png, or NNNN-CLASS.png for a
-    class request, then grid.png: the first 64, or for a class request a row of each class."""
-
-    def __init__(self, folder: PathLike, total: int, labels: torch.Tensor | None = None,
-                 class_names: tuple[str, ...] = ()):
-        self.folder, self.total, self.written, self.kept = Path(folder), total, 0, []
-        self.names = None if labels is None else [class_names[k] for k in labels.tolist()]
-        self.digits = max(4, len(str(total - 1)))  # 0000.png ...: names sort in order however many there are
-
-    @staticmethod
-    def check(folder: Path) -> Path:
-        """Refuse, before any work, an --out that is a file or is named like one."""
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{folder} is a file; name a folder for the images with --out")
-        if not folder.exists() and folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-            raise UsageError(f"--out {folder} names the folder for the PNGs (and grid.png), not a file: "
-                             f"e.g. --out {folder.with_suffix('')}")
-        return folder
-
-    def add(self, batch: torch.Tensor) -> None:
-        for image in batch:
-            suffix = "" if self.names is None else f"-{self.names[self.written]}"
-            save_png(image, self.folder / f"{self.written:0{self.digits}d}{suffix}.png")
-            self.written += 1
-        self.kept.append(batch)
-
-    def finish(self) -> str:
-        """Write grid.png; returns what it shows, in words."""
-        from .data import grid_upscale, make_grid
-
-        images = torch.cat(self.kept)
-        if self.names is None:
-            save_grid(images, self.folder / "grid.png")
-            return "grid.png" if len(images) <= GRID_MAX else f"grid.png (the first {GRID_MAX})"
-        per_class = len(images) // len(dict.fromkeys(self.names)) if self.names else len(images)
-        columns = min(per_class, 16)
-        rows = images.view(-1, per_class, *images.shape[1:])[:GRID_MAX // 2, :columns]
-        grid = make_grid(rows.flatten(0, 1), nrow=columns)
-        save_png(grid, self.folder / "grid.png", grid_upscale(images.shape[-1]))
-        return f"grid.png (a row of each class{f', the first {columns} of each' if columns < per_class else ''})"
-
-
-def sample_folder_name(model: Model, settings: SampleConfig) -> Path:
-    """samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>[-<classes>-w<guidance>]: more training, or other
-    settings, make a new folder."""
-    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""
-    s = settings
-    asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
-    return Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}{asked}"
-
-
-def save_grid(images: torch.Tensor | list[torch.Tensor], path: PathLike) -> None:
-    """Write the first GRID_MAX of uint8 (N, C, H, W) images (or a list of such batches) as one PNG grid,
-    enlarged so that small images can be seen."""
-    from .data import grid_upscale, make_grid
-
-    images = torch.cat(images) if isinstance(images, list) else images
-    save_png(make_grid(images[:GRID_MAX]), path, grid_upscale(images.shape[-1]))
-
-__all__ = ["Model", "load", "train", "noise", "explore", "write_explorer", "save_images", "save_grid", "Trajectory", "Hooks", "SampleConfig",
-           "ImageData", "DiffuseError", "GRID_MAX"]
+__all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "write_explorer", "save_images", "save_grid",
+           "save_strip", "Trajectory", "Hooks", "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX"]

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
 from . import __version__
 from . import options as opt
-from .config import SampleConfig, parse_duration, parse_hflip, require_positive, to_dict
-from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
+from .config import SampleConfig, parse_duration, parse_hflip, require_positive
+from .console import Interrupted, TrainDisplay, edit_line, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -109,50 +108,64 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
 
 @app.command(epilog="Examples:\n\n  diffuse sample -n 16                   # newest checkpoint, default sampler\n\n"
              "  diffuse sample --sampler ddim --steps 50 --eta 0 --seed 3\n\n"
-             "  diffuse sample --checkpoint checkpoints/run/model.safetensors --trajectory\n\n"
+             "  diffuse sample --init sketch.png --strength 0.6 -n 8 --class dog   # variations of a sketch\n\n"
+             "  diffuse sample --init photo.png --mask hole.png -n 4   # fill the mask's white part\n\n"
              "  diffuse sample -n 50000 --out fid/     # for an FID; saved as they come")
-def sample(n: opt.Count = 16, checkpoint: opt.Checkpoint = None, out_dir: opt.SamplesOut = None,
+def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.SamplesOut = None,
            sampler: opt.Sampler = None, steps: opt.SampleSteps = None, spacing: opt.SpacingOpt = None,
            eta: opt.Eta = None, variance: opt.VarianceOpt = None, seed: opt.Seed = None, class_: opt.ClassName = None,
-           guidance: opt.Guidance = None, threshold: opt.ThresholdOpt = None, batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False,
-           device: opt.Device = "auto",
+           guidance: opt.Guidance = None, threshold: opt.ThresholdOpt = None, init: opt.Init = None,
+           strength: opt.Strength = None, mask: opt.Mask = None, resample_jumps: opt.ResampleJumps = None,
+           batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True) -> None:
-    """Generate images from a trained checkpoint: n PNGs and grid.png (of the first 64)."""
+    """Generate images from a trained checkpoint, or edit images with it: PNGs and grid.png."""
     from .samplers import check_sample_config
 
     require_positive(n=n)
     settings = check_sample_config(SampleConfig(**given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                                         variance=variance, seed=seed, batch_size=batch_size,
                                                         precision=precision, guidance=guidance, threshold=threshold,
-                                                        classes=tuple(class_) if class_ else None)))
+                                                        classes=tuple(class_) if class_ else None, strength=strength,
+                                                        resample_jumps=resample_jumps)))
+    if resample_jumps is not None and mask is None:
+        raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
     use_device(device)
     from . import api
     from .data import grid_upscale, save_gif, save_png
     from .generate import Trajectory
+    from .outputs import SampleFolder, check_folder
 
     model, s = api.load(checkpoint, device), settings
-    labels = model.class_labels(n, settings)
-    folder = api.SampleFolder.check(out_dir or api.sample_folder_name(model, settings))
-    written = api.SampleFolder(folder, n if labels is None else len(labels), labels, model.config.model.class_names)
+    edit = None if init is None and mask is None else model.edit_inputs(init, mask)
+    n = n or (1 if edit is not None and init.is_dir() else 16)
+    asked = model.request(n, settings, edit)
+    folder = check_folder(out_dir or api.sample_folder_name(model, settings, init, mask))
+    written = SampleFolder(folder, asked.total(n), asked.suffixes, asked.row, asked.heads)
     steps_seen, start = Trajectory() if trajectory else None, time.perf_counter()
     kept = lambda k=written: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
                               else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {folder}/")
     with progress_bar() as bar, interrupted_says(kept):
         task = bar.add_task(f"sampling ({s.sampler})", total=None)
         say = lambda m: bar.console.print(m, highlight=False, markup=False)  # noqa: E731
+        for note in edit.notes if edit else []:
+            say(note)
         for batch in model.sample_batches(n, settings, progress=lambda i, total: bar.update(task, completed=i, total=total),
-                                          callback=steps_seen, log=say, cuda_graph=cuda_graph):
+                                          callback=steps_seen, log=say, cuda_graph=cuda_graph, edit=edit):
             written.add(batch)  # as each batch is done: an interrupted run keeps what it made
     elapsed, grid = time.perf_counter() - start, written.finish()
     if steps_seen is not None:
         save_png(steps_seen.strip(), folder / "trajectory.png", grid_upscale(model.config.model.image_size))
         save_gif(steps_seen.animation(), folder / "trajectory.gif")
-    doubled = ", each on the batch twice over (guidance)" if labels is not None and s.guidance != 1 else ""
+    doubled = ", each on the batch twice over (guidance)" if asked.labels is not None and s.guidance != 1 else ""
     total = written.written
-    out.print(f"{s.sampler}, {s.steps} steps, {model.nfe(settings)} network calls per batch{doubled}, "
+    out.print(f"{s.sampler}, {s.steps} steps, {model.nfe(settings, edit)} network calls per batch{doubled}, "
               f"{elapsed / total * 1000:.0f} ms per image ({elapsed:.1f} s in all) from {model.path}", highlight=False)
-    asked = "" if labels is None else f" ({n} of each of {', '.join(dict.fromkeys(written.names))}, guidance {s.guidance:g})"
-    out.print(f"wrote {total} image{'s' * (total != 1)}{asked} and {grid} to {folder}/"
+    if edit is not None:
+        out.print(edit_line(model.edit_plan(s, edit), s, init, mask, edit, model.config.diffusion.timesteps),
+                  highlight=False)
+    names = dict.fromkeys(model.config.model.class_names[k] for k in ([] if asked.labels is None else asked.labels.tolist()))
+    classes = f" ({n} of each of {', '.join(names)}, guidance {s.guidance:g})" if names else ""
+    out.print(f"wrote {total} image{'s' * (total != 1)}{classes} and {grid} to {folder}/"
               + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""), highlight=False)
 
 
@@ -211,40 +224,47 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
         webbrowser.open(path.resolve().as_uri())
 
 
+@app.command(epilog="Examples:\n\n  diffuse interpolate a.png b.png --frames 9   # a strip (and GIF) from a to b\n\n"
+             "  diffuse interpolate --seeds 3 17 --frames 9   # between two samples\n\n"
+             "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
+def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
+                steps: opt.InterpolateSteps = 50, class_: opt.OneClass = None, checkpoint: opt.Checkpoint = None,
+                out_dir: opt.InterpolateOut = None, device: opt.Device = "auto") -> None:
+    """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""
+    seeds = seeds if seeds and None not in seeds else None
+    if images and len(images) != 2 or not images and seeds is None:
+        raise UsageError(f"give two images (not {len(images)}), or --seeds A B" if images else
+                         "give two images, or --seeds A B, to interpolate between")
+    use_device(device)
+    from . import api
+    from .outputs import check_folder, save_strip
+
+    model = api.load(checkpoint, device)
+    a, b = images or (None, None)
+    ends = f"{a.stem}-{b.stem}" if images else f"seeds{seeds[0]}-{seeds[1]}"
+    folder = check_folder(out_dir or Path("samples") / f"{model.path.parent.name}-interpolate-{ends}-{steps}steps")
+    with progress_bar() as bar:
+        task = bar.add_task("interpolating (ddim)", total=None)
+        shown = api.interpolate(model, a, b, frames, seeds, steps, class_,
+                                progress=lambda i, total: bar.update(task, completed=i, total=total))
+    save_strip(shown, folder)
+    how = f"DDIM inversion of {a} and {b}" if images else f"the noises of seeds {seeds[0]} and {seeds[1]}"
+    out.print(f"wrote {frames} frames, strip.png and strip.gif to {folder}/ ({how}, spherical interpolation, "
+              f"{steps} DDIM steps back{f', class {class_}' if class_ else ''})", highlight=False)
+
+
 @app.command(epilog="Examples:\n\n  diffuse inspect checkpoints/run/model.safetensors\n\n"
              "  diffuse inspect checkpoints/run --json")
 def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
     """Show what a checkpoint holds, reading its header only."""
-    from .budget import is_fitted
     from .checkpoint import describe, resolve_checkpoint
-    from .files import STATE_FILE
+    from .console import checkpoint_table
 
     facts, config = describe(resolve_checkpoint(path))
     if as_json:
         print(json.dumps(facts, indent=2))
         return
-    table = Table(title=facts["file"], show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    m, d, step = config.model, config.diffusion, facts.get("step")
-    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({STATE_FILE})"),
-            ("preset", config.preset), ("parameters", f"{facts.get('parameters', 0):,}"),
-            ("steps trained", f"{step:,}" if isinstance(step, int) else "?"),
-            ("images seen", f"{facts.get('images_seen', 0):,}"),
-            ("image size", f"{m.image_size}x{m.image_size}, {m.channels} channel(s)"),
-            ("schedule", f"{d.schedule}, T = {d.timesteps}"), ("objective", d.objective),
-            ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
-            ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
-    rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
-    if m.class_names:
-        counts = facts.get("class_counts", {})
-        rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
-    rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
-    rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
-             for k, v in to_dict(config.train).items()]
-    for key, value in rows:
-        table.add_row(key, value)
-    out.print(table)
+    out.print(checkpoint_table(facts, config))
 
 
 def version_callback(value: bool) -> None:

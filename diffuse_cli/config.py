@@ -117,6 +117,12 @@ class SampleConfig:
     # and every w above it drew worse images.
     guidance: float = 1.0
     threshold: Threshold = "clip"  # how x̂_0 is kept in [-1, 1]: clipped, or dynamic thresholding (Saharia et al.)
+    # Editing (editing.py). SDEdit's strength: the share of the schedule an init image is noised to; 1 is
+    # ordinary sampling.
+    strength: float = 1.0
+    # RePaint's resampling when inpainting: times each stretch of the path is noised back and run again.
+    # By measurement (docs/editing.md): ...
+    resample_jumps: int = 4
 
 
 # Named U-Net sizes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters).

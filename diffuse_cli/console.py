@@ -16,6 +16,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Table
 from rich.text import Text
 
 # Without a terminal (a batch job's log file) lines are not wrapped at 80 columns.
@@ -162,3 +163,44 @@ def install_stop_handler(announce: bool = True) -> dict:
     if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
         signal.signal(signal.SIGUSR1, handler)
     return state
+
+
+def checkpoint_table(facts: dict, config) -> Table:
+    """`inspect`'s table: what a checkpoint holds, from its header (checkpoint.describe)."""
+    from .budget import is_fitted
+    from .config import to_dict
+    from .files import STATE_FILE
+
+    table = Table(title=facts["file"], show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    m, d, step = config.model, config.diffusion, facts.get("step")
+    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({STATE_FILE})"),
+            ("preset", config.preset), ("parameters", f"{facts.get('parameters', 0):,}"),
+            ("steps trained", f"{step:,}" if isinstance(step, int) else "?"),
+            ("images seen", f"{facts.get('images_seen', 0):,}"),
+            ("image size", f"{m.image_size}x{m.image_size}, {m.channels} channel(s)"),
+            ("schedule", f"{d.schedule}, T = {d.timesteps}"), ("objective", d.objective),
+            ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
+            ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
+    rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
+    if m.class_names:
+        counts = facts.get("class_counts", {})
+        rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
+    rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
+    rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
+             for k, v in to_dict(config.train).items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def edit_line(plan, s, init, mask, edit, T: int) -> str:
+    """What an edit did, in a line."""
+    count = f"{len(edit.images)} images of {init}/" if len(edit.images) > 1 else str(init)
+    said = f"edited {count}: " + (f"SDEdit at strength {s.strength:g}, noised to t = {plan.k} of {T} and denoised in "
+                                  f"{len(plan.timesteps)} of the {s.steps} steps" if plan.k < T else "from pure noise")
+    if mask is not None:
+        said += (f"; inpainted {edit.generated_share():.0%} of the pixels (the white of {mask}), the rest kept exactly,"
+                 f" with {s.resample_jumps} RePaint jump{'s' * (s.resample_jumps != 1)} back a stretch")
+    return said

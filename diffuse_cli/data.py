@@ -172,9 +172,9 @@ class TooLarge(DataError):
     """A file that would decode to more pixels than PIL's decompression-bomb limit allows."""
 
 
-def _open_image(path: str | os.PathLike) -> Image.Image:
+def _open_header(path: str | os.PathLike) -> Image.Image:
     """Image.open (the header only), except that a JPEG over PIL's hard limit (twice
-    MAX_IMAGE_PIXELS, judged by its full size) opens too: _open decodes it at a reduced scale
+    MAX_IMAGE_PIXELS, judged by its full size) opens too: open_image decodes it at a reduced scale
     and applies the limit to the pixels that decodes to."""
     try:
         return Image.open(path)
@@ -185,7 +185,7 @@ def _open_image(path: str | os.PathLike) -> Image.Image:
         return JpegImagePlugin.JpegImageFile(path)
 
 
-def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
+def open_image(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
     """Decode a file's first frame, EXIF orientation applied, as 'RGB' or 'L'.
 
     draft: a JPEG may decode at 1/2, 1/4 or 1/8 scale, never below this short side; that is
@@ -193,7 +193,7 @@ def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> I
     which applies to the pixels actually decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings become our per-file reasons
-        with _open_image(path) as im:
+        with _open_header(path) as im:
             if im.width < 1 or im.height < 1:
                 raise ValueError("has no pixels")
             im = next(ImageSequence.Iterator(im))  # first frame of a GIF/WebP/TIFF
@@ -205,7 +205,8 @@ def _open(path: str | os.PathLike, channels: int, draft: int | None = None) -> I
             return _to_mode(ImageOps.exif_transpose(im), channels)
 
 
-def _to_tensor(im: Image.Image) -> torch.Tensor:
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W)."""
     arr = np.asarray(im, dtype=np.uint8)
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -213,19 +214,19 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
 
 def read_image(path: str | os.PathLike, channels: int = 3, max_side: int = 0) -> torch.Tensor:
     """One image at its own size, or shrunk to max_side on its long side if longer (0: never): (C, H, W) uint8."""
-    im = _open(path, channels, draft=max_side or None)
+    im = open_image(path, channels, draft=max_side or None)
     longest = max(im.size)
     if max_side and longest > max_side:
         im = im.resize(tuple(max(1, round(n * max_side / longest)) for n in im.size), Image.Resampling.BICUBIC,
                        reducing_gap=3.0)
-    return _to_tensor(im)
+    return to_tensor(im)
 
 
 def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of a file's first frame as shown (EXIF orientation applied), from its header."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with _open_image(path) as im:
+        with _open_header(path) as im:
             transposed = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
             return (im.height, im.width) if transposed else im.size
 
@@ -237,13 +238,17 @@ def decode_image(path: str | os.PathLike, size: int, channels: int = 3) -> torch
 
 def _decode(path: str | os.PathLike, size: int, channels: int) -> tuple[torch.Tensor, int]:
     """decode_image's result and the file's own short side (a JPEG draft never goes below `size`)."""
-    im = _open(path, channels, draft=size)
-    short = min(im.size)
-    scale = size / short
+    im = open_image(path, channels, draft=size)
+    return to_tensor(resize_crop(im, size)), min(im.size)
+
+
+def resize_crop(im: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize the short side to `size` and centre-crop a square: what training does to every image."""
+    scale = size / min(im.size)
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    im = im.resize((w, h), resample, reducing_gap=3.0 if resample != Image.Resampling.NEAREST else None)
     left, top = (w - size) // 2, (h - size) // 2
-    return _to_tensor(im.crop((left, top, left + size, top + size))), short
+    return im.crop((left, top, left + size, top + size))
 
 
 def find_files(root: Path) -> list[Path]:
@@ -474,7 +479,7 @@ def labelled_strip(panels: Sequence[torch.Tensor], labels: Sequence[str], gap: i
         x = gap + i * (w + gap)
         canvas.paste(to_pil(panel).convert("RGB"), (x, top))
         draw.text((x + w / 2, gap), label, fill="black", font=font, anchor="mt")
-    strip = _to_tensor(canvas)
+    strip = to_tensor(canvas)
     return strip[:1] if c == 1 else strip
 
 

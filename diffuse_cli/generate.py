@@ -7,13 +7,14 @@ from typing import Callable, Iterator
 import torch
 
 from .config import Config, Precision, Threshold
-from .data import make_grid, to_uint8
+from .data import make_grid, to_model, to_uint8
 from .device import autocast, layout_of, mix_seed, resolve_precision
+from .editing import Plan, edit, plan_edit
 from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
 from .objectives import as_eps_model, guided
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample, spaced_timesteps
 from .schedule import NoiseSchedule
 from .unet import layer_outputs
 
@@ -81,20 +82,26 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
                      steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
                      precision: Precision = "fp32", clip_x0: bool = True, labels: torch.Tensor | None = None,
                      guidance: float = 1.0, threshold: Threshold = "clip", class_weights: torch.Tensor | None = None,
-                     progress: Callable[[int, int], None] | None = None,
+                     init: torch.Tensor | None = None, strength: float = 1.0, generate: torch.Tensor | None = None,
+                     resample_jumps: int = 0, progress: Callable[[int, int], None] | None = None,
                      callback: Callback | None = None, cuda_graph: bool = True,
                      log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
     """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
     CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
     `log` says so). A conditional model draws image i of class labels[i] (len(class_names): no
     class), with classifier-free guidance of weight `guidance`; with no labels asked, each image's class
-    is drawn (random_classes), so that the images follow the data as a whole."""
+    is drawn (random_classes), so that the images follow the data as a whole. Image i edits init[i]
+    (uint8, n of them) when given: SDEdit at `strength`, and where `generate` (bool (n, 1, H, W)) is given,
+    inpainting there with RePaint's `resample_jumps` (editing.py)."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     denoiser = Denoiser(model, config, precision, cuda_graph, log)
     if labels is None and config.model.class_names:
         labels, guidance = random_classes(seed, n, len(config.model.class_names), class_weights), 1.0
-    total_calls, done = SAMPLERS[sampler].nfe(steps) * -(-n // batch_size), 0
+    plan = None if init is None else edit_plan(denoiser.schedule, sampler, steps, spacing, strength,
+                                               generate is not None, resample_jumps)
+    per_batch = SAMPLERS[sampler].nfe(steps) if plan is None else plan.nfe(sampler)
+    total_calls, done = per_batch * -(-n // batch_size), 0
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
@@ -107,10 +114,23 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
             if progress:
                 progress(done, total_calls)
             return adapted(x, t)
-        x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps,
-                   image_generators(seed, start, count), spacing=spacing, device=denoiser.device, callback=callback,
-                   **options)
+        generators = image_generators(seed, start, count)
+        if plan is None:
+            x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps, generators, spacing=spacing,
+                       device=denoiser.device, callback=callback, **options)
+        else:
+            rows = slice(start, start + count)
+            mask = None if generate is None else to_device(generate[rows], denoiser.device)
+            x = edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
+                     mask, generators, callback, **options)
         yield to_uint8(x).cpu()
+
+
+def edit_plan(schedule: NoiseSchedule, sampler: str, steps: int, spacing: str | None, strength: float,
+              inpaint: bool, jumps: int) -> Plan:
+    """The path an edit with these settings takes (editing.Plan)."""
+    timesteps = spaced_timesteps(schedule, steps, spacing or SAMPLERS[sampler].spacing)
+    return plan_edit(timesteps, schedule.timesteps, strength, inpaint, jumps)
 
 
 def generate(model: torch.nn.Module, config: Config, n: int, **kwargs) -> tuple[torch.Tensor, int]:

@@ -98,7 +98,9 @@ def bare_hflip(argv: list[str]) -> list[str]:
 
 
 # -- sample -----------------------------------------------------------------------------------
-Count = Annotated[int, typer.Option("-n", "--num", help="How many images.")]
+Count = Annotated[Optional[int], typer.Option("-n", "--num", help="How many images (of each class asked, of each "
+                                             "init). \\[default: 16; 1 of each image of an --init folder]",
+                                             show_default=False)]
 SamplesOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs. \\[default: samples/<run>-step"
                                                     "<N>-<sampler>-<steps>steps-seed<seed>]")]
 Sampler = Annotated[Optional[str], typer.Option(help=f"{', '.join(get_args(SamplerName))}.{default(S.sampler)}")]
@@ -121,6 +123,17 @@ Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidanc
 ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", help=f"How the predicted image is kept in "
                                                      f"range: {one_of(Threshold)} (Imagen's, for strong --guidance)."
                                                      f"{default(S.threshold)}")]
+Init = Annotated[Optional[Path], typer.Option("--init", help="Edit this image (or each image of a folder), resized "
+                                             "and cropped as training does: SDEdit at --strength.", show_default=False)]
+Strength = Annotated[Optional[float], typer.Option(help="With --init: how far into the noise the init goes, in (0, 1]: "
+                                                   "low keeps it close, 1 is ordinary sampling (what `diffuse noise "
+                                                   f"--t` shows at strength x T).{default(S.strength)}")]
+Mask = Annotated[Optional[Path], typer.Option("--mask", help="With --init: inpaint the white part of this image, "
+                                             "keeping the black part of the init exactly (RePaint).",
+                                             show_default=False)]
+ResampleJumps = Annotated[Optional[int], typer.Option(help="With --mask: times each stretch of the path is noised "
+                                                      "back and run again, so that the fill agrees with what is kept "
+                                                      f"(RePaint; each costs about one more sampling).{default(S.resample_jumps)}")]
 SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
                                                         f"(fp16: GPUs; auto: as train picks).{default(S.precision)}")]
 
@@ -145,6 +158,16 @@ ExploreOut = Annotated[Path, typer.Option("--out", help="The page to write.")]
 OneClass = Annotated[Optional[str], typer.Option("--class", help="A conditional model's class to walk back into, "
                                                  "by name or index.")]
 Open = Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")]
+
+# -- interpolate ------------------------------------------------------------------------------
+TwoImages = Annotated[Optional[List[Path]], typer.Argument(help="Two images to walk between (DDIM inversion).",
+                                                           show_default=False)]
+Seeds = Annotated[Optional[tuple[int, int]], typer.Option(help="Two seeds to walk between, instead of images.",
+                                                          show_default=False)]
+InterpolateFrames = Annotated[int, typer.Option("--frames", help="Frames, the two ends included.")]
+InterpolateSteps = Annotated[int, typer.Option("--steps", help="DDIM steps, for the inversion and the way back.")]
+InterpolateOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the frames, strip.png and strip.gif. "
+                                                        "\\[default: samples/<run>-interpolate-<a>-<b>]")]
 
 # -- inspect ----------------------------------------------------------------------------------
 CheckpointPath = Annotated[Path, typer.Argument(help="A .safetensors checkpoint, or a run folder (in a folder of "
