@@ -26,7 +26,8 @@ import torch
 
 from .budget import Budget
 from .checkpoint import load_model, resolve_checkpoint, save_model
-from .config import Config, DiffusionConfig, SampleConfig, Schedule, check_choice, make_config, parse_duration
+from .config import (INTERPOLATE_STEPS, Config, DiffusionConfig, SampleConfig, Schedule, check_choice, make_config,
+                     parse_duration)
 from .data import ImageData, to_model, to_uint8
 from . import device as device_module
 from .device import pick_device, resolve_precision
@@ -42,8 +43,6 @@ from .training import Hooks, Options, Result
 from .unet import UNet
 
 PathLike = str | os.PathLike
-# DDIM steps of an interpolation, for the inversion and the way back alike: ...
-INTERPOLATE_STEPS = 50
 
 
 @dataclass

@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from . import options as opt
-from .config import SampleConfig, parse_duration, parse_hflip, require_positive
+from .config import INTERPOLATE_STEPS, SampleConfig, parse_duration, parse_hflip, require_positive
 from .console import Interrupted, TrainDisplay, edit_line, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
@@ -228,7 +228,7 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
              "  diffuse interpolate --seeds 3 17 --frames 9   # between two samples\n\n"
              "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
 def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
-                steps: opt.InterpolateSteps = 50, class_: opt.OneClass = None, checkpoint: opt.Checkpoint = None,
+                steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None, checkpoint: opt.Checkpoint = None,
                 out_dir: opt.InterpolateOut = None, device: opt.Device = "auto") -> None:
     """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""
     seeds = seeds if seeds and None not in seeds else None
