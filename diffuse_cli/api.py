@@ -448,6 +448,28 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
     return to_uint8(torch.cat(out)).cpu()
 
 
+def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str = "auto") -> Model:
+    """A diffusers UNet2DModel folder (docs/diffusers.md) as a Model, its network's output equal to UNet2DModel's;
+    with `out`, saved there as a run folder's model.safetensors (a folder that holds one is refused)."""
+    from .diffusers_format import read_folder
+
+    target = None if out is None else Path(out) / MODEL_FILE
+    if target is not None and (target.exists() or Path(out).is_file()):
+        raise UsageError(f"{out} already holds a model; name a new folder with --out")
+    net, config, info = read_folder(folder)
+    model = Model(net.to(pick_device(device)), config, info)
+    if target is not None:
+        model.save(target)
+    return model
+
+
+def export_diffusers(model: Model, folder: PathLike) -> Path:
+    """Write `model` as a diffusers pipeline folder that DDPMPipeline.from_pretrained loads (docs/diffusers.md)."""
+    from .diffusers_format import write_folder
+
+    return write_folder(model.net, model.config, model.info, folder)
+
+
 def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
     """Write the time slider's page (slider_page) to `path`, atomically; returns the path."""
     from .slider_page import page
@@ -457,5 +479,6 @@ def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slide
     return path
 
 
-__all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "write_explorer", "save_images", "save_grid",
-           "save_strip", "Trajectory", "Hooks", "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX"]
+__all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
+           "write_explorer", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks", "SampleConfig", "ImageData",
+           "DiffuseError", "GRID_MAX"]

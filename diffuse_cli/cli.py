@@ -5,6 +5,7 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -265,6 +266,9 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
         print(json.dumps(facts, indent=2))
         return
     out.print(checkpoint_table(facts, config))
+
+
+importlib.import_module(f"{__package__}.cli_convert")  # registers `import` and `export` on app
 
 
 def version_callback(value: bool) -> None:

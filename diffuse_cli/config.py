@@ -51,6 +51,15 @@ class ModelConfig:
     # Class names (a data folder's subfolders): a conditional model learns an embedding for each, and one
     # more, index len(class_names), for "no class" (classifier-free guidance's unconditional half). () : none.
     class_names: tuple[str, ...] = ()
+    # Conventions of networks trained elsewhere (diffusers.py imports them exactly); our own models keep
+    # these defaults, and checkpoints from before them load unchanged. GroupNorm's ε; the time code's
+    # frequencies exp(-ln(10⁴) i / (half - time_freq_shift)) (Ho et al.'s DDPM: shift 1) and its order
+    # (cos before sin); downsampling's padding (0: none, the right and bottom edges padded by one, as
+    # TensorFlow's 'SAME' stride-2 convolution).
+    norm_eps: float = 1e-5
+    time_freq_shift: float = 0.0
+    time_cos_first: bool = False
+    downsample_padding: int = 1
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,8 @@ def checkpoint_table(facts: dict, config) -> Table:
             ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
             ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
     rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
+    if "imported_from" in facts:
+        rows.insert(1, ("imported from", f"{facts['imported_from']} ({facts.get('imported_format', '?')})"))
     if m.class_names:
         counts = facts.get("class_counts", {})
         rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))

@@ -16,15 +16,17 @@ from . import fast_ops
 from .config import ModelConfig
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) t, as in Transformer position codes. (B,) -> (B, dim)"""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0,
+                       cos_first: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) t, as in Transformer position codes: sin and cos of t
+    times exp(-ln(max_period) i / (dim/2 - shift)), i < dim/2 (ModelConfig.time_freq_shift). (B,) -> (B, dim)"""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - shift))
     args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=1)
+    return torch.cat([args.cos(), args.sin()] if cos_first else [args.sin(), args.cos()], dim=1)
 
 
-def group_norm(channels: int, min_per_group: int = 1) -> nn.GroupNorm:
+def group_norm(channels: int, min_per_group: int = 1, eps: float = 1e-5) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups (Ho et al.), halved until each holds at least min_per_group channels.
 
     A group of one channel subtracts that channel's mean, and with it the per-channel bias that the
@@ -32,7 +34,7 @@ def group_norm(channels: int, min_per_group: int = 1) -> nn.GroupNorm:
     groups = math.gcd(32, channels)
     while groups > 1 and channels // groups < min_per_group:
         groups //= 2
-    return nn.GroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels, eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -52,12 +54,12 @@ class Dropout(nn.Dropout):
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + projected SiLU(embedding), GroupNorm, SiLU, dropout, conv; skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, norm_min: int = 1):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, norm_min: int = 1, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = group_norm(in_ch, norm_min)
+        self.norm1 = group_norm(in_ch, norm_min, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_ch, out_ch)
-        self.norm2 = group_norm(out_ch, norm_min)
+        self.norm2 = group_norm(out_ch, norm_min, eps)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -72,10 +74,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, through SDPA (fused kernels on GPUs)."""
 
-    def __init__(self, ch: int, head_channels: int, norm_min: int = 1):
+    def __init__(self, ch: int, head_channels: int, norm_min: int = 1, eps: float = 1e-5):
         super().__init__()
         self.heads = max(1, ch // head_channels)
-        self.norm = group_norm(ch, norm_min)
+        self.norm = group_norm(ch, norm_min, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -91,12 +93,14 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A 3x3 convolution of stride 2; padding 0 pads only the right and bottom edges, by one (TensorFlow's)."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x if self.conv.padding != (0, 0) else F.pad(x, (0, 1, 0, 1)))
 
 
 class UpsampleConv(nn.Conv2d):
@@ -121,10 +125,10 @@ class Stage(nn.Module):
     """A residual block, followed by attention at the chosen resolutions."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, attn: bool, head_channels: int,
-                 norm_min: int = 1):
+                 norm_min: int = 1, eps: float = 1e-5):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_ch, dropout, norm_min)
-        self.attn = Attention(out_ch, head_channels, norm_min) if attn else None
+        self.res = ResBlock(in_ch, out_ch, emb_ch, dropout, norm_min, eps)
+        self.attn = Attention(out_ch, head_channels, norm_min, eps) if attn else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, emb)
@@ -140,9 +144,9 @@ class UNet(nn.Module):
         base, emb_ch = cfg.base_channels, 4 * cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.conv_in = nn.Conv2d(cfg.channels, base, 3, padding=1)
-        norm_min = cfg.norm_group_min
+        norm_min, eps = cfg.norm_group_min, cfg.norm_eps
         stage = lambda i, o, res: Stage(i, o, emb_ch, cfg.dropout, res in cfg.attention_resolutions,  # noqa: E731
-                                        cfg.head_channels, norm_min)
+                                        cfg.head_channels, norm_min, eps)
 
         self.down = nn.ModuleList()
         skips, ch, res = [base], base, cfg.image_size
@@ -152,12 +156,13 @@ class UNet(nn.Module):
                 ch = base * mult
                 skips.append(ch)
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, cfg.downsample_padding))
                 skips.append(ch)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min),
-                                  Attention(ch, cfg.head_channels, norm_min), ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min, eps),
+                                  Attention(ch, cfg.head_channels, norm_min, eps),
+                                  ResBlock(ch, ch, emb_ch, cfg.dropout, norm_min, eps)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -168,14 +173,17 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
 
-        self.out = nn.Sequential(group_norm(ch, norm_min), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, norm_min, eps), nn.SiLU(),
+                                 zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
         # Made last, so that a conditional model's other weights start as the unconditional one's would. Not
         # zero: the residual branches start at zero, so a zero embedding would get no gradient for many steps.
         self.class_emb = nn.Embedding(len(cfg.class_names) + 1, emb_ch) if cfg.class_names else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """labels: (B,) class indices, len(class_names) for "no class" (None: no class for every image)."""
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        cfg = self.cfg
+        emb = self.time_mlp(timestep_embedding(t, cfg.base_channels, shift=cfg.time_freq_shift,
+                                               cos_first=cfg.time_cos_first).to(x.dtype))
         if self.class_emb is not None:
             if labels is None:
                 labels = torch.full(t.shape, len(self.cfg.class_names), dtype=torch.long, device=x.device)
