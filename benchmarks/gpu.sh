@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu.sh checks   # the whole test suite (its 6 GPU-only tests included), then the CLI on
 #                                   # CUDA: train with and without the CUDA graph (same loss?), fp16 with
-#                                   # its gradient scaler, --compile, resume, and sampling on every spacing
+#                                   # its gradient scaler, --compile, resume, sampling on every spacing,
+#                                   # guidance, editing, interpolation, explore, diffusers export/import
 #   bash benchmarks/gpu.sh speed    # benchmarks/train_speed.py (the README's GPU table), attention.py
-#                                   # (SDPA's fused kernels against its math path) and forms.py (upsampling)
+#                                   # (SDPA's fused kernels against its math path), forms.py (upsampling) and
+#                                   # diffusers_import.py (our sampler against DDPMPipeline and DDIMPipeline)
 #
 # Each part writes one log per step to $OUT (default gpu-logs/) and prints a summary; it goes on past
 # a failing step and exits non-zero if any failed. The project need not be installed: it runs from this
@@ -78,12 +80,29 @@ checks)
     step "sample-$sampler" diffuse sample -n 256 --sampler "$sampler" --checkpoint "$work/budget" --out "$work/s-$sampler"
   done
   step sample-bf16 diffuse sample -n 256 --precision bf16 --checkpoint "$work/budget" --out "$work/s-bf16"
+  # The built-in shapes are classes: guidance (one batched call a step, under the graph too), then editing,
+  # interpolation, the explorer's frames, and a diffusers round trip (export needs channels in 32s: base)
+  step sample-guided diffuse sample -n 64 --class all --guidance 3 --checkpoint "$work/budget" --out "$work/s-guided"
+  "$py" -c 'import sys, torch; from diffuse_cli.data import save_png
+m = torch.zeros(1, 16, 16, dtype=torch.uint8); m[:, :, 8:] = 255; save_png(m, sys.argv[1])' "$work/mask.png"
+  init="$work/s-dpm++3m-sde/0000.png"
+  step edit-sdedit diffuse sample -n 16 --init "$init" --strength 0.5 --class circle --checkpoint "$work/budget" --out "$work/e-sdedit"
+  step edit-inpaint diffuse sample -n 16 --init "$init" --mask "$work/mask.png" --checkpoint "$work/budget" --out "$work/e-inpaint"
+  step interpolate diffuse interpolate --seeds 3 17 --checkpoint "$work/budget" --out "$work/interp"
+  step explore diffuse explore --checkpoint "$work/budget" --out "$work/explore.html"
+  step train-base diffuse train --model base --steps 20 --out "$work/base"
+  step export diffuse export "$work/base" "$work/base-diffusers"
+  step import diffuse import "$work/base-diffusers" --out "$work/reimported"
+  step sample-imported diffuse sample -n 16 --checkpoint "$work/reimported" --out "$work/s-imported"
   cp "$work/s-dpm++3m-sde/grid.png" "$out/grid.png" 2>/dev/null
   ;;
 speed)
   step train_speed "$py" benchmarks/train_speed.py "${grid[@]}"
   step attention "$py" benchmarks/attention.py "${grid[@]}"
   step forms "$py" benchmarks/forms.py "${grid[@]}"
+  device=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+  step diffusers_import "$py" benchmarks/diffusers_import.py --device "$device" \
+    $([ "${QUICK:-0}" = 1 ] && echo --ddpm-steps 20)
   ;;
 *)
   echo "usage: bash benchmarks/gpu.sh checks|speed" >&2

@@ -273,8 +273,9 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
         saved = json.loads(ours.read_text())
         config, info = from_dict(Config, saved["config"]), saved.get("info", {})
     else:
-        config = Config(model=model_config_from(unet_cfg), diffusion=diffusion_config_from(sched_cfg),
-                        train=TrainConfig(), preset=_preset_of(model_config_from(unet_cfg)))
+        model_cfg = model_config_from(unet_cfg)
+        config = Config(model=model_cfg, diffusion=diffusion_config_from(sched_cfg), train=TrainConfig(),
+                        preset=_preset_of(model_cfg))
         info = {}
     if diffusion_config_from(sched_cfg) != config.diffusion:
         raise CheckpointError(f"{root}: {OURS} and scheduler_config.json disagree on the schedule; not imported")
