@@ -132,12 +132,14 @@ class Model:
             raise UsageError(f"-n must be at least 1, not {n}")
         check_sample_config(settings, self.config.diffusion.timesteps)
         asked = self.request(n, settings, edit)
-        total = asked.total(n)
-        guidance = settings.guidance if asked.labels is not None else 1.0
+        total, labels, names = asked.total(n), asked.labels, self.config.model.class_names
+        guidance = settings.guidance if labels is not None else 1.0
+        if labels is None and names and edit is not None:  # an edit with no class asked: the init decides, not a
+            labels = torch.full((total,), len(names))      # class drawn at random ("no class", unguided)
         batch_size = self.sampling_batch(min(settings.batch_size, total), log, copies=2 if guidance != 1 else 1)
         yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
                                     seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
-                                    precision=settings.precision, labels=asked.labels, guidance=guidance,
+                                    precision=settings.precision, labels=labels, guidance=guidance,
                                     threshold=settings.threshold, class_weights=self.class_weights(),
                                     init=asked.init, strength=settings.strength, generate=asked.generate,
                                     resample_jumps=settings.resample_jumps, progress=progress, callback=callback,

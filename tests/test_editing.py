@@ -220,3 +220,18 @@ def test_the_cli_edits_inpaints_and_interpolates_and_refuses_bad_input_without_w
     assert {"0000.png", "0003.png", "strip.png", "strip.gif"} <= {p.name for p in folder.iterdir()}
     result = run_cli("interpolate", "--seeds", "3", "17", "--frames", "3", "--steps", "3")
     assert result.code == 0 and "seeds 3 and 17" in result.out, result
+
+
+def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
+    """Without --class the init decides what it becomes: the "no class" half, not a class drawn at random."""
+    from diffuse_cli.generate import generate_batches
+
+    data = diffuse.ImageData.from_tensor(IMAGES, torch.tensor([0, 1] * 6), ("a", "b"))
+    model = diffuse.train(data, steps=2, **TINY)
+    edited = model.sample(3, init=IMAGES[2], strength=0.7, steps=4, seed=1)
+    null = torch.full((3,), 2)
+    plain = torch.cat(list(generate_batches(model.net, model.config, 3, steps=4, seed=1, labels=null,
+                                            init=IMAGES[2].expand(3, -1, -1, -1), strength=0.7)))
+    assert torch.equal(edited, plain)
+    asked = model.sample(3, init=IMAGES[2], strength=0.7, steps=4, seed=1, classes="b")
+    assert not torch.equal(asked, edited)
