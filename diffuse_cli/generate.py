@@ -13,7 +13,7 @@ from .editing import Plan, edit, plan_edit
 from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
-from .objectives import as_eps_model, guided
+from .objectives import EpsModel, as_eps_model, guided
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample, spaced_timesteps
 from .schedule import NoiseSchedule
 from .unet import layer_outputs
@@ -101,19 +101,12 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     plan = None if init is None else edit_plan(denoiser.schedule, sampler, steps, spacing, strength,
                                                generate is not None, resample_jumps)
     per_batch = SAMPLERS[sampler].nfe(steps) if plan is None else plan.nfe(sampler)
-    total_calls, done = per_batch * -(-n // batch_size), 0
+    calls = CallCounter(per_batch * -(-n // batch_size), progress)
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        adapted = denoiser.eps_model(count, None if labels is None else labels[start:start + count], guidance,
-                                     clip_x0, threshold)
-
-        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total_calls)
-            return adapted(x, t)
+        eps_model = calls.wrap(denoiser.eps_model(count, None if labels is None else labels[start:start + count],
+                                                  guidance, clip_x0, threshold))
         generators = image_generators(seed, start, count)
         if plan is None:
             x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps, generators, spacing=spacing,
@@ -124,6 +117,21 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
             x = edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
                      mask, generators, callback, **options)
         yield to_uint8(x).cpu()
+
+
+class CallCounter:
+    """Counts network calls over a whole request, every batch of it, and reports (done, total) to `progress`."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None = None):
+        self.total, self.progress, self.done = total, progress, 0
+
+    def wrap(self, eps_model: EpsModel) -> EpsModel:
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total)
+            return eps_model(x, t)
+        return counted
 
 
 def edit_plan(schedule: NoiseSchedule, sampler: str, steps: int, spacing: str | None, strength: float,

@@ -1,0 +1,191 @@
+"""The API's functions on images and folders, beside the Model (api.py): the forward process on an image,
+the time slider, interpolation between images or seeds, the sample folder's name, and diffusers' folders.
+
+Like everything in the API, nothing here prints or exits; bad input raises a DiffuseError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .config import INTERPOLATE_STEPS, DiffusionConfig, SampleConfig, Schedule, check_choice
+from .data import to_model, to_uint8
+from .device import pick_device
+from .errors import DataError, UsageError
+from .files import MODEL_FILE, atomic_write_bytes
+from .inputs import read_edit
+from .samplers import check_sample_config
+from .schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from .api import Model
+
+PathLike = str | os.PathLike
+
+
+def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
+          timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,
+          max_side: int = 1024) -> torch.Tensor:
+    """x_t of q(x_t | x_0) at each t (t = 0: the image, t = T: pure noise) with one ε: uint8 (len(t), C, H, W).
+
+    image: a file (read at its own size, shrunk to max_side on its long side if longer, or resized
+    and centre-cropped to image_size as training does) or a uint8 (C, H, W) tensor."""
+    from .data import TooLarge, decode_image, read_image, to_model, to_uint8
+
+    ts = [t] if isinstance(t, int) else list(t)
+    check_choice(schedule, Schedule, "schedule")
+    if timesteps < 2:
+        raise UsageError(f"--timesteps must be at least 2, not {timesteps}")
+    if bad := [k for k in ts if not 0 <= k <= timesteps]:
+        raise UsageError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size must be at least 1, not {image_size}")
+    if max_side < 0:
+        raise UsageError(f"--max-side must be 0 (never shrink) or more, not {max_side}")
+    if isinstance(image, torch.Tensor):
+        x0 = to_model(image)[None]
+    else:
+        image = Path(image)
+        if image.is_dir():
+            raise DataError(f"{image}: is a folder; give one image file")
+        if not image.is_file():
+            raise DataError(f"{image}: no such file")
+        try:
+            x0 = to_model(read_image(image, max_side=max_side) if image_size is None
+                          else decode_image(image, image_size))[None]
+        except TooLarge as e:
+            hint = "; --max-side N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
+            raise DataError(f"{image}: too large to show ({e}){hint}") from None
+        except Exception as e:  # any decoder failure is the user's file, not our bug
+            raise DataError(f"{image}: cannot read as an image ({e})") from None
+    sched = NoiseSchedule.make(schedule, timesteps)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.stack([to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in ts])
+
+
+def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: int = 60, seed: int = 0,
+            class_name: str | None = None, guidance: float = SampleConfig.guidance):
+    """The time slider's frames (slider.Frames) for an image (a file, resized and cropped as training does,
+    or a uint8 (C, H, W) tensor at the model's size; None: one of the run's training images), walking back
+    into `class_name` on a conditional model."""
+    from .slider import explore_frames
+
+    if frames < 2:
+        raise UsageError(f"--frames must be at least 2, not {frames}")
+    label = None
+    if class_name is not None:
+        labels = model.class_labels(1, SampleConfig(classes=(class_name,)))
+        label = int(labels[0])
+    x = _explore_image(model, image, seed) if not isinstance(image, torch.Tensor) else image
+    m = model.config.model
+    if tuple(x.shape) != (m.channels, m.image_size, m.image_size):
+        raise DataError(f"the image is {tuple(x.shape)}; this model takes ({m.channels}, {m.image_size}, "
+                        f"{m.image_size})")
+    return explore_frames(model.net, model.config, x, frames, seed, label, guidance if label is not None else 1.0)
+
+
+def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Tensor:
+    """The image to explore, decoded as training decodes it: a file, or else one of the run's training images."""
+    from . import runs
+    from .data import BUILTIN, find_files
+    from .shapes import render_shapes
+
+    m = model.config.model
+    if image is None:
+        data = model.info.get("data")
+        if data == BUILTIN:
+            return render_shapes(seed + 1, m.image_size, seed=0)[seed]
+        folder = None
+        if model.path is not None and (model.path.parent / "training_state.safetensors").exists():
+            folder = runs.data_of_run(model.path.parent)
+        files = find_files(Path(folder)) if folder else []
+        if not files:
+            raise UsageError("the run's training images are not here; name an image: diffuse explore photo.png")
+        image = files[seed % len(files)]
+    if Path(image).is_dir():
+        raise DataError(f"{image}: is a folder; give one image file")
+    return read_edit(image, None, m.image_size, m.channels).images[0]
+
+
+def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | None = None,
+                       mask: PathLike | None = None) -> Path:
+    """samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>[-<classes>-w<guidance>][-init-<name>-s<strength>]
+    [-mask-<name>-jumps<J>]: more training, or other settings, make a new folder."""
+    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""
+    s = settings
+    asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
+    edited = f"-init-{Path(init).stem}-s{s.strength:g}" if init is not None else ""
+    edited += f"-mask-{Path(mask).stem}-jumps{s.resample_jumps}" if mask is not None else ""
+    return Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}{asked}{edited}"
+
+
+def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathLike | torch.Tensor | None = None,
+                frames: int = 9, seeds: tuple[int, int] | None = None, steps: int = INTERPOLATE_STEPS,
+                class_name: str | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """uint8 (frames, C, H, W) from a to b: two images inverted to noise by DDIM (η = 0), or two seeds' noises,
+    interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
+    `class_name` (None: no class)."""
+    from .editing import ddim_invert, slerp
+    from .generate import CallCounter, Denoiser
+    from .samplers import ddim, randn, spaced_timesteps
+
+    if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
+        raise UsageError("give two images, or --seeds A B, to interpolate between")
+    if frames < 2:
+        raise UsageError(f"--frames must be at least 2, not {frames}")
+    check_sample_config(SampleConfig(sampler="ddim", steps=steps), model.config.diffusion.timesteps)
+    label = None if class_name is None else model.class_labels(1, SampleConfig(classes=(class_name,)))
+    m, denoiser = model.config.model, Denoiser(model.net, model.config)
+    ts = spaced_timesteps(denoiser.schedule, steps, "trailing")
+    batch = model.sampling_batch(frames)
+    calls = CallCounter(steps * ((2 if seeds is None else 0) + -(-frames // batch)), progress)
+    labels = lambda count: None if label is None else label.expand(count)  # noqa: E731
+    with torch.no_grad():
+        if seeds is None:
+            images = torch.cat([read_edit(x, None, m.image_size, m.channels).images[:1] for x in (a, b)])
+            ends = ddim_invert(calls.wrap(denoiser.eps_model(2, labels(2))), to_model(images).to(model.device),
+                               denoiser.schedule, ts)
+        else:
+            shape = (1, m.channels, m.image_size, m.image_size)
+            ends = torch.cat([randn(shape, torch.Generator().manual_seed(seed), model.device) for seed in seeds])
+        noises = torch.cat([slerp(ends[:1], ends[1:], w) for w in torch.linspace(0, 1, frames).tolist()])
+        out = [ddim(calls.wrap(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
+               for part in noises.split(batch)]
+    return to_uint8(torch.cat(out)).cpu()
+
+
+def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str = "auto") -> Model:
+    """A diffusers UNet2DModel folder (docs/diffusers.md) as a Model, its network's output equal to UNet2DModel's;
+    with `out`, saved there as a run folder's model.safetensors (a folder that holds one is refused)."""
+    from .diffusers_format import read_folder
+
+    target = None if out is None else Path(out) / MODEL_FILE
+    if target is not None and (target.exists() or Path(out).is_file()):
+        raise UsageError(f"{out} already holds a model; name a new folder with --out")
+    net, config, info = read_folder(folder)
+    from .api import Model
+
+    model = Model(net.to(pick_device(device)), config, info)
+    if target is not None:
+        model.save(target)
+    return model
+
+
+def export_diffusers(model: Model, folder: PathLike) -> Path:
+    """Write `model` as a diffusers pipeline folder that DDPMPipeline.from_pretrained loads (docs/diffusers.md)."""
+    from .diffusers_format import write_folder
+
+    return write_folder(model.net, model.config, model.info, folder)
+
+
+def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
+    """Write the time slider's page (slider_page) to `path`, atomically; returns the path."""
+    from .slider_page import page
+
+    path = Path(path)
+    atomic_write_bytes(path, page(frames, title).encode())
+    return path
