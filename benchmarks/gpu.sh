@@ -90,7 +90,7 @@ m = torch.zeros(1, 16, 16, dtype=torch.uint8); m[:, :, 8:] = 255; save_png(m, sy
   step edit-inpaint diffuse sample -n 16 --init "$init" --mask "$work/mask.png" --checkpoint "$work/budget" --out "$work/e-inpaint"
   step interpolate diffuse interpolate --seeds 3 17 --checkpoint "$work/budget" --out "$work/interp"
   step explore diffuse explore --checkpoint "$work/budget" --out "$work/explore.html"
-  step train-base diffuse train --model base --steps 20 --out "$work/base"
+  step train-base diffuse train --model base --image-size 32 --steps 20 --out "$work/base"
   step export diffuse export "$work/base" "$work/base-diffusers"
   step import diffuse import "$work/base-diffusers" --out "$work/reimported"
   step sample-imported diffuse sample -n 16 --checkpoint "$work/reimported" --out "$work/s-imported"
