@@ -177,7 +177,8 @@ def unet_config_of(cfg: ModelConfig) -> dict[str, Any]:
     if groups != {32}:
         raise UsageError(f"this model's GroupNorms have {' and '.join(map(str, sorted(groups)))} groups (its "
                          f"{', '.join(map(str, channels))} channels); diffusers' UNet2DModel has one count for every "
-                         "layer, 32: export a model whose channels are multiples of 32 (e.g. --model base)")
+                         "layer, 32: export a model whose channels are multiples of 32 (e.g. --model base, at 32x32 "
+                         "or more)")
     attn = [cfg.image_size // 2 ** i in cfg.attention_resolutions for i in range(len(channels))]
     attending = {ch for ch, a in zip(channels, attn) if a} | {channels[-1]}  # the middle block attends too
     one_head = all(ch <= cfg.head_channels for ch in attending)
