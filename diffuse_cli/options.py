@@ -167,7 +167,7 @@ Seeds = Annotated[Optional[tuple[int, int]], typer.Option(help="Two seeds to wal
 InterpolateFrames = Annotated[int, typer.Option("--frames", help="Frames, the two ends included.")]
 InterpolateSteps = Annotated[int, typer.Option("--steps", help="DDIM steps, for the inversion and the way back.")]
 InterpolateOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the frames, strip.png and strip.gif. "
-                                                        "\\[default: samples/<run>-interpolate-<a>-<b>]")]
+                                                        "\\[default: samples/<run>-interpolate-<a>-<b>-<steps>steps]")]
 
 # -- inspect ----------------------------------------------------------------------------------
 CheckpointPath = Annotated[Path, typer.Argument(help="A .safetensors checkpoint, or a run folder (in a folder of "
