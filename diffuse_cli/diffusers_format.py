@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -266,20 +267,26 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
                               "with is unknown; not imported")
     try:
         unet_cfg, sched_cfg = (json.loads(p.read_text()) for p in (config_file, scheduler))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root}: cannot read its configs ({str(e).splitlines()[0]})") from None
+    saved = json.loads((root / OURS).read_text()) if (root / OURS).is_file() else None  # our own export
+    classes = len(saved["config"]["model"].get("class_names", ())) if saved else 0
+    if saved and unet_cfg.get("num_class_embeds") == (classes + 1 if classes else None):
+        unet_cfg = {**unet_cfg, "num_class_embeds": None}  # ours, with its names and its "no class"
+    model_cfg = model_config_from(unet_cfg)  # refused here, before gigabytes of weights are read
+    config = Config(model=model_cfg, diffusion=diffusion_config_from(sched_cfg), train=TrainConfig(),
+                    preset=_preset_of(model_cfg))
+    info: dict[str, Any] = {}
+    if saved:  # our config, class names and all, if it describes the same network
+        ours, info = from_dict(Config, saved["config"]), saved.get("info", {})
+        kept = {k: getattr(ours.model, k) for k in ("class_names", "head_channels", "norm_group_min")}
+        if ours.diffusion != config.diffusion or replace(model_cfg, **kept) != ours.model:
+            raise CheckpointError(f"{root}: {OURS} and the diffusers configs describe different models; not imported")
+        config = ours
+    try:
         tensors = load_file(weights)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{root}: cannot read ({str(e).splitlines()[0]})") from None
-    ours = root / OURS
-    if ours.is_file():  # our own export: our config, class names and all
-        saved = json.loads(ours.read_text())
-        config, info = from_dict(Config, saved["config"]), saved.get("info", {})
-    else:
-        model_cfg = model_config_from(unet_cfg)
-        config = Config(model=model_cfg, diffusion=diffusion_config_from(sched_cfg), train=TrainConfig(),
-                        preset=_preset_of(model_cfg))
-        info = {}
-    if diffusion_config_from(sched_cfg) != config.diffusion:
-        raise CheckpointError(f"{root}: {OURS} and scheduler_config.json disagree on the schedule; not imported")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root}: cannot read {weights.name} ({str(e).splitlines()[0]})") from None
     net = UNet(config.model)
     state = to_ours({k: v.float() for k, v in tensors.items()}, config.model)
     missing = set(net.state_dict()) - set(state)

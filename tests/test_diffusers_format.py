@@ -163,11 +163,18 @@ def test_cli_imports_samples_inspects_and_exports_and_refuses_what_it_cannot_rep
     (no_scheduler / "unet").mkdir(parents=True)
     for name in ("config.json", WEIGHTS):
         (no_scheduler / "unet" / name).write_bytes((folder / "unet" / name).read_bytes())
+    latent = tmp_path / "stable-diffusion"  # judged by its config, before its (here garbage) weights are read
+    (latent / "unet").mkdir(parents=True)
+    (latent / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "sample_size": 64}')
+    (latent / "unet" / WEIGHTS).write_bytes(b"not read")
+    (latent / "scheduler").mkdir()
+    (latent / "scheduler" / "scheduler_config.json").write_text((folder / "scheduler" / "scheduler_config.json").read_text())
     diffuse.train(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), out=tmp_path / "checkpoints" / "small",
                   steps=1, batch_size=4, warmup=1, preset="small", precision="fp32")
     for args, words in ((["import", "bin-only"], ["pickled", "safe_serialization"]),
                         (["import", "fourier"], ["time_embedding_type", "fourier"]),
                         (["import", "no-scheduler"], ["scheduler"]),
+                        (["import", "stable-diffusion"], ["_class_name", "UNet2DConditionModel"]),
                         (["import", "nowhere"], ["no such folder"]),
                         (["import", "ddpm-small"], ["already holds a model"]),
                         (["export", "checkpoints/small", "small-out"], ["GroupNorm", "32"]),
