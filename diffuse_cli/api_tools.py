@@ -108,7 +108,7 @@ def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Ten
         image = files[seed % len(files)]
     if Path(image).is_dir():
         raise DataError(f"{image}: is a folder; give one image file")
-    return read_edit(image, None, m.image_size, m.channels).images[0]
+    return read_edit(image, None, m.image_size, m.channels, strict=False).images[0]
 
 
 def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | None = None,

@@ -30,9 +30,10 @@ class EditInputs:
 
 
 def read_edit(init: PathLike | torch.Tensor, mask: PathLike | torch.Tensor | None, size: int,
-              channels: int) -> EditInputs:
+              channels: int, strict: bool = True) -> EditInputs:
     """An init (a file, a folder of them, or uint8 (C, S, S) / (N, C, S, S)) and a mask (a file, or a
-    (S, S) / (N, 1, S, S) tensor, True or >= 128 where to generate), for a model of this size and channels."""
+    (S, S) / (N, 1, S, S) tensor, True or >= 128 where to generate), for a model of this size and channels.
+    strict=False reads a grayscale file for a colour model as gray RGB, as training does (the explorer)."""
     if isinstance(init, torch.Tensor):
         images = init[None] if init.ndim == 3 else init
         if images.ndim != 4 or tuple(images.shape[1:]) != (channels, size, size) or images.dtype != torch.uint8:
@@ -40,7 +41,7 @@ def read_edit(init: PathLike | torch.Tensor, mask: PathLike | torch.Tensor | Non
                             f"{size}, {size}) images")
         inputs, own = EditInputs(images.cpu(), [f"init{i}" for i in range(len(images))]), None
     else:
-        inputs, own = _read_inits(Path(init), size, channels)
+        inputs, own = _read_inits(Path(init), size, channels, strict)
     if mask is not None:
         inputs.generate = _mask_tensor(mask, len(inputs.images), size) if isinstance(mask, torch.Tensor) \
             else _read_mask(Path(mask), own, size, inputs.notes)
@@ -51,9 +52,10 @@ def read_edit(init: PathLike | torch.Tensor, mask: PathLike | torch.Tensor | Non
     return inputs
 
 
-def _read_inits(path: Path, size: int, channels: int) -> tuple[EditInputs, list[tuple[int, int]]]:
+def _read_inits(path: Path, size: int, channels: int, strict: bool) -> tuple[EditInputs, list[tuple[int, int]]]:
     """A file, or every readable image in a folder (the rest skipped, and said): the images, and each one's
-    own (width, height)."""
+    own (width, height). A colour file for a grayscale model is refused; `strict`: a grayscale file (one
+    channel stored) for a colour model too, as an init of another channel count."""
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     files = find_files(path) if path.is_dir() else [path]
@@ -70,6 +72,9 @@ def _read_inits(path: Path, size: int, channels: int) -> tuple[EditInputs, list[
         rgb = to_tensor(resize_crop(im, size))
         if channels == 1 and not is_grayscale(rgb):
             raise DataError(f"{file} is in colour, and this model is grayscale (1 channel): give a grayscale image")
+        if strict and channels == 3 and _stored_gray(file):
+            raise DataError(f"{file} is a grayscale image (1 channel), and this model draws in colour (3 channels): "
+                            "save it as RGB to edit it with this model")
         images.append(rgb[:1] if channels == 1 else rgb)
         names.append(file.stem)
         own.append(im.size)
@@ -80,6 +85,14 @@ def _read_inits(path: Path, size: int, channels: int) -> tuple[EditInputs, list[
     notes = [f"warning: skipped {len(skipped)} of {len(files)} files that are not readable images: "
              f"{', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}"] if skipped else []
     return EditInputs(torch.stack(images), names, notes=notes), own
+
+
+def _stored_gray(path: Path) -> bool:
+    """Whether a file stores one gray channel (L, LA, 1-bit, 16-bit or float gray; a palette of grays)."""
+    with Image.open(path) as im:
+        if im.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"):
+            return True
+        return im.mode in ("P", "PA") and is_grayscale(to_tensor(im.convert("RGB")))
 
 
 def _read_mask(path: Path, own: list[tuple[int, int]] | None, size: int, notes: list[str]) -> torch.Tensor:

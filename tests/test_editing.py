@@ -168,6 +168,7 @@ def test_edit_inputs_are_read_as_training_reads_them_and_bad_ones_refused(model,
                         (lambda: model.edit_inputs(tmp_path / "notes.txt"), "cannot read as an image"),
                         (lambda: model.edit_inputs(tmp_path / "nope.png"), "no such file"),
                         (lambda: gray.edit_inputs(tmp_path / "big.png"), "colour"),
+                        (lambda: model.edit_inputs(tmp_path / "black.png"), "grayscale image"),  # 1 channel, model 3
                         (lambda: model.edit_inputs(torch.zeros(1, 8, 8, dtype=torch.uint8)), r"takes uint8 \(3, 8, 8\)"),
                         (lambda: model.sample(1, init=IMAGES[0], strength=0), "strength"),
                         (lambda: model.sample(1, mask=tmp_path / "wide_mask.png"), "--init")):
