@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -40,18 +40,6 @@ def use_device(name: str) -> None:
         keep_cpu_memory()
 
 
-def one_folder(data: Optional[list[str]]) -> Optional[str]:
-    """train's DATA: one folder. The shell hands over every file of `photos/*.jpg`: name the folder instead."""
-    if not data or len(data) == 1:
-        return data[0] if data else None
-    parents = {str(Path(a).parent) for a in data if Path(a).is_file()}
-    if not parents:
-        raise UsageError(f"diffuse train takes one folder, not {len(data)}: {' '.join(data)}")
-    folder = parents.pop() if len(parents) == 1 else "photos"
-    raise UsageError("diffuse train takes one folder, not its files (a pattern such as photos/*.jpg names each file); "
-                     f"pass the folder: diffuse train {folder}")
-
-
 @app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
              "  diffuse train ./photos --image-size 64 --max-time 2h\n\n"
              "  diffuse train --resume auto --out checkpoints/mine   # continue a stopped run\n\n"
@@ -72,7 +60,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
 
     if devices > 1:
         return launch_devices(devices, device, sys.argv[1:])
-    folder = one_folder(data)
+    folder = opt.one_folder(data)
     require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
     settings = given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
@@ -229,13 +217,12 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
              "  diffuse interpolate --seeds 3 17 --frames 9   # between two samples\n\n"
              "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
 def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
-                steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None, checkpoint: opt.Checkpoint = None,
-                out_dir: opt.InterpolateOut = None, device: opt.Device = "auto") -> None:
+                steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None,
+                checkpoint: opt.Checkpoint = None, out_dir: opt.InterpolateOut = None, device: opt.Device = "auto") -> None:
     """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""
     seeds = seeds if seeds and None not in seeds else None
-    if images and len(images) != 2 or not images and seeds is None:
-        raise UsageError(f"give two images (not {len(images)}), or --seeds A B" if images else
-                         "give two images, or --seeds A B, to interpolate between")
+    if len(images or []) not in (0, 2) or not images and seeds is None:
+        raise UsageError(f"give two images, or --seeds A B, to interpolate between (not {len(images or [])} images)")
     use_device(device)
     from . import api
     from .outputs import check_folder, save_strip

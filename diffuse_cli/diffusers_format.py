@@ -255,8 +255,9 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
         raise CheckpointError(f"{root}: no unet/config.json; not a diffusers UNet2DModel folder")
     if not weights.is_file():
         if (unet_dir / "diffusion_pytorch_model.bin").is_file():
-            raise CheckpointError(f"{unet_dir}: only pickled weights (diffusion_pytorch_model.bin), which diffuse never "
-                                  "loads; convert them once, where you trust the file: python -c \"from diffusers "
+            raise CheckpointError(f"{unet_dir}: only diffusion_pytorch_model.bin, in torch.save's format, which runs "
+                                  "code as it loads and which diffuse never loads; convert it once, where you trust the "
+                                  "file: python -c \"from diffusers "
                                   f"import UNet2DModel as U; U.from_pretrained('{unet_dir}').save_pretrained('{unet_dir}', "
                                   "safe_serialization=True)\"")
         raise CheckpointError(f"{unet_dir}: no {WEIGHTS}")

@@ -13,6 +13,7 @@ import typer
 
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
                      Precision, SampleConfig, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
+from .errors import UsageError
 
 
 def one_of(literal: Any) -> str:
@@ -88,6 +89,18 @@ ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditi
                                                        f"guidance needs.{default(T.class_dropout)}")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
+
+def one_folder(data: Optional[list[str]]) -> Optional[str]:
+    """train's DATA: one folder. The shell hands over every file of `photos/*.jpg`: name the folder instead."""
+    if not data or len(data) == 1:
+        return data[0] if data else None
+    parents = {str(Path(a).parent) for a in data if Path(a).is_file()}
+    if not parents:
+        raise UsageError(f"diffuse train takes one folder, not {len(data)}: {' '.join(data)}")
+    folder = parents.pop() if len(parents) == 1 else "photos"
+    raise UsageError("diffuse train takes one folder, not its files (a pattern such as photos/*.jpg names each file); "
+                     f"pass the folder: diffuse train {folder}")
+
 
 def bare_hflip(argv: list[str]) -> list[str]:
     """`--hflip` alone (a flag before it took a value) means `--hflip on`: at the end, or before another
