@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -24,11 +23,6 @@ from .errors import DiffuseError, UsageError, out_of_memory
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
-
-
-def given(**options: Any) -> dict[str, Any]:
-    """The options set on the command line (an unset one is None), by their config field names."""
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def use_device(name: str) -> None:
@@ -62,7 +56,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
         return launch_devices(devices, device, sys.argv[1:])
     folder = opt.one_folder(data)
     require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
-    settings = given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
+    settings = opt.given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
                      min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed,
@@ -111,7 +105,7 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
     from .samplers import check_sample_config
 
     require_positive(n=n)
-    settings = check_sample_config(SampleConfig(**given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
+    settings = check_sample_config(SampleConfig(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                                         variance=variance, seed=seed, batch_size=batch_size,
                                                         precision=precision, guidance=guidance, threshold=threshold,
                                                         classes=tuple(class_) if class_ else None, strength=strength,
@@ -167,11 +161,7 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
     """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
     from .config import DiffusionConfig
 
-    target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
-    if target.is_dir():
-        raise UsageError(f"--out {target} is a folder; name the PNG to write, e.g. --out {target / 'noise.png'}")
-    if target.suffix.lower() != ".png":
-        raise UsageError(f"--out {target}: diffuse noise writes a PNG; name it {target.with_suffix('.png')}")
+    target = opt.png_out(out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png"))
     schedule, timesteps = schedule or DiffusionConfig.schedule, timesteps or DiffusionConfig.timesteps
     from . import api
     from .data import grid_upscale, image_dimensions, labelled_strip, save_png

@@ -90,6 +90,20 @@ ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditi
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
 
+def given(**options: Any) -> dict[str, Any]:
+    """The options set on the command line (an unset one is None), by their config field names."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def png_out(target: Path) -> Path:
+    """noise's --out: a PNG to write, not a folder nor another kind of file."""
+    if target.is_dir():
+        raise UsageError(f"--out {target} is a folder; name the PNG to write, e.g. --out {target / 'noise.png'}")
+    if target.suffix.lower() != ".png":
+        raise UsageError(f"--out {target}: diffuse noise writes a PNG; name it {target.with_suffix('.png')}")
+    return target
+
+
 def one_folder(data: Optional[list[str]]) -> Optional[str]:
     """train's DATA: one folder. The shell hands over every file of `photos/*.jpg`: name the folder instead."""
     if not data or len(data) == 1:
