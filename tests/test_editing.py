@@ -215,6 +215,16 @@ def test_the_cli_edits_inpaints_and_interpolates_and_refuses_bad_input_without_w
     keep = read_image(tmp_path / "hole.png", 1)[0].repeat_interleave(2, 0).repeat_interleave(2, 1) < 128
     assert torch.equal(read_image(folder / "0001-a.png")[:, keep], IMAGES[0][:, keep])
 
+    (tmp_path / "inits").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "inits" / name).write_bytes((tmp_path / name).read_bytes())
+    (tmp_path / "inits" / "notes.txt").write_text("not an image")
+    result = run_cli("sample", "--init", "inits", "--strength", "0.3", "--steps", "4", "--trajectory")
+    assert result.code == 0 and "skipped 1 of 3" in result.err and "2 images of inits" in result.out, result
+    folder = next((tmp_path / "samples").glob("*-init-inits-s0.3"))  # one edit of each image, by default
+    assert {p.name for p in folder.iterdir()} == {"0000-a.png", "0001-b.png", "grid.png", "trajectory.png",
+                                                  "trajectory.gif"}
+
     result = run_cli("interpolate", "a.png", "b.png", "--frames", "4", "--steps", "3")
     assert result.code == 0, result
     folder = tmp_path / "samples" / "run-interpolate-a-b-3steps"
