@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -83,7 +82,7 @@ class Plan:
     def nfe(self, sampler: str) -> int:
         """Network calls for the whole path."""
         n, calls = len(self.timesteps), SAMPLERS[sampler].nfe
-        return sum(calls(b - a) + (sampler == "heun" and b < n) for a, b in self.stretches)  # heun: one more at a noisy end
+        return sum(calls(b - a, b == n) for a, b in self.stretches)
 
 
 def plan_edit(timesteps: torch.Tensor, total: int, strength: float = 1.0, inpaint: bool = False,
@@ -103,9 +102,9 @@ def edit(sampler: str, eps_model: EpsModel, init: torch.Tensor, schedule: NoiseS
     """SDEdit from `init` (x_0 in [-1, 1]) along `plan`, and where `generate` is given, RePaint's inpainting:
     the init is kept exactly where `generate` is False. The noise is each image's first draw, as ordinary
     sampling's x_T, so that strength 1 is ordinary sampling."""
-    noise = randn(init.shape, generator, init.device)
     if plan.k == 0:
         return init
+    noise = randn(init.shape, generator, init.device)
     fn, ts, T = SAMPLERS[sampler].fn, plan.timesteps, schedule.timesteps
     x = noise if plan.k >= T else schedule.q_sample(init, torch.full((len(init),), plan.k - 1, device=init.device),
                                                       noise)
@@ -125,8 +124,8 @@ def edit(sampler: str, eps_model: EpsModel, init: torch.Tensor, schedule: NoiseS
 
 
 @torch.no_grad()
-def ddim_invert(eps_model: EpsModel, x0: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor,
-                callback: Callable[[int], None] | None = None) -> torch.Tensor:
+def ddim_invert(eps_model: EpsModel, x0: torch.Tensor, schedule: NoiseSchedule,
+                timesteps: torch.Tensor) -> torch.Tensor:
     """DDIM's deterministic step (η = 0) run upwards, x_0 -> x at timesteps[0]: from ᾱ_prev to ᾱ_t with ε̂(x, t)
     taken at the step's start (Song et al. 2021 §4.3, Dhariwal & Nichol 2021 App. F). DDIM on the same
     `timesteps` walks back to x_0, to an error that falls with the steps."""
@@ -137,8 +136,6 @@ def ddim_invert(eps_model: EpsModel, x0: torch.Tensor, schedule: NoiseSchedule, 
         eps = eps_model(x, torch.full((len(x),), t.item(), dtype=t.dtype, device=x.device))
         x0_hat = (x - math.sqrt(1 - abs_[i]) * eps) / math.sqrt(abs_[i])
         x = math.sqrt(abs_[i + 1]) * x0_hat + math.sqrt(1 - abs_[i + 1]) * eps
-        if callback:
-            callback(i)
     return x
 
 

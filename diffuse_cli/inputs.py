@@ -45,8 +45,9 @@ def read_edit(init: PathLike | torch.Tensor, mask: PathLike | torch.Tensor | Non
     if mask is not None:
         inputs.generate = _mask_tensor(mask, len(inputs.images), size) if isinstance(mask, torch.Tensor) \
             else _read_mask(Path(mask), own, size, inputs.notes)
-        if not inputs.generate.flatten(1).any(1).all():
-            which = "" if len(inputs.images) == 1 else f" within {inputs.names[int((~inputs.generate.flatten(1).any(1)).nonzero()[0])]}"
+        empty = ~inputs.generate.flatten(1).any(1)  # per init: nothing white inside its crop
+        if empty.any():
+            which = "" if len(inputs.images) == 1 else f" within {inputs.names[int(empty.nonzero()[0])]}"
             raise DataError(f"the mask has nothing to generate{which}: it is black (keep) everywhere in the "
                             f"{size}x{size} crop the model sees; paint white where new pixels should go")
     return inputs

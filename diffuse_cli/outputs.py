@@ -39,8 +39,8 @@ def save_strip(frames: torch.Tensor, folder: PathLike) -> None:
     """Interpolation frames uint8 (N, C, H, W) as NNNN.png, strip.png (one row) and strip.gif (there and back)."""
     folder = Path(folder)
     save_images(frames, folder, grid=False)
-    save_png(make_grid(frames, nrow=len(frames)), folder / "strip.png", grid_upscale(frames.shape[-1]))
     upscale = grid_upscale(frames.shape[-1])
+    save_png(make_grid(frames, nrow=len(frames)), folder / "strip.png", upscale)
     big = [f.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2) for f in frames]
     save_gif(big + big[-2:0:-1], folder / "strip.gif", ms_per_frame=150)
 

@@ -281,22 +281,31 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
 class SamplerInfo:
     fn: Callable[..., torch.Tensor]
     spacing: Spacing  # its default: the paper's, or for the SDE solvers what measured best on a trained model
-    nfe: Callable[[int], int]  # network calls for a number of steps
+    nfe: Callable[..., int]  # network calls for a number of steps (clean=False: ending at a noisy step)
     description: str
     options: tuple[str, ...] = ()  # the keyword options its function takes, e.g. ("eta",)
 
 
+def _one_a_step(steps: int, clean: bool = True) -> int:
+    return steps
+
+
+def _heun_calls(steps: int, clean: bool = True) -> int:
+    """Two calls a step, less the corrector of a last step that lands on the clean image."""
+    return max(1, 2 * steps - clean)
+
+
 SAMPLERS: dict[str, SamplerInfo] = {
-    "ddpm": SamplerInfo(ddpm, "trailing", lambda k: k, "ancestral, Ho et al. 2020", ("variance",)),
-    "ddim": SamplerInfo(ddim, "trailing", lambda k: k, "Song et al. 2021; --eta 0 is deterministic", ("eta",)),
-    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", lambda k: k, "DPM-Solver++(2M), Lu et al. 2022", ("eta",)),
-    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", lambda k: k, "DPM-Solver++(3M), Lu et al. 2022", ("eta",)),
-    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", lambda k: k,
+    "ddpm": SamplerInfo(ddpm, "trailing", _one_a_step, "ancestral, Ho et al. 2020", ("variance",)),
+    "ddim": SamplerInfo(ddim, "trailing", _one_a_step, "Song et al. 2021; --eta 0 is deterministic", ("eta",)),
+    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", _one_a_step, "DPM-Solver++(2M), Lu et al. 2022", ("eta",)),
+    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", _one_a_step, "DPM-Solver++(3M), Lu et al. 2022", ("eta",)),
+    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", _one_a_step,
                                "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)", ("eta",)),
-    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", lambda k: k,
+    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", _one_a_step,
                                "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)", ("eta",)),
-    "unipc": SamplerInfo(unipc, "logsnr", lambda k: k, "UniPC-bh2, Zhao et al. 2023, order 3"),
-    "heun": SamplerInfo(heun, "karras", lambda k: max(1, 2 * k - 1), "Karras et al. 2022 (EDM), rho=7"),
+    "unipc": SamplerInfo(unipc, "logsnr", _one_a_step, "UniPC-bh2, Zhao et al. 2023, order 3"),
+    "heun": SamplerInfo(heun, "karras", _heun_calls, "Karras et al. 2022 (EDM), rho=7"),
 }
 assert tuple(SAMPLERS) == get_args(SamplerName), "config.SamplerName lists the samplers, for the CLI's help"
 DEFAULT_SAMPLER, DEFAULT_STEPS = SampleConfig.sampler, SampleConfig.steps

@@ -246,3 +246,18 @@ def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
     assert torch.equal(edited, plain)
     asked = model.sample(3, init=IMAGES[2], strength=0.7, steps=4, seed=1, classes="b")
     assert not torch.equal(asked, edited)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm++3m-sde"])
+def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
+    """The progress bar's total: heun makes one call more on a stretch that ends at a noisy step."""
+    from diffuse_cli.samplers import CountingModel
+
+    schedule = NoiseSchedule.make("cosine")
+    ts = spaced_timesteps(schedule, 10, SAMPLERS[sampler].spacing)
+    plan = plan_edit(ts, 1000, 0.7, inpaint=True, jumps=2)
+    counted = CountingModel(GAUSSIAN.eps_model(schedule))
+    init = torch.zeros(4, 2, dtype=torch.float64)
+    edit(sampler, counted, init, schedule, plan, torch.tensor([[False, True]]).expand(4, 2),
+         torch.Generator().manual_seed(0))
+    assert counted.nfe == plan.nfe(sampler) > len(plan.timesteps)
