@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .config import PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_model
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, DiffuseError, UsageError
 from .files import atomic_write_bytes
 from .schedule import BETAS
 from .unet import UNet, group_norm
@@ -266,24 +266,25 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
     if scheduler is None:
         raise CheckpointError(f"{root}: no scheduler/scheduler_config.json, so the noise schedule the model was trained "
                               "with is unknown; not imported")
-    try:
-        unet_cfg, sched_cfg = (json.loads(p.read_text()) for p in (config_file, scheduler))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{root}: cannot read its configs ({str(e).splitlines()[0]})") from None
-    saved = json.loads((root / OURS).read_text()) if (root / OURS).is_file() else None  # our own export
-    classes = len(saved["config"]["model"].get("class_names", ())) if saved else 0
-    if saved and unet_cfg.get("num_class_embeds") == (classes + 1 if classes else None):
+    unet_cfg, sched_cfg = _json_object(config_file), _json_object(scheduler)
+    ours = _our_export(root)  # (config, info) of our own export, else None
+    classes = len(ours[0].model.class_names) if ours else 0
+    if ours and unet_cfg.get("num_class_embeds") == (classes + 1 if classes else None):
         unet_cfg = {**unet_cfg, "num_class_embeds": None}  # ours, with its names and its "no class"
-    model_cfg = model_config_from(unet_cfg)  # refused here, before gigabytes of weights are read
-    config = Config(model=model_cfg, diffusion=diffusion_config_from(sched_cfg), train=TrainConfig(),
-                    preset=_preset_of(model_cfg))
+    try:  # refused here, before gigabytes of weights are read
+        model_cfg, diffusion = model_config_from(unet_cfg), diffusion_config_from(sched_cfg)
+    except DiffuseError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type
+        raise CheckpointError(f"{root}: a config field cannot be read ({e}); not imported") from None
+    config = Config(model=model_cfg, diffusion=diffusion, train=TrainConfig(), preset=_preset_of(model_cfg))
     info: dict[str, Any] = {}
-    if saved:  # our config, class names and all, if it describes the same network
-        ours, info = from_dict(Config, saved["config"]), saved.get("info", {})
-        kept = {k: getattr(ours.model, k) for k in ("class_names", "head_channels", "norm_group_min")}
-        if ours.diffusion != config.diffusion or replace(model_cfg, **kept) != ours.model:
+    if ours:  # our config, class names and all, if it describes the same network
+        saved, info = ours
+        kept = {k: getattr(saved.model, k) for k in ("class_names", "head_channels", "norm_group_min")}
+        if saved.diffusion != config.diffusion or replace(model_cfg, **kept) != saved.model:
             raise CheckpointError(f"{root}: {OURS} and the diffusers configs describe different models; not imported")
-        config = ours
+        config = saved
     try:
         tensors = load_file(weights)
     except (OSError, ValueError) as e:
@@ -299,6 +300,31 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
         raise CheckpointError(f"{root}: the weights do not fit the config ({str(e).splitlines()[-1].strip()})") from None
     source = {"imported_from": str(root.resolve()), "imported_format": f"diffusers {unet_cfg.get('_diffusers_version', '?')}"}
     return net.eval(), config, {**info, **source, "step": info.get("step", "?")}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object, or CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({str(e).splitlines()[0]}); not imported") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object; not imported")
+    return data
+
+
+def _our_export(root: Path) -> tuple[Config, dict[str, Any]] | None:
+    """The config and info that our export wrote beside the diffusers files (OURS), None where there is none."""
+    if not (root / OURS).is_file():
+        return None
+    saved = _json_object(root / OURS)
+    try:
+        config, info = from_dict(Config, saved["config"]), dict(saved.get("info", {}))
+        validate_model(config.model)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{root / OURS}: not a config diffuse wrote ({e}); remove it to import the diffusers "
+                              "files alone") from None
+    return config, info
 
 
 def _preset_of(cfg: ModelConfig) -> str:

@@ -2,6 +2,7 @@
 round trip. The UNet2DModels are built from the configs of the published DDPM checkpoints (their weights
 cannot be downloaded here), with random weights in every layer, so that no mapping hides behind a zero."""
 
+import json
 import math
 
 import pytest
@@ -193,3 +194,30 @@ def test_our_own_models_keep_todays_conventions(tmp_path):
     assert (m.norm_eps, m.time_freq_shift, m.time_cos_first, m.downsample_padding) == (1e-5, 0.0, False, 1)
     with pytest.raises(DiffuseError, match="no such folder"):
         diffuse.import_diffusers(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("file, text, words", [
+    ("unet/config.json", "[1, 2]", ["config.json", "not a JSON object"]),
+    ("unet/config.json", "{not json", ["config.json", "cannot read it as JSON"]),
+    ("unet/config.json", {"layers_per_block": "two"}, ["config field cannot be read"]),
+    ("unet/config.json", {"block_out_channels": [32, "x"]}, ["config field cannot be read"]),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": "many"}, ["config field cannot be read"]),
+    (OURS, "[]", [OURS, "not a JSON object"]),
+    (OURS, {"config": {"model": {"image_size": "x"}}}, [OURS, "not a config diffuse wrote", "remove it"]),
+    (OURS, {"info": {}}, [OURS, "not a config diffuse wrote"]),
+], ids=["unet-list", "unet-not-json", "unet-field-type", "unet-channel-type", "scheduler-field-type", "ours-list",
+        "ours-field-type", "ours-no-config"])
+def test_a_malformed_config_is_one_line_and_exit_2_and_nothing_is_written(run_cli, tmp_path, monkeypatch, file, text,
+                                                                            words):
+    monkeypatch.chdir(tmp_path)
+    folder = save_pipeline(randomised(SMALL_DDPM), tmp_path / "ddpm")
+    path = folder / file
+    if isinstance(text, dict):  # a field of the wrong type in an otherwise sound file
+        base = json.loads(path.read_text()) if path.is_file() else {}
+        text = json.dumps({**base, **text})
+    path.write_text(text)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = run_cli("import", "ddpm")
+    assert result.code == 2, result
+    assert_clean_error(result, *words)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
