@@ -33,11 +33,11 @@ from . import device as device_module
 from .device import pick_device, resolve_precision
 from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
 from .files import MODEL_FILE
-from .generate import Trajectory, edit_plan, fitting_batch, generate_batches
+from .generate import Trajectory, calls_per_batch, edit_plan, fitting_batch, generate_batches
 from .editing import Plan
 from .inputs import EditInputs, read_edit
 from .outputs import GRID_MAX, save_grid, save_images, save_strip  # noqa: F401 (the API)
-from .samplers import SAMPLERS, check_sample_config, sampler_options
+from .samplers import check_sample_config, sampler_options
 from .schedule import NoiseSchedule
 from .training import Hooks, Options, Result
 from .unet import UNet
@@ -171,9 +171,7 @@ class Model:
 
     def nfe(self, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> int:
         """Network calls per batch for these settings; with guidance, each is one call on the batch twice over."""
-        if edit is None:
-            return SAMPLERS[settings.sampler].nfe(settings.steps)
-        return self.edit_plan(settings, edit).nfe(settings.sampler)
+        return calls_per_batch(settings.sampler, settings.steps, None if edit is None else self.edit_plan(settings, edit))
 
     def edit_plan(self, settings: SampleConfig, edit: EditInputs) -> Plan:
         """The path an edit takes: how far the init is noised, the steps visited and RePaint's stretches."""

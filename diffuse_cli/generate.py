@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Generator
 
 import torch
 
@@ -85,8 +85,9 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
                      init: torch.Tensor | None = None, strength: float = 1.0, generate: torch.Tensor | None = None,
                      resample_jumps: int = 0, progress: Callable[[int, int], None] | None = None,
                      callback: Callback | None = None, cuda_graph: bool = True,
-                     log: Callable[[str], None] = lambda message: None, **options) -> Iterator[torch.Tensor]:
-    """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled; on
+                     log: Callable[[str], None] = lambda message: None, **options) -> Generator[torch.Tensor, None, int]:
+    """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled (and at the end, as
+    the generator's value, the network calls a batch took: calls_per_batch); on
     CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
     `log` says so). A conditional model draws image i of class labels[i] (len(class_names): no
     class), with classifier-free guidance of weight `guidance`; with no labels asked, each image's class
@@ -100,7 +101,7 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
         labels, guidance = random_classes(seed, n, len(config.model.class_names), class_weights), 1.0
     plan = None if init is None else edit_plan(denoiser.schedule, sampler, steps, spacing, strength,
                                                generate is not None, resample_jumps)
-    per_batch = SAMPLERS[sampler].nfe(steps) if plan is None else plan.nfe(sampler)
+    per_batch = calls_per_batch(sampler, steps, plan)
     calls = CallCounter(per_batch * -(-n // batch_size), progress)
     c, s = config.model.channels, config.model.image_size
     for start in range(0, n, batch_size):
@@ -117,6 +118,12 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
             x = edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
                      mask, generators, callback, **options)
         yield to_uint8(x).cpu()
+    return per_batch
+
+
+def calls_per_batch(sampler: str, steps: int, plan: Plan | None = None) -> int:
+    """Network calls one batch takes: the sampler's on `steps`, or those of an edit's path (editing.Plan)."""
+    return SAMPLERS[sampler].nfe(steps) if plan is None else plan.nfe(sampler)
 
 
 class CallCounter:
@@ -144,8 +151,12 @@ def edit_plan(schedule: NoiseSchedule, sampler: str, steps: int, spacing: str | 
 def generate(model: torch.nn.Module, config: Config, n: int, **kwargs) -> tuple[torch.Tensor, int]:
     """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; keyword arguments
     as generate_batches."""
-    images = torch.cat(list(generate_batches(model, config, n, **kwargs)))
-    return images, SAMPLERS[kwargs.get("sampler", DEFAULT_SAMPLER)].nfe(kwargs.get("steps", DEFAULT_STEPS))
+    batches, images = generate_batches(model, config, n, **kwargs), []
+    while True:
+        try:
+            images.append(next(batches))
+        except StopIteration as finished:  # its value: the calls a batch took, an edit's path included
+            return torch.cat(images), finished.value
 
 
 class Trajectory:

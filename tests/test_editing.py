@@ -261,3 +261,17 @@ def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
     edit(sampler, counted, init, schedule, plan, torch.tensor([[False, True]]).expand(4, 2),
          torch.Generator().manual_seed(0))
     assert counted.nfe == plan.nfe(sampler) > len(plan.timesteps)
+
+
+def test_generate_reports_the_calls_an_edit_made_not_those_of_ordinary_sampling(model):
+    from diffuse_cli.generate import generate
+
+    seen = []
+    mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
+    mask[..., 4:] = True
+    images, nfe = generate(model.net, model.config, 4, sampler="heun", steps=6, batch_size=2, init=IMAGES[:4],
+                           strength=0.6, generate=mask, resample_jumps=1, progress=lambda done, total: seen.append(done))
+    settings = diffuse.SampleConfig(sampler="heun", steps=6, strength=0.6, resample_jumps=1)
+    assert images.shape == (4, 3, 8, 8)
+    assert nfe == model.nfe(settings, model.edit_inputs(IMAGES[:4], mask)) == len(seen) // 2  # two batches
+    assert nfe != SAMPLERS["heun"].nfe(6)
