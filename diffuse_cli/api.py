@@ -39,6 +39,7 @@ from .inputs import EditInputs, read_edit
 from .outputs import GRID_MAX, save_grid, save_images, save_strip  # noqa: F401 (the API)
 from .samplers import check_sample_config, sampler_options
 from .schedule import NoiseSchedule
+from .threads import set_threads  # noqa: F401 (the API)
 from .training import Hooks, Options, Result
 from .unet import UNet
 
@@ -315,4 +316,4 @@ from .api_tools import (explore, export_diffusers, import_diffusers, interpolate
 
 __all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
            "write_explorer", "sample_folder_name", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
-           "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX"]
+           "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX", "set_threads"]

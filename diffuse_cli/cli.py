@@ -25,13 +25,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train a denoising diffusion model (DDPM) on a folder of images, and sample from it.")
 
 
-def use_device(name: str) -> None:
-    """Check the device name now; on the CPU, let malloc keep freed memory for the next step (process-wide)."""
+def use_device(name: str, threads: int | None = None) -> None:
+    """Check the device name now; on the CPU, let malloc keep freed memory for the next step, and start reading
+    how busy the machine is, for the thread count (both process-wide)."""
     from .device import pick_device
     from .fast_ops import keep_cpu_memory
+    from .threads import set_threads, share
 
+    require_positive(threads=threads)
     if pick_device(name).type == "cpu":
         keep_cpu_memory()
+        set_threads(threads)
+        share().tick()
 
 
 @app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
@@ -48,7 +53,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           class_dropout: opt.ClassDropout = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, device: opt.Device = "auto", compile: opt.Compile = False,
-          cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1) -> None:
+          cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1, threads: opt.Threads = None) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     from .launch import launch_devices
 
@@ -66,7 +71,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     seconds = parse_duration(max_time) if max_time else None
     if folder is not None and not Path(folder).exists():
         raise UsageError(f"{folder}: no such file or folder")
-    use_device(device)
+    use_device(device, threads)
     from . import api
     from .budget import is_fitted
     from .runs import resolve_run
@@ -100,7 +105,7 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
            guidance: opt.Guidance = None, threshold: opt.ThresholdOpt = None, init: opt.Init = None,
            strength: opt.Strength = None, mask: opt.Mask = None, resample_jumps: opt.ResampleJumps = None,
            batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
-           precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True) -> None:
+           precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True, threads: opt.Threads = None) -> None:
     """Generate images from a trained checkpoint, or edit images with it: PNGs and grid.png."""
     from .samplers import check_sample_config
 
@@ -112,7 +117,7 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
                                                         resample_jumps=resample_jumps)))
     if resample_jumps is not None and mask is None:
         raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
-    use_device(device)
+    use_device(device, threads)
     from . import api
     from .data import grid_upscale, save_gif, save_png
     from .generate import Trajectory
@@ -182,11 +187,11 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
 def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, class_: opt.OneClass = None,
             guidance: opt.Guidance = None, frames: opt.Frames = 60, seed: opt.NoiseSeed = 0,
             out_path: opt.ExploreOut = Path("explore.html"), open_page: opt.Open = False,
-            device: opt.Device = "auto") -> None:
+            device: opt.Device = "auto", threads: opt.Threads = None) -> None:
     """Write the time slider: one HTML page where an image dissolves into static and the model walks back out."""
     if out_path.is_dir() or out_path.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {out_path}: diffuse explore writes an HTML page; name it e.g. explore.html")
-    use_device(device)
+    use_device(device, threads)
     from . import api
 
     model = api.load(checkpoint, device)
@@ -208,12 +213,13 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
              "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
 def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
                 steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None,
-                checkpoint: opt.Checkpoint = None, out_dir: opt.InterpolateOut = None, device: opt.Device = "auto") -> None:
+                checkpoint: opt.Checkpoint = None, out_dir: opt.InterpolateOut = None, device: opt.Device = "auto",
+                threads: opt.Threads = None) -> None:
     """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""
     seeds = seeds if seeds and None not in seeds else None
     if len(images or []) not in (0, 2) or not images and seeds is None:
         raise UsageError(f"give two images, or --seeds A B, to interpolate between (not {len(images or [])} images)")
-    use_device(device)
+    use_device(device, threads)
     from . import api
     from .outputs import check_folder, save_strip
 

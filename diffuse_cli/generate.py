@@ -6,6 +6,7 @@ from typing import Callable, Generator
 
 import torch
 
+from . import threads
 from .config import Config, Precision, Threshold
 from .data import make_grid, to_model, to_uint8
 from .device import autocast, layout_of, mix_seed, resolve_precision
@@ -59,7 +60,11 @@ class Denoiser:
         layout = layout_of(model)  # training chose it (device.memory_format); inputs follow the weights
         self.schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
 
+        on_cpu = self.device.type == "cpu"
+
         def network(x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
+            if on_cpu:
+                threads.tick()  # the CPU thread count follows the machine (threads.py)
             with autocast(precision, self.device):
                 return model(x.contiguous(memory_format=layout), t, *y)
         fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731

@@ -8,6 +8,7 @@ import signal
 from .console import Interrupted
 from .errors import TrainingFailed, UsageError
 from .runs import new_run_folder
+from .threads import SHARE_ENV, usable_cores
 
 
 def launch_devices(devices: int, device: str, argv: list[str]) -> None:
@@ -25,8 +26,8 @@ def launch_devices(devices: int, device: str, argv: list[str]) -> None:
     if on_cuda and devices > torch.cuda.device_count():
         raise UsageError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
     if not on_cuda and "OMP_NUM_THREADS" not in os.environ:  # else torchrun gives each process one thread
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // devices))
+        share = str(max(1, usable_cores() // devices))
+        os.environ["OMP_NUM_THREADS"] = os.environ[SHARE_ENV] = share  # each process follows the free cores within it
     out_at = args.index("--out") + 1 if "--out" in args else None
     # torchrun's --signals-to-handle (newer torch): it passes these on to the processes, which save and stop;
     # SIGUSR1 is what Slurm's --signal sends ahead of a job's time limit

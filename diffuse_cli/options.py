@@ -30,6 +30,8 @@ T, S = TrainConfig, SampleConfig
 
 # -- every command that runs a network --------------------------------------------------------
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch's operations. \\[default: the cores other "
+                                                "programs leave free, checked every second (OMP_NUM_THREADS, where set)]")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed: training's weights, data order and noise; sampling's "
                                              f"image i uses seed+i, whatever --batch-size.{default(S.seed)}")]
 CudaGraph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph",

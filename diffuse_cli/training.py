@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
+from . import distributed, threads
 from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config, SampleConfig
@@ -317,14 +317,15 @@ def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
 
 # -- reporting -------------------------------------------------------------------------------
 def start_line(config: Config, data: ImageData, device: torch.device, precision: str, learner: Learner,
-               world: distributed.World) -> str:
+               world: distributed.World, cpu: threads.ThreadShare | None = None) -> str:
     """What runs where: the line a run starts with."""
     tc, m = config.train, config.model
     return (f"device {device}, precision {precision}, preset {config.preset}, "
             f"{count_parameters(learner.model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)} "
             f"at {m.image_size}x{m.image_size}{' grayscale' * (m.channels == 1)}, "
             f"effective batch {tc.batch_size * tc.grad_accum}"
-            + (f" over {world.size} processes" if world.size > 1 else "") + (", CUDA graph" if learner.uses_graph else ""))
+            + (f" over {world.size} processes" if world.size > 1 else "") + (", CUDA graph" if learner.uses_graph else "")
+            + (f", {cpu.threads} CPU thread{'s' * (cpu.threads != 1)}" if cpu is not None else ""))
 
 
 def memory_warning(config: Config, learner: Learner, world: distributed.World) -> str | None:
@@ -351,6 +352,7 @@ class Reporter:
     budget: Budget
     world: distributed.World
     last: tuple[float, int]  # (time, step) of the last record
+    cpu: threads.ThreadShare | None = None  # on the CPU: its thread count goes in each record
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def due(self, step: int) -> bool:
@@ -369,7 +371,8 @@ class Reporter:
             config = replace(config, train=replace(tc, steps=self.budget.recorded_steps()))
         record = {"step": step, "loss": self.learner.io.loss_sum.item() / finite_steps if finite_steps else math.nan,
                   "lr": lr, "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - self.last[0], 1e-9),
-                  "time": round(now - self.budget.started, 3), "steps": self.budget.steps}
+                  "time": round(now - self.budget.started, 3), "steps": self.budget.steps,
+                  **({"threads": self.cpu.threads} if self.cpu is not None else {})}
         self.records.append(record)
         self.folder.record(record)
         self.hooks.progress(record)
@@ -379,10 +382,12 @@ class Reporter:
 
 
 def choices_made(config: Config, data: ImageData, options: Options, precision: str, device: torch.device,
-                 budget: Budget, verdict: MirrorVerdict | None) -> str | None:
+                 budget: Budget, verdict: MirrorVerdict | None, cpu: threads.ThreadShare | None = None) -> str | None:
     """The start-of-run summary: every choice made for the user, each with the option that sets it."""
     m, chosen = config.model, options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
     rows = []
+    if cpu is not None and cpu.fixed is None:
+        rows.append(("threads", cpu.reason(), "--threads"))
     if m.class_names:
         counts = data.class_counts()
         rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
@@ -441,15 +446,18 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     folder = RunFolder(run_dir, data, learner, world)
     folder.start(step)
     budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
-    hooks.log(start_line(config, data, device, precision, learner, world))
-    if summary := choices_made(config, data, options, precision, device, budget, verdict):
+    cpu = threads.share() if device.type == "cpu" else None
+    if cpu is not None:
+        cpu.settle()  # the first count, before the first step; then tick() follows the machine
+    hooks.log(start_line(config, data, device, precision, learner, world, cpu))
+    if summary := choices_made(config, data, options, precision, device, budget, verdict, cpu):
         hooks.log(summary)
     if device.type == "cpu" and (warning := memory_warning(config, learner, world)):
         hooks.log(warning)
 
     budget.started = time.monotonic()  # the budget is for training, not for setting up
     config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records
-    report = Reporter(hooks, learner, folder, budget, world, last=(budget.started, step))
+    report = Reporter(hooks, learner, folder, budget, world, last=(budget.started, step), cpu=cpu)
     start_step, stopped_by, lr = step, "steps", tc.lr
     last_written = {"save": budget.started, "grid": budget.started}  # for the default intervals (due)
 
@@ -466,6 +474,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         if stop:
             stopped_by = "time" if over_time else "signal"
             break
+        if cpu is not None:
+            cpu.tick()  # metrics.jsonl records the count at each log point
         batches.fill(step, learner.io, last=budget.done(step + 1))
         lr = learner.step(step, config, budget, elapsed)
         step += 1

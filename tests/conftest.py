@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,12 @@ import pytest
 from PIL import Image
 
 from diffuse_cli import cli
+
+# Every test runs torch on one CPU thread, in this process and in the ones it starts (OMP_NUM_THREADS fixes the
+# count: threads.share). Results depend on the thread count through rounding, so a test that compares two runs
+# means the same on every machine, and none slows to a crawl beside a busy neighbour. test_threads.py checks the
+# automatic count on machine readings it injects.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:
@@ -28,6 +37,24 @@ def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format=fmt)
     return path
+
+
+@pytest.fixture
+def popen():
+    """subprocess.Popen, in a session of its own that the test's teardown kills, pass or fail, with every process
+    it started (torchrun's workers too): no test leaves a process running."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd, **kwargs) -> subprocess.Popen:
+        started.append(subprocess.Popen(cmd, start_new_session=True, **kwargs))
+        return started[-1]
+    yield start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it and everything it started have ended
+            pass
+        proc.communicate()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from diffuse_cli.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
 from diffuse_cli.data import load_builtin, load_folder
 from diffuse_cli.launch import launch_devices
+from diffuse_cli.threads import SHARE_ENV
 from diffuse_cli.training import Hooks, Options, train
 
 from .conftest import write_image
@@ -157,12 +158,12 @@ def torchrun_forwards_signals() -> bool:
 
 @pytest.mark.skipif(sys.platform != "linux" or not torchrun_forwards_signals(),
                     reason="torchrun's standalone rendezvous, and its --signals-to-handle (newer torch)")
-def test_a_signal_to_the_devices_launcher_saves_and_stops_every_process(tmp_path):
+def test_a_signal_to_the_devices_launcher_saves_and_stops_every_process(tmp_path, popen):
     """Ctrl-C or Slurm's SIGUSR1 reach torchrun, which passes them on: one line, exit 130, no traceback."""
     cmd = [sys.executable, "-m", "diffuse_cli", "train", "--devices", "2", "--model", "tiny", "--image-size", "8",
            "--batch-size", "4", "--steps", "100000", "--save-every", "1", "--out", "run", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "model.safetensors").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "training never saved"
@@ -184,9 +185,12 @@ def test_devices_on_the_cpu_share_the_cores(tmp_path, monkeypatch, preset, expec
     monkeypatch.setattr(sys, "argv", ["diffuse", "train", "--devices", "2", "--device", "cpu"])
     monkeypatch.setenv("OMP_NUM_THREADS", "0")  # so that what launch_devices sets is undone after the test
     monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")
+    monkeypatch.setenv(SHARE_ENV, "0")  # so that the share launch_devices sets is undone after the test
     if preset is None:
         monkeypatch.delenv("OMP_NUM_THREADS")
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    monkeypatch.delenv(SHARE_ENV)
     launch_devices(2, "cpu", sys.argv[1:])
     assert seen["threads"] == expected
+    assert os.environ.get(SHARE_ENV) == (expected if preset is None else None)  # each process follows the machine within it

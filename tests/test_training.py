@@ -390,28 +390,33 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     assert len(list(tmp_path.glob(".*.tmp"))) <= 1  # at most the one the last kill interrupted
 
 
-def diffuse(*args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "diffuse_cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def diffuse(popen):
+    """Start `diffuse ARGS` as a user would, in a process that the test's teardown ends, pass or fail."""
+    def start(*args, cwd):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return popen([sys.executable, "-m", "diffuse_cli", *args], cwd=cwd, env=env,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start
 
 
 TRAIN_FOREVER = ["train", "--model", "tiny", "--image-size", "8", "--batch-size", "4", "--steps", "100000",
                  "--save-every", "1", "--sample-every", "100000", "--out", "run", "--precision", "fp32"]
 
 
-def wait_for_checkpoint(run, timeout=60):
+def wait_for_checkpoint(run, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while not (run / MODEL_FILE).exists():
+        assert proc.poll() is None, f"training stopped before it saved: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "training never saved"
         time.sleep(0.1)
 
 
-def test_kill_9_of_a_real_training_run(tmp_path):
+def test_kill_9_of_a_real_training_run(tmp_path, diffuse):
     rng = random.Random(1)
     for trial in range(3):
         proc = diffuse(*TRAIN_FOREVER, *(["--resume", "auto"] if trial else []), cwd=tmp_path)
-        wait_for_checkpoint(tmp_path / "run")
+        wait_for_checkpoint(tmp_path / "run", proc)
         time.sleep(rng.uniform(0.5, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -423,10 +428,10 @@ def test_kill_9_of_a_real_training_run(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []))
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, signum):
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, signum, diffuse):
     """Ctrl-C, and SIGUSR1, which Slurm's --signal sends ahead of a job's time limit."""
     proc = diffuse(*TRAIN_FOREVER, cwd=tmp_path)
-    wait_for_checkpoint(tmp_path / "run")
+    wait_for_checkpoint(tmp_path / "run", proc)
     time.sleep(0.5)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
@@ -436,9 +441,9 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, signum):
     assert info["step"] >= 1
 
 
-def test_second_ctrl_c_quits_at_once(tmp_path):
+def test_second_ctrl_c_quits_at_once(tmp_path, diffuse):
     proc = diffuse(*TRAIN_FOREVER, cwd=tmp_path)
-    wait_for_checkpoint(tmp_path / "run")
+    wait_for_checkpoint(tmp_path / "run", proc)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
