@@ -1,4 +1,4 @@
-"""The API's functions on images and folders, beside the Model (api.py): the forward process on an image,
+"""The API's functions on images and folders, beside the Model (model.py): the forward process on an image,
 the time slider, interpolation between images or seeds, the sample folder's name, and diffusers' folders.
 
 Like everything in the API, nothing here prints or exits; bad input raises a DiffuseError.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
@@ -18,11 +18,9 @@ from .device import pick_device
 from .errors import DataError, UsageError
 from .files import MODEL_FILE, atomic_write_bytes
 from .inputs import read_edit
+from .model import Model
 from .samplers import check_sample_config
 from .schedule import NoiseSchedule
-
-if TYPE_CHECKING:
-    from .api import Model
 
 PathLike = str | os.PathLike
 
@@ -167,8 +165,6 @@ def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str 
     if target is not None and (target.exists() or Path(out).is_file()):
         raise UsageError(f"{out} already holds a model; name a new folder with --out")
     net, config, info = read_folder(folder)
-    from .api import Model
-
     model = Model(net.to(pick_device(device)), config, info)
     if target is not None:
         model.save(target)

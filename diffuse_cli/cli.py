@@ -5,7 +5,6 @@ torch is imported inside the commands, so that `diffuse --help` answers at once.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ import typer
 
 from . import __version__
 from . import options as opt
+from .cli_convert import COMMANDS as CONVERT_COMMANDS
 from .config import INTERPOLATE_STEPS, SampleConfig, parse_duration, parse_hflip, require_positive
 from .console import Interrupted, TrainDisplay, edit_line, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
@@ -26,17 +26,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def use_device(name: str, threads: int | None = None) -> None:
-    """Check the device name now; on the CPU, let malloc keep freed memory for the next step, and start reading
-    how busy the machine is, for the thread count (both process-wide)."""
-    from .device import pick_device
-    from .fast_ops import keep_cpu_memory
-    from .threads import set_threads, share
-
+    """Check the device and --threads now, and ready the device for work (api.prepare_device)."""
     require_positive(threads=threads)
-    if pick_device(name).type == "cpu":
-        keep_cpu_memory()
-        set_threads(threads)
-        share().tick()
+    from . import api
+
+    api.prepare_device(name, threads)
 
 
 @app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
@@ -251,7 +245,8 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
     out.print(checkpoint_table(facts, config))
 
 
-importlib.import_module(f"{__package__}.cli_convert")  # registers `import` and `export` on app
+for name, examples, command in CONVERT_COMMANDS:  # `import` and `export`
+    app.command(name, epilog=examples)(command)
 
 
 def version_callback(value: bool) -> None:

@@ -1,6 +1,7 @@
 """`diffuse import` and `diffuse export`: models in diffusers' folder layout, in and out (diffusers_format.py).
 
-Registered on cli.app when cli.py is imported; like every command, each parses, calls the API, prints.
+cli.py registers COMMANDS on its app (this module knows no app, so neither imports the other back); like every
+command, each parses, calls the API, prints.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from . import options as opt
-from .cli import app, use_device
 from .console import out
 
 Folder = Annotated[Path, typer.Argument(help="A diffusers pipeline folder (model_index.json, unet/, scheduler/), or "
@@ -23,13 +23,11 @@ Run = Annotated[Path, typer.Argument(help="A run folder or model.safetensors (a 
 ExportOut = Annotated[Path, typer.Argument(help="The diffusers folder to write (new, or empty).", show_default=False)]
 
 
-@app.command("import", epilog="Examples:\n\n  diffuse import ./ddpm-cifar10-32 --out checkpoints/cifar10\n\n"
-             "  diffuse sample -n 16 --checkpoint checkpoints/cifar10   # our samplers on it")
 def import_(folder: Folder, out_dir: ImportOut = None, device: opt.Device = "auto") -> None:
     """Bring in a diffusers UNet2DModel (safetensors only): our samplers, noise, explore and inspect on it."""
-    use_device(device)
     from . import api
 
+    api.prepare_device(device)
     target = out_dir or Path("checkpoints") / folder.resolve().name
     model = api.import_diffusers(folder, target, device)
     m, d = model.config.model, model.config.diffusion
@@ -38,8 +36,6 @@ def import_(folder: Folder, out_dir: ImportOut = None, device: opt.Device = "aut
               f"{model.path}", highlight=False)
 
 
-@app.command("export", epilog="Examples:\n\n  diffuse export checkpoints/<run> ./my-model-diffusers\n\n"
-             "  python -c \"from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('my-model-diffusers')\"")
 def export(run: Run, folder: ExportOut) -> None:
     """Write a run's model as a diffusers folder that DDPMPipeline.from_pretrained loads, with no code of ours."""
     from . import api
@@ -50,3 +46,13 @@ def export(run: Run, folder: ExportOut) -> None:
     conditional = f"; class-conditional: pass class_labels (0..{len(names) - 1}: {', '.join(names)}; {len(names)}: " \
                   "no class) to the UNet, which DDPMPipeline does not" if names else ""
     out.print(f"wrote {folder}/ (model_index.json, unet/, scheduler/) from {model.path}{conditional}", highlight=False)
+
+
+# (name, examples, function): what cli.py registers.
+COMMANDS = [
+    ("import", "Examples:\n\n  diffuse import ./ddpm-cifar10-32 --out checkpoints/cifar10\n\n"
+               "  diffuse sample -n 16 --checkpoint checkpoints/cifar10   # our samplers on it", import_),
+    ("export", "Examples:\n\n  diffuse export checkpoints/<run> ./my-model-diffusers\n\n"
+               "  python -c \"from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('my-model-diffusers')\"",
+     export),
+]
