@@ -21,7 +21,7 @@ default sampler, and as its DDPMPipeline does (1000 DDPM steps; one set of sampl
     python benchmarks/convergence.py --budget 1h --steps 1500 --recipes new new-fp32   # equal steps
     python benchmarks/convergence.py --data glyphs --budget 4m --recipes new hflip-on hflip-off
 
-`--data glyphs` trains on rendered characters instead (shapes.render_glyphs, written to a folder of
+`--data glyphs` trains on rendered characters instead (tests/glyphs.py, written to a folder of
 PNGs as a user's data would be): a data set with a handedness, on which mirroring (`--hflip on`)
 teaches the model mirror-writing, and `--hflip auto` (the default, recipe `new`) should not mirror.
 """
@@ -38,13 +38,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1]))  # tests.glyphs
 from common import image_fd  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.config import BUILTIN_IMAGE_SIZE, Config, DiffusionConfig, model_config, parse_duration  # noqa: E402
 from diffuse_cli.generate import generate  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
-from diffuse_cli.shapes import render_glyphs, render_shapes  # noqa: E402
+from diffuse_cli.shapes import render_shapes  # noqa: E402
+from tests.glyphs import render_glyphs  # noqa: E402
 
 RECIPES = {
     # Ho et al. 2020: ε, linear schedule, lr 2e-4 constant, no EMA, fp32; our first cut.

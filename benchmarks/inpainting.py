@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from diffuse_cli.editing import edit, plan_edit  # noqa: E402
 from diffuse_cli.samplers import SAMPLERS, spaced_timesteps  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
-from diffuse_cli.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
+from tests.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
 
 # (kept coordinate, its value): between two modes, on one mode, and out on a tail
 CASES = ((0, -0.3), (0, 0.3), (0, 0.6), (1, 0.1), (1, -0.35), (1, 0.9))

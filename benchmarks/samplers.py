@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1]))  # tests.toy: the exact mixture
 from common import image_fd  # noqa: E402
 
 from diffuse_cli import samplers as engine_samplers  # noqa: E402
@@ -33,7 +34,7 @@ from diffuse_cli.generate import generate  # noqa: E402
 from diffuse_cli.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.shapes import render_shapes  # noqa: E402
-from diffuse_cli.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
+from tests.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
 
 NFES = (10, 25, 50, 100)
 

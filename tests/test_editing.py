@@ -18,7 +18,7 @@ from diffuse_cli.editing import (ddim_invert, edit, plan_edit, repaint_stretches
 from diffuse_cli.errors import DiffuseError
 from diffuse_cli.samplers import SAMPLERS, ddim, spaced_timesteps, steps_for_nfe
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.toy import GaussianMixture
+from .toy import GaussianMixture
 
 from .conftest import assert_clean_error
 from .test_samplers import CONVERGED

@@ -13,7 +13,7 @@ import diffuse_cli as diffuse
 from diffuse_cli.objectives import as_eps_model, dynamic_threshold, guided
 from diffuse_cli.samplers import SAMPLERS, CountingModel, sample, spaced_timesteps, steps_for_nfe
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.toy import GaussianMixture
+from .toy import GaussianMixture
 
 from .test_samplers import CONVERGED, N
 

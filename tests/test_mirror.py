@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from diffuse_cli.mirror import ACCURACY_MIN, probe_mirroring
-from diffuse_cli.shapes import render_glyphs, render_shapes
+from diffuse_cli.shapes import render_shapes
+
+from .glyphs import render_glyphs
 
 from .conftest import assert_clean_error
 

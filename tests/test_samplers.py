@@ -9,7 +9,7 @@ from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, dpmpp, sa
                                   steps_for_nfe)
 from diffuse_cli.editing import ddim_invert
 from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.toy import GaussianMixture, mixture_2d, sliced_wasserstein, sliced_wasserstein_to
+from .toy import GaussianMixture, mixture_2d, sliced_wasserstein, sliced_wasserstein_to
 
 N = 10_000
 # Calls at which each sampler is judged "converged". Ancestral DDPM with σ² = β̃ shrinks the
