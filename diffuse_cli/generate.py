@@ -64,7 +64,7 @@ class Denoiser:
 
         def network(x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
             if on_cpu:
-                threads.tick()  # the CPU thread count follows the machine (threads.py)
+                threads.tick()  # the CPU thread count follows the machine (threads.py; not in its workers)
             with autocast(precision, self.device):
                 return model(x.contiguous(memory_format=layout), t, *y)
         fallback = lambda why: log(f"CUDA graph capture failed ({why}); sampling on without it")  # noqa: E731
@@ -109,19 +109,27 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     per_batch = calls_per_batch(sampler, steps, plan)
     calls = CallCounter(per_batch * -(-n // batch_size), progress)
     c, s = config.model.channels, config.model.image_size
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
+
+    def draw(start: int, count: int, share: float = 1.0) -> torch.Tensor:
+        """Images start .. start + count of the request, in the model's range."""
         eps_model = calls.wrap(denoiser.eps_model(count, None if labels is None else labels[start:start + count],
-                                                  guidance, clip_x0, threshold))
+                                                  guidance, clip_x0, threshold), share)
         generators = image_generators(seed, start, count)
         if plan is None:
-            x = sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps, generators, spacing=spacing,
-                       device=denoiser.device, callback=callback, **options)
-        else:
-            rows = slice(start, start + count)
-            mask = None if generate is None else to_device(generate[rows], denoiser.device)
-            x = edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
-                     mask, generators, callback, **options)
+            return sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps, generators, spacing=spacing,
+                          device=denoiser.device, callback=callback, **options)
+        rows = slice(start, start + count)
+        mask = None if generate is None else to_device(generate[rows], denoiser.device)
+        return edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
+                    mask, generators, callback, **options)
+
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        parts = threads.worker_parts(count) if denoiser.device.type == "cpu" and callback is None else 1
+        if parts == 1:
+            x = draw(start, count)
+        else:  # each image from its own seed: the same images, to rounding, whoever draws them
+            x = threads.in_workers(draw, [(start + lo, hi - lo, 1 / parts) for lo, hi in threads.split(count, parts)])
         yield to_uint8(x).cpu()
     return per_batch
 
@@ -137,9 +145,10 @@ class CallCounter:
     def __init__(self, total: int, progress: Callable[[int, int], None] | None = None):
         self.total, self.progress, self.done = total, progress, 0
 
-    def wrap(self, eps_model: EpsModel) -> EpsModel:
+    def wrap(self, eps_model: EpsModel, share: float = 1.0) -> EpsModel:
+        """eps_model, counted as `share` of a call each time (a part of a batch drawn in a worker: threads.py)."""
         def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            self.done += 1
+            self.done += share
             if self.progress:
                 self.progress(self.done, self.total)
             return eps_model(x, t)

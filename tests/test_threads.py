@@ -180,3 +180,28 @@ def test_train_says_how_many_threads_and_why(run_cli, tmp_path, monkeypatch, fre
     said = " ".join(result.err.split())
     assert result.code == 0 and "effective batch 4, 2 CPU threads " in said and "threads 2" not in said, result
     assert "--threads must be at least 1" in run_cli(*args, "--threads", "0").err
+
+
+def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatch, fresh_share):
+    """Where the count follows the machine, each CPU batch is drawn as two halves at once, one thread each: the
+    same images to rounding as one batch on the calling thread, and the progress counts each call once (fp32)."""
+    from diffuse_cli.config import make_config
+    from diffuse_cli.generate import generate
+    from diffuse_cli.unet import UNet
+
+    config = make_config("tiny", image_size=8)
+    torch.manual_seed(0)
+    net = UNet(config.model).eval()
+    seen = []
+    threads.set_threads(1)
+    whole, calls = generate(net, config, 6, sampler="ddim", steps=4, batch_size=6, seed=3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "read_machine", lambda: None)
+    threads.set_threads(None)
+    assert threads.worker_parts(6) == 2 and threads.worker_parts(1) == 1
+    halves, calls_split = generate(net, config, 6, sampler="ddim", steps=4, batch_size=6, seed=3,
+                                   progress=lambda done, total: seen.append((done, total)))
+    assert calls_split == calls == 4 and seen[-1] == (pytest.approx(4.0), 4) and len(seen) == 8
+    assert (halves.int() - whole.int()).abs().max() <= 1 and (halves == whole).float().mean() > 0.99
+    assert threads.split(7, 2) == [(0, 4), (4, 7)] and threads.split(2, 2) == [(0, 1), (1, 2)]
