@@ -24,7 +24,7 @@ from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config, SampleConfig
 from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_image, save_png, to_model
-from .device import memory_available, memory_format, mix_seed, precision_reason, resolve_precision
+from .device import memory_format, mix_seed, resolve_precision
 from .errors import TrainingFailed, UsageError
 from .fast_ops import to_device
 from .files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
@@ -35,16 +35,14 @@ from .plots import loss_plot
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
-from .unet import UNet, count_parameters, layer_outputs
+from .run_summary import choices_made, memory_warning, start_line
+from .unet import UNet, count_parameters
 
 GRID_IMAGES = 16
 LOG_EVERY = 10
 # Without --save-every / --sample-every: every DEFAULT_EVERY steps, but at most once every MIN_INTERVAL_S seconds.
 # A fast GPU trains 500 steps of `small` in seconds, and each save writes ~40 MB and each grid samples 16 images.
 DEFAULT_EVERY, MIN_INTERVAL_S = 500, 60.0
-# A CPU training step holds about this many bytes per element of its layers' outputs (unet.layer_outputs),
-# measured over the presets, precisions and image sizes (benchmarks/train_speed.py reports peak memory).
-STEP_BYTES_PER_OUTPUT = 6
 
 
 class NonFiniteLoss(TrainingFailed):
@@ -315,31 +313,6 @@ def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode() if lines else b"")
 
 
-# -- reporting -------------------------------------------------------------------------------
-def start_line(config: Config, data: ImageData, device: torch.device, precision: str, learner: Learner,
-               world: distributed.World, cpu: threads.ThreadShare | None = None) -> str:
-    """What runs where: the line a run starts with."""
-    tc, m = config.train, config.model
-    return (f"device {device}, precision {precision}, preset {config.preset}, "
-            f"{count_parameters(learner.model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)} "
-            f"at {m.image_size}x{m.image_size}{' grayscale' * (m.channels == 1)}, "
-            f"effective batch {tc.batch_size * tc.grad_accum}"
-            + (f" over {world.size} processes" if world.size > 1 else "") + (", CUDA graph" if learner.uses_graph else "")
-            + (f", {cpu.threads} CPU thread{'s' * (cpu.threads != 1)}" if cpu is not None else ""))
-
-
-def memory_warning(config: Config, learner: Learner, world: distributed.World) -> str | None:
-    """On the CPU, where running out of memory is the system killing the process without a word: a
-    warning when a step would need more memory than is available."""
-    need = world.local_size * STEP_BYTES_PER_OUTPUT * layer_outputs(learner.model, config.train.batch_size // world.size)
-    if need <= (have := memory_available()):
-        return None
-    size = config.model.image_size
-    return (f"warning: training steps of batch {config.train.batch_size} at {size}x{size} need about "
-            f"{need / 2**30:.1f} GB of memory, and {have / 2**30:.1f} GB is available: if the system stops the run, "
-            "use a smaller --batch-size (with --grad-accum to keep the effective batch) or --image-size")
-
-
 # -- reporting and the loop ------------------------------------------------------------------
 @dataclass
 class Reporter:
@@ -381,37 +354,6 @@ class Reporter:
         return config
 
 
-def choices_made(config: Config, data: ImageData, options: Options, precision: str, device: torch.device,
-                 budget: Budget, verdict: MirrorVerdict | None, cpu: threads.ThreadShare | None = None) -> str | None:
-    """The start-of-run summary: every choice made for the user, each with the option that sets it."""
-    m, chosen = config.model, options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
-    rows = []
-    if cpu is not None and cpu.fixed is None:
-        rows.append(("threads", cpu.reason(), "--threads"))
-    if m.class_names:
-        counts = data.class_counts()
-        rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
-                     "--classes off"))
-    if verdict is not None:
-        rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
-                     f"--hflip {'off' if verdict.mirror else 'on'}"))
-    if not options.resume:
-        if "image_size" not in chosen:
-            rows.append(("image size", f"{m.image_size}x{m.image_size}", "--image-size"))
-        if "channels" not in chosen:
-            rows.append(("channels", "1: every image is grayscale" if m.channels == 1 else "3 (RGB)",
-                         "--channels 3" if m.channels == 1 else "--channels"))
-        if "precision" not in chosen:
-            rows.append(("precision", f"{precision}: {precision_reason(precision, device)}", "--precision"))
-    if budget.fitting:
-        rows.append(("steps", "fitted to the time budget once the speed is known", "--steps"))
-    if not rows:
-        return None
-    width = max(len(value) for _, value, _ in rows)
-    return "\n".join(["choices made for this run (the option on the right sets each):"]
-                     + [f"  {name:<11}{value:<{width}}  {option}" for name, value, option in rows])
-
-
 def train(config: Config, data: ImageData, run_dir: str | Path | None, options: Options,
           hooks: Hooks = Hooks()) -> Result:
     """Train a U-Net on `data`, writing checkpoints, grids and metrics into run_dir (None: nothing written)."""
@@ -449,10 +391,11 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     cpu = threads.share() if device.type == "cpu" else None
     if cpu is not None:
         cpu.settle()  # the first count, before the first step; then tick() follows the machine
-    hooks.log(start_line(config, data, device, precision, learner, world, cpu))
-    if summary := choices_made(config, data, options, precision, device, budget, verdict, cpu):
+    hooks.log(start_line(config, data, device, precision, learner.model, learner.uses_graph, world, cpu))
+    chosen = options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
+    if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu):
         hooks.log(summary)
-    if device.type == "cpu" and (warning := memory_warning(config, learner, world)):
+    if device.type == "cpu" and (warning := memory_warning(config, learner.model, world)):
         hooks.log(warning)
 
     budget.started = time.monotonic()  # the budget is for training, not for setting up

@@ -160,7 +160,7 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
 @pytest.mark.parametrize("available, warned", [(1 << 50, False), (1 << 20, True)])
 def test_a_step_larger_than_the_memory_left_is_announced(tmp_path, monkeypatch, available, warned):
     """On the CPU running out of memory is the system killing the process, with no word of why."""
-    monkeypatch.setattr(train_module, "memory_available", lambda: available)
+    monkeypatch.setattr("diffuse_cli.run_summary.memory_available", lambda: available)
     logs = []
     train(replace(CONFIG, train=replace(CONFIG.train, steps=1)), DATA, tmp_path, OPTIONS, Hooks(log=logs.append))
     said = [m for m in logs if m.startswith("warning: training steps of batch 4 at 8x8 need about")]
