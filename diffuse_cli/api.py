@@ -56,6 +56,14 @@ def prepare_device(device: str = "auto", threads: int | None = None) -> torch.de
     return picked
 
 
+def inspect(path: PathLike | None = None) -> tuple[dict[str, Any], Config]:
+    """What a checkpoint holds, from its header alone (no weights are read): its facts, as `diffuse inspect
+    --json` prints them, and its config. path: as load takes it."""
+    from .checkpoint import describe
+
+    return describe(resolve_checkpoint(path))
+
+
 def load(path: PathLike | None = None, device: str = "auto") -> Model:
     """A model checkpoint: a .safetensors file, a run folder, or the newest under a folder (default ./checkpoints)."""
     path = resolve_checkpoint(path)
@@ -163,4 +171,4 @@ def _tensor_shape(data: object) -> dict[str, int]:
 
 __all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
            "write_explorer", "sample_folder_name", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
-           "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device"]
+           "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device", "inspect"]

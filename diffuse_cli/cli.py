@@ -235,10 +235,10 @@ def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: o
              "  diffuse inspect checkpoints/run --json")
 def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
     """Show what a checkpoint holds, reading its header only."""
-    from .checkpoint import describe, resolve_checkpoint
+    from . import api
     from .console import checkpoint_table
 
-    facts, config = describe(resolve_checkpoint(path))
+    facts, config = api.inspect(path)
     if as_json:
         print(json.dumps(facts, indent=2))
         return

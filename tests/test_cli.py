@@ -150,6 +150,10 @@ def test_inspect_table_and_json(trained, run_cli):
     assert data["parameters"] > 1000 and data["data_size"] == 9
     newest = json.loads(run_cli("inspect", run.parent, "--json").out)  # a folder of runs: the newest
     assert newest["file"] == str(run / "model.safetensors")
+    import diffuse_cli as diffuse  # the API gives a notebook the same, and the config as an object
+
+    facts, config = diffuse.inspect(run)
+    assert json.loads(json.dumps(facts)) == data and config.model.image_size == 8 and config.preset == "tiny"
 
 
 def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
