@@ -6,7 +6,6 @@ Like everything in the API, nothing here prints or exits; bad input raises a Dif
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,12 +17,9 @@ from .device import pick_device
 from .errors import DataError, UsageError
 from .files import MODEL_FILE, atomic_write_bytes
 from .inputs import read_edit
-from .model import Model
+from .model import Model, PathLike
 from .samplers import check_sample_config
 from .schedule import NoiseSchedule
-
-PathLike = str | os.PathLike
-
 
 def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
           timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,

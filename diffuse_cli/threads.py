@@ -198,8 +198,7 @@ def tick() -> bool:
 
 # Work that splits into independent parts (a sampling batch: each image from its own seed) runs as WORKERS parts at
 # once, each on its own threads: the parts share no barrier, so a neighbour that holds a core delays one part, not
-# every operation of all of them. Beside a 2-thread matrix product, 64 samples took 4.2 s as two single-threaded
-# halves against 7.0 s on one thread (and 2.5 s against 2.7 s on two threads alone: docs/speed.md).
+# every operation of all of them (docs/speed.md, "A busy machine").
 WORKERS = 2
 
 
@@ -221,6 +220,7 @@ def in_workers(work: Callable[..., torch.Tensor], args: list[tuple]) -> torch.Te
     in no-grad mode like the caller (autograd's mode is per thread)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    tick()  # the workers never read the machine (tick is the calling thread's), so it is read here, once a batch
     each = max(1, share().threads // len(args))
     grad = torch.is_grad_enabled()
 
