@@ -178,7 +178,7 @@ def main() -> None:
 
 def write_glyphs(folder: Path, n: int = 8192) -> Path:
     """The glyph data set as a folder of PNGs at BUILTIN_IMAGE_SIZE (once), which `diffuse train` reads."""
-    from diffuse_cli.data import save_png
+    from diffuse_cli.pictures import save_png
 
     if not (folder / f"{n - 1:05d}.png").exists():
         for i, image in enumerate(render_glyphs(n, BUILTIN_IMAGE_SIZE, seed=0)):

@@ -113,7 +113,7 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
         raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
     use_device(device, threads)
     from . import api
-    from .data import grid_upscale, save_gif, save_png
+    from .pictures import grid_upscale, save_gif, save_png
     from .generate import Trajectory
     from .outputs import SampleFolder, check_folder
 
@@ -163,7 +163,8 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
     target = opt.png_out(out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png"))
     schedule, timesteps = schedule or DiffusionConfig.schedule, timesteps or DiffusionConfig.timesteps
     from . import api
-    from .data import grid_upscale, image_dimensions, labelled_strip, save_png
+    from .data import image_dimensions
+    from .pictures import grid_upscale, labelled_strip, save_png
 
     panels = api.noise(image, t, schedule, timesteps, seed, image_size, max_side)
     zoom = grid_upscale(image_size) if image_size else 1  # nearest, so that each pixel of noise stays a pixel

@@ -8,13 +8,14 @@ import torch
 
 from . import threads
 from .config import Config, Precision, Threshold
-from .data import make_grid, to_model, to_uint8
+from .data import to_model, to_uint8
 from .device import autocast, layout_of, mix_seed, resolve_precision
 from .editing import Plan, edit, plan_edit
 from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
 from .objectives import EpsModel, as_eps_model, guided
+from .pictures import make_grid
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample, spaced_timesteps
 from .schedule import NoiseSchedule
 from .unet import layer_outputs

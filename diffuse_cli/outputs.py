@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import grid_upscale, make_grid, save_gif, save_png
+from .pictures import grid_upscale, make_grid, save_gif, save_png
 from .errors import UsageError
 
 PathLike = str | os.PathLike

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .data import to_pil
+from .pictures import to_pil
 from .slider import Frames
 
 ROWS = (("forward", "forward: the image at t, q(x_t | x_0)"),

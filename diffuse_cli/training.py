@@ -23,7 +23,7 @@ from . import distributed, threads
 from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config, SampleConfig
-from .data import ImageData, ReadAhead, grid_upscale, make_grid, save_image, save_png, to_model
+from .data import ImageData, ReadAhead, to_model
 from .device import memory_format, mix_seed, resolve_precision
 from .errors import TrainingFailed, UsageError
 from .fast_ops import to_device
@@ -31,6 +31,7 @@ from .files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
 from .generate import generate
 from .graphs import graphed_step
 from .mirror import MirrorVerdict, probe_data
+from .pictures import grid_upscale, make_grid, save_image, save_png
 from .plots import loss_plot
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _close_gaps, _decode_all, decode_image, find_files,
-                              image_dimensions, labelled_strip, load_builtin, load_data, load_folder, make_grid,
-                              read_image, to_model, to_uint8)
+                              image_dimensions, load_builtin, load_data, load_folder, read_image, to_model, to_uint8)
+from diffuse_cli.pictures import labelled_strip, make_grid
 
 from .conftest import write_image
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.data import load_builtin, read_image, save_png
+from diffuse_cli.data import load_builtin, read_image
+from diffuse_cli.pictures import save_png
 from diffuse_cli.editing import (ddim_invert, edit, plan_edit, repaint_stretches, slerp, start_step,
                                  steps_below)
 from diffuse_cli.errors import DiffuseError

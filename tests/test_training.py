@@ -20,7 +20,8 @@ from diffuse_cli import training as train_module
 from diffuse_cli.budget import UNFITTED, Budget
 from diffuse_cli.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
-from diffuse_cli.data import ImageData, load_builtin, load_folder, save_png, to_model
+from diffuse_cli.data import ImageData, load_builtin, load_folder, to_model
+from diffuse_cli.pictures import save_png
 from diffuse_cli.errors import RunError
 from diffuse_cli.fast_ops import ema_update
 from diffuse_cli.files import MODEL_FILE, STATE_FILE
