@@ -43,7 +43,7 @@ from common import image_fd  # noqa: E402
 
 from diffuse_cli.checkpoint import load_model  # noqa: E402
 from diffuse_cli.config import BUILTIN_IMAGE_SIZE, Config, DiffusionConfig, model_config, parse_duration  # noqa: E402
-from diffuse_cli.generate import generate  # noqa: E402
+from diffuse_cli.denoiser import generate  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.shapes import render_shapes  # noqa: E402
 from tests.glyphs import render_glyphs  # noqa: E402

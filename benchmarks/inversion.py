@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import diffuse_cli as diffuse  # noqa: E402
 from diffuse_cli.data import to_model, to_uint8  # noqa: E402
 from diffuse_cli.editing import ddim_invert  # noqa: E402
-from diffuse_cli.generate import Denoiser  # noqa: E402
+from diffuse_cli.denoiser import Denoiser  # noqa: E402
 from diffuse_cli.samplers import ddim, spaced_timesteps  # noqa: E402
 from diffuse_cli.shapes import render_shapes  # noqa: E402
 

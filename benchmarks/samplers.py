@@ -30,7 +30,7 @@ from common import image_fd  # noqa: E402
 
 from diffuse_cli import samplers as engine_samplers  # noqa: E402
 from diffuse_cli.checkpoint import load_model  # noqa: E402
-from diffuse_cli.generate import generate  # noqa: E402
+from diffuse_cli.denoiser import generate  # noqa: E402
 from diffuse_cli.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
 from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.shapes import render_shapes  # noqa: E402

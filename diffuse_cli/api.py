@@ -29,14 +29,14 @@ from .api_tools import (explore, export_diffusers, import_diffusers, interpolate
                         sample_folder_name, write_explorer)
 from .budget import Budget
 from .checkpoint import load_model, resolve_checkpoint
-from .config import Config, SampleConfig, make_config, parse_duration
+from .config import Config, make_config, parse_duration
 from .data import ImageData
 from .device import pick_device, resolve_precision
 from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
 from .files import MODEL_FILE
-from .generate import Trajectory  # noqa: F401 (the API)
 from .model import Model, PathLike
-from .outputs import GRID_MAX, save_grid, save_images, save_strip  # noqa: F401 (the API)
+from .outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
+from .sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
 from .threads import set_threads  # noqa: F401 (the API)
 from .training import Hooks, Options
 
@@ -103,7 +103,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     if folder is not None and run is not None and Path(folder).is_dir() and \
             run.resolve().is_relative_to(Path(folder).resolve()):
         raise UsageError(f"the run folder {run} is inside the data folder {folder}: its sample grids would become "
-                         "training images; choose another --out")
+                         "training images; choose another {out}", "out")
     fit_steps = seconds is not None and "steps" not in settings
     Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
     resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
@@ -141,8 +141,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         if isinstance(e, OSError):  # a full disk, say: every checkpoint is written to a temporary file and renamed
             raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
         if isinstance(e, RuntimeError) and out_of_memory(e):
-            raise TrainingFailed(str(e).splitlines()[0].rstrip(".") + "; try a smaller --batch-size (with --grad-accum "
-                                 "to keep the effective batch) or a smaller --image-size or --model") from None
+            raise TrainingFailed(str(e).splitlines()[0].rstrip(".") + "; try a smaller {batch_size} (with {grad_accum} "
+                                 "to keep the effective batch) or a smaller {image_size} or {preset}", "batch_size",
+                                 "grad_accum", "image_size", "preset") from None
         raise
     info = {"step": result.step, "data": data_set.source, "data_size": len(data_set)}
     return Model(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
@@ -171,4 +172,5 @@ def _tensor_shape(data: object) -> dict[str, int]:
 
 __all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
            "write_explorer", "sample_folder_name", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
-           "SampleConfig", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device", "inspect"]
+           "SampleConfig", "SamplerChoice", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device",
+           "inspect"]

@@ -11,14 +11,14 @@ from typing import Callable
 
 import torch
 
-from .config import INTERPOLATE_STEPS, DiffusionConfig, SampleConfig, Schedule, check_choice
+from .config import INTERPOLATE_STEPS, DiffusionConfig, Schedule, check_choice
 from .data import to_model, to_uint8
 from .device import pick_device
 from .errors import DataError, UsageError
 from .files import MODEL_FILE, atomic_write_bytes
 from .inputs import read_edit
 from .model import Model, PathLike
-from .samplers import check_sample_config
+from .sampling import SampleConfig, SamplerChoice
 from .schedule import NoiseSchedule
 
 def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
@@ -33,13 +33,14 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
     ts = [t] if isinstance(t, int) else list(t)
     check_choice(schedule, Schedule, "schedule")
     if timesteps < 2:
-        raise UsageError(f"--timesteps must be at least 2, not {timesteps}")
+        raise UsageError(f"{{timesteps}} must be at least 2, not {timesteps}", "timesteps")
     if bad := [k for k in ts if not 0 <= k <= timesteps]:
-        raise UsageError(f"--t {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)")
+        raise UsageError(f"{{t}} {bad[0]} is outside [0, {timesteps}] (0 is the clean image, {timesteps} pure noise)",
+                         "t")
     if image_size is not None and image_size < 1:
-        raise UsageError(f"--image-size must be at least 1, not {image_size}")
+        raise UsageError(f"{{image_size}} must be at least 1, not {image_size}", "image_size")
     if max_side < 0:
-        raise UsageError(f"--max-side must be 0 (never shrink) or more, not {max_side}")
+        raise UsageError(f"{{max_side}} must be 0 (never shrink) or more, not {max_side}", "max_side")
     if isinstance(image, torch.Tensor):
         x0 = to_model(image)[None]
     else:
@@ -52,8 +53,8 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
             x0 = to_model(read_image(image, max_side=max_side) if image_size is None
                           else decode_image(image, image_size))[None]
         except TooLarge as e:
-            hint = "; --max-side N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
-            raise DataError(f"{image}: too large to show ({e}){hint}") from None
+            hint = "; {max_side} N reads a JPEG at a reduced scale" if image_size is None and not max_side else ""
+            raise DataError(f"{image}: too large to show ({e}){hint}", *["max_side"] * bool(hint)) from None
         except Exception as e:  # any decoder failure is the user's file, not our bug
             raise DataError(f"{image}: cannot read as an image ({e})") from None
     sched = NoiseSchedule.make(schedule, timesteps)
@@ -69,7 +70,7 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
     from .slider import explore_frames
 
     if frames < 2:
-        raise UsageError(f"--frames must be at least 2, not {frames}")
+        raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
     label = None
     if class_name is not None:
         labels = model.class_labels(1, SampleConfig(classes=(class_name,)))
@@ -114,7 +115,8 @@ def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | No
     asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
     edited = f"-init-{Path(init).stem}-s{s.strength:g}" if init is not None else ""
     edited += f"-mask-{Path(mask).stem}-jumps{s.resample_jumps}" if mask is not None else ""
-    return Path("samples") / f"{model.path.parent.name}{trained}-{s.sampler}-{s.steps}steps-seed{s.seed}{asked}{edited}"
+    how = f"{s.sampler.name}-{s.sampler.steps}steps"
+    return Path("samples") / f"{model.path.parent.name}{trained}-{how}-seed{s.seed}{asked}{edited}"
 
 
 def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathLike | torch.Tensor | None = None,
@@ -124,14 +126,14 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
     interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
     `class_name` (None: no class)."""
     from .editing import ddim_invert, slerp
-    from .generate import CallCounter, Denoiser
-    from .samplers import ddim, randn, spaced_timesteps
+    from .denoiser import Denoiser
+    from .samplers import CallCounter, ddim, randn, spaced_timesteps
 
     if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
-        raise UsageError("give two images, or --seeds A B, to interpolate between")
+        raise UsageError("give two images, or {seeds} A B, to interpolate between", "seeds")
     if frames < 2:
-        raise UsageError(f"--frames must be at least 2, not {frames}")
-    check_sample_config(SampleConfig(sampler="ddim", steps=steps), model.config.diffusion.timesteps)
+        raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
+    SamplerChoice("ddim", steps).check(model.config.diffusion.timesteps)
     label = None if class_name is None else model.class_labels(1, SampleConfig(classes=(class_name,)))
     m, denoiser = model.config.model, Denoiser(model.net, model.config)
     ts = spaced_timesteps(denoiser.schedule, steps, "trailing")
@@ -159,7 +161,7 @@ def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str 
 
     target = None if out is None else Path(out) / MODEL_FILE
     if target is not None and (target.exists() or Path(out).is_file()):
-        raise UsageError(f"{out} already holds a model; name a new folder with --out")
+        raise UsageError(f"{out} already holds a model; name a new folder with {{out}}", "out")
     net, config, info = read_folder(folder)
     model = Model(net.to(pick_device(device)), config, info)
     if target is not None:

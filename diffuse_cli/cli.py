@@ -16,7 +16,7 @@ import typer
 from . import __version__
 from . import options as opt
 from .cli_convert import COMMANDS as CONVERT_COMMANDS
-from .config import INTERPOLATE_STEPS, SampleConfig, parse_duration, parse_hflip, require_positive
+from .config import INTERPOLATE_STEPS, parse_duration, parse_hflip, require_positive
 from .console import Interrupted, TrainDisplay, edit_line, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
@@ -101,33 +101,30 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
            batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True, threads: opt.Threads = None) -> None:
     """Generate images from a trained checkpoint, or edit images with it: PNGs and grid.png."""
-    from .samplers import check_sample_config
+    from .sampling import SampleConfig
 
     require_positive(n=n)
-    settings = check_sample_config(SampleConfig(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta,
-                                                        variance=variance, seed=seed, batch_size=batch_size,
-                                                        precision=precision, guidance=guidance, threshold=threshold,
-                                                        classes=tuple(class_) if class_ else None, strength=strength,
-                                                        resample_jumps=resample_jumps)))
+    settings = SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
+                                           seed=seed, batch_size=batch_size, precision=precision, guidance=guidance,
+                                           threshold=threshold, classes=class_, strength=strength,
+                                           resample_jumps=resample_jumps)).check()
     if resample_jumps is not None and mask is None:
         raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
     use_device(device, threads)
     from . import api
-    from .pictures import grid_upscale, save_gif, save_png
-    from .generate import Trajectory
-    from .outputs import SampleFolder, check_folder
+    from .outputs import SampleFolder, Trajectory, check_folder
 
     model, s = api.load(checkpoint, device), settings
     edit = None if init is None and mask is None else model.edit_inputs(init, mask)
     n = n or (1 if edit is not None and init.is_dir() else 16)
     asked = model.request(n, settings, edit)
     folder = check_folder(out_dir or api.sample_folder_name(model, settings, init, mask))
-    written = SampleFolder(folder, asked.total(n), asked.suffixes, asked.row, asked.heads)
     steps_seen, start = Trajectory() if trajectory else None, time.perf_counter()
+    written = SampleFolder(folder, asked.total(n), asked.suffixes, asked.row, asked.heads, steps_seen)
     kept = lambda k=written: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
                               else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {folder}/")
     with progress_bar() as bar, interrupted_says(kept):
-        task = bar.add_task(f"sampling ({s.sampler})", total=None)
+        task = bar.add_task(f"sampling ({s.sampler.name})", total=None)
         say = lambda m: bar.console.print(m, highlight=False, markup=False)  # noqa: E731
         for note in edit.notes if edit else []:
             say(note)
@@ -135,12 +132,9 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
                                           callback=steps_seen, log=say, cuda_graph=cuda_graph, edit=edit):
             written.add(batch)  # as each batch is done: an interrupted run keeps what it made
     elapsed, grid = time.perf_counter() - start, written.finish()
-    if steps_seen is not None:
-        save_png(steps_seen.strip(), folder / "trajectory.png", grid_upscale(model.config.model.image_size))
-        save_gif(steps_seen.animation(), folder / "trajectory.gif")
     doubled = ", each on the batch twice over (guidance)" if asked.labels is not None and s.guidance != 1 else ""
     total = written.written
-    out.print(f"{s.sampler}, {s.steps} steps, {model.nfe(settings, edit)} network calls per batch{doubled}, "
+    out.print(f"{s.sampler.name}, {s.sampler.steps} steps, {model.nfe(settings, edit)} network calls per batch{doubled}, "
               f"{elapsed / total * 1000:.0f} ms per image ({elapsed:.1f} s in all) from {model.path}", highlight=False)
     if edit is not None:
         out.print(edit_line(model.edit_plan(s, edit), s, init, mask, edit, model.config.diffusion.timesteps),
@@ -192,7 +186,7 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
     model = api.load(checkpoint, device)
     with progress_bar() as bar:
         bar.add_task("computing the frames", total=None)
-        shown = api.explore(model, image, frames, seed, class_, SampleConfig.guidance if guidance is None else guidance)
+        shown = api.explore(model, image, frames, seed, class_, **opt.given(guidance=guidance))
     path = api.write_explorer(shown, out_path, f"diffuse: {model.path.parent.name}, the time slider")
     size = shown.forward.shape[-1]
     out.print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB: {len(shown.ks)} values of t, {size}x{size}); open it "
@@ -269,7 +263,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except DiffuseError as e:
-        _exit_with(str(e), e.exit_code)
+        _exit_with(e.worded(opt.flag), e.exit_code)
     except Interrupted as e:
         _exit_with(str(e), 130)
     except typer.Exit as e:

@@ -1,7 +1,7 @@
 """Configuration: small frozen dataclasses that travel with the weights as JSON.
 
 Defaults live here and nowhere else. The CLI's option names are these field names
-(`--batch-size` is `TrainConfig.batch_size`, `--sampler` is `SampleConfig.sampler`), and a CLI
+(`--batch-size` is `TrainConfig.batch_size`; sampling's settings are in sampling.py), and a CLI
 option left unset keeps the default below. Closed choices are the Literal types below, read
 by the CLI's help and checked in one place (check_choice).
 """
@@ -108,33 +108,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    """How images are drawn from a trained network; none of it is saved with the weights."""
-
-    sampler: SamplerName = "dpm++3m-sde"
-    steps: int = 25
-    spacing: Spacing | None = None  # None: the sampler's own (samplers.SAMPLERS)
-    eta: float | None = None  # None: the sampler's own (0, or 1 for the -sde solvers)
-    variance: Variance | None = None  # ddpm only; None: posterior
-    seed: int = 0  # image i uses seed + i
-    batch_size: int = 64
-    precision: Precision = "fp32"
-    classes: tuple[str, ...] = ()  # a conditional model's classes to draw, by name or index; ("all",): each
-    # Classifier-free guidance weight w: 1 is the plain conditional model, 0 the unconditional one. 1 by
-    # measurement (docs/samplers.md): on the built-in shapes it already draws the class asked every time,
-    # and every w above it drew worse images.
-    guidance: float = 1.0
-    threshold: Threshold = "clip"  # how x̂_0 is kept in [-1, 1]: clipped, or dynamic thresholding (Saharia et al.)
-    # Editing (editing.py). SDEdit's strength: the share of the schedule an init image is noised to; 1 is
-    # ordinary sampling.
-    strength: float = 1.0
-    # RePaint's resampling when inpainting: times each stretch of the path is noised back and run again.
-    # 2 by measurement (docs/editing.md): the fill agrees with the kept half far more often than with 0 or
-    # 1, and more jumps gain little for what each costs (about one more sampling).
-    resample_jumps: int = 2
-
-
 # DDIM steps of `diffuse interpolate`, for the inversion and the way back: by measurement (docs/editing.md),
 # where the frames at the ends come back within a few 8-bit levels of the images.
 INTERPOLATE_STEPS = 100
@@ -235,13 +208,12 @@ def split_fields(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return parts  # type: ignore[return-value]
 
 
-def require_positive(**options: int | None) -> None:
-    """Refuse the first option below 1 (None: not given), by its flag: require_positive(save_every=0) ->
-    '--save-every must be at least 1, not 0'."""
-    for name, value in options.items():
+def require_positive(**settings: int | None) -> None:
+    """Refuse the first setting below 1 (None: not given): require_positive(save_every=0) -> 'save_every must be
+    at least 1, not 0' (the CLI says '--save-every')."""
+    for name, value in settings.items():
         if value is not None and value < 1:
-            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} must be at least 1, not {value}")
+            raise UsageError(f"{{{name}}} must be at least 1, not {value}", name)
 
 
 def check_choice(value: Any, literal: Any, name: str) -> Any:

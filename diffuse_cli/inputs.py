@@ -100,13 +100,14 @@ def _read_mask(path: Path, own: list[tuple[int, int]] | None, size: int, notes: 
     """The mask resized to each init's own size (said, when it differs), then cropped as the init is:
     bool (N, 1, S, S), True where it is white (>= 128)."""
     if path.is_dir():
-        raise DataError(f"--mask {path} is a folder; give one image file (white: generate, black: keep)")
+        raise DataError(f"{{mask}} {path} is a folder; give one image file (white: generate, black: keep)", "mask")
     if not path.is_file():
-        raise DataError(f"--mask {path}: no such file")
+        raise DataError(f"{{mask}} {path}: no such file", "mask")
     try:
         im = open_image(path, 1)
     except Exception as e:  # any decoder failure is the user's file, not our bug
-        raise DataError(f"--mask {path}: cannot read as an image ({str(e).splitlines()[0] or type(e).__name__})") from None
+        raise DataError(f"{{mask}} {path}: cannot read as an image ({str(e).splitlines()[0] or type(e).__name__})",
+                        "mask") from None
     sizes = own or [(size, size)]
     if other := sorted({s for s in sizes if s != im.size}):
         shown = ", ".join(f"{w}x{h}" for w, h in other[:3]) + (" ..." if len(other) > 3 else "")

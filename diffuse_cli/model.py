@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -11,12 +11,12 @@ import torch
 
 from . import device as device_module
 from .checkpoint import save_model
-from .config import Config, SampleConfig
+from .config import Config
+from .denoiser import edit_plan, fitting_batch, generate_batches
 from .editing import Plan
 from .errors import UsageError
-from .generate import calls_per_batch, edit_plan, fitting_batch, generate_batches
 from .inputs import EditInputs, read_edit
-from .samplers import check_sample_config, sampler_options
+from .sampling import Request, SampleConfig
 from .schedule import NoiseSchedule
 from .training import Result
 from .unet import UNet
@@ -40,22 +40,19 @@ class Model:
 
     def sample(self, n: int = 16, init: PathLike | torch.Tensor | None = None,
                mask: PathLike | torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
-        """n images as uint8 (n, C, H, W) (n of each class asked, of each init given); settings are
-        SampleConfig's fields (sampler, steps, seed, classes, guidance, strength, ...) and sample_batches'
-        keyword arguments. init: an image file, a folder of them or uint8 images to edit (SDEdit at
-        `strength`); mask: where to generate (white or True), keeping the rest of the init (RePaint)."""
+        """n images as uint8 (n, C, H, W) (n of each class asked, of each init given); settings are the
+        sampling settings by name (SampleConfig.of: sampler, steps, eta, seed, classes, guidance, strength, ...)
+        and sample_batches' keyword arguments. init: an image file, a folder of them or uint8 images to edit
+        (SDEdit at `strength`); mask: where to generate (white or True), keeping the rest of the init (RePaint)."""
         callbacks = {k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph") if k in settings}
-        if isinstance(settings.get("classes"), (str, int)):
-            settings["classes"] = (settings["classes"],)
-        settings["classes"] = tuple(map(str, settings.get("classes", ())))
         edit = None if init is None and mask is None else self.edit_inputs(init, mask)
-        return torch.cat(list(self.sample_batches(n, SampleConfig(**settings), edit=edit, **callbacks)))
+        return torch.cat(list(self.sample_batches(n, SampleConfig.of(**settings), edit=edit, **callbacks)))
 
     def edit_inputs(self, init: PathLike | torch.Tensor | None, mask: PathLike | torch.Tensor | None = None
                     ) -> EditInputs:
         """The init images (a file, a folder of them, or uint8 images) and mask of an edit, at this model's size."""
         if init is None:
-            raise UsageError("--mask needs the image to fill in: give it with --init IMAGE")
+            raise UsageError("{mask} needs the image to fill in: give it with {init}", "mask", "init")
         m = self.config.model
         return read_edit(init, mask, m.image_size, m.channels)
 
@@ -68,7 +65,8 @@ class Model:
         classes = None if labels is None else [names[k] for k in labels.tolist()]
         if edit is None:
             if settings.strength != 1:
-                raise UsageError("--strength applies to an edit: give the image to start from with --init IMAGE")
+                raise UsageError("{strength} applies to an edit: give the image to start from with {init}",
+                                 "strength", "init")
             return Request(labels, classes, None if labels is None else n)
         count, groups = len(edit.images), per_init // n  # an init's images: n of each class asked
         suffixes = [name if classes is None else f"{name}-{c}" for name in edit.names for c in classes or [None] * n]
@@ -84,8 +82,8 @@ class Model:
         if not settings.classes:
             return None
         if not names:
-            raise UsageError("this model was trained without classes; sample it without --class (train on a folder "
-                             "of subfolders, one a class, for a model that has them)")
+            raise UsageError("this model was trained without classes; sample it without {classes} (train on a "
+                             "folder of subfolders, one a class, for a model that has them)", "classes")
         if "all" in settings.classes:
             picked = list(range(len(names)))
         else:
@@ -108,21 +106,17 @@ class Model:
         always from seed + i. On the CPU a batch that would not fit in memory is made smaller (`log` says so):
         the images are the same."""
         if n < 1:
-            raise UsageError(f"-n must be at least 1, not {n}")
-        check_sample_config(settings, self.config.diffusion.timesteps)
+            raise UsageError(f"{{n}} must be at least 1, not {n}", "n")
+        settings.check(self.config.diffusion.timesteps)
         asked = self.request(n, settings, edit)
         total, labels, names = asked.total(n), asked.labels, self.config.model.class_names
         guidance = settings.guidance if labels is not None else 1.0
         if labels is None and names and edit is not None:  # an edit with no class asked: the init decides, not a
             labels = torch.full((total,), len(names))      # class drawn at random ("no class", unguided)
         batch_size = self.sampling_batch(min(settings.batch_size, total), log, copies=2 if guidance != 1 else 1)
-        yield from generate_batches(self.net, self.config, total, sampler=settings.sampler, steps=settings.steps,
-                                    seed=settings.seed, batch_size=batch_size, spacing=settings.spacing,
-                                    precision=settings.precision, labels=labels, guidance=guidance,
-                                    threshold=settings.threshold, class_weights=self.class_weights(),
-                                    init=asked.init, strength=settings.strength, generate=asked.generate,
-                                    resample_jumps=settings.resample_jumps, progress=progress, callback=callback,
-                                    cuda_graph=cuda_graph, log=log, **sampler_options(settings))
+        settings = replace(settings, batch_size=batch_size, guidance=guidance)
+        yield from generate_batches(self.net, self.config, total, settings, replace(asked, labels=labels),
+                                    self.class_weights(), progress, callback, cuda_graph, log)
 
     def class_weights(self) -> torch.Tensor | None:
         """How often the training data had each class, and then no class (images directly in the folder):
@@ -145,37 +139,20 @@ class Model:
         fits = max(1, fits)
         if fits < batch_size:
             log(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
-                f"(--batch-size {batch_size} would not; the images are the same either way)")
+                f"(a batch of {batch_size} would not; the images are the same either way)")
         return fits
 
     def nfe(self, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> int:
         """Network calls per batch for these settings; with guidance, each is one call on the batch twice over."""
-        return calls_per_batch(settings.sampler, settings.steps, None if edit is None else self.edit_plan(settings, edit))
+        return settings.sampler.nfe() if edit is None else self.edit_plan(settings, edit).nfe(settings.sampler.name)
 
     def edit_plan(self, settings: SampleConfig, edit: EditInputs) -> Plan:
         """The path an edit takes: how far the init is noised, the steps visited and RePaint's stretches."""
         schedule = NoiseSchedule.make(self.config.diffusion.schedule, self.config.diffusion.timesteps)
-        return edit_plan(schedule, settings.sampler, settings.steps, settings.spacing, settings.strength,
-                         edit.generate is not None, settings.resample_jumps)
+        return edit_plan(schedule, settings, edit.generate is not None)
 
     def save(self, path: PathLike) -> Path:
         """Write the weights and config as a model checkpoint (safetensors); returns the path."""
         save_model(path, self.net, self.config, self.info)
         self.path = Path(path)
         return self.path
-
-
-@dataclass(frozen=True)
-class Request:
-    """A sampling request laid out: each image's class index (None: no class asked) and file suffix, a grid
-    row's length (None: a plain grid) and the image opening each row; for an edit, each image's init and mask."""
-
-    labels: torch.Tensor | None
-    suffixes: list[str] | None
-    row: int | None
-    heads: torch.Tensor | None = None
-    init: torch.Tensor | None = None
-    generate: torch.Tensor | None = None
-
-    def total(self, n: int) -> int:
-        return len(self.labels) if self.labels is not None else len(self.init) if self.init is not None else n

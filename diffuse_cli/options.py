@@ -12,8 +12,9 @@ from typing import Annotated, Any, List, Optional, get_args
 import typer
 
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
-                     Precision, SampleConfig, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
+                     Precision, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
 from .errors import UsageError
+from .sampling import SampleConfig, SamplerChoice
 
 
 def one_of(literal: Any) -> str:
@@ -26,7 +27,7 @@ def default(value: Any) -> str:
     return f" \\[default: {value}]"
 
 
-T, S = TrainConfig, SampleConfig
+T, S, H = TrainConfig, SampleConfig, SamplerChoice
 
 # -- every command that runs a network --------------------------------------------------------
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
@@ -92,6 +93,15 @@ ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditi
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
 
+# Settings whose flag is not "--" + their name with dashes (errors name settings: errors.DiffuseError).
+FLAGS = {"n": "-n", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
+
+
+def flag(setting: str) -> str:
+    """The command-line flag of an engine setting: batch_size -> --batch-size."""
+    return FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
 def given(**options: Any) -> dict[str, Any]:
     """The options set on the command line (an unset one is None), by their config field names."""
     return {name: value for name, value in options.items() if value is not None}
@@ -132,9 +142,9 @@ Count = Annotated[Optional[int], typer.Option("-n", "--num", help="How many imag
                                              show_default=False)]
 SamplesOut = Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs. \\[default: samples/<run>-step"
                                                     "<N>-<sampler>-<steps>steps-seed<seed>]")]
-Sampler = Annotated[Optional[str], typer.Option(help=f"{', '.join(get_args(SamplerName))}.{default(S.sampler)}")]
+Sampler = Annotated[Optional[str], typer.Option(help=f"{', '.join(get_args(SamplerName))}.{default(H.name)}")]
 SampleSteps = Annotated[Optional[int], typer.Option(help="Sampler steps (heun makes 2 network calls a step, less one)."
-                                                    f"{default(S.steps)}")]
+                                                    f"{default(H.steps)}")]
 SpacingOpt = Annotated[Optional[str], typer.Option("--spacing", help=f"{one_of(Spacing)}. \\[default: the sampler's "
                                                    "paper's]")]
 Eta = Annotated[Optional[float], typer.Option(help="ddim, dpm++*: fresh noise per step, 0 = deterministic, 1 = "
@@ -151,7 +161,7 @@ Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidanc
                                                    f"{default(S.guidance)}")]
 ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", help=f"How the predicted image is kept in "
                                                      f"range: {one_of(Threshold)} (Imagen's, for strong --guidance)."
-                                                     f"{default(S.threshold)}")]
+                                                     f"{default(H.threshold)}")]
 Init = Annotated[Optional[Path], typer.Option("--init", help="Edit this image (or each image of a folder), resized "
                                              "and cropped as training does: SDEdit at --strength.", show_default=False)]
 Strength = Annotated[Optional[float], typer.Option(help="With --init: how far into the noise the init goes, in (0, 1]: "
@@ -164,7 +174,7 @@ ResampleJumps = Annotated[Optional[int], typer.Option(help="With --mask: times e
                                                       "back and run again, so that the fill agrees with what is kept "
                                                       f"(RePaint; each costs about one more sampling).{default(S.resample_jumps)}")]
 SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
-                                                        f"(fp16: GPUs; auto: as train picks).{default(S.precision)}")]
+                                                        f"(fp16: GPUs; auto: as train picks).{default(H.precision)}")]
 
 # -- noise ------------------------------------------------------------------------------------
 Image = Annotated[Path, typer.Argument(help="An image file.", show_default=False)]

@@ -1,4 +1,4 @@
-"""What sampling writes: numbered PNGs as they come, grid.png, and the folder they go to."""
+"""What sampling writes: numbered PNGs as they come, grid.png, the folder they go to, and a trajectory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .data import to_uint8
 from .pictures import grid_upscale, make_grid, save_gif, save_png
 from .errors import UsageError
 
@@ -58,12 +59,12 @@ def check_folder(folder: Path) -> Path:
 class SampleFolder:
     """Samples written to a folder as they come (Ctrl-C keeps what was made): NNNN.png, or NNNN-<suffix>.png
     (the class, the init's name), then grid.png: the first 64, or a row for each class or init (`row`
-    images each), opened by `heads` (the init, one a row) when given."""
+    images each), opened by `heads` (the init, one a row) when given; and a Trajectory's pictures, if given."""
 
     def __init__(self, folder: PathLike, total: int, suffixes: list[str] | None = None, row: int | None = None,
-                 heads: torch.Tensor | None = None):
+                 heads: torch.Tensor | None = None, trajectory: Trajectory | None = None):
         self.folder, self.total, self.written, self.kept = Path(folder), total, 0, []
-        self.suffixes, self.row, self.heads = suffixes, row, heads
+        self.suffixes, self.row, self.heads, self.trajectory = suffixes, row, heads, trajectory
         self.digits = max(4, len(str(total - 1)))  # 0000.png ...: names sort in order however many there are
 
     def add(self, batch: torch.Tensor) -> None:
@@ -74,8 +75,11 @@ class SampleFolder:
         self.kept.append(batch)
 
     def finish(self) -> str:
-        """Write grid.png; returns what it shows, in words."""
+        """Write grid.png (and the trajectory's trajectory.png and .gif, when kept); returns what it shows, in words."""
         images = torch.cat(self.kept)
+        if self.trajectory is not None:
+            save_png(self.trajectory.strip(), self.folder / "trajectory.png", grid_upscale(images.shape[-1]))
+            save_gif(self.trajectory.animation(), self.folder / "trajectory.gif")
         if self.row is None:
             save_grid(images, self.folder / "grid.png")
             return "grid.png" if len(images) <= GRID_MAX else f"grid.png (the first {GRID_MAX})"
@@ -87,3 +91,27 @@ class SampleFolder:
         save_png(grid, self.folder / "grid.png", grid_upscale(images.shape[-1]))
         what = "a row of each class" if self.heads is None else "a row for each init, the init first"
         return f"grid.png ({what}{f', the first {columns} of each' if columns < self.row else ''})"
+
+
+class Trajectory:
+    """A sampling callback that keeps x_t and the predicted x_0 of the first image at every step of the
+    first batch, for a strip (10 steps: x_t above, x̂_0 below) and an animation."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.full = False
+
+    def __call__(self, i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        self.full = self.full or (i == 0 and bool(self.frames))  # step 0 again: a second batch
+        if not self.full:
+            self.frames.append((to_uint8(x_t[0]).cpu(), to_uint8(x0[0]).cpu()))
+
+    def strip(self, columns: int = 10) -> torch.Tensor:
+        """x_t (top row) and x̂_0 (bottom row) at `columns` evenly spaced steps: one uint8 (C, H, W) image."""
+        picks = sorted({round(k * (len(self.frames) - 1) / (columns - 1)) for k in range(columns)})
+        return make_grid(torch.stack([self.frames[k][0] for k in picks] + [self.frames[k][1] for k in picks]),
+                         nrow=len(picks))
+
+    def animation(self) -> list[torch.Tensor]:
+        """One uint8 (C, H, W) frame a step: x_t beside x̂_0."""
+        return [make_grid(torch.stack(pair), nrow=2) for pair in self.frames]

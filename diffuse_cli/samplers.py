@@ -21,8 +21,7 @@ from typing import Callable, Sequence, get_args
 
 import torch
 
-from .config import (Precision, SampleConfig, SamplerName, Spacing, Threshold, Variance, check_choice,
-                     require_positive)
+from .config import SamplerName, Spacing, Variance
 from .errors import ConfigError, UsageError
 from .fast_ops import to_device
 from .objectives import EpsModel
@@ -308,41 +307,13 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(heun, "karras", _heun_calls, "Karras et al. 2022 (EDM), rho=7"),
 }
 assert tuple(SAMPLERS) == get_args(SamplerName), "config.SamplerName lists the samplers, for the CLI's help"
-DEFAULT_SAMPLER, DEFAULT_STEPS = SampleConfig.sampler, SampleConfig.steps
 
 
-def check_sample_config(cfg: SampleConfig, timesteps: int | None = None) -> SampleConfig:
-    """Refuse settings that cannot work with this sampler, or with a model of `timesteps` steps; return cfg."""
-    check_choice(cfg.sampler, SamplerName, "sampler")
-    if cfg.spacing is not None:
-        check_choice(cfg.spacing, Spacing, "spacing")
-    check_choice(cfg.precision, Precision, "precision")
-    require_positive(steps=cfg.steps, batch_size=cfg.batch_size)
-    for name in sampler_options(cfg).keys() - set(SAMPLERS[cfg.sampler].options):
-        takers = [s for s, info in SAMPLERS.items() if name in info.options]
-        raise UsageError(f"--{name} does not apply to {cfg.sampler}; it applies to {', '.join(takers)}")
-    if cfg.eta is not None and cfg.eta < 0:
-        raise UsageError("--eta must be at least 0")
-    if cfg.sampler == "ddim" and cfg.eta is not None and cfg.eta > 1:
-        raise UsageError(f"--eta {cfg.eta} is above 1: ddim's step has no room for more noise than DDPM's (eta 1)")
-    if cfg.variance is not None:
-        check_choice(cfg.variance, Variance, "variance")
-    check_choice(cfg.threshold, Threshold, "threshold")
-    if not 0 < cfg.strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1] (1: from pure noise, near 0: the init as it is), not "
-                         f"{cfg.strength}")
-    if cfg.resample_jumps < 0:
-        raise UsageError(f"--resample-jumps must be at least 0, not {cfg.resample_jumps}")
-    if cfg.guidance < 0:
-        raise UsageError(f"--guidance must be at least 0, not {cfg.guidance}")
-    if timesteps is not None and cfg.steps > timesteps:
-        raise UsageError(f"--steps {cfg.steps} is more than the model's {timesteps} diffusion steps")
-    return cfg
-
-
-def sampler_options(cfg: SampleConfig) -> dict[str, object]:
-    """The sampler-specific keyword options a SampleConfig sets (eta, variance)."""
-    return {name: value for name, value in (("eta", cfg.eta), ("variance", cfg.variance)) if value is not None}
+def sampler_info(name: str) -> SamplerInfo:
+    """The named sampler's entry in SAMPLERS; an unknown name is refused here, the one place that checks it."""
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -350,24 +321,28 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
     return max(k for k in range(1, nfe + 1) if SAMPLERS[sampler].nfe(k) <= nfe)
 
 
-class CountingModel:
-    """Wraps an ε-model and counts its network function evaluations (NFE)."""
+class CallCounter:
+    """Counts the network calls (NFE) of the ε-models it wraps, over a whole request (every batch of it), and
+    reports (done, total) to `progress`."""
 
-    def __init__(self, eps_model: EpsModel):
-        self.eps_model, self.nfe = eps_model, 0
+    def __init__(self, total: int | None = None, progress: Callable[[float, int | None], None] | None = None):
+        self.total, self.progress, self.done = total, progress, 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        return self.eps_model(x, t)
+    def wrap(self, eps_model: EpsModel, share: float = 1) -> EpsModel:
+        """eps_model, each call counted as `share` of one (a part of a batch drawn in a worker: threads.py)."""
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            self.done += share
+            if self.progress:
+                self.progress(self.done, self.total)
+            return eps_model(x, t)
+        return counted
 
 
-def sample(eps_model: EpsModel, shape: Sequence[int], schedule: NoiseSchedule, sampler: str = DEFAULT_SAMPLER,
-           steps: int = DEFAULT_STEPS, generator: Generator = None, spacing: Spacing | None = None,
-           device: torch.device | str = "cpu", callback: Callback | None = None, **options) -> torch.Tensor:
+def sample(eps_model: EpsModel, shape: Sequence[int], schedule: NoiseSchedule, sampler: str, steps: int,
+           generator: Generator = None, spacing: Spacing | None = None, device: torch.device | str = "cpu",
+           callback: Callback | None = None, **options) -> torch.Tensor:
     """Draw x_T ~ N(0, I) of this shape and run the named sampler on `steps` steps."""
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    info = SAMPLERS[sampler]
+    info = sampler_info(sampler)
     timesteps = spaced_timesteps(schedule, steps, spacing or info.spacing)
     x = randn(shape, generator, device)
     return info.fn(eps_model, x, schedule, timesteps, generator=generator, callback=callback, **options)

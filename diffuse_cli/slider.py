@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import to_model, to_uint8
-from .generate import Denoiser
+from .denoiser import Denoiser
 from .samplers import ddim, dpmpp
 
 RESTORE_STEPS = 12  # network calls for a restoration from pure noise; fewer from lower k (in proportion)

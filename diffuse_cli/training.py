@@ -22,18 +22,18 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed, threads
 from .budget import Budget
 from .checkpoint import load_training_state, save_model, save_training_state
-from .config import Config, SampleConfig
+from .config import Config
 from .data import ImageData, ReadAhead, to_model
 from .device import memory_format, mix_seed, resolve_precision
 from .errors import TrainingFailed, UsageError
 from .fast_ops import to_device
 from .files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
-from .generate import generate
+from .denoiser import generate
+from .sampling import SampleConfig, SamplerChoice
 from .graphs import graphed_step
 from .mirror import MirrorVerdict, probe_data
 from .pictures import grid_upscale, make_grid, save_image, save_png
 from .plots import loss_plot
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
 from .run_summary import choices_made, memory_warning, start_line
@@ -62,8 +62,8 @@ class Options:
     resume: bool = False
     compile: bool = False
     cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
-    grid_sampler: str = DEFAULT_SAMPLER
-    grid_steps: int = DEFAULT_STEPS
+    grid_sampler: str = SamplerChoice.name
+    grid_steps: int = SamplerChoice.steps
     chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
 
 

@@ -83,9 +83,9 @@ def test_sample_settings_are_checked_before_any_network_call():
     calls = []
     model.net.register_forward_hook(lambda *args: calls.append(1))
     for settings, words in [(dict(sampler="magic"), "unknown sampler"), (dict(steps=1001), "more than the model's"),
-                            (dict(sampler="heun", eta=0.5), "--eta does not apply to heun")]:
+                            (dict(sampler="heun", eta=0.5), "^eta does not apply to heun")]:
         with pytest.raises(DiffuseError, match=words):
             model.sample(2, **settings)
-    with pytest.raises(UsageError, match="-n must be at least 1"):
+    with pytest.raises(UsageError, match="^n must be at least 1"):  # the API names settings; the CLI its flags
         model.sample(0)
     assert calls == []

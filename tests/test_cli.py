@@ -71,7 +71,7 @@ def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, 
 def test_sample_on_the_cpu_lowers_a_batch_that_would_not_fit_and_draws_the_same_images(trained, run_cli, tmp_path,
                                                                                         monkeypatch):
     from diffuse_cli import device
-    from diffuse_cli.generate import SAMPLE_BYTES_PER_OUTPUT
+    from diffuse_cli.denoiser import SAMPLE_BYTES_PER_OUTPUT
     from diffuse_cli.checkpoint import load_model
     from diffuse_cli.unet import layer_outputs
 
@@ -101,7 +101,7 @@ def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli,
 
 def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(trained, run_cli, tmp_path,
                                                                               monkeypatch):
-    import diffuse_cli.generate
+    import diffuse_cli.denoiser
 
     result = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "many")
     assert result.code == 0 and "grid.png (the first 64)" in result.out, result
@@ -110,7 +110,7 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
     assert run_cli("sample", "-n", "1", "--steps", "1", "--sampler", "ddim").code == 0
     assert (tmp_path / "samples" / "run-step4-ddim-1steps-seed0" / "0000.png").exists()  # names the steps trained
 
-    sampled = diffuse_cli.generate.sample
+    sampled = diffuse_cli.denoiser.sample
     calls = []
 
     def interrupted_at_the_second_batch(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
             raise KeyboardInterrupt
         return sampled(*args, **kwargs)
 
-    monkeypatch.setattr(diffuse_cli.generate, "sample", interrupted_at_the_second_batch)
+    monkeypatch.setattr(diffuse_cli.denoiser, "sample", interrupted_at_the_second_batch)
     stopped = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "cut")
     assert stopped.code == 130 and "interrupted; the 32 images made so far are in cut/" in stopped.err, stopped
     assert len(list((tmp_path / "cut").glob("0*.png"))) == 32  # the first batch, kept

@@ -172,7 +172,7 @@ def test_edit_inputs_are_read_as_training_reads_them_and_bad_ones_refused(model,
                         (lambda: model.edit_inputs(tmp_path / "black.png"), "grayscale image"),  # 1 channel, model 3
                         (lambda: model.edit_inputs(torch.zeros(1, 8, 8, dtype=torch.uint8)), r"takes uint8 \(3, 8, 8\)"),
                         (lambda: model.sample(1, init=IMAGES[0], strength=0), "strength"),
-                        (lambda: model.sample(1, mask=tmp_path / "wide_mask.png"), "--init")):
+                        (lambda: model.sample(1, mask=tmp_path / "wide_mask.png"), "^mask needs .* with init$")):
         with pytest.raises(DiffuseError, match=words):
             call()
 
@@ -189,7 +189,7 @@ def test_the_cli_edits_inpaints_and_interpolates_and_refuses_bad_input_without_w
     save_png(torch.zeros(1, 8, 8, dtype=torch.uint8), tmp_path / "black.png")
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, words in ((["sample", "--init", "a.png", "--strength", "1.5"], ["strength"]),
-                        (["sample", "--init", "a.png", "--strength", "0"], ["strength"]),
+                        (["sample", "--init", "a.png", "--strength", "0"], ["--strength must be in (0, 1]"]),
                         (["sample", "--init", "a.png", "--mask", "black.png"], ["nothing to generate"]),
                         (["sample", "--init", "nope.png"], ["no such file"]),
                         (["sample", "--mask", "hole.png"], ["--init"]),
@@ -236,14 +236,14 @@ def test_the_cli_edits_inpaints_and_interpolates_and_refuses_bad_input_without_w
 
 def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
     """Without --class the init decides what it becomes: the "no class" half, not a class drawn at random."""
-    from diffuse_cli.generate import generate_batches
+    from diffuse_cli.denoiser import generate
 
     data = diffuse.ImageData.from_tensor(IMAGES, torch.tensor([0, 1] * 6), ("a", "b"))
     model = diffuse.train(data, steps=2, **TINY)
     edited = model.sample(3, init=IMAGES[2], strength=0.7, steps=4, seed=1)
     null = torch.full((3,), 2)
-    plain = torch.cat(list(generate_batches(model.net, model.config, 3, steps=4, seed=1, labels=null,
-                                            init=IMAGES[2].expand(3, -1, -1, -1), strength=0.7)))
+    plain, _ = generate(model.net, model.config, 3, steps=4, seed=1, labels=null,
+                        init=IMAGES[2].expand(3, -1, -1, -1), strength=0.7)
     assert torch.equal(edited, plain)
     asked = model.sample(3, init=IMAGES[2], strength=0.7, steps=4, seed=1, classes="b")
     assert not torch.equal(asked, edited)
@@ -252,27 +252,28 @@ def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
 @pytest.mark.parametrize("sampler", ["heun", "dpm++3m-sde"])
 def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
     """The progress bar's total: heun makes one call more on a stretch that ends at a noisy step."""
-    from diffuse_cli.samplers import CountingModel
+    from diffuse_cli.samplers import CallCounter
 
     schedule = NoiseSchedule.make("cosine")
     ts = spaced_timesteps(schedule, 10, SAMPLERS[sampler].spacing)
     plan = plan_edit(ts, 1000, 0.7, inpaint=True, jumps=2)
-    counted = CountingModel(GAUSSIAN.eps_model(schedule))
+    calls = CallCounter()
+    counted = calls.wrap(GAUSSIAN.eps_model(schedule))
     init = torch.zeros(4, 2, dtype=torch.float64)
     edit(sampler, counted, init, schedule, plan, torch.tensor([[False, True]]).expand(4, 2),
          torch.Generator().manual_seed(0))
-    assert counted.nfe == plan.nfe(sampler) > len(plan.timesteps)
+    assert calls.done == plan.nfe(sampler) > len(plan.timesteps)
 
 
 def test_generate_reports_the_calls_an_edit_made_not_those_of_ordinary_sampling(model):
-    from diffuse_cli.generate import generate
+    from diffuse_cli.denoiser import generate
 
     seen = []
     mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
     mask[..., 4:] = True
     images, nfe = generate(model.net, model.config, 4, sampler="heun", steps=6, batch_size=2, init=IMAGES[:4],
                            strength=0.6, generate=mask, resample_jumps=1, progress=lambda done, total: seen.append(done))
-    settings = diffuse.SampleConfig(sampler="heun", steps=6, strength=0.6, resample_jumps=1)
+    settings = diffuse.SampleConfig(diffuse.SamplerChoice("heun", 6), strength=0.6, resample_jumps=1)
     assert images.shape == (4, 3, 8, 8)
     assert nfe == model.nfe(settings, model.edit_inputs(IMAGES[:4], mask)) == len(seen) // 2  # two batches
     assert nfe != SAMPLERS["heun"].nfe(6)

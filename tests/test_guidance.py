@@ -11,7 +11,7 @@ import torch
 
 import diffuse_cli as diffuse
 from diffuse_cli.objectives import as_eps_model, dynamic_threshold, guided
-from diffuse_cli.samplers import SAMPLERS, CountingModel, sample, spaced_timesteps, steps_for_nfe
+from diffuse_cli.samplers import SAMPLERS, CallCounter, sample, spaced_timesteps, steps_for_nfe
 from diffuse_cli.schedule import NoiseSchedule
 from .toy import GaussianMixture
 
@@ -111,9 +111,10 @@ def test_guidance_is_one_network_call_per_step_on_the_batch_twice_over():
     schedule = NoiseSchedule.make("cosine")
     calls = []
     net = class_network(schedule, calls=calls)
-    model = CountingModel(as_eps_model(guided(net, torch.zeros(8, dtype=torch.long), NULL, 3.0), schedule, "eps"))
+    counter = CallCounter()
+    model = counter.wrap(as_eps_model(guided(net, torch.zeros(8, dtype=torch.long), NULL, 3.0), schedule, "eps"))
     sample(model, (8, 2), schedule, "dpm++3m-sde", 10, torch.Generator().manual_seed(0))
-    assert model.nfe == 10 and calls == [16] * 10
+    assert counter.done == 10 and calls == [16] * 10
 
 
 def test_dynamic_thresholding_leaves_images_in_range_and_rescales_the_rest():
@@ -214,7 +215,7 @@ def test_a_checkpoint_from_before_classes_loads_and_samples_unchanged(tmp_path):
 
 
 def test_with_no_class_asked_each_image_draws_its_class_as_often_as_the_data_had_it():
-    from diffuse_cli.generate import random_classes
+    from diffuse_cli.denoiser import random_classes
 
     weights = torch.tensor([600.0, 300.0, 100.0, 0.0])  # three classes, no image without one
     drawn = random_classes(7, 6000, 3, weights)

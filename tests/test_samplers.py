@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.samplers import (SAMPLERS, CountingModel, ddim, ddpm, dpmpp, sample, spaced_timesteps,
+from diffuse_cli.samplers import (SAMPLERS, CallCounter, ddim, ddpm, dpmpp, sample, spaced_timesteps,
                                   steps_for_nfe)
 from diffuse_cli.editing import ddim_invert
 from diffuse_cli.schedule import NoiseSchedule
@@ -21,10 +21,10 @@ GAUSSIAN = GaussianMixture.gaussian([0.5, -0.3], [[0.2, 0.05], [0.05, 0.1]])
 
 
 def draw(target, schedule, sampler, nfe, seed=0, n=N, **options):
-    model = CountingModel(target.eps_model(schedule))
-    x = sample(model, (n, target.dim), schedule, sampler, steps_for_nfe(sampler, nfe),
+    calls = CallCounter()
+    x = sample(calls.wrap(target.eps_model(schedule)), (n, target.dim), schedule, sampler, steps_for_nfe(sampler, nfe),
                torch.Generator().manual_seed(seed), **options)
-    assert model.nfe == SAMPLERS[sampler].nfe(steps_for_nfe(sampler, nfe)) <= nfe
+    assert calls.done == SAMPLERS[sampler].nfe(steps_for_nfe(sampler, nfe)) <= nfe
     return x.double()
 
 

@@ -186,7 +186,7 @@ def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatc
     """Where the count follows the machine, each CPU batch is drawn as two halves at once, one thread each: the
     same images to rounding as one batch on the calling thread, and the progress counts each call once (fp32)."""
     from diffuse_cli.config import make_config
-    from diffuse_cli.generate import generate
+    from diffuse_cli.denoiser import generate
     from diffuse_cli.unet import UNet
 
     config = make_config("tiny", image_size=8)

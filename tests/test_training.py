@@ -141,7 +141,7 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
     overflow: a resume that started it afresh would skip steps that the unbroken run took. Run on the CPU,
     which autocasts fp16 too (the CLI refuses it there only for speed), from a scale that overflows this
     network's gradients at step 1 and not at steps 2 to 4 (2^19; 2^16 overflows larger networks so)."""
-    from diffuse_cli import generate as generate_module
+    from diffuse_cli import denoiser as generate_module
 
     monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: precision)
     monkeypatch.setattr(generate_module, "resolve_precision", lambda precision, device: precision)
@@ -332,7 +332,7 @@ def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
     """The host reads the device only at logging intervals, saves and the end of a batch of samples, so the
     GPU's queue never drains: a run or a sampling of more steps makes exactly as many host syncs as a short one
     (the GPU's share of issue 4's 'no per-step host syncs')."""
-    from diffuse_cli.generate import generate
+    from diffuse_cli.denoiser import generate
 
     options = replace(OPTIONS, device=torch.device("cuda"), cuda_graph=graph)
     runs = {steps: host_syncs(lambda steps=steps: train(replace(CONFIG, train=replace(CONFIG.train, steps=steps)),

@@ -1,4 +1,5 @@
-"""Images from a trained network: the objective adapter, per-image seeds, batching, precision."""
+"""The denoiser: a trained network as the samplers' ε-model (its objective adapted, its precision, guidance),
+and images drawn with it, batch by batch, each from its own seed."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from .editing import Plan, edit, plan_edit
 from .errors import UsageError
 from .graphs import graphed_forward
 from .fast_ops import to_device
-from .objectives import EpsModel, as_eps_model, guided
-from .pictures import make_grid
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Callback, sample, spaced_timesteps
+from .objectives import as_eps_model, guided
+from .samplers import CallCounter, Callback, sample
+from .sampling import Request, SampleConfig
 from .schedule import NoiseSchedule
 from .unet import layer_outputs
 
@@ -84,45 +85,41 @@ class Denoiser:
 
 
 @torch.no_grad()
-def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler: str = DEFAULT_SAMPLER,
-                     steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64, spacing: str | None = None,
-                     precision: Precision = "fp32", clip_x0: bool = True, labels: torch.Tensor | None = None,
-                     guidance: float = 1.0, threshold: Threshold = "clip", class_weights: torch.Tensor | None = None,
-                     init: torch.Tensor | None = None, strength: float = 1.0, generate: torch.Tensor | None = None,
-                     resample_jumps: int = 0, progress: Callable[[int, int], None] | None = None,
-                     callback: Callback | None = None, cuda_graph: bool = True,
-                     log: Callable[[str], None] = lambda message: None, **options) -> Generator[torch.Tensor, None, int]:
-    """n images as uint8 (count, C, H, W) batches, in order, each as soon as it is sampled (and at the end, as
-    the generator's value, the network calls a batch took: calls_per_batch); on
-    CUDA each network call replays a CUDA graph unless cuda_graph=False (or its capture fails:
-    `log` says so). A conditional model draws image i of class labels[i] (len(class_names): no
-    class), with classifier-free guidance of weight `guidance`; with no labels asked, each image's class
-    is drawn (random_classes), so that the images follow the data as a whole. Image i edits init[i]
-    (uint8, n of them) when given: SDEdit at `strength`, and where `generate` (bool (n, 1, H, W)) is given,
-    inpainting there with RePaint's `resample_jumps` (editing.py)."""
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    denoiser = Denoiser(model, config, precision, cuda_graph, log)
+def generate_batches(model: torch.nn.Module, config: Config, n: int, settings: SampleConfig = SampleConfig(),
+                     request: Request | None = None, class_weights: torch.Tensor | None = None,
+                     progress: Callable[[float, int], None] | None = None, callback: Callback | None = None,
+                     cuda_graph: bool = True, log: Callable[[str], None] = lambda message: None
+                     ) -> Generator[torch.Tensor, None, int]:
+    """n images as uint8 (count, C, H, W) batches of settings.batch_size, in order, each as soon as it is sampled
+    (and at the end, as the generator's value, the network calls a batch took); on CUDA each network call
+    replays a CUDA graph unless cuda_graph=False (or its capture fails: `log` says so). A conditional model
+    draws image i of class request.labels[i] (len(class_names): no class), with classifier-free guidance of
+    weight settings.guidance; with no labels asked, each image's class is drawn (random_classes, guidance 1),
+    so that the images follow the data as a whole. Image i edits request.init[i] (uint8) when given: SDEdit at
+    settings.strength, and where request.generate (bool (n, 1, H, W)) is given, inpainting there with
+    RePaint's settings.resample_jumps (editing.py). settings is checked by the caller (SampleConfig.check)."""
+    how, seed, batch_size, guidance = settings.sampler, settings.seed, settings.batch_size, settings.guidance
+    labels, init, generate = (None, None, None) if request is None else (request.labels, request.init, request.generate)
+    denoiser = Denoiser(model, config, how.precision, cuda_graph, log)
     if labels is None and config.model.class_names:
         labels, guidance = random_classes(seed, n, len(config.model.class_names), class_weights), 1.0
-    plan = None if init is None else edit_plan(denoiser.schedule, sampler, steps, spacing, strength,
-                                               generate is not None, resample_jumps)
-    per_batch = calls_per_batch(sampler, steps, plan)
+    plan = None if init is None else edit_plan(denoiser.schedule, settings, generate is not None)
+    per_batch = how.nfe() if plan is None else plan.nfe(how.name)
     calls = CallCounter(per_batch * -(-n // batch_size), progress)
     c, s = config.model.channels, config.model.image_size
 
     def draw(start: int, count: int, share: float = 1.0) -> torch.Tensor:
         """Images start .. start + count of the request, in the model's range."""
         eps_model = calls.wrap(denoiser.eps_model(count, None if labels is None else labels[start:start + count],
-                                                  guidance, clip_x0, threshold), share)
+                                                  guidance, threshold=how.threshold), share)
         generators = image_generators(seed, start, count)
         if plan is None:
-            return sample(eps_model, (count, c, s, s), denoiser.schedule, sampler, steps, generators, spacing=spacing,
-                          device=denoiser.device, callback=callback, **options)
+            return sample(eps_model, (count, c, s, s), denoiser.schedule, how.name, how.steps, generators,
+                          spacing=how.spacing, device=denoiser.device, callback=callback, **how.options())
         rows = slice(start, start + count)
         mask = None if generate is None else to_device(generate[rows], denoiser.device)
-        return edit(sampler, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
-                    mask, generators, callback, **options)
+        return edit(how.name, eps_model, to_device(to_model(init[rows]), denoiser.device), denoiser.schedule, plan,
+                    mask, generators, callback, **how.options())
 
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
@@ -135,64 +132,25 @@ def generate_batches(model: torch.nn.Module, config: Config, n: int, *, sampler:
     return per_batch
 
 
-def calls_per_batch(sampler: str, steps: int, plan: Plan | None = None) -> int:
-    """Network calls one batch takes: the sampler's on `steps`, or those of an edit's path (editing.Plan)."""
-    return SAMPLERS[sampler].nfe(steps) if plan is None else plan.nfe(sampler)
-
-
-class CallCounter:
-    """Counts network calls over a whole request, every batch of it, and reports (done, total) to `progress`."""
-
-    def __init__(self, total: int, progress: Callable[[int, int], None] | None = None):
-        self.total, self.progress, self.done = total, progress, 0
-
-    def wrap(self, eps_model: EpsModel, share: float = 1.0) -> EpsModel:
-        """eps_model, counted as `share` of a call each time (a part of a batch drawn in a worker: threads.py)."""
-        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            self.done += share
-            if self.progress:
-                self.progress(self.done, self.total)
-            return eps_model(x, t)
-        return counted
-
-
-def edit_plan(schedule: NoiseSchedule, sampler: str, steps: int, spacing: str | None, strength: float,
-              inpaint: bool, jumps: int) -> Plan:
+def edit_plan(schedule: NoiseSchedule, settings: SampleConfig, inpaint: bool) -> Plan:
     """The path an edit with these settings takes (editing.Plan)."""
-    timesteps = spaced_timesteps(schedule, steps, spacing or SAMPLERS[sampler].spacing)
-    return plan_edit(timesteps, schedule.timesteps, strength, inpaint, jumps)
+    return plan_edit(settings.sampler.timesteps(schedule), schedule.timesteps, settings.strength, inpaint,
+                     settings.resample_jumps)
 
 
-def generate(model: torch.nn.Module, config: Config, n: int, **kwargs) -> tuple[torch.Tensor, int]:
-    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch; keyword arguments
-    as generate_batches."""
-    batches, images = generate_batches(model, config, n, **kwargs), []
+def generate(model: torch.nn.Module, config: Config, n: int, labels: torch.Tensor | None = None,
+             init: torch.Tensor | None = None, generate: torch.Tensor | None = None,
+             progress: Callable[[float, int], None] | None = None, callback: Callback | None = None,
+             cuda_graph: bool = True, log: Callable[[str], None] = lambda message: None,
+             **settings) -> tuple[torch.Tensor, int]:
+    """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch: generate_batches, its settings
+    by name (SampleConfig.of) and its request as each image's class, init and mask."""
+    request = Request(labels, None, None, None, init, generate)
+    batches = generate_batches(model, config, n, SampleConfig.of(**settings).check(config.diffusion.timesteps),
+                               request, None, progress, callback, cuda_graph, log)
+    images = []
     while True:
         try:
             images.append(next(batches))
         except StopIteration as finished:  # its value: the calls a batch took, an edit's path included
             return torch.cat(images), finished.value
-
-
-class Trajectory:
-    """A sampling callback that keeps x_t and the predicted x_0 of the first image at every step of the
-    first batch, for a strip (10 steps: x_t above, x̂_0 below) and an animation."""
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.full = False
-
-    def __call__(self, i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
-        self.full = self.full or (i == 0 and bool(self.frames))  # step 0 again: a second batch
-        if not self.full:
-            self.frames.append((to_uint8(x_t[0]).cpu(), to_uint8(x0[0]).cpu()))
-
-    def strip(self, columns: int = 10) -> torch.Tensor:
-        """x_t (top row) and x̂_0 (bottom row) at `columns` evenly spaced steps: one uint8 (C, H, W) image."""
-        picks = sorted({round(k * (len(self.frames) - 1) / (columns - 1)) for k in range(columns)})
-        return make_grid(torch.stack([self.frames[k][0] for k in picks] + [self.frames[k][1] for k in picks]),
-                         nrow=len(picks))
-
-    def animation(self) -> list[torch.Tensor]:
-        """One uint8 (C, H, W) frame a step: x_t beside x̂_0."""
-        return [make_grid(torch.stack(pair), nrow=2) for pair in self.frames]
