@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .api_tools import (explore, export_diffusers, import_diffusers, interpolate, noise,  # noqa: F401 (the API)
-                        sample_folder_name, write_explorer)
+from .api_tools import (explore, export_diffusers, import_diffusers, interpolate,  # noqa: F401 (the API)
+                        interpolation_folder_name, noise, sample_folder_name, write_explorer, write_noise)
 from .budget import Budget
 from .checkpoint import load_model, resolve_checkpoint
 from .config import Config, make_config, parse_duration
@@ -37,6 +37,8 @@ from .files import MODEL_FILE
 from .model import Model, PathLike
 from .outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
 from .sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
+from .runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
+from .sample_run import SampleRun  # noqa: F401 (the API)
 from .threads import set_threads  # noqa: F401 (the API)
 from .training import Hooks, Options
 
@@ -171,6 +173,7 @@ def _tensor_shape(data: object) -> dict[str, int]:
 
 
 __all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
-           "write_explorer", "sample_folder_name", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
+           "write_explorer", "sample_folder_name", "interpolation_folder_name", "write_noise",
+           "SampleRun", "run_folder", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
            "SampleConfig", "SamplerChoice", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device",
            "inspect"]

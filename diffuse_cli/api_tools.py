@@ -14,7 +14,7 @@ import torch
 from .config import INTERPOLATE_STEPS, DiffusionConfig, Schedule, check_choice
 from .data import to_model, to_uint8
 from .device import pick_device
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, Words
 from .files import MODEL_FILE, atomic_write_bytes
 from .inputs import read_edit
 from .model import Model, PathLike
@@ -60,6 +60,25 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
     sched = NoiseSchedule.make(schedule, timesteps)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     return torch.stack([to_uint8(x0[0] if k == 0 else sched.q_sample(x0, torch.tensor([k - 1]), eps)[0]) for k in ts])
+
+
+def write_noise(image: PathLike, t: list[int] | int, out: PathLike, schedule: Schedule = DiffusionConfig.schedule,
+                timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,
+                max_side: int = 1024) -> Words:
+    """noise()'s panels written as one PNG at `out` (a strip labelled with each t, when several; at image_size,
+    enlarged nearest so that each pixel of noise stays a pixel); returns what size it shows, in words."""
+    from .data import image_dimensions
+    from .pictures import grid_upscale, labelled_strip, save_png
+
+    ts = [t] if isinstance(t, int) else list(t)
+    panels = noise(image, ts, schedule, timesteps, seed, image_size, max_side)
+    zoom = grid_upscale(image_size) if image_size else 1
+    panels = panels.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
+    save_png(panels[0] if len(ts) == 1 else labelled_strip(list(panels), [f"t = {k}" for k in ts]), out)
+    size = f"{image_size}x{image_size} as a model sees it" if image_size else f"{panels.shape[-1]}x{panels.shape[-2]}"
+    if not image_size and (own := image_dimensions(image)) != (panels.shape[-1], panels.shape[-2]):
+        return Words(f"{size}, shrunk from {own[0]}x{own[1]}; {{max_side}} 0 keeps every pixel", "max_side")
+    return Words(size)
 
 
 def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: int = 60, seed: int = 0,
@@ -119,12 +138,23 @@ def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | No
     return Path("samples") / f"{model.path.parent.name}{trained}-{how}-seed{s.seed}{asked}{edited}"
 
 
+def interpolation_folder_name(model: Model, a: PathLike | None, b: PathLike | None, seeds: tuple[int, int] | None,
+                              steps: int = INTERPOLATE_STEPS) -> Path:
+    """samples/<run>-interpolate-<a>-<b>-<steps>steps, or -seeds<A>-<B>-: where `diffuse interpolate` writes."""
+    ends = f"{Path(a).stem}-{Path(b).stem}" if seeds is None else f"seeds{seeds[0]}-{seeds[1]}"
+    return Path("samples") / f"{model.path.parent.name}-interpolate-{ends}-{steps}steps"
+
+
 def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathLike | torch.Tensor | None = None,
                 frames: int = 9, seeds: tuple[int, int] | None = None, steps: int = INTERPOLATE_STEPS,
-                class_name: str | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                class_name: str | None = None, progress: Callable[[int, int], None] | None = None,
+                out: PathLike | None = None) -> torch.Tensor:
     """uint8 (frames, C, H, W) from a to b: two images inverted to noise by DDIM (η = 0), or two seeds' noises,
     interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
-    `class_name` (None: no class)."""
+    `class_name` (None: no class). With `out`, also written there (save_strip; the folder checked first)."""
+    from .outputs import check_folder, save_strip
+
+    folder = None if out is None else check_folder(Path(out))
     from .editing import ddim_invert, slerp
     from .denoiser import Denoiser
     from .samplers import CallCounter, ddim, randn, spaced_timesteps
@@ -149,9 +179,12 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
             shape = (1, m.channels, m.image_size, m.image_size)
             ends = torch.cat([randn(shape, torch.Generator().manual_seed(seed), model.device) for seed in seeds])
         noises = torch.cat([slerp(ends[:1], ends[1:], w) for w in torch.linspace(0, 1, frames).tolist()])
-        out = [ddim(calls.wrap(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
-               for part in noises.split(batch)]
-    return to_uint8(torch.cat(out)).cpu()
+        walked = [ddim(calls.wrap(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
+                  for part in noises.split(batch)]
+    shown = to_uint8(torch.cat(walked)).cpu()
+    if folder is not None:
+        save_strip(shown, folder)
+    return shown
 
 
 def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str = "auto") -> Model:

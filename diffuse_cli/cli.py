@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -16,8 +15,7 @@ import typer
 from . import __version__
 from . import options as opt
 from .cli_convert import COMMANDS as CONVERT_COMMANDS
-from .config import INTERPOLATE_STEPS, parse_duration, parse_hflip, require_positive
-from .console import Interrupted, TrainDisplay, edit_line, err, interrupted_says, out, progress_bar
+from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
 from .errors import DiffuseError, UsageError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def use_device(name: str, threads: int | None = None) -> None:
     """Check the device and --threads now, and ready the device for work (api.prepare_device)."""
-    require_positive(threads=threads)
+    opt.require_positive(threads=threads)
     from . import api
 
     api.prepare_device(name, threads)
@@ -54,24 +52,22 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     if devices > 1:
         return launch_devices(devices, device, sys.argv[1:])
     folder = opt.one_folder(data)
-    require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
+    opt.require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
     settings = opt.given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
                      min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed,
                      classes=classes, class_dropout=class_dropout)
     if hflip is not None or no_hflip:  # 'auto' is None, and is still a choice made (on resume: probe again)
-        settings["hflip"] = parse_hflip("off" if no_hflip else hflip)
-    seconds = parse_duration(max_time) if max_time else None
+        settings["hflip"] = opt.parse_hflip("off" if no_hflip else hflip)
+    seconds = opt.parse_duration(max_time) if max_time else None
     if folder is not None and not Path(folder).exists():
         raise UsageError(f"{folder}: no such file or folder")
     use_device(device, threads)
     from . import api
-    from .budget import is_fitted
-    from .runs import resolve_run
 
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
-    run, resuming = resolve_run(out_dir, resume, folder, model or "small", confirm)
+    run, resuming = api.run_folder(out_dir, resume, folder, model or "small", confirm)
     display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0)
     display.log(f"run folder {run}" + (" (resuming)" if resuming else
                                        " (new: --resume auto found no run to continue)" if resume == "auto" else ""))
@@ -82,7 +78,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     result = trained.training
     if result.stopped_by == "signal":
         display.log(f"stopped at step {result.step}; checkpoint saved. Resume with: diffuse train --resume {run}"
-                    + ("" if is_fitted(result.config.train) else " --max-time TIME"))
+                    + ("" if result.fitted else " --max-time TIME"))
         raise typer.Exit(130)
     display.log(f"done: step {result.step} ({'time budget reached' if result.stopped_by == 'time' else 'all steps'});"
                 f" weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
@@ -101,10 +97,8 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
            batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True, threads: opt.Threads = None) -> None:
     """Generate images from a trained checkpoint, or edit images with it: PNGs and grid.png."""
-    from .sampling import SampleConfig
-
-    require_positive(n=n)
-    settings = SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
+    opt.require_positive(n=n)
+    settings = opt.SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
                                            seed=seed, batch_size=batch_size, precision=precision, guidance=guidance,
                                            threshold=threshold, classes=class_, strength=strength,
                                            resample_jumps=resample_jumps)).check()
@@ -112,37 +106,18 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
         raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
     use_device(device, threads)
     from . import api
-    from .outputs import SampleFolder, Trajectory, check_folder
 
-    model, s = api.load(checkpoint, device), settings
-    edit = None if init is None and mask is None else model.edit_inputs(init, mask)
-    n = n or (1 if edit is not None and init.is_dir() else 16)
-    asked = model.request(n, settings, edit)
-    folder = check_folder(out_dir or api.sample_folder_name(model, settings, init, mask))
-    steps_seen, start = Trajectory() if trajectory else None, time.perf_counter()
-    written = SampleFolder(folder, asked.total(n), asked.suffixes, asked.row, asked.heads, steps_seen)
-    kept = lambda k=written: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
-                              else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {folder}/")
+    job = api.SampleRun(api.load(checkpoint, device), n, settings, out_dir, init, mask, trajectory)
+    kept = lambda k=job: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
+                          else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {k.folder}/")
     with progress_bar() as bar, interrupted_says(kept):
-        task = bar.add_task(f"sampling ({s.sampler.name})", total=None)
+        task = bar.add_task(f"sampling ({settings.sampler.name})", total=None)
         say = lambda m: bar.console.print(m, highlight=False, markup=False)  # noqa: E731
-        for note in edit.notes if edit else []:
+        for note in job.notes:
             say(note)
-        for batch in model.sample_batches(n, settings, progress=lambda i, total: bar.update(task, completed=i, total=total),
-                                          callback=steps_seen, log=say, cuda_graph=cuda_graph, edit=edit):
-            written.add(batch)  # as each batch is done: an interrupted run keeps what it made
-    elapsed, grid = time.perf_counter() - start, written.finish()
-    doubled = ", each on the batch twice over (guidance)" if asked.labels is not None and s.guidance != 1 else ""
-    total = written.written
-    out.print(f"{s.sampler.name}, {s.sampler.steps} steps, {model.nfe(settings, edit)} network calls per batch{doubled}, "
-              f"{elapsed / total * 1000:.0f} ms per image ({elapsed:.1f} s in all) from {model.path}", highlight=False)
-    if edit is not None:
-        out.print(edit_line(model.edit_plan(s, edit), s, init, mask, edit, model.config.diffusion.timesteps),
-                  highlight=False)
-    names = dict.fromkeys(model.config.model.class_names[k] for k in ([] if asked.labels is None else asked.labels.tolist()))
-    classes = f" ({n} of each of {', '.join(names)}, guidance {s.guidance:g})" if names else ""
-    out.print(f"wrote {total} image{'s' * (total != 1)}{classes} and {grid} to {folder}/"
-              + (" (+ trajectory.png, trajectory.gif)" if trajectory else ""), highlight=False)
+        job.run(progress=lambda i, total: bar.update(task, completed=i, total=total), log=say, cuda_graph=cuda_graph)
+    for line in job.summary():
+        out.print(line, highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  diffuse noise photo.png --t 500\n\n"
@@ -152,22 +127,12 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
           out_path: opt.NoiseOut = None, seed: opt.NoiseSeed = 0, image_size: opt.NoiseImageSize = None,
           max_side: opt.MaxSide = 1024) -> None:
     """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
-    from .config import DiffusionConfig
-
     target = opt.png_out(out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png"))
-    schedule, timesteps = schedule or DiffusionConfig.schedule, timesteps or DiffusionConfig.timesteps
+    schedule, timesteps = schedule or opt.DiffusionConfig.schedule, timesteps or opt.DiffusionConfig.timesteps
     from . import api
-    from .data import image_dimensions
-    from .pictures import grid_upscale, labelled_strip, save_png
 
-    panels = api.noise(image, t, schedule, timesteps, seed, image_size, max_side)
-    zoom = grid_upscale(image_size) if image_size else 1  # nearest, so that each pixel of noise stays a pixel
-    panels = panels.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
-    save_png(panels[0] if len(t) == 1 else labelled_strip(list(panels), [f"t = {k}" for k in t]), target)
-    size = f"{image_size}x{image_size} as a model sees it" if image_size else f"{panels.shape[-1]}x{panels.shape[-2]}"
-    if not image_size and (own := image_dimensions(image)) != (panels.shape[-1], panels.shape[-2]):
-        size += f", shrunk from {own[0]}x{own[1]}; --max-side 0 keeps every pixel"
-    out.print(f"wrote {target} ({size}; {schedule} schedule, T = {timesteps})", highlight=False)
+    said = api.write_noise(image, t, target, schedule, timesteps, seed, image_size, max_side)
+    out.print(f"wrote {target} ({said.worded(opt.flag)}; {schedule} schedule, T = {timesteps})", highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  diffuse explore                               # newest checkpoint, a training image\n\n"
@@ -201,7 +166,7 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
              "  diffuse interpolate --seeds 3 17 --frames 9   # between two samples\n\n"
              "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
 def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
-                steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None,
+                steps: opt.InterpolateSteps = opt.INTERPOLATE_STEPS, class_: opt.OneClass = None,
                 checkpoint: opt.Checkpoint = None, out_dir: opt.InterpolateOut = None, device: opt.Device = "auto",
                 threads: opt.Threads = None) -> None:
     """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""
@@ -210,17 +175,14 @@ def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: o
         raise UsageError(f"give two images, or --seeds A B, to interpolate between (not {len(images or [])} images)")
     use_device(device, threads)
     from . import api
-    from .outputs import check_folder, save_strip
 
     model = api.load(checkpoint, device)
     a, b = images or (None, None)
-    ends = f"{a.stem}-{b.stem}" if images else f"seeds{seeds[0]}-{seeds[1]}"
-    folder = check_folder(out_dir or Path("samples") / f"{model.path.parent.name}-interpolate-{ends}-{steps}steps")
+    folder = out_dir or api.interpolation_folder_name(model, a, b, seeds, steps)
     with progress_bar() as bar:
         task = bar.add_task("interpolating (ddim)", total=None)
-        shown = api.interpolate(model, a, b, frames, seeds, steps, class_,
-                                progress=lambda i, total: bar.update(task, completed=i, total=total))
-    save_strip(shown, folder)
+        api.interpolate(model, a, b, frames, seeds, steps, class_,
+                        progress=lambda i, total: bar.update(task, completed=i, total=total), out=folder)
     how = f"DDIM inversion of {a} and {b}" if images else f"the noises of seeds {seeds[0]} and {seeds[1]}"
     out.print(f"wrote {frames} frames, strip.png and strip.gif to {folder}/ ({how}, spherical interpolation, "
               f"{steps} DDIM steps back{f', class {class_}' if class_ else ''})", highlight=False)

@@ -224,16 +224,6 @@ def check_choice(value: Any, literal: Any, name: str) -> Any:
     return value
 
 
-# --hflip's words and TrainConfig.hflip's values: auto leaves the choice to the data (mirror.py).
-HFLIP = {"auto": None, "on": True, "off": False}
-
-
-def parse_hflip(word: str) -> bool | None:
-    if word not in HFLIP:
-        raise ConfigError(f"unknown hflip {word!r}; choose one of: {', '.join(HFLIP)}")
-    return HFLIP[word]
-
-
 # The closed choices of the settings, by field name: what make_config checks before building.
 CHOICES = {"schedule": Schedule, "objective": Objective, "precision": Precision, "lr_schedule": LRSchedule,
            "classes": ClassesMode}

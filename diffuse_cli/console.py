@@ -195,14 +195,3 @@ def checkpoint_table(facts: dict, config) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
-
-
-def edit_line(plan, s, init, mask, edit, T: int) -> str:
-    """What an edit did, in a line."""
-    count = f"{len(edit.images)} images of {init}/" if len(edit.images) > 1 else str(init)
-    said = f"edited {count}: " + (f"SDEdit at strength {s.strength:g}, noised to t = {plan.k} of {T} and denoised in "
-                                  f"{len(plan.timesteps)} of the {s.sampler.steps} steps" if plan.k < T else "from pure noise")
-    if mask is not None:
-        said += (f"; inpainted {edit.generated_share():.0%} of the pixels (the white of {mask}), the rest kept exactly,"
-                 f" with {s.resample_jumps} RePaint jump{'s' * (s.resample_jumps != 1)} back a stretch")
-    return said

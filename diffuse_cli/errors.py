@@ -9,18 +9,16 @@ from __future__ import annotations
 from typing import Callable
 
 
-class DiffuseError(ValueError):
-    """Something diffuse cannot do as asked; the message names the input and the fix.
-
-    A message that names settings writes each as `{name}` and lists the names after it:
-    UsageError("{strength} must be in (0, 1]", "strength") reads "strength must be in (0, 1]" from the
-    API, and the CLI words it with its flag instead ("--strength must be in (0, 1]")."""
-
-    exit_code = 2
+class Words:
+    """A message for a person that may name settings: each written as `{name}`, the names listed after it.
+    Words("{strength} must be in (0, 1]", "strength") reads "strength must be in (0, 1]" from the API, and
+    the CLI words it with its flag instead ("--strength must be in (0, 1]")."""
 
     def __init__(self, message: str, *settings: str):
         self.template, self.settings = message, settings
-        super().__init__(self.worded(str))
+
+    def __str__(self) -> str:
+        return self.worded(str)
 
     def worded(self, name_of: Callable[[str], str]) -> str:
         """The message with each setting it names written as name_of(setting)."""
@@ -28,6 +26,16 @@ class DiffuseError(ValueError):
         for name in self.settings:  # by replacement, not str.format: a path in the message may hold braces
             message = message.replace("{" + name + "}", name_of(name))
         return message
+
+
+class DiffuseError(Words, ValueError):
+    """Something diffuse cannot do as asked; the message (Words) names the input and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *settings: str):
+        Words.__init__(self, message, *settings)
+        ValueError.__init__(self, self.worded(str))
 
 
 class UsageError(DiffuseError):

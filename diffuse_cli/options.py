@@ -13,6 +13,7 @@ import typer
 
 from .config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
                      Precision, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
+from .config import INTERPOLATE_STEPS, parse_duration, require_positive  # noqa: F401 (the CLI's, through here)
 from .errors import UsageError
 from .sampling import SampleConfig, SamplerChoice
 
@@ -92,6 +93,16 @@ ClassDropout = Annotated[Optional[float], typer.Option(help="How often a conditi
                                                        f"guidance needs.{default(T.class_dropout)}")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (the plain module is saved).")]
 Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP through torchrun); one GPU each on CUDA.")]
+
+# --hflip's words and TrainConfig.hflip's values: auto leaves the choice to the data (mirror.py).
+HFLIP = {"auto": None, "on": True, "off": False}
+
+
+def parse_hflip(word: str) -> bool | None:
+    if word not in HFLIP:
+        raise UsageError(f"unknown hflip {word!r}; choose one of: {', '.join(HFLIP)}")
+    return HFLIP[word]
+
 
 # Settings whose flag is not "--" + their name with dashes (errors name settings: errors.DiffuseError).
 FLAGS = {"n": "-n", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}

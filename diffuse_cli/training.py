@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, threads
-from .budget import Budget
+from .budget import Budget, is_fitted
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import Config
 from .data import ImageData, ReadAhead, to_model
@@ -87,6 +87,11 @@ class Result:
     records: list[dict[str, Any]] = field(default_factory=list)
     config: Config | None = None  # as trained: with the steps fitted to --max-time and hflip decided
     mirror: MirrorVerdict | None = None  # the probe's verdict, where the data decided hflip
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the run knows its steps (False: stopped before they were fitted to its max_time)."""
+        return is_fitted(self.config.train)
 
 
 def due(step: int, every: int | None, since: float) -> bool:

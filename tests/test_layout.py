@@ -43,3 +43,13 @@ def test_the_graph_holds_lazy_imports_too():
     graph = imports()
     assert "model" in graph["api_tools"] and "api_tools" in graph["api"] and "api" not in graph["api_tools"]
     assert "cli_convert" in graph["cli"] and "cli" not in graph["cli_convert"]
+
+
+def test_the_commands_call_the_api_and_do_no_engine_work():
+    """The command modules import the API, their options, the console and the errors: inspect, the sample folder's
+    files and every summary come from the API, which a notebook user then has too."""
+    interface = {"cli", "cli_convert", "cli_reference", "options", "console", "launch", "errors", "api", "__init__"}
+    allowed = {"cli": interface, "cli_convert": interface}
+    for module, deps in allowed.items():
+        extra = imports()[module] - deps
+        assert not extra, f"{module}.py imports {sorted(extra)}"
