@@ -25,9 +25,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, synchronizer, timed  # noqa: E402
 
-from diffuse_cli import fast_ops, unet  # noqa: E402
+from diffuse_cli.network import fast_ops
+
+from diffuse_cli.network import unet  # noqa: E402
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import autocast  # noqa: E402
+from diffuse_cli.network.device import autocast  # noqa: E402
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 VARIANTS = {"strided": (False, [SDPBackend.MATH]), "fused": (True, FUSED), "math": (True, [SDPBackend.MATH])}

@@ -76,11 +76,11 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
     import copy
 
     from diffuse_cli.config import Config, TrainConfig, model_config
-    from diffuse_cli.device import autocast, layout_of
-    from diffuse_cli.objectives import diffusion_loss
-    from diffuse_cli.schedule import NoiseSchedule
-    from diffuse_cli.graphs import graphed_step
-    from diffuse_cli.step import StepTensors, make_optimizer, optimizer_step
+    from diffuse_cli.network.device import autocast, layout_of
+    from diffuse_cli.diffusion.objectives import diffusion_loss
+    from diffuse_cli.diffusion.schedule import NoiseSchedule
+    from diffuse_cli.network.graphs import graphed_step
+    from diffuse_cli.training.step import StepTensors, make_optimizer, optimizer_step
 
     schedule = NoiseSchedule.make("cosine")
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -133,10 +133,10 @@ def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: to
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffuse_cli import fast_ops
-    from diffuse_cli.device import autocast
-    from diffuse_cli.objectives import diffusion_loss
-    from diffuse_cli.schedule import NoiseSchedule
+    from diffuse_cli.network import fast_ops
+    from diffuse_cli.network.device import autocast
+    from diffuse_cli.diffusion.objectives import diffusion_loss
+    from diffuse_cli.diffusion.schedule import NoiseSchedule
 
     with mock.patch.object(fast_ops, "upsample_conv", upsample_then_conv), FlopCounterMode(display=False) as counter, \
             autocast(precision, x0.device):
@@ -170,7 +170,7 @@ def timed(fn, repeats: int = 3, warmup: int = 1, best: bool = False, block: int 
 
 if __name__ == "__main__":
     from diffuse_cli.config import BUILTIN_IMAGE_SIZE
-    from diffuse_cli.shapes import render_shapes
+    from diffuse_cli.images.shapes import render_shapes
 
     train = render_shapes(2000, BUILTIN_IMAGE_SIZE, seed=0)
     held_out = render_shapes(2000, BUILTIN_IMAGE_SIZE, seed=1)

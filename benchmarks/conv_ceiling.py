@@ -44,9 +44,9 @@ from common import step_flops, timed, train_step_fn  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant, practical_peak  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import autocast, memory_format  # noqa: E402
-from diffuse_cli.fast_ops import keep_cpu_memory  # noqa: E402
-from diffuse_cli.unet import UNet  # noqa: E402
+from diffuse_cli.network.device import autocast, memory_format  # noqa: E402
+from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
+from diffuse_cli.network.unet import UNet  # noqa: E402
 
 CONVOLUTIONS = (torch.conv2d, torch.conv_transpose2d)  # the second is our Upsample (fast_ops.upsample_conv)
 ConvCall = collections.namedtuple("ConvCall", "func input_shape weight_shape stride padding")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import diffuse_cli.data as data_module
-from diffuse_cli.data import ReadAhead, load_folder
+import diffuse_cli.images.data as data_module
+from diffuse_cli.images.data import ReadAhead, load_folder
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0) -> None:

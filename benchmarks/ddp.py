@@ -34,11 +34,11 @@ from common import synchronizer, timed, train_step_fn  # noqa: E402
 from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
 from data_loading import write_jpegs  # noqa: E402
 
-from diffuse_cli import distributed  # noqa: E402
-from diffuse_cli.data import load_builtin, load_folder  # noqa: E402
-from diffuse_cli.device import memory_format, resolve_precision  # noqa: E402
-from diffuse_cli.training import Options, train  # noqa: E402
-from diffuse_cli.unet import UNet  # noqa: E402
+from diffuse_cli.training import distributed  # noqa: E402
+from diffuse_cli.images.data import load_builtin, load_folder  # noqa: E402
+from diffuse_cli.network.device import memory_format, resolve_precision  # noqa: E402
+from diffuse_cli.training.loop import Options, train  # noqa: E402
+from diffuse_cli.network.unet import UNet  # noqa: E402
 
 
 def free_port() -> int:

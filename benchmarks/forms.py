@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
-from diffuse_cli import unet  # noqa: E402
+from diffuse_cli.network import unet  # noqa: E402
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.fast_ops import keep_cpu_memory  # noqa: E402
+from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 
 
 # change -> (the modules it is in, their forward in the other form, that form's name)

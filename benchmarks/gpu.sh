@@ -42,7 +42,7 @@ final_loss() { "$py" -c 'import json,sys; print(json.loads(open(sys.argv[1]).rea
 
 "$py" - <<'EOF' | tee "$out/machine.log"
 import platform, torch
-from diffuse_cli.device import cuda_has_bf16
+from diffuse_cli.network.device import cuda_has_bf16
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"cuDNN {torch.backends.cudnn.version()}")
 for i in range(torch.cuda.device_count()):
@@ -83,7 +83,7 @@ checks)
   # The built-in shapes are classes: guidance (one batched call a step, under the graph too), then editing,
   # interpolation, the explorer's frames, and a diffusers round trip (export needs channels in 32s: base)
   step sample-guided diffuse sample -n 64 --class all --guidance 3 --checkpoint "$work/budget" --out "$work/s-guided"
-  "$py" -c 'import sys, torch; from diffuse_cli.data import save_png
+  "$py" -c 'import sys, torch; from diffuse_cli.images.pictures import save_png
 m = torch.zeros(1, 16, 16, dtype=torch.uint8); m[:, :, 8:] = 255; save_png(m, sys.argv[1])' "$work/mask.png"
   init="$work/s-dpm++3m-sde/0000.png"
   step edit-sdedit diffuse sample -n 16 --init "$init" --strength 0.5 --class circle --checkpoint "$work/budget" --out "$work/e-sdedit"

@@ -26,8 +26,8 @@ from common import image_fd  # noqa: E402
 
 import diffuse_cli as diffuse  # noqa: E402
 from diffuse_cli.config import BUILTIN_IMAGE_SIZE  # noqa: E402
-from diffuse_cli.data import to_model  # noqa: E402
-from diffuse_cli.shapes import SHAPES, render_shapes, shape_kinds  # noqa: E402
+from diffuse_cli.images.data import to_model  # noqa: E402
+from diffuse_cli.images.shapes import SHAPES, render_shapes, shape_kinds  # noqa: E402
 
 
 def shape_classifier(size: int, n: int = 8192, steps: int = 600, seed: int = 2) -> nn.Module:

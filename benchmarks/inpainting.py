@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
-from diffuse_cli.editing import edit, plan_edit  # noqa: E402
-from diffuse_cli.samplers import SAMPLERS, spaced_timesteps  # noqa: E402
-from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.diffusion.editing import edit, plan_edit  # noqa: E402
+from diffuse_cli.diffusion.samplers import SAMPLERS, spaced_timesteps  # noqa: E402
+from diffuse_cli.diffusion.schedule import NoiseSchedule  # noqa: E402
 from tests.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
 
 # (kept coordinate, its value): between two modes, on one mode, and out on a tail
@@ -56,7 +56,7 @@ def on_images(args: argparse.Namespace) -> None:
     import diffuse_cli as diffuse
     from common import image_fd
     from diffuse_cli.config import BUILTIN_IMAGE_SIZE
-    from diffuse_cli.shapes import render_shapes, shape_kinds
+    from diffuse_cli.images.shapes import render_shapes, shape_kinds
     from guidance import classify, shape_classifier, train
 
     size, n = BUILTIN_IMAGE_SIZE, args.per_jumps

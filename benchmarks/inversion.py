@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import diffuse_cli as diffuse  # noqa: E402
-from diffuse_cli.data import to_model, to_uint8  # noqa: E402
-from diffuse_cli.editing import ddim_invert  # noqa: E402
-from diffuse_cli.denoiser import Denoiser  # noqa: E402
-from diffuse_cli.samplers import ddim, spaced_timesteps  # noqa: E402
-from diffuse_cli.shapes import render_shapes  # noqa: E402
+from diffuse_cli.images.data import to_model, to_uint8  # noqa: E402
+from diffuse_cli.diffusion.editing import ddim_invert  # noqa: E402
+from diffuse_cli.diffusion.denoiser import Denoiser  # noqa: E402
+from diffuse_cli.diffusion.samplers import ddim, spaced_timesteps  # noqa: E402
+from diffuse_cli.images.shapes import render_shapes  # noqa: E402
 
 
 @torch.no_grad()

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1]))  # tests.toy: the exact mixture
 from common import image_fd  # noqa: E402
 
-from diffuse_cli import samplers as engine_samplers  # noqa: E402
-from diffuse_cli.checkpoint import load_model  # noqa: E402
-from diffuse_cli.denoiser import generate  # noqa: E402
-from diffuse_cli.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
-from diffuse_cli.schedule import NoiseSchedule  # noqa: E402
-from diffuse_cli.shapes import render_shapes  # noqa: E402
+from diffuse_cli.diffusion import samplers as engine_samplers  # noqa: E402
+from diffuse_cli.formats.checkpoint import load_model  # noqa: E402
+from diffuse_cli.diffusion.denoiser import generate  # noqa: E402
+from diffuse_cli.diffusion.samplers import SAMPLERS, sample, steps_for_nfe  # noqa: E402
+from diffuse_cli.diffusion.schedule import NoiseSchedule  # noqa: E402
+from diffuse_cli.images.shapes import render_shapes  # noqa: E402
 from tests.toy import mixture_2d, sliced_wasserstein_to  # noqa: E402
 
 NFES = (10, 25, 50, 100)
@@ -91,7 +91,7 @@ def trained(checkpoint: str, samplers: list[str], spacing: str | None, with_ddpm
 
 def _small_32():
     from diffuse_cli.config import Config, model_config
-    from diffuse_cli.unet import UNet
+    from diffuse_cli.network.unet import UNet
 
     config = Config(model=model_config("small", image_size=32))
     return UNet(config.model).eval(), config

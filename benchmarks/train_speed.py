@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, step_flops, synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.device import autocast, memory_format  # noqa: E402
-from diffuse_cli.fast_ops import keep_cpu_memory  # noqa: E402
-from diffuse_cli.graphs import graphed_forward  # noqa: E402
-from diffuse_cli.unet import UNet, count_parameters  # noqa: E402
+from diffuse_cli.network.device import autocast, memory_format  # noqa: E402
+from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
+from diffuse_cli.network.graphs import graphed_forward  # noqa: E402
+from diffuse_cli.network.unet import UNet, count_parameters  # noqa: E402
 
 
 def diffusers_unet(preset: str, image_size: int = 32):

@@ -27,28 +27,28 @@ import torch
 
 from .api_tools import (explore, export_diffusers, import_diffusers, interpolate,  # noqa: F401 (the API)
                         interpolation_folder_name, noise, sample_folder_name, write_explorer, write_noise)
-from .budget import Budget
-from .checkpoint import load_model, resolve_checkpoint
+from .training.budget import Budget
+from .formats.checkpoint import load_model, resolve_checkpoint
 from .config import Config, make_config, parse_duration
-from .data import ImageData
-from .device import pick_device, resolve_precision
+from .images.data import ImageData
+from .network.device import pick_device, resolve_precision
 from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
-from .files import MODEL_FILE
+from .formats.files import MODEL_FILE
 from .model import Model, PathLike
-from .outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
-from .sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
-from .runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
-from .sample_run import SampleRun  # noqa: F401 (the API)
-from .threads import set_threads  # noqa: F401 (the API)
-from .training import Hooks, Options
+from .images.outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
+from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
+from .training.runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
+from .images.sample_run import SampleRun  # noqa: F401 (the API)
+from .network.threads import set_threads  # noqa: F401 (the API)
+from .training.loop import Hooks, Options
 
 
 def prepare_device(device: str = "auto", threads: int | None = None) -> torch.device:
     """The device a name picks (pick_device); on the CPU, malloc keeps freed memory for the next step, and the
     thread count is fixed at `threads` or (None) follows the cores other programs leave free (threads.py), whose
     reading starts now. All of it is process-wide, as the commands want it."""
-    from .fast_ops import keep_cpu_memory
-    from .threads import share
+    from .network.fast_ops import keep_cpu_memory
+    from .network.threads import share
 
     picked = pick_device(device)
     if picked.type == "cpu":
@@ -61,7 +61,7 @@ def prepare_device(device: str = "auto", threads: int | None = None) -> torch.de
 def inspect(path: PathLike | None = None) -> tuple[dict[str, Any], Config]:
     """What a checkpoint holds, from its header alone (no weights are read): its facts, as `diffuse inspect
     --json` prints them, and its config. path: as load takes it."""
-    from .checkpoint import describe
+    from .formats.checkpoint import describe
 
     return describe(resolve_checkpoint(path))
 
@@ -84,9 +84,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
     objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
     learning rate decays over the steps that fit in it."""
-    from . import data as data_module  # looked up at call time: tests stand in for load_data
-    from . import distributed, runs
-    from .training import train as train_loop
+    from .images import data as data_module  # looked up at call time: tests stand in for load_data
+    from .training import distributed, runs
+    from .training.loop import train as train_loop
 
     seconds = parse_duration(max_time) if isinstance(max_time, str) else max_time
     data = ImageData.from_tensor(data) if isinstance(data, torch.Tensor) else data  # checked before anything else

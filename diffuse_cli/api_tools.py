@@ -12,14 +12,14 @@ from typing import Callable
 import torch
 
 from .config import INTERPOLATE_STEPS, DiffusionConfig, Schedule, check_choice
-from .data import to_model, to_uint8
-from .device import pick_device
+from .images.data import to_model, to_uint8
+from .network.device import pick_device
 from .errors import DataError, UsageError, Words
-from .files import MODEL_FILE, atomic_write_bytes
-from .inputs import read_edit
+from .formats.files import MODEL_FILE, atomic_write_bytes
+from .images.inputs import read_edit
 from .model import Model, PathLike
-from .sampling import SampleConfig, SamplerChoice
-from .schedule import NoiseSchedule
+from .diffusion.sampling import SampleConfig, SamplerChoice
+from .diffusion.schedule import NoiseSchedule
 
 def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
           timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,
@@ -28,7 +28,7 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
 
     image: a file (read at its own size, shrunk to max_side on its long side if longer, or resized
     and centre-cropped to image_size as training does) or a uint8 (C, H, W) tensor."""
-    from .data import TooLarge, decode_image, read_image, to_model, to_uint8
+    from .images.data import TooLarge, decode_image, read_image, to_model, to_uint8
 
     ts = [t] if isinstance(t, int) else list(t)
     check_choice(schedule, Schedule, "schedule")
@@ -67,8 +67,8 @@ def write_noise(image: PathLike, t: list[int] | int, out: PathLike, schedule: Sc
                 max_side: int = 1024) -> Words:
     """noise()'s panels written as one PNG at `out` (a strip labelled with each t, when several; at image_size,
     enlarged nearest so that each pixel of noise stays a pixel); returns what size it shows, in words."""
-    from .data import image_dimensions
-    from .pictures import grid_upscale, labelled_strip, save_png
+    from .images.data import image_dimensions
+    from .images.pictures import grid_upscale, labelled_strip, save_png
 
     ts = [t] if isinstance(t, int) else list(t)
     panels = noise(image, ts, schedule, timesteps, seed, image_size, max_side)
@@ -86,7 +86,7 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
     """The time slider's frames (slider.Frames) for an image (a file, resized and cropped as training does,
     or a uint8 (C, H, W) tensor at the model's size; None: one of the run's training images), walking back
     into `class_name` on a conditional model."""
-    from .slider import explore_frames
+    from .diffusion.slider import explore_frames
 
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
@@ -104,9 +104,9 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
 
 def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Tensor:
     """The image to explore, decoded as training decodes it: a file, or else one of the run's training images."""
-    from . import runs
-    from .data import BUILTIN, find_files
-    from .shapes import render_shapes
+    from .training import runs
+    from .images.data import BUILTIN, find_files
+    from .images.shapes import render_shapes
 
     m = model.config.model
     if image is None:
@@ -152,12 +152,12 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
     """uint8 (frames, C, H, W) from a to b: two images inverted to noise by DDIM (η = 0), or two seeds' noises,
     interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
     `class_name` (None: no class). With `out`, also written there (save_strip; the folder checked first)."""
-    from .outputs import check_folder, save_strip
+    from .images.outputs import check_folder, save_strip
 
     folder = None if out is None else check_folder(Path(out))
-    from .editing import ddim_invert, slerp
-    from .denoiser import Denoiser
-    from .samplers import CallCounter, ddim, randn, spaced_timesteps
+    from .diffusion.editing import ddim_invert, slerp
+    from .diffusion.denoiser import Denoiser
+    from .diffusion.samplers import CallCounter, ddim, randn, spaced_timesteps
 
     if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
         raise UsageError("give two images, or {seeds} A B, to interpolate between", "seeds")
@@ -190,7 +190,7 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
 def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str = "auto") -> Model:
     """A diffusers UNet2DModel folder (docs/diffusers.md) as a Model, its network's output equal to UNet2DModel's;
     with `out`, saved there as a run folder's model.safetensors (a folder that holds one is refused)."""
-    from .diffusers_format import read_folder
+    from .formats.diffusers_format import read_folder
 
     target = None if out is None else Path(out) / MODEL_FILE
     if target is not None and (target.exists() or Path(out).is_file()):
@@ -204,14 +204,14 @@ def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str 
 
 def export_diffusers(model: Model, folder: PathLike) -> Path:
     """Write `model` as a diffusers pipeline folder that DDPMPipeline.from_pretrained loads (docs/diffusers.md)."""
-    from .diffusers_format import write_folder
+    from .formats.diffusers_format import write_folder
 
     return write_folder(model.net, model.config, model.info, folder)
 
 
 def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
     """Write the time slider's page (slider_page) to `path`, atomically; returns the path."""
-    from .slider_page import page
+    from .images.slider_page import page
 
     path = Path(path)
     atomic_write_bytes(path, page(frames, title).encode())

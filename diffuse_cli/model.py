@@ -9,17 +9,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import device as device_module
-from .checkpoint import save_model
+from .network import device as device_module
+from .formats.checkpoint import save_model
 from .config import Config
-from .denoiser import edit_plan, fitting_batch, generate_batches
-from .editing import Plan
+from .diffusion.denoiser import edit_plan, fitting_batch, generate_batches
+from .diffusion.editing import Plan
 from .errors import UsageError
-from .inputs import EditInputs, read_edit
-from .sampling import Request, SampleConfig
-from .schedule import NoiseSchedule
-from .training import Result
-from .unet import UNet
+from .images.inputs import EditInputs, read_edit
+from .diffusion.sampling import Request, SampleConfig
+from .diffusion.schedule import NoiseSchedule
+from .training.loop import Result
+from .network.unet import UNet
 
 PathLike = str | os.PathLike
 

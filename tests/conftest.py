@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuse_cli import cli
+from diffuse_cli.cli import app as cli
 
 # Every test runs torch on one CPU thread, in this process and in the ones it starts (OMP_NUM_THREADS fixes the
 # count: threads.share). Results depend on the thread count through rounding, so a test that compares two runs

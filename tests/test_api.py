@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.data import load_builtin, read_image, to_model
+from diffuse_cli.images.data import load_builtin, read_image, to_model
 from diffuse_cli.errors import ConfigError, DataError, DiffuseError, UsageError
-from diffuse_cli.files import MODEL_FILE, STATE_FILE
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.formats.files import MODEL_FILE, STATE_FILE
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 
 TINY = dict(preset="tiny", batch_size=4, warmup=1, precision="fp32")
 IMAGES = load_builtin(8, n=12).images  # uint8 (12, 3, 8, 8)

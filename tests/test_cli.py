@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from diffuse_cli import console
-from diffuse_cli.cli import app
-from diffuse_cli.console import TimeLeftColumn
-from diffuse_cli.data import decode_image
-from diffuse_cli.samplers import SAMPLERS
+from diffuse_cli.cli import console
+from diffuse_cli.cli.app import app
+from diffuse_cli.cli.console import TimeLeftColumn
+from diffuse_cli.images.data import decode_image
+from diffuse_cli.diffusion.samplers import SAMPLERS
 
 from .conftest import assert_clean_error, write_image
 
@@ -70,10 +70,10 @@ def test_without_a_terminal_training_prints_status_lines(run_cli, image_folder, 
 
 def test_sample_on_the_cpu_lowers_a_batch_that_would_not_fit_and_draws_the_same_images(trained, run_cli, tmp_path,
                                                                                         monkeypatch):
-    from diffuse_cli import device
-    from diffuse_cli.denoiser import SAMPLE_BYTES_PER_OUTPUT
-    from diffuse_cli.checkpoint import load_model
-    from diffuse_cli.unet import layer_outputs
+    from diffuse_cli.network import device
+    from diffuse_cli.diffusion.denoiser import SAMPLE_BYTES_PER_OUTPUT
+    from diffuse_cli.formats.checkpoint import load_model
+    from diffuse_cli.network.unet import layer_outputs
 
     plain = run_cli("sample", "-n", "5", "--steps", "3", "--out", "plain")
     assert plain.code == 0 and "at a time" not in plain.err, plain
@@ -101,7 +101,7 @@ def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli,
 
 def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(trained, run_cli, tmp_path,
                                                                               monkeypatch):
-    import diffuse_cli.denoiser
+    import diffuse_cli.diffusion.denoiser
 
     result = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "many")
     assert result.code == 0 and "grid.png (the first 64)" in result.out, result
@@ -110,7 +110,7 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
     assert run_cli("sample", "-n", "1", "--steps", "1", "--sampler", "ddim").code == 0
     assert (tmp_path / "samples" / "run-step4-ddim-1steps-seed0" / "0000.png").exists()  # names the steps trained
 
-    sampled = diffuse_cli.denoiser.sample
+    sampled = diffuse_cli.diffusion.denoiser.sample
     calls = []
 
     def interrupted_at_the_second_batch(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
             raise KeyboardInterrupt
         return sampled(*args, **kwargs)
 
-    monkeypatch.setattr(diffuse_cli.denoiser, "sample", interrupted_at_the_second_batch)
+    monkeypatch.setattr(diffuse_cli.diffusion.denoiser, "sample", interrupted_at_the_second_batch)
     stopped = run_cli("sample", "-n", "70", "--steps", "1", "--sampler", "ddim", "--batch-size", "32", "--out", "cut")
     assert stopped.code == 130 and "interrupted; the 32 images made so far are in cut/" in stopped.err, stopped
     assert len(list((tmp_path / "cut").glob("0*.png"))) == 32  # the first batch, kept
@@ -131,7 +131,7 @@ def test_many_samples_are_written_as_they_come_and_the_grid_shows_the_first_64(t
 def test_sample_precision_auto_is_what_train_picks_and_fp16_needs_a_gpu(trained, run_cli, tmp_path):
     import torch
 
-    from diffuse_cli.device import resolve_precision
+    from diffuse_cli.network.device import resolve_precision
 
     picked = resolve_precision("auto", torch.device("cpu"))
     for precision in ("auto", picked):
@@ -283,13 +283,13 @@ def test_folder_without_images_and_broken_checkpoints(run_cli, tmp_path, monkeyp
 
 def test_a_run_out_of_memory_says_what_to_try_and_leaves_no_folder(run_cli, image_folder, tmp_path, monkeypatch):
     """An empty folder named like a run, left by every failed attempt, is clutter that looks like a run."""
-    import diffuse_cli.training
+    import diffuse_cli.training.loop
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(diffuse_cli.training, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(diffuse_cli.training.loop, "make_optimizer", out_of_memory)
     result = run_cli("train", image_folder, *TINY, "--steps", "1", "--out", "checkpoints/run")
     assert_clean_error(result, "CUDA out of memory. Tried to allocate 2.00 GiB; try a smaller --batch-size")
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / "run").exists()
@@ -306,7 +306,7 @@ def test_ctrl_c_while_decoding_is_one_line(run_cli, image_folder, tmp_path, monk
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("diffuse_cli.data.load_data", interrupted)
+    monkeypatch.setattr("diffuse_cli.images.data.load_data", interrupted)
     result = run_cli("train", image_folder, "--out", "run")
     assert result.code == 130 and "interrupted while decoding the images; nothing was written" in result.err, result
     assert "Traceback" not in result.err and not (tmp_path / "run").exists()
@@ -323,7 +323,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(trained, run_c
     import errno
     import os
 
-    from diffuse_cli.checkpoint import load_model
+    from diffuse_cli.formats.checkpoint import load_model
 
     run, _ = trained
 
@@ -385,10 +385,10 @@ def test_a_small_folder_gets_a_note_that_samples_will_copy_it(run_cli, tmp_path,
     for i in range(2):
         write_image(tmp_path / "few" / f"{i}.png", seed=i)
     args = ["few", "--model", "tiny", "--batch-size", "2", "--steps", "1", "--image-size", "8"]
-    monkeypatch.setattr("diffuse_cli.data.FEW_IMAGES", 3)
+    monkeypatch.setattr("diffuse_cli.images.data.FEW_IMAGES", 3)
     noted = run_cli("train", *args, "--out", "a")
     assert noted.code == 0 and "note: 2 images is few" in noted.err
-    monkeypatch.setattr("diffuse_cli.data.FEW_IMAGES", 2)
+    monkeypatch.setattr("diffuse_cli.images.data.FEW_IMAGES", 2)
     assert "is few" not in run_cli("train", *args, "--out", "b").err
 
 
@@ -441,7 +441,7 @@ def test_messages_with_brackets_print_literally(run_cli, tmp_path, monkeypatch):
 
 
 def test_a_run_folder_in_use_by_another_training_is_refused(run_cli, image_folder, tmp_path, monkeypatch):
-    from diffuse_cli.runs import claim
+    from diffuse_cli.training.runs import claim
 
     monkeypatch.chdir(tmp_path)
     with claim(tmp_path / "busy"):  # as another `diffuse train --out busy` holds it (flock is per open file)
@@ -453,8 +453,8 @@ def test_a_run_folder_in_use_by_another_training_is_refused(run_cli, image_folde
 
 def test_an_existing_run_is_resumed_only_when_asked(tmp_path, monkeypatch):
     from diffuse_cli.errors import RunError
-    from diffuse_cli.files import STATE_FILE
-    from diffuse_cli.runs import resolve_run
+    from diffuse_cli.formats.files import STATE_FILE
+    from diffuse_cli.training.runs import resolve_run
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()

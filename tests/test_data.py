@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.data import (BUILTIN, DataError, TooLarge, _close_gaps, _decode_all, decode_image, find_files,
+from diffuse_cli.images.data import (BUILTIN, DataError, TooLarge, _close_gaps, _decode_all, decode_image, find_files,
                               image_dimensions, load_builtin, load_data, load_folder, read_image, to_model, to_uint8)
-from diffuse_cli.pictures import labelled_strip, make_grid
+from diffuse_cli.images.pictures import labelled_strip, make_grid
 
 from .conftest import write_image
 
@@ -57,10 +57,10 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     write_image(gray / "deep.png", "I;16", seed=2)
     (gray / "broken.png").write_bytes(b"\x89PNG\r\n")
     in_memory = {root: load_folder(root, 8, channels=None) for root in (image_folder, gray)}
-    monkeypatch.setattr("diffuse_cli.data.memory_available", lambda: 5000)  # 11 files of 3x8x8 need 2,112 bytes
+    monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 5000)  # 11 files of 3x8x8 need 2,112 bytes
     assert load_folder(image_folder, 8).images is not None
     assert load_folder(image_folder, 8, copies=2).images is None  # two processes on the machine need 4,224
-    monkeypatch.setattr("diffuse_cli.data.memory_available", lambda: 1000)
+    monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 1000)
     for root, kept in in_memory.items():
         lazy = load_folder(root, 8, channels=None)
         assert lazy.images is None and lazy.channels == kept.channels and len(lazy) == len(kept)

@@ -1,6 +1,6 @@
 import pytest
 
-from diffuse_cli.device import memory_available
+from diffuse_cli.network.device import memory_available
 
 
 def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp_path):
@@ -31,7 +31,7 @@ def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypat
     bf16, slowly: 'auto' must give it fp16 (with the gradient scaler) and Ampere on bf16."""
     import torch
 
-    from diffuse_cli.device import resolve_precision
+    from diffuse_cli.network.device import resolve_precision
 
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)

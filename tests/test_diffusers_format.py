@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffuse_cli as diffuse
-from diffuse_cli.diffusers_format import OURS, WEIGHTS
+from diffuse_cli.formats.diffusers_format import OURS, WEIGHTS
 from diffuse_cli.errors import DiffuseError
-from diffuse_cli.objectives import as_eps_model
-from diffuse_cli.samplers import sample
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.objectives import as_eps_model
+from diffuse_cli.diffusion.samplers import sample
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 
 from .conftest import assert_clean_error
 

@@ -14,14 +14,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-import diffuse_cli.data
-from diffuse_cli import distributed
-from diffuse_cli.checkpoint import load_model
+import diffuse_cli.images.data
+from diffuse_cli.training import distributed
+from diffuse_cli.formats.checkpoint import load_model
 from diffuse_cli.config import Config, TrainConfig, model_config
-from diffuse_cli.data import load_builtin, load_folder
-from diffuse_cli.launch import launch_devices
-from diffuse_cli.threads import SHARE_ENV
-from diffuse_cli.training import Hooks, Options, train
+from diffuse_cli.images.data import load_builtin, load_folder
+from diffuse_cli.cli.launch import launch_devices
+from diffuse_cli.network.threads import SHARE_ENV
+from diffuse_cli.training.loop import Hooks, Options, train
 
 from .conftest import write_image
 
@@ -96,7 +96,7 @@ def loading_worker(rank, world, port, root, out_dir):
     share = distributed.share(torch.device("cpu"))
     for on_demand in (False, True):
         if on_demand:
-            diffuse_cli.data.memory_available = lambda: 0
+            diffuse_cli.images.data.memory_available = lambda: 0
         for name in ("mixed", "gray"):
             data = load_folder(os.path.join(root, name), 16, channels=None, share=share)
             key = f"{name}-{on_demand}-rank{rank}"
@@ -106,7 +106,7 @@ def loading_worker(rank, world, port, root, out_dir):
                 save_file({"images": data.images}, os.path.join(out_dir, key + ".safetensors"))
     try:  # rank 1 sees one more file than rank 0
         load_folder(os.path.join(root, "gray" if rank == 0 else "mixed"), 16, share=share)
-    except diffuse_cli.data.DataError as e:
+    except diffuse_cli.images.data.DataError as e:
         with open(os.path.join(out_dir, f"mismatch-rank{rank}.txt"), "w") as f:
             f.write(str(e))
     torch.distributed.destroy_process_group()
@@ -125,7 +125,7 @@ def test_processes_decode_a_share_each_and_end_with_the_same_set_as_one(tmp_path
     mp.start_processes(loading_worker, args=(2, free_port(), str(tmp_path), str(out)), nprocs=2, start_method="spawn")
     for on_demand in (False, True):
         if on_demand:
-            monkeypatch.setattr(diffuse_cli.data, "memory_available", lambda: 0)
+            monkeypatch.setattr(diffuse_cli.images.data, "memory_available", lambda: 0)
         for name in ("mixed", "gray"):
             one = load_folder(tmp_path / name, 16, channels=None)
             assert one.skipped and (one.images is None) == on_demand

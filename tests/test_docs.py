@@ -11,8 +11,8 @@ import click
 import pytest
 import typer.main
 
-from diffuse_cli.cli import app
-from diffuse_cli.cli_reference import reference
+from diffuse_cli.cli.app import app
+from diffuse_cli.cli.reference import reference
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -20,7 +20,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def test_the_commands_page_is_the_help_as_it_is_now():
     page = (ROOT / "docs" / "commands.md").read_text()
-    assert page == reference(), "docs/commands.md is stale: python -m diffuse_cli.cli_reference > docs/commands.md"
+    assert page == reference(), "docs/commands.md is stale: python -m diffuse_cli.cli.reference > docs/commands.md"
 
 
 def command_lines(page: Path) -> list[str]:
@@ -65,7 +65,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     from the run folder a CLI run made (CPU, fp32)."""
     import torch
 
-    from diffuse_cli import cli
+    from diffuse_cli.cli import app as cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["diffuse", "train", "--model", "tiny", "--image-size", "8", "--steps", "1",

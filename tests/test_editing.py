@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.data import load_builtin, read_image
-from diffuse_cli.pictures import save_png
-from diffuse_cli.editing import (ddim_invert, edit, plan_edit, repaint_stretches, slerp, start_step,
+from diffuse_cli.images.data import load_builtin, read_image
+from diffuse_cli.images.pictures import save_png
+from diffuse_cli.diffusion.editing import (ddim_invert, edit, plan_edit, repaint_stretches, slerp, start_step,
                                  steps_below)
 from diffuse_cli.errors import DiffuseError
-from diffuse_cli.samplers import SAMPLERS, ddim, spaced_timesteps, steps_for_nfe
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.samplers import SAMPLERS, ddim, spaced_timesteps, steps_for_nfe
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 from .toy import GaussianMixture
 
 from .conftest import assert_clean_error
@@ -236,7 +236,7 @@ def test_the_cli_edits_inpaints_and_interpolates_and_refuses_bad_input_without_w
 
 def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
     """Without --class the init decides what it becomes: the "no class" half, not a class drawn at random."""
-    from diffuse_cli.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import generate
 
     data = diffuse.ImageData.from_tensor(IMAGES, torch.tensor([0, 1] * 6), ("a", "b"))
     model = diffuse.train(data, steps=2, **TINY)
@@ -252,7 +252,7 @@ def test_an_edit_asks_a_conditional_model_for_no_class_unless_told_one():
 @pytest.mark.parametrize("sampler", ["heun", "dpm++3m-sde"])
 def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
     """The progress bar's total: heun makes one call more on a stretch that ends at a noisy step."""
-    from diffuse_cli.samplers import CallCounter
+    from diffuse_cli.diffusion.samplers import CallCounter
 
     schedule = NoiseSchedule.make("cosine")
     ts = spaced_timesteps(schedule, 10, SAMPLERS[sampler].spacing)
@@ -266,7 +266,7 @@ def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
 
 
 def test_generate_reports_the_calls_an_edit_made_not_those_of_ordinary_sampling(model):
-    from diffuse_cli.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import generate
 
     seen = []
     mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)

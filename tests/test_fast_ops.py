@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffuse_cli import fast_ops
+from diffuse_cli.network import fast_ops
 from diffuse_cli.config import model_config
-from diffuse_cli.fast_ops import dropout, ema_update, step_unless, to_device, upsample_conv
-from diffuse_cli.unet import Attention, UNet
+from diffuse_cli.network.fast_ops import dropout, ema_update, step_unless, to_device, upsample_conv
+from diffuse_cli.network.unet import Attention, UNet
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -117,7 +117,7 @@ def test_to_device_is_a_copy_to_the_device():
 
 PROBE = """
 import resource, torch
-from diffuse_cli.fast_ops import keep_cpu_memory
+from diffuse_cli.network.fast_ops import keep_cpu_memory
 def faults_of_later_uses(nbytes, uses=8):
     faults = []
     for _ in range(uses):  # allocate, touch every page, free

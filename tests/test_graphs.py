@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from diffuse_cli import graphs
+from diffuse_cli.network import graphs
 from diffuse_cli.config import Config, model_config
-from diffuse_cli.denoiser import generate
-from diffuse_cli.unet import UNet
+from diffuse_cli.diffusion.denoiser import generate
+from diffuse_cli.network.unet import UNet
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.objectives import as_eps_model, dynamic_threshold, guided
-from diffuse_cli.samplers import SAMPLERS, CallCounter, sample, spaced_timesteps, steps_for_nfe
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.objectives import as_eps_model, dynamic_threshold, guided
+from diffuse_cli.diffusion.samplers import SAMPLERS, CallCounter, sample, spaced_timesteps, steps_for_nfe
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 from .toy import GaussianMixture
 
 from .test_samplers import CONVERGED, N
@@ -194,9 +194,9 @@ def test_a_checkpoint_from_before_classes_loads_and_samples_unchanged(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from diffuse_cli.checkpoint import read_header
+    from diffuse_cli.formats.checkpoint import read_header
     from diffuse_cli.config import Config, model_config
-    from diffuse_cli.unet import UNet
+    from diffuse_cli.network.unet import UNet
 
     config = Config(preset="small", model=model_config("small", image_size=8))
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def test_a_checkpoint_from_before_classes_loads_and_samples_unchanged(tmp_path):
 
 
 def test_with_no_class_asked_each_image_draws_its_class_as_often_as_the_data_had_it():
-    from diffuse_cli.denoiser import random_classes
+    from diffuse_cli.diffusion.denoiser import random_classes
 
     weights = torch.tensor([600.0, 300.0, 100.0, 0.0])  # three classes, no image without one
     drawn = random_classes(7, 6000, 3, weights)

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffuse_cli.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from diffuse_cli.formats.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from diffuse_cli.config import Config, model_config
-from diffuse_cli.data import _try_decode, load_folder
-from diffuse_cli.unet import UNet
+from diffuse_cli.images.data import _try_decode, load_folder
+from diffuse_cli.network.unet import UNet
 
 from .conftest import write_bytes_png
 

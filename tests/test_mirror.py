@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.mirror import ACCURACY_MIN, probe_mirroring
-from diffuse_cli.shapes import render_shapes
+from diffuse_cli.training.mirror import ACCURACY_MIN, probe_mirroring
+from diffuse_cli.images.shapes import render_shapes
 
 from .glyphs import render_glyphs
 
@@ -107,7 +107,7 @@ def write_glyphs(folder: Path, n: int, size: int = 16) -> Path:
 
 
 def test_train_says_what_it_decided_records_it_and_the_flags_override_it(run_cli, tmp_path, monkeypatch):
-    from diffuse_cli.checkpoint import read_metadata
+    from diffuse_cli.formats.checkpoint import read_metadata
 
     monkeypatch.chdir(tmp_path)
     write_glyphs(tmp_path / "letters", 800)

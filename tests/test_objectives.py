@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffuse_cli.objectives import as_eps_model, diffusion_loss, loss_weight
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.objectives import as_eps_model, diffusion_loss, loss_weight
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 from .toy import GaussianMixture
 
 GAUSSIAN = GaussianMixture.gaussian([0.1, -0.2], [[0.1, 0.0], [0.0, 0.05]])

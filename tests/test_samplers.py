@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.samplers import (SAMPLERS, CallCounter, ddim, ddpm, dpmpp, sample, spaced_timesteps,
+from diffuse_cli.diffusion.samplers import (SAMPLERS, CallCounter, ddim, ddpm, dpmpp, sample, spaced_timesteps,
                                   steps_for_nfe)
-from diffuse_cli.editing import ddim_invert
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.editing import ddim_invert
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 from .toy import GaussianMixture, mixture_2d, sliced_wasserstein, sliced_wasserstein_to
 
 N = 10_000
@@ -212,8 +212,8 @@ def test_no_float64_reaches_a_device_that_has_none(sampler, monkeypatch):
     """Apple's MPS has no float64, and moving a float64 tensor there raises (the crash of Karras-spaced
     samplers on Macs in other tools). With the CPU standing in for such a device, the network sees no
     float64 on any spacing, fractional steps included, and draws what it draws with float64 steps."""
-    from diffuse_cli import schedule as schedule_module
-    from diffuse_cli.objectives import as_eps_model
+    from diffuse_cli.diffusion import schedule as schedule_module
+    from diffuse_cli.diffusion.objectives import as_eps_model
 
     def draw_recording(dtypes):
         schedule = NoiseSchedule.make("cosine")  # fresh: its per-device cache follows NO_FLOAT64

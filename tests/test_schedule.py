@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 
 
 def test_linear_alpha_bar_closed_form():

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from diffuse_cli import threads
-from diffuse_cli.threads import INTERVAL, Reading, ThreadShare, read_machine, threads_for, usable_cores
+from diffuse_cli.network import threads
+from diffuse_cli.network.threads import INTERVAL, Reading, ThreadShare, read_machine, threads_for, usable_cores
 
 
 @pytest.mark.parametrize("cores, others, expected", [
@@ -186,8 +186,8 @@ def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatc
     """Where the count follows the machine, each CPU batch is drawn as two halves at once, one thread each: the
     same images to rounding as one batch on the calling thread, and the progress counts each call once (fp32)."""
     from diffuse_cli.config import make_config
-    from diffuse_cli.denoiser import generate
-    from diffuse_cli.unet import UNet
+    from diffuse_cli.diffusion.denoiser import generate
+    from diffuse_cli.network.unet import UNet
 
     config = make_config("tiny", image_size=8)
     torch.manual_seed(0)

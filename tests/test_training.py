@@ -14,21 +14,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffuse_cli import budget as budget_module
-from diffuse_cli import step as step_module
-from diffuse_cli import training as train_module
-from diffuse_cli.budget import UNFITTED, Budget
-from diffuse_cli.checkpoint import load_model, load_training_state, save_model
+from diffuse_cli.training import budget as budget_module
+from diffuse_cli.training import step as step_module
+from diffuse_cli.training import loop as train_module
+from diffuse_cli.training.budget import UNFITTED, Budget
+from diffuse_cli.formats.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
-from diffuse_cli.data import ImageData, load_builtin, load_folder, to_model
-from diffuse_cli.pictures import save_png
+from diffuse_cli.images.data import ImageData, load_builtin, load_folder, to_model
+from diffuse_cli.images.pictures import save_png
 from diffuse_cli.errors import RunError
-from diffuse_cli.fast_ops import ema_update
-from diffuse_cli.files import MODEL_FILE, STATE_FILE
-from diffuse_cli.schedule import NoiseSchedule
-from diffuse_cli.step import StepTensors, ema_decay, lr_at, optimizer_step
-from diffuse_cli.training import Hooks, NonFiniteLoss, Options, batch_indices, train
-from diffuse_cli.unet import UNet
+from diffuse_cli.network.fast_ops import ema_update
+from diffuse_cli.formats.files import MODEL_FILE, STATE_FILE
+from diffuse_cli.diffusion.schedule import NoiseSchedule
+from diffuse_cli.training.step import StepTensors, ema_decay, lr_at, optimizer_step
+from diffuse_cli.training.loop import Hooks, NonFiniteLoss, Options, batch_indices, train
+from diffuse_cli.network.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
                 train=TrainConfig(batch_size=4, steps=6, warmup=2, precision="fp32"))
@@ -141,7 +141,7 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
     overflow: a resume that started it afresh would skip steps that the unbroken run took. Run on the CPU,
     which autocasts fp16 too (the CLI refuses it there only for speed), from a scale that overflows this
     network's gradients at step 1 and not at steps 2 to 4 (2^19; 2^16 overflows larger networks so)."""
-    from diffuse_cli import denoiser as generate_module
+    from diffuse_cli.diffusion import denoiser as generate_module
 
     monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: precision)
     monkeypatch.setattr(generate_module, "resolve_precision", lambda precision, device: precision)
@@ -161,7 +161,7 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
 @pytest.mark.parametrize("available, warned", [(1 << 50, False), (1 << 20, True)])
 def test_a_step_larger_than_the_memory_left_is_announced(tmp_path, monkeypatch, available, warned):
     """On the CPU running out of memory is the system killing the process, with no word of why."""
-    monkeypatch.setattr("diffuse_cli.run_summary.memory_available", lambda: available)
+    monkeypatch.setattr("diffuse_cli.training.run_summary.memory_available", lambda: available)
     logs = []
     train(replace(CONFIG, train=replace(CONFIG.train, steps=1)), DATA, tmp_path, OPTIONS, Hooks(log=logs.append))
     said = [m for m in logs if m.startswith("warning: training steps of batch 4 at 8x8 need about")]
@@ -195,7 +195,7 @@ def test_images_decoded_on_demand_train_as_images_in_memory_do(tmp_path, monkeyp
         save_png(image, tmp_path / "data" / f"{i}.png")
     config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=2, steps=3))
     in_memory = load_folder(tmp_path / "data", 8)
-    monkeypatch.setattr("diffuse_cli.data.memory_available", lambda: 0)
+    monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 0)
     on_demand = load_folder(tmp_path / "data", 8)
     assert in_memory.images is not None and on_demand.images is None
     for data, run in ((in_memory, "a"), (on_demand, "b")):
@@ -332,7 +332,7 @@ def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
     """The host reads the device only at logging intervals, saves and the end of a batch of samples, so the
     GPU's queue never drains: a run or a sampling of more steps makes exactly as many host syncs as a short one
     (the GPU's share of issue 4's 'no per-step host syncs')."""
-    from diffuse_cli.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import generate
 
     options = replace(OPTIONS, device=torch.device("cuda"), cuda_graph=graph)
     runs = {steps: host_syncs(lambda steps=steps: train(replace(CONFIG, train=replace(CONFIG.train, steps=steps)),

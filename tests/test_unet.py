@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffuse_cli.config import PRESETS, ConfigError, model_config
-from diffuse_cli.device import layout_of
-from diffuse_cli.fast_ops import upsample_conv
-from diffuse_cli.unet import Attention, UNet, Upsample, count_parameters, layer_outputs, timestep_embedding
+from diffuse_cli.network.device import layout_of
+from diffuse_cli.network.fast_ops import upsample_conv
+from diffuse_cli.network.unet import Attention, UNet, Upsample, count_parameters, layer_outputs, timestep_embedding
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffuse_cli.schedule import NoiseSchedule
+from diffuse_cli.diffusion.schedule import NoiseSchedule
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,197 @@
+"""The terminal: progress bars with rate and ETA, plain status lines for log files, and Ctrl-C.
+
+Only the CLI imports this module; the engine reports progress through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns.
+out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
+err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()))
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept: printed as one line, exit code 130."""
+
+
+class TimeLeftColumn(TimeRemainingColumn):
+    """Rich's time remaining, capped by the task's `deadline` field (time.monotonic()), if any:
+    under --max-time the run ends at the deadline, however many steps are left."""
+
+    def render(self, task: Task) -> Text:
+        deadline = task.fields.get("deadline")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if left is None or task.finished or (task.time_remaining is not None and task.time_remaining <= left):
+            return super().render(task)
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
+def shows_progress_bar() -> bool:
+    return err.is_terminal or os.environ.get("DIFFUSE_PROGRESS") == "1"
+
+
+def progress_bar(*extra: str, enabled: bool = True) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *[TextColumn(f"{{task.fields[{name}]}}") for name in extra],
+                    TimeElapsedColumn(), TextColumn("eta"), TimeLeftColumn(), console=err,
+                    transient=False, disable=not enabled or not shows_progress_bar())
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def status_line(step: int, steps: int | None, loss: float, images_per_s: float, elapsed: float, left: float) -> str:
+    """The progress bar's facts as one plain line, for a log file (steps None: not yet known)."""
+    return (f"step {step}/{'?' if steps is None else steps}  loss {loss:.4f}  {images_per_s:.1f} img/s  "
+            f"elapsed {clock(elapsed)}  eta {clock(left) if math.isfinite(left) else '?'}")
+
+
+class TrainDisplay:
+    """`diffuse train` on the terminal: a bar while the images decode, then the training bar (smoothed
+    loss, images/s, ETA within --max-time), plain status lines every STATUS_EVERY_S seconds without a
+    terminal (a batch job's log file), and from the first step on, Ctrl-C, SIGTERM or SIGUSR1 asking
+    the loop to save and stop. `hooks()` is what the engine reports to; off the main DDP process it shows nothing."""
+
+    STATUS_EVERY_S = 60.0
+
+    def __init__(self, budget: float | None, enabled: bool = True):
+        self.bar = progress_bar("loss", "rate", enabled=enabled)
+        self.enabled, self.budget, self.first_step = enabled, budget, 0
+        self.decoding_task = self.task = self.stop = None
+        self.started, self.last_status, self.loss = time.monotonic(), -math.inf, math.nan
+
+    def __enter__(self) -> "TrainDisplay":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    @property
+    def training(self) -> bool:
+        return self.stop is not None
+
+    def hooks(self):
+        from ..training.loop import Hooks
+
+        return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding)
+
+    def decoding(self, done: int, total: int) -> None:
+        if self.decoding_task is None:
+            self.decoding_task = self.bar.add_task("decoding images", total=None)
+        self.bar.update(self.decoding_task, completed=done, total=total)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.bar.console.print(styled(message), highlight=False, soft_wrap=True)
+
+    def should_stop(self, step: int) -> bool:
+        if self.stop is None:  # the first step: training has begun, and a stop from now on saves
+            self.stop = install_stop_handler(announce=self.enabled)
+            if self.decoding_task is not None:
+                self.bar.remove_task(self.decoding_task)
+            self.started, self.first_step = time.monotonic(), step
+            self.task = self.bar.add_task("training", total=None, loss="loss  -", rate="",
+                                          deadline=self.started + self.budget if self.budget else None)
+        return self.stop["requested"]
+
+    def progress(self, record: dict) -> None:
+        if math.isfinite(record["loss"]):  # a stretch of skipped steps logs NaN: keep the last smoothed loss
+            self.loss = record["loss"] if math.isnan(self.loss) else 0.9 * self.loss + 0.1 * record["loss"]
+        self.bar.update(self.task, completed=record["step"], total=record["steps"], loss=f"loss {self.loss:.4f}",
+                        rate=f"{record['images_per_s']:.1f} img/s")
+        now, step, steps = time.monotonic(), record["step"], record["steps"]
+        if not self.enabled or shows_progress_bar() or (now - self.last_status < self.STATUS_EVERY_S and step != steps):
+            return
+        per_step = (now - self.started) / max(1, step - self.first_step)
+        left = math.inf if steps is None else (steps - step) * per_step
+        if self.budget:
+            left = min(left, max(0.0, self.started + self.budget - now))
+        self.bar.console.print(status_line(step, steps, self.loss, record["images_per_s"], now - self.started, left),
+                               highlight=False, markup=False)
+        self.last_status = now
+
+
+def styled(message: str) -> Text:
+    """A message as plain text, its leading 'warning:' or 'note:' in yellow."""
+    head, sep, rest = message.partition(":")
+    if sep and head in ("warning", "note"):
+        return Text.assemble((head + sep, "yellow"), rest)
+    return Text(message)
+
+
+@contextlib.contextmanager
+def interrupted_says(message: Callable[[], str]):
+    """Turn Ctrl-C inside the block into Interrupted(message())."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message()) from None
+
+
+def install_stop_handler(announce: bool = True) -> dict:
+    """Ctrl-C, SIGTERM or SIGUSR1 ask the loop to save and stop; a second Ctrl-C exits at once."""
+    state = {"requested": False}
+
+    def handler(signum, frame):
+        if state["requested"]:
+            os._exit(130)
+        state["requested"] = True
+        if announce:
+            err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
+        signal.signal(signal.SIGUSR1, handler)
+    return state
+
+
+def checkpoint_table(facts: dict, config) -> Table:
+    """`inspect`'s table: what a checkpoint holds, from its header (checkpoint.describe)."""
+    from ..training.budget import is_fitted
+    from ..config import to_dict
+    from ..formats.files import STATE_FILE
+
+    table = Table(title=facts["file"], show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    m, d, step = config.model, config.diffusion, facts.get("step")
+    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({STATE_FILE})"),
+            ("preset", config.preset), ("parameters", f"{facts.get('parameters', 0):,}"),
+            ("steps trained", f"{step:,}" if isinstance(step, int) else "?"),
+            ("images seen", f"{facts.get('images_seen', 0):,}"),
+            ("image size", f"{m.image_size}x{m.image_size}, {m.channels} channel(s)"),
+            ("schedule", f"{d.schedule}, T = {d.timesteps}"), ("objective", d.objective),
+            ("data", f"{facts.get('data', '?')} ({facts.get('data_size', '?')} images)"),
+            ("file size", f"{facts['file_size_bytes'] / 1e6:.1f} MB, {facts['tensors']} tensors")]
+    rows += [("loss plot", facts["loss_plot"])] if "loss_plot" in facts else []
+    if "imported_from" in facts:
+        rows.insert(1, ("imported from", f"{facts['imported_from']} ({facts.get('imported_format', '?')})"))
+    if m.class_names:
+        counts = facts.get("class_counts", {})
+        rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
+    rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
+    rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
+             for k, v in to_dict(config.train).items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,45 @@
+"""`diffuse train --devices N`: the same command again, as N processes under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .console import Interrupted
+from ..errors import TrainingFailed, UsageError
+from ..training.runs import new_run_folder
+from ..network.threads import SHARE_ENV, usable_cores
+
+
+def launch_devices(devices: int, device: str, argv: list[str]) -> None:
+    """Re-run `diffuse ARGV` (less --devices) under torchrun with `devices` processes on this machine."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args = [a for i, a in enumerate(argv) if not a.startswith("--devices") and not (i > 0 and argv[i - 1] == "--devices")]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", str(new_run_folder(None, "ddp"))]
+    import torch
+
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda and devices > torch.cuda.device_count():
+        raise UsageError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if not on_cuda and "OMP_NUM_THREADS" not in os.environ:  # else torchrun gives each process one thread
+        share = str(max(1, usable_cores() // devices))
+        os.environ["OMP_NUM_THREADS"] = os.environ[SHARE_ENV] = share  # each process follows the free cores within it
+    out_at = args.index("--out") + 1 if "--out" in args else None
+    # torchrun's --signals-to-handle (newer torch): it passes these on to the processes, which save and stop;
+    # SIGUSR1 is what Slurm's --signal sends ahead of a job's time limit
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        raise Interrupted(f"stopped by {name}: each process was asked to save and stop") from None
+    except ChildFailedError as e:
+        rank, failure = next(iter(e.failures.items()), (0, None))
+        code = getattr(failure, "exitcode", 1)
+        where = f" --out {args[out_at]}" if out_at else ""
+        raise TrainingFailed(f"training process {rank} of {devices} failed (exit code {code}); the others were "
+                             f"stopped. Resume with: diffuse train --resume auto{where} --devices {devices}") from None

@@ -1,0 +1,144 @@
+"""What a sampling call asks for, as two objects that travel from the CLI and the API down to the loop:
+`SamplerChoice`, how the reverse process runs (samplers.py), and `SampleConfig`, what to draw with it.
+Each is checked once, here, where its fields are defined; none of it is saved with the weights.
+
+A new sampling option is a field of one of them, its check below, and the code that uses it. (No torch at the
+top of this module: the CLI's help reads the defaults from here, and answers at once.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from ..config import Precision, SamplerName, Spacing, Threshold, Variance, check_choice, require_positive
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """How the reverse process runs: the sampler, its steps and their spacing, its own options, the precision
+    of the network calls and how x̂_0 is kept in [-1, 1]."""
+
+    name: SamplerName = "dpm++3m-sde"
+    steps: int = 25
+    spacing: Spacing | None = None  # None: the sampler's own (samplers.SAMPLERS)
+    eta: float | None = None  # None: the sampler's own (0, or 1 for the -sde solvers)
+    variance: Variance | None = None  # ddpm only; None: posterior
+    precision: Precision = "fp32"
+    threshold: Threshold = "clip"  # clipped, or dynamic thresholding (Saharia et al. 2022)
+
+    def check(self, timesteps: int | None = None) -> SamplerChoice:
+        """Refuse settings this sampler cannot run, or cannot run on a model of `timesteps` steps; return self."""
+        from .samplers import SAMPLERS, sampler_info
+
+        info = sampler_info(self.name)
+        if self.spacing is not None:
+            check_choice(self.spacing, Spacing, "spacing")
+        check_choice(self.precision, Precision, "precision")
+        check_choice(self.threshold, Threshold, "threshold")
+        if self.variance is not None:
+            check_choice(self.variance, Variance, "variance")
+        require_positive(steps=self.steps)
+        for name in self.options().keys() - set(info.options):
+            takers = [s for s, other in SAMPLERS.items() if name in other.options]
+            raise UsageError(f"{{{name}}} does not apply to {self.name}; it applies to {', '.join(takers)}", name)
+        if self.eta is not None and self.eta < 0:
+            raise UsageError("{eta} must be at least 0", "eta")
+        if self.name == "ddim" and self.eta is not None and self.eta > 1:
+            raise UsageError(f"{{eta}} {self.eta} is above 1: ddim's step has no room for more noise than DDPM's "
+                             "(eta 1)", "eta")
+        if timesteps is not None and self.steps > timesteps:
+            raise UsageError(f"{{steps}} {self.steps} is more than the model's {timesteps} diffusion steps", "steps")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The sampler's own keyword options that are set (eta, variance)."""
+        return {name: value for name, value in (("eta", self.eta), ("variance", self.variance)) if value is not None}
+
+    def timesteps(self, schedule: NoiseSchedule) -> torch.Tensor:
+        """The descending steps the sampler visits."""
+        from .samplers import SAMPLERS, spaced_timesteps
+
+        return spaced_timesteps(schedule, self.steps, self.spacing or SAMPLERS[self.name].spacing)
+
+    def nfe(self) -> int:
+        """Network calls a batch takes, from noise to the clean image."""
+        from .samplers import SAMPLERS
+
+        return SAMPLERS[self.name].nfe(self.steps)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What to draw, and with which sampler: seeds, classes and guidance, and an edit's settings."""
+
+    sampler: SamplerChoice = field(default_factory=SamplerChoice)
+    seed: int = 0  # image i uses seed + i
+    batch_size: int = 64
+    classes: tuple[str, ...] = ()  # a conditional model's classes to draw, by name or index; ("all",): each
+    # Classifier-free guidance weight w: 1 is the plain conditional model, 0 the unconditional one. 1 by
+    # measurement (docs/samplers.md): on the built-in shapes it already draws the class asked every time,
+    # and every w above it drew worse images.
+    guidance: float = 1.0
+    # Editing (editing.py). SDEdit's strength: the share of the schedule an init image is noised to; 1 is
+    # ordinary sampling.
+    strength: float = 1.0
+    # RePaint's resampling when inpainting: times each stretch of the path is noised back and run again.
+    # 2 by measurement (docs/editing.md): the fill agrees with the kept half far more often than with 0 or
+    # 1, and more jumps gain little for what each costs (about one more sampling).
+    resample_jumps: int = 2
+
+    @classmethod
+    def of(cls, **settings: Any) -> SampleConfig:
+        """From settings by name, as the CLI's options and Model.sample's keywords give them: `sampler` names the
+        sampler, and SamplerChoice's other fields (steps, eta, ...) sit beside this class's own."""
+        how = {f.name for f in fields(SamplerChoice)} - {"name"}
+        choice = SamplerChoice(**{k: settings.pop(k) for k in list(settings) if k in how})
+        if isinstance(settings.get("sampler"), str):
+            choice = replace(choice, name=settings.pop("sampler"))
+        elif isinstance(settings.get("sampler"), SamplerChoice):
+            choice = settings.pop("sampler")
+        if isinstance(settings.get("classes"), (str, int)):
+            settings["classes"] = (settings["classes"],)
+        if "classes" in settings:
+            settings["classes"] = tuple(map(str, settings["classes"]))
+        unknown = settings.keys() - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown sampling setting {sorted(unknown)[0]!r}; the settings are: "
+                             f"{', '.join(sorted(how | {'sampler'} | {f.name for f in fields(cls)}))}")
+        return cls(choice, **settings)
+
+    def check(self, timesteps: int | None = None) -> SampleConfig:
+        """Refuse settings that cannot work (for a model of `timesteps` steps); return self."""
+        self.sampler.check(timesteps)
+        require_positive(batch_size=self.batch_size)
+        if not 0 < self.strength <= 1:
+            raise UsageError(f"{{strength}} must be in (0, 1] (1: from pure noise, near 0: the init as it is), not "
+                             f"{self.strength}", "strength")
+        if self.resample_jumps < 0:
+            raise UsageError(f"{{resample_jumps}} must be at least 0, not {self.resample_jumps}", "resample_jumps")
+        if self.guidance < 0:
+            raise UsageError(f"{{guidance}} must be at least 0, not {self.guidance}", "guidance")
+        return self
+
+
+@dataclass(frozen=True)
+class Request:
+    """A sampling request laid out: each image's class index (None: no class asked) and file suffix, a grid
+    row's length (None: a plain grid) and the image opening each row; for an edit, each image's init and mask."""
+
+    labels: torch.Tensor | None
+    suffixes: list[str] | None
+    row: int | None
+    heads: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+    generate: torch.Tensor | None = None
+
+    def total(self, n: int) -> int:
+        return len(self.labels) if self.labels is not None else len(self.init) if self.init is not None else n

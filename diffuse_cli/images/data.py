@@ -1,0 +1,417 @@
+"""Images in: folders and the built-in dataset, decoded as training reads them, and [0, 255] <-> [-1, 1].
+
+Every image is decoded once, resized (short side) and centre-cropped, and kept in memory as
+uint8, so that training never waits on a JPEG decoder. Where the decoded set would not fit in
+memory, images are decoded on demand instead, each batch during the step before (ReadAhead).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps, ImageSequence, JpegImagePlugin
+
+from ..network.device import memory_available
+from ..errors import DataError
+from .shapes import SHAPES, render_shapes, shape_kinds
+
+if TYPE_CHECKING:
+    from ..training.distributed import Share
+
+BUILTIN = "builtin:shapes"
+BUILTIN_SIZE = 8192
+# Below this many training images a diffusion model soon reproduces them: a note says so at start.
+FEW_IMAGES = 1000
+# A class with fewer images than this, or than a tenth of the classes' mean, gets a warning.
+FEW_PER_CLASS = 20
+
+
+@dataclass
+class ImageData:
+    """Training images as uint8 (N, C, H, W), or paths decoded on demand when too large."""
+
+    source: str
+    image_size: int
+    channels: int
+    images: torch.Tensor | None = None
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    upscaled: list[int] = field(default_factory=list)  # short sides of the images smaller than image_size
+    classes: tuple[str, ...] = ()  # class names: the data folder's first-level subfolders (two or more)
+    labels: torch.Tensor | None = None  # (N,) int64 class index of each image; -1: none (directly in the folder)
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, labels: torch.Tensor | None = None, classes: tuple[str, ...] = (),
+                    source: str = "tensor") -> "ImageData":
+        """Training images from memory: uint8 in [0, 255] or float in [-1, 1], (N, C, H, W) with C 1 or 3 and
+        H = W, and optionally their class indices (N,) (-1: none) with the class names; what a notebook
+        passes to `diffuse_cli.train`."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
+            raise DataError(f"images must be (N, C, H, W) with C 1 or 3 and H = W, not {tuple(images.shape)}")
+        if not len(images):
+            raise DataError("no images: the tensor is empty")
+        if images.dtype != torch.uint8:
+            images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+            if labels.shape != (len(images),) or not classes or labels.min() < -1 or labels.max() >= len(classes):
+                raise DataError(f"labels must be one class index (or -1) per image, below the {len(classes)} "
+                                "class names given")
+        return cls(source, images.shape[-1], images.shape[1], images=images.cpu().contiguous(), classes=tuple(classes),
+                   labels=labels)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class, by name."""
+        counts = torch.bincount(self.labels[self.labels >= 0], minlength=len(self.classes)).tolist() if self.classes else []
+        return dict(zip(self.classes, counts))
+
+    def without_classes(self) -> "ImageData":
+        return replace(self, classes=(), labels=None)
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.paths)
+
+    def notes(self, from_folder: bool) -> list[str]:
+        """The warnings and notes this data set calls for, each a line starting 'warning:' or 'note:'."""
+        n, skipped, upscaled, notes = len(self), self.skipped, self.upscaled, []
+        if skipped:
+            listed = ", ".join(f"{Path(p).name} ({why})" for p, why in skipped[:8])
+            more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+            notes.append(f"warning: skipped {len(skipped)} of {n + len(skipped)} files: {listed}{more}")
+        if upscaled:
+            one = len(upscaled) == 1
+            smallest, (verb, pronoun, possessive) = min(upscaled), ("is", "it", "its") if one else ("are", "them", "their")
+            notes.append(f"warning: {len(upscaled)} of {n} images {verb} smaller than --image-size {self.image_size} "
+                         f"(the smallest is {smallest} pixel{'s' * (smallest != 1)} on its short side) and {verb} "
+                         f"enlarged, which blurs {pronoun}; a smaller --image-size keeps {possessive} detail")
+        if from_folder and n < FEW_IMAGES:
+            notes.append(f"note: {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
+                         "usual); as training goes on its samples will copy them more and more closely")
+        if self.images is None:
+            notes.append("note: the decoded images do not fit in memory; decoding on demand (slower)")
+        counts = self.class_counts()
+        for name, count in counts.items():
+            if count < max(FEW_PER_CLASS, 0.1 * len(self) / len(counts)):
+                notes.append(f"warning: class {name!r} has only {count} image{'s' * (count != 1)}; its samples will "
+                             "be poor, or copies of them")
+        return notes
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images at these indices, (B, C, H, W); from disk on decoder threads when not in memory."""
+        if self.images is not None:
+            return self.images[indices]
+        return torch.stack(list(_decoder_threads().map(self._decode_again, indices.tolist())))
+
+    def _decode_again(self, i: int) -> torch.Tensor:
+        result = _try_decode(self.paths[i], self.image_size, self.channels)
+        if isinstance(result, str):
+            raise DataError(f"{self.paths[i]}: {result}; it decoded when training started, was it changed since?")
+        return result[0]
+
+
+class ReadAhead:
+    """Batches of images decoded on demand, each started on a background thread one step before
+    it is needed, so that decoding overlaps the training step; keys name the batches."""
+
+    def __init__(self, data: ImageData):
+        self.data = data
+        self.pending: dict[object, Future] = {}
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+
+    def fetch(self, key: object, indices: torch.Tensor) -> None:
+        self.pending[key] = self.thread.submit(self.data.batch, indices)
+
+    def get(self, key: object, indices: torch.Tensor) -> torch.Tensor:
+        future = self.pending.pop(key, None)
+        return future.result() if future is not None else self.data.batch(indices)
+
+
+@functools.cache
+def _decoder_threads() -> ThreadPoolExecutor:
+    """Threads for decoding (PIL releases the GIL while it decodes), shared by every caller."""
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="decode")
+
+
+# -- pixels <-> model space, in one place -----------------------------------------------------
+def to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clipping."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode (16-bit, palette, CMYK, with alpha) -> 'RGB' or 'L', transparency on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray((arr.clip(0, top) / top * 255).round().astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+class TooLarge(DataError):
+    """A file that would decode to more pixels than PIL's decompression-bomb limit allows."""
+
+
+def _open_header(path: str | os.PathLike) -> Image.Image:
+    """Image.open (the header only), except that a JPEG over PIL's hard limit (twice
+    MAX_IMAGE_PIXELS, judged by its full size) opens too: open_image decodes it at a reduced scale
+    and applies the limit to the pixels that decodes to."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as f:
+            if f.read(3) != b"\xff\xd8\xff":  # not a JPEG
+                raise TooLarge(f"over twice PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        return JpegImagePlugin.JpegImageFile(path)
+
+
+def open_image(path: str | os.PathLike, channels: int, draft: int | None = None) -> Image.Image:
+    """Decode a file's first frame, EXIF orientation applied, as 'RGB' or 'L'.
+
+    draft: a JPEG may decode at 1/2, 1/4 or 1/8 scale, never below this short side; that is
+    what lets a 200-megapixel phone photo through PIL's limit (MAX_IMAGE_PIXELS, ~89M pixels),
+    which applies to the pixels actually decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's warnings become our per-file reasons
+        with _open_header(path) as im:
+            if im.width < 1 or im.height < 1:
+                raise ValueError("has no pixels")
+            im = next(ImageSequence.Iterator(im))  # first frame of a GIF/WebP/TIFF
+            if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, (draft, draft))  # decode at a reduced scale, never below `draft`
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise TooLarge(f"{im.width}x{im.height}, over PIL's limit of {limit:,} pixels")
+            return _to_mode(ImageOps.exif_transpose(im), channels)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W)."""
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def read_image(path: str | os.PathLike, channels: int = 3, max_side: int = 0) -> torch.Tensor:
+    """One image at its own size, or shrunk to max_side on its long side if longer (0: never): (C, H, W) uint8."""
+    im = open_image(path, channels, draft=max_side or None)
+    longest = max(im.size)
+    if max_side and longest > max_side:
+        im = im.resize(tuple(max(1, round(n * max_side / longest)) for n in im.size), Image.Resampling.BICUBIC,
+                       reducing_gap=3.0)
+    return to_tensor(im)
+
+
+def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a file's first frame as shown (EXIF orientation applied), from its header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open_header(path) as im:
+            transposed = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            return (im.height, im.width) if transposed else im.size
+
+
+def decode_image(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+    """Decode one file, resize the short side to `size` and centre-crop: (C, size, size) uint8."""
+    return _decode(path, size, channels)[0]
+
+
+def _decode(path: str | os.PathLike, size: int, channels: int) -> tuple[torch.Tensor, int]:
+    """decode_image's result and the file's own short side (a JPEG draft never goes below `size`)."""
+    im = open_image(path, channels, draft=size)
+    return to_tensor(resize_crop(im, size)), min(im.size)
+
+
+def resize_crop(im: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize the short side to `size` and centre-crop a square: what training does to every image."""
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), resample, reducing_gap=3.0 if resample != Image.Resampling.NEAREST else None)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every non-hidden file below root, sorted; follows symlinks but never loops."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+# Images that Pillow cannot read, by extension: the reason says what to do.
+UNSUPPORTED = {
+    **dict.fromkeys((".heic", ".heif"), "HEIC is not supported; convert it to JPEG or PNG"),
+    **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"),
+                    "camera RAW is not supported; export it as JPEG or PNG"),
+    ".svg": "SVG is a vector image; export it as PNG",
+    ".jxl": "JPEG XL is not supported; convert it to JPEG or PNG",
+}
+
+
+def _try_decode(path: Path, size: int, channels: int) -> tuple[torch.Tensor, int] | str:
+    """The decoded image and its own short side, or the reason it could not be decoded."""
+    try:
+        return _decode(path, size, channels)
+    except Image.UnidentifiedImageError:
+        return UNSUPPORTED.get(path.suffix.lower(), "not an image")
+    except (TooLarge, Image.DecompressionBombError) as e:  # the latter from a frame of an animation
+        return f"too large: {e}"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
+        return f"corrupt ({str(e) or type(e).__name__})"
+    except Exception as e:  # decoders raise many types on hostile input; one file never stops the run
+        return f"corrupt ({type(e).__name__}: {e})"
+
+
+def _decode_all(files: list[Path], size: int, channels: int, window: int = 4096):
+    """(path, _try_decode's result) for every file in order, decoded on the decoder threads a
+    window at a time, so that a folder of millions of files never queues millions of tasks."""
+    for start in range(0, len(files), window):
+        some = files[start:start + window]
+        yield from zip(some, _decoder_threads().map(lambda path: _try_decode(path, size, channels), some))
+
+
+def is_grayscale(image: torch.Tensor) -> bool:
+    """Whether a (3, H, W) image has the same value in every channel of every pixel."""
+    return bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+
+
+def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
+                progress: Callable[[int, int], None] | None = None, copies: int = 1,
+                share: Share | None = None) -> ImageData:
+    """Decode every image below root once; unusable files are listed in `skipped`.
+
+    channels=None picks them from the images: 1 when every one is grayscale (whatever its file
+    mode: L, palette or RGB with equal channels), else 3. `copies`: how many processes on this
+    machine load the same set (DDP), so that all of them together fit in memory. `share`: the
+    processes of a DDP run, each of which decodes every share.size-th file; they then swap what
+    they found, so that each ends with the whole set, decoded once."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    files = [root] if root.is_file() else find_files(root)
+    if share and not share.same(_fingerprint(root, files)):  # else their shares would not fit together
+        raise DataError(f"{root}: the processes of this run see different files there; every machine must see "
+                        "the same folder")
+    rank, count = (share.rank, share.size) if share else (0, 1)
+    decode_as = channels or 3
+    # Decode straight into one buffer when the set fits in half the available memory, else only
+    # check each file now and decode it again whenever a batch needs it: never a list of every image.
+    in_memory = len(files) * decode_as * size * size * copies < memory_available() // 2
+    in_memory = share.all(in_memory) if share else in_memory
+    images = (torch.zeros if share else torch.empty)((len(files) if in_memory else 0, decode_as, size, size),
+                                                     dtype=torch.uint8)  # zeros: summed over processes
+    decoded = torch.zeros(len(files), dtype=torch.uint8)  # per file: 1 if it decoded
+    grayscale = torch.zeros(len(files), dtype=torch.uint8)  # 1 if it is grayscale (when asked)
+    short_side = torch.zeros(len(files), dtype=torch.int32)
+    reasons: dict[int, str] = {}  # file index -> why it was skipped
+    mine = files[rank::count]
+    for k, (path, result) in enumerate(_decode_all(mine, size, decode_as)):
+        i = rank + k * count
+        if isinstance(result, str):
+            reasons[i] = result
+        else:
+            image, short_side[i] = result
+            decoded[i] = 1
+            grayscale[i] = channels is None and is_grayscale(image)
+            if in_memory:
+                images[i] = image
+        if progress:
+            progress(k + 1, len(mine))
+    if share:
+        for t in (images, decoded, grayscale, short_side):
+            share.sum_(t)
+        reasons = share.merge(reasons)
+    kept = decoded.nonzero()[:, 0]
+    skipped = [(str(files[i]), reasons[i]) for i in sorted(reasons)]
+    if not len(kept):
+        what = "no files"
+        if files:
+            first, why = skipped[0]
+            what = (f"{len(files)} file{'s' * (len(files) > 1)}, none of them a readable image "
+                    f"({Path(first).name}: {why})")
+        raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
+    if channels is None:
+        channels = 1 if bool(grayscale[kept].all()) else 3
+    shorts = short_side[kept]
+    upscaled = shorts[shorts < size].tolist()
+    paths = [files[i] for i in kept.tolist()]
+    classes, labels = folder_classes(root, paths)
+    data = ImageData(str(root.resolve()), size, channels, paths=paths, skipped=skipped, upscaled=upscaled,
+                     classes=classes, labels=labels)
+    if in_memory:
+        _close_gaps(images, kept)
+        data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
+    return data
+
+
+def folder_classes(root: Path, paths: list[Path]) -> tuple[tuple[str, ...], torch.Tensor | None]:
+    """(class names, each image's class index or -1) when the images sit in two or more first-level
+    subfolders of root, which name their classes; images directly in root have no class."""
+    firsts = [p.relative_to(root).parts[0] if p != root and len(p.relative_to(root).parts) > 1 else None
+              for p in paths]
+    classes = tuple(sorted({f for f in firsts if f is not None}))
+    if len(classes) < 2:
+        return (), None
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, torch.tensor([index.get(f, -1) if f is not None else -1 for f in firsts], dtype=torch.long)
+
+
+def _fingerprint(root: Path, files: list[Path]) -> int:
+    """A 56-bit digest of the file names below root, the same on every machine that mounts it anywhere."""
+    names = "\n".join(str(f.relative_to(root)) if f != root else f.name for f in files)
+    return int.from_bytes(hashlib.sha256(names.encode("utf-8", "surrogateescape")).digest()[:7], "little")
+
+
+def _close_gaps(images: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> None:
+    """Move images[kept] to the front of images, in place and in order, a chunk at a time.
+    Safe because kept rises and kept[i] >= i: a chunk's sources lie at or after its destinations,
+    each chunk is gathered before it is written, and later chunks read only from further on."""
+    for start in range(0, len(kept), chunk):
+        sources = kept[start:start + chunk]
+        if sources[-1] != start + len(sources) - 1:  # else already in place
+            images[start:start + len(sources)] = images[sources]
+
+
+def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> ImageData:
+    """The built-in shapes dataset at this size (in colour unless channels=1)."""
+    channels = channels or 3
+    images, kinds = render_shapes(n, size, seed=0), shape_kinds(n, seed=0)
+    if channels == 1:
+        images = (images.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        images = images.round().to(torch.uint8)
+    return ImageData(BUILTIN, size, channels, images=images, classes=SHAPES, labels=kinds)
+
+
+def load_data(source: str | None, size: int, channels: int | None = 3,
+              progress: Callable[[int, int], None] | None = None, copies: int = 1,
+              share: Share | None = None) -> ImageData:
+    """A folder path, or None / 'builtin:shapes' for the built-in dataset; channels=None: from the images."""
+    if source in (None, BUILTIN):
+        return load_builtin(size, channels)
+    return load_folder(source, size, channels, progress, copies, share)

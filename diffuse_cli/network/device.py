@@ -1,0 +1,150 @@
+"""Where to run, in what precision, and how much host memory this process may take."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Precision
+from ..errors import UsageError
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU; `name` (e.g. 'cpu', 'cuda:1') overrides."""
+    if name and name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UsageError("device 'mps' asked for, but Apple MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (splitmix64), so nearby steps get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """True where the GPU computes bf16 in hardware: NVIDIA from Ampere on (compute capability 8), or
+    ROCm. Older NVIDIA GPUs (T4, V100, RTX 20xx) only emulate it, far slower than fp16, although
+    torch.cuda.is_bf16_supported() answers True there (it counts emulation)."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """'auto' -> bf16 where the hardware computes it natively, else fp16 on CUDA, else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise UsageError("fp16 is for GPUs; on the CPU use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if cuda_has_bf16(device) else "fp16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def precision_reason(precision: Precision, device: torch.device) -> str:
+    """Why 'auto' picks this precision on this device, in a few words."""
+    if device.type == "cuda":
+        return "this GPU computes bf16" if precision == "bf16" else "this GPU only emulates bf16, so fp16 with loss scaling"
+    if device.type == "cpu":
+        return "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"
+    return f"the choice for {device.type}"
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
+    """channels_last on GPUs, whose tensor-core convolutions want it, and on the CPU in fp32, where
+    its convolutions are faster so; contiguous for the CPU's bf16 convolutions, faster that way, and
+    on Apple MPS (benchmarks/train_speed.py measures both)."""
+    if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def layout_of(model: torch.nn.Module) -> torch.memory_format:
+    """The memory format of a model's convolution weights, for inputs to match."""
+    weight = next((p for p in model.parameters() if p.ndim == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory this process can still take: the kernel's MemAvailable (free memory and
+    the page cache it can drop), less where a cgroup limit (a container, a Slurm job) leaves less."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    left = _cgroup_memory_left(proc, cgroups)
+    return available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
+    """Least of limit less usage over this process's memory cgroup and its parents (v2 or v1);
+    None when none of them has a limit."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not "id:controllers:path"
+            continue
+        _, controllers, path = fields
+        if controllers == "":
+            mount, files = cgroups, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        own = mount / path.lstrip("/")
+        for folder in (own, *own.parents[:len(own.parents) - len(mount.parents)]):  # up to the mount
+            try:
+                limit, usage = ((folder / name).read_text().strip() for name in files)
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as about 2^63
+                    left.append(max(0, int(limit) - int(usage)))
+            except (OSError, ValueError):
+                continue
+    return min(left) if left else None

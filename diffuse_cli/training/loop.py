@@ -1,0 +1,449 @@
+"""The training loop, as named steps: data, model, optimisation, the time budget, checkpointing, reporting.
+
+Every random draw of step k (data order, t, ε, flips, dropout) comes from generators seeded by
+(seed, k), so a resumed run continues exactly as an unbroken one, and the data a global batch
+holds does not depend on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+
+from ..network import threads
+from .budget import Budget, is_fitted
+from ..formats.checkpoint import load_training_state, save_model, save_training_state
+from ..config import Config
+from ..images.data import ImageData, ReadAhead, to_model
+from ..network.device import memory_format, mix_seed, resolve_precision
+from ..errors import TrainingFailed, UsageError
+from ..network.fast_ops import to_device
+from ..formats.files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
+from ..diffusion.denoiser import generate
+from ..diffusion.sampling import SampleConfig, SamplerChoice
+from ..network.graphs import graphed_step
+from .mirror import MirrorVerdict, probe_data
+from ..images.pictures import grid_upscale, make_grid, save_image, save_png
+from .plots import loss_plot
+from ..diffusion.schedule import NoiseSchedule
+from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
+from .run_summary import choices_made, memory_warning, start_line
+from ..network.unet import UNet, count_parameters
+
+GRID_IMAGES = 16
+LOG_EVERY = 10
+# Without --save-every / --sample-every: every DEFAULT_EVERY steps, but at most once every MIN_INTERVAL_S seconds.
+# A fast GPU trains 500 steps of `small` in seconds, and each save writes ~40 MB and each grid samples 16 images.
+DEFAULT_EVERY, MIN_INTERVAL_S = 500, 60.0
+
+
+class NonFiniteLoss(TrainingFailed):
+    """Training produced NaN/inf several steps in a row; the last good checkpoint is kept."""
+
+
+@dataclass
+class Options:
+    """How this invocation runs; none of it changes what the model learns."""
+
+    device: torch.device = torch.device("cpu")
+    save_every: int | None = None  # None: every DEFAULT_EVERY steps, at most once every MIN_INTERVAL_S (due)
+    sample_every: int | None = None
+    max_time: float | None = None  # seconds
+    fit_steps: bool = False  # with max_time, fit the number of steps to it (budget.Budget)
+    resume: bool = False
+    compile: bool = False
+    cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
+    grid_sampler: str = SamplerChoice.name
+    grid_steps: int = SamplerChoice.steps
+    chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its caller; the engine itself never prints."""
+
+    progress: Callable[[dict[str, Any]], None] = lambda record: None
+    log: Callable[[str], None] = lambda message: None
+    should_stop: Callable[[int], bool] = lambda step: False  # asked before each step
+    decoding: Callable[[int, int], None] = lambda done, total: None  # images of a folder decoded so far (api.train)
+
+
+@dataclass
+class Result:
+    step: int
+    stopped_by: str  # "steps", "time" or "signal"
+    run_dir: Path | None
+    model: torch.nn.Module  # the online weights
+    ema: torch.nn.Module    # the weights to sample with
+    records: list[dict[str, Any]] = field(default_factory=list)
+    config: Config | None = None  # as trained: with the steps fitted to --max-time and hflip decided
+    mirror: MirrorVerdict | None = None  # the probe's verdict, where the data decided hflip
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the run knows its steps (False: stopped before they were fitted to its max_time)."""
+        return is_fitted(self.config.train)
+
+
+def due(step: int, every: int | None, since: float) -> bool:
+    """Whether to save (or write a grid) after this step: every `every` steps, or by default every
+    DEFAULT_EVERY steps at most once every MIN_INTERVAL_S seconds (`since`: the last time, monotonic)."""
+    if every is not None:
+        return step % every == 0
+    return step % DEFAULT_EVERY == 0 and time.monotonic() - since >= MIN_INTERVAL_S
+
+
+# -- data ------------------------------------------------------------------------------------
+def batch_indices(step: int, micro: int, cfg: Config, n: int, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Dataset indices of one global micro-batch: epochs are seeded permutations, read in order."""
+    B = cfg.train.batch_size
+    first = (step * cfg.train.grad_accum + micro) * B
+    positions = torch.arange(first, first + B)
+    epochs = positions // n
+    for e in epochs.unique().tolist():
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(cfg.train.seed, 1, e)))
+    for e in list(perms):
+        if e < epochs.min().item():
+            del perms[e]
+    indices = torch.empty(B, dtype=torch.long)
+    for e in epochs.unique().tolist():  # at most two epochs meet in one batch
+        here = epochs == e
+        indices[here] = perms[e][(positions % n)[here]]
+    return indices
+
+
+class Batches:
+    """Each step's images, noise, steps and flips, written into the step's tensors; this process's share."""
+
+    def __init__(self, data: ImageData, config: Config, schedule: NoiseSchedule, world: distributed.World,
+                 device: torch.device):
+        self.config, self.schedule, self.device, self.n = config, schedule, device, len(data)
+        local = config.train.batch_size // world.size
+        self.mine = slice(world.rank * local, (world.rank + 1) * local)
+        self.rank, self.perms = world.rank, {}
+        on_gpu = (data.images is not None and device.type == "cuda"
+                  and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
+        self.images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
+        self.read_ahead = ReadAhead(data) if self.images is None else None
+        self.labels = None  # each image's class for the model: its index, or "no class" (len(classes))
+        if config.model.class_names:
+            null = len(config.model.class_names)
+            labels = data.labels if data.labels is not None else torch.full((self.n,), -1, dtype=torch.long)
+            self.labels = torch.where(labels >= 0, labels, null).to(device)
+
+    def fill(self, step: int, io: StepTensors, last: bool) -> None:
+        """Step `step`'s inputs into io: every draw seeded by (seed, step, micro-batch); unless this is
+        the `last` step, start decoding the next step's images (when they are decoded on demand)."""
+        tc, m = self.config.train, self.config.model
+        for micro in range(tc.grad_accum):
+            g = torch.Generator(self.device).manual_seed(mix_seed(tc.seed, 2, step, micro))
+            t = torch.randint(0, self.schedule.timesteps, (tc.batch_size,), generator=g, device=self.device)
+            eps = torch.randn((tc.batch_size, m.channels, m.image_size, m.image_size), generator=g, device=self.device)
+            flip = torch.rand(tc.batch_size, generator=g, device=self.device) < (0.5 if tc.hflip else 0.0)
+            idx = batch_indices(step, micro, self.config, self.n, self.perms)[self.mine]
+            if self.read_ahead is None:
+                pixels = self.images[to_device(idx, self.images.device)]
+            else:
+                pixels = self.read_ahead.get((step, micro), idx)
+            x0 = to_model(to_device(pixels, self.device))  # uint8 over the bus, a quarter of the bytes
+            io.x0[micro].copy_(torch.where(flip[self.mine, None, None, None], x0.flip(-1), x0))
+            io.t[micro].copy_(t[self.mine])
+            io.eps[micro].copy_(eps[self.mine])
+            if self.labels is not None:  # drawn last, so that an unconditional run's draws are as they were
+                dropped = torch.rand(tc.batch_size, generator=g, device=self.device) < tc.class_dropout
+                labels = self.labels[to_device(idx, self.labels.device)]
+                io.labels[micro].copy_(torch.where(dropped[self.mine], len(self.config.model.class_names), labels))
+        torch.manual_seed(mix_seed(tc.seed, 3, step, self.rank))  # dropout; a CUDA graph reads the seed at replay
+        if self.read_ahead is not None and not last:  # decode the next step's images during this one
+            for micro in range(tc.grad_accum):
+                idx = batch_indices(step + 1, micro, self.config, self.n, self.perms)[self.mine]
+                self.read_ahead.fetch((step + 1, micro), idx)
+
+
+# -- model and optimisation ------------------------------------------------------------------
+@dataclass
+class Learner:
+    """The network, its EMA, the optimizer and (fp16) the gradient scaler, and the step that updates them."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    io: StepTensors
+    take_step: Callable[[], None]
+    uses_graph: bool
+
+    @classmethod
+    def build(cls, config: Config, options: Options, world: distributed.World, device: torch.device,
+              precision: str, schedule: NoiseSchedule, log: Callable[[str], None]) -> "Learner":
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        layout = memory_format(device, precision)
+        model = UNet(config.model).to(device, memory_format=layout)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
+                     and precision != "fp16")  # fp16's GradScaler and DDP's hooks do host work each step
+        optimizer = make_optimizer(model, config.train, capturable=use_graph)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        net: torch.nn.Module = model
+        if world.size > 1:
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if options.compile:
+            net = torch.compile(net)
+        io = StepTensors.allocate(config, config.train.batch_size // world.size, device, layout)
+        take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule,
+                                      precision, io)
+        if use_graph:
+            take_step = graphed_step(take_step, on_fallback=lambda why: log(
+                f"CUDA graph capture failed ({why}); training on without it (--no-cuda-graph skips the attempt)"))
+        return cls(model, ema, optimizer, scaler, io, take_step, use_graph)
+
+    def resume(self, path: Path) -> dict[str, Any]:
+        """Load the weights, EMA, optimizer and loss scale saved at `path`; returns the saved facts."""
+        info = load_training_state(path, self.model, self.ema, self.optimizer)
+        if self.scaler.is_enabled() and "grad_scaler" in info:  # else its scale starts over, and overflows cost steps
+            self.scaler.load_state_dict(info["grad_scaler"])
+        return info
+
+    def step(self, step: int, config: Config, budget: Budget, elapsed: float) -> float:
+        """Set this step's learning rate and EMA weight, and take it; returns the learning rate."""
+        lr = lr_at(step, config.train, budget.progress(step, config.train.warmup, elapsed))
+        set_lr(self.optimizer, lr)
+        self.io.ema_weight.fill_(1 - ema_decay(step, config.train))
+        self.take_step()
+        return lr
+
+    def bad_steps(self, step: int, max_bad: int, run_dir: Path | None, report: bool = True,
+                  log: Callable[[str], None] = lambda m: None) -> int:
+        """Read the non-finite step counters (a host sync) and stop a run gone bad. With `report`, log
+        the skipped steps and start counting afresh; returns how many were skipped."""
+        run, longest, total = (int(v) for v in self.io.bad.tolist())
+        if longest >= max_bad:
+            raise NonFiniteLoss(f"{longest} non-finite steps in a row by step {step}; the last good checkpoint "
+                                f"in {run_dir} is kept. Try a lower --lr or --precision fp32")
+        if report:
+            if total:
+                log(f"step {step}: {total} step(s) with a non-finite loss or gradient skipped")
+            self.io.bad.copy_(torch.tensor([run, run, 0]))
+        return total
+
+
+# -- checkpointing ---------------------------------------------------------------------------
+@dataclass
+class RunFolder:
+    """Checkpoints, metrics and sample grids in the run folder; with no folder (None), nothing is written."""
+
+    path: Path | None
+    data: ImageData
+    learner: Learner
+    world: distributed.World
+    unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
+    history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
+
+    def start(self, step: int) -> None:
+        """On resume: the records written before `step` (a resumed run keeps its loss curve)."""
+        if self.path is not None and self.world.is_main:
+            self.history = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.unsaved.append(record)
+        self.history.append(record)
+
+    def facts(self, step: int, config: Config) -> dict[str, Any]:
+        tc = config.train
+        counts = {"class_counts": self.data.class_counts()} if config.model.class_names else {}
+        return {"step": step, "image_size": config.model.image_size, "channels": config.model.channels,
+                "data": self.data.source, "data_size": len(self.data), **counts,
+                "parameters": count_parameters(self.learner.model), "images_seen": step * tc.batch_size * tc.grad_accum,
+                "weights": "ema", "world_size": self.world.size}
+
+    def save(self, step: int, config: Config) -> None:
+        if self.path is None or not self.world.is_main:
+            return
+        learner, info = self.learner, self.facts(step, config)
+        # The training state keeps the data folder's absolute path (for --resume) and fp16's loss scale.
+        resume_info = {**info, "grad_scaler": learner.scaler.state_dict()} if learner.scaler.is_enabled() else info
+        save_training_state(self.path / STATE_FILE, learner.model, learner.ema, learner.optimizer, config, resume_info)
+        save_model(self.path / MODEL_FILE, learner.ema, config,
+                   {**info, "data": Path(self.data.source).name or self.data.source})
+        write_metrics(self.path / "metrics.jsonl", self.unsaved, step)
+        self.unsaved.clear()
+
+    def grid(self, step: int, config: Config, options: Options, precision: str, log: Callable[[str], None]) -> None:
+        if self.path is None or not self.world.is_main:
+            return
+        classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
+        labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
+        grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=options.grid_sampler,
+                           steps=options.grid_steps, seed=config.train.seed, precision=precision, log=log,
+                           labels=labels, guidance=SampleConfig.guidance)
+        save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
+        if self.history:
+            save_image(loss_plot(self.history), self.path / LOSS_PLOT)
+
+
+def check_writable(folder: Path) -> None:
+    """Create the folder and prove that a file can be written and renamed in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / ".write-test", b"ok")
+    (folder / ".write-test").unlink()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn or foreign line is dropped, not fatal."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+            except ValueError:
+                continue
+    return records
+
+
+def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
+    """Rewrite metrics.jsonl atomically: the earlier lines, then the new ones (up to `step`)."""
+    first_new = new[0]["step"] if new else step + 1
+    lines = [json.dumps(r) for r in read_metrics(path) if r["step"] < first_new] + [json.dumps(r) for r in new]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode() if lines else b"")
+
+
+# -- reporting and the loop ------------------------------------------------------------------
+@dataclass
+class Reporter:
+    """Every LOG_EVERY steps and at the end: a record of loss, learning rate and speed, for the caller
+    (hooks.progress), metrics.jsonl and loss.png; and the time budget's reading of the speed."""
+
+    hooks: Hooks
+    learner: Learner
+    folder: RunFolder
+    budget: Budget
+    world: distributed.World
+    last: tuple[float, int]  # (time, step) of the last record
+    cpu: threads.ThreadShare | None = None  # on the CPU: its thread count goes in each record
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def due(self, step: int) -> bool:
+        return step % LOG_EVERY == 0 or self.budget.done(step)
+
+    def report(self, step: int, lr: float, config: Config) -> Config:
+        """Log the steps since the last record; returns config with the steps the budget now expects."""
+        tc, now = config.train, time.monotonic()
+        n_steps = step - self.last[1]
+        skipped = self.learner.bad_steps(step, tc.max_bad_steps, self.folder.path, log=self.hooks.log)
+        finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
+        if self.budget.observe(step, tc.warmup, agree=lambda n: distributed.smallest(n, self.world)):
+            self.hooks.log(f"about {self.budget.steps:,} steps fit in the time budget at this speed; the learning "
+                           "rate decays over the time left (--steps sets a number of steps instead)")
+        if self.budget.fitting:
+            config = replace(config, train=replace(tc, steps=self.budget.recorded_steps()))
+        record = {"step": step, "loss": self.learner.io.loss_sum.item() / finite_steps if finite_steps else math.nan,
+                  "lr": lr, "images_per_s": n_steps * tc.batch_size * tc.grad_accum / max(now - self.last[0], 1e-9),
+                  "time": round(now - self.budget.started, 3), "steps": self.budget.steps,
+                  **({"threads": self.cpu.threads} if self.cpu is not None else {})}
+        self.records.append(record)
+        self.folder.record(record)
+        self.hooks.progress(record)
+        self.learner.io.loss_sum.zero_()
+        self.last = (now, step)
+        return config
+
+
+def train(config: Config, data: ImageData, run_dir: str | Path | None, options: Options,
+          hooks: Hooks = Hooks()) -> Result:
+    """Train a U-Net on `data`, writing checkpoints, grids and metrics into run_dir (None: nothing written)."""
+    world = distributed.init(options.device)
+    device = distributed.device_for(options.device, world)
+    tc, run_dir = config.train, None if run_dir is None else Path(run_dir)
+    if tc.batch_size % world.size:
+        raise UsageError(f"batch size {tc.batch_size} does not split across {world.size} processes")
+    if options.resume and run_dir is None:
+        raise UsageError("resuming needs the run folder to resume from")
+    if world.is_main and run_dir is not None:
+        check_writable(run_dir)  # fail now, not after hours of training
+    precision = resolve_precision(tc.precision, device)
+    schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
+    verdict = None
+    if tc.hflip is None:  # decide from the data, and record the decision in the run's config
+        verdict = probe_data(data, tc.seed)
+        verdict = replace(verdict, mirror=bool(distributed.smallest(int(verdict.mirror), world)))
+        config = replace(config, train=replace(tc, hflip=verdict.mirror))
+        tc = config.train
+
+    learner = Learner.build(config, options, world, device, precision, schedule, hooks.log)
+    step = 0
+    if options.resume:
+        info = learner.resume(run_dir / STATE_FILE)
+        step = info["step"]
+        hooks.log(f"resumed from {run_dir / STATE_FILE} at step {step}")
+        if info.get("data_size", len(data)) != len(data):  # the order of the images from here on differs too
+            hooks.log(f"note: the data now holds {len(data)} images, {info['data_size']} when the run was saved; "
+                      "training goes on with the images as they are now")
+    batches = Batches(data, config, schedule, world, device)
+    folder = RunFolder(run_dir, data, learner, world)
+    folder.start(step)
+    budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
+    cpu = threads.share() if device.type == "cpu" else None
+    if cpu is not None:
+        cpu.settle()  # the first count, before the first step; then tick() follows the machine
+    hooks.log(start_line(config, data, device, precision, learner.model, learner.uses_graph, world, cpu))
+    chosen = options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
+    if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu):
+        hooks.log(summary)
+    if device.type == "cpu" and (warning := memory_warning(config, learner.model, world)):
+        hooks.log(warning)
+
+    budget.started = time.monotonic()  # the budget is for training, not for setting up
+    config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records
+    report = Reporter(hooks, learner, folder, budget, world, last=(budget.started, step), cpu=cpu)
+    start_step, stopped_by, lr = step, "steps", tc.lr
+    last_written = {"save": budget.started, "grid": budget.started}  # for the default intervals (due)
+
+    def save(now_step: int) -> None:
+        learner.bad_steps(now_step, tc.max_bad_steps, run_dir, report=False)  # never save over a good checkpoint
+        folder.save(now_step, config)
+
+    learner.model.train()
+    if budget.done(step):
+        hooks.log(f"the run is already at step {step} of {budget.steps}; pass a larger --steps to train it further")
+    while not budget.done(step):
+        over_time = budget.out_of_time()
+        stop, elapsed = distributed.agree(hooks.should_stop(step) or over_time, budget.elapsed(), world)
+        if stop:
+            stopped_by = "time" if over_time else "signal"
+            break
+        if cpu is not None:
+            cpu.tick()  # metrics.jsonl records the count at each log point
+        batches.fill(step, learner.io, last=budget.done(step + 1))
+        lr = learner.step(step, config, budget, elapsed)
+        step += 1
+        if report.due(step):
+            config = report.report(step, lr, config)
+        if not budget.done(step) and due(step, options.save_every, last_written["save"]):
+            save(step)
+            last_written["save"] = time.monotonic()
+        if not budget.done(step) and due(step, options.sample_every, last_written["grid"]):
+            folder.grid(step, config, options, precision, hooks.log)
+            last_written["grid"] = time.monotonic()
+
+    if step > report.last[1]:  # stopped between log points: the last steps get their record too
+        config = report.report(step, lr, config)
+    if step > start_step or (run_dir is not None and not (run_dir / MODEL_FILE).exists()):
+        save(step)
+        if stopped_by != "signal":
+            folder.grid(step, config, options, precision, hooks.log)
+    distributed.barrier(world)
+    return Result(step, stopped_by, run_dir, learner.model, learner.ema, report.records, config, verdict)

@@ -1,0 +1,75 @@
+"""The text a training run starts with: what runs where, every choice made for the user with the option that
+sets it, and on the CPU a warning when a step would not fit in memory."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..images.data import ImageData
+from ..network.device import memory_available, precision_reason
+from .distributed import World
+from .mirror import MirrorVerdict
+from ..network.threads import ThreadShare
+from ..network.unet import count_parameters, layer_outputs
+
+# A CPU training step holds about this many bytes per element of its layers' outputs (unet.layer_outputs),
+# measured over the presets, precisions and image sizes (benchmarks/train_speed.py reports peak memory).
+STEP_BYTES_PER_OUTPUT = 6
+
+
+def start_line(config: Config, data: ImageData, device: torch.device, precision: str, model: torch.nn.Module,
+               uses_graph: bool, world: World, cpu: ThreadShare | None = None) -> str:
+    """What runs where: the line a run starts with."""
+    tc, m = config.train, config.model
+    return (f"device {device}, precision {precision}, preset {config.preset}, "
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} image{'s' * (len(data) != 1)} "
+            f"at {m.image_size}x{m.image_size}{' grayscale' * (m.channels == 1)}, "
+            f"effective batch {tc.batch_size * tc.grad_accum}"
+            + (f" over {world.size} processes" if world.size > 1 else "") + (", CUDA graph" if uses_graph else "")
+            + (f", {cpu.threads} CPU thread{'s' * (cpu.threads != 1)}" if cpu is not None else ""))
+
+
+def memory_warning(config: Config, model: torch.nn.Module, world: World) -> str | None:
+    """On the CPU, where running out of memory is the system killing the process without a word: a
+    warning when a step would need more memory than is available."""
+    need = world.local_size * STEP_BYTES_PER_OUTPUT * layer_outputs(model, config.train.batch_size // world.size)
+    if need <= (have := memory_available()):
+        return None
+    size = config.model.image_size
+    return (f"warning: training steps of batch {config.train.batch_size} at {size}x{size} need about "
+            f"{need / 2**30:.1f} GB of memory, and {have / 2**30:.1f} GB is available: if the system stops the run, "
+            "use a smaller --batch-size (with --grad-accum to keep the effective batch) or --image-size")
+
+
+def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume: bool, precision: str,
+                 device: torch.device, fitting: bool, verdict: MirrorVerdict | None,
+                 cpu: ThreadShare | None = None) -> str | None:
+    """The start-of-run summary: every choice made for the user (all but the settings `chosen`), each with the
+    option that sets it; `fitting`: the steps are fitted to a time budget."""
+    m = config.model
+    rows = []
+    if cpu is not None and cpu.fixed is None:
+        rows.append(("threads", cpu.reason(), "--threads"))
+    if m.class_names:
+        counts = data.class_counts()
+        rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
+                     "--classes off"))
+    if verdict is not None:
+        rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
+                     f"--hflip {'off' if verdict.mirror else 'on'}"))
+    if not resume:
+        if "image_size" not in chosen:
+            rows.append(("image size", f"{m.image_size}x{m.image_size}", "--image-size"))
+        if "channels" not in chosen:
+            rows.append(("channels", "1: every image is grayscale" if m.channels == 1 else "3 (RGB)",
+                         "--channels 3" if m.channels == 1 else "--channels"))
+        if "precision" not in chosen:
+            rows.append(("precision", f"{precision}: {precision_reason(precision, device)}", "--precision"))
+    if fitting:
+        rows.append(("steps", "fitted to the time budget once the speed is known", "--steps"))
+    if not rows:
+        return None
+    width = max(len(value) for _, value, _ in rows)
+    return "\n".join(["choices made for this run (the option on the right sets each):"]
+                     + [f"  {name:<11}{value:<{width}}  {option}" for name, value, option in rows])
