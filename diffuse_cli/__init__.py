@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _API = ("Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
         "write_explorer", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks", "SampleConfig",
-        "SamplerChoice", "ImageData", "DiffuseError", "set_threads", "inspect")
+        "SamplerChoice", "ImageData", "DiffuseError", "set_threads", "inspect", "evaluate")
 
 
 def __getattr__(name: str):

@@ -40,6 +40,8 @@ from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the A
 from .training.runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
 from .images.sample_run import SampleRun  # noqa: F401 (the API)
 from .network.threads import set_threads  # noqa: F401 (the API)
+from .evaluation.evaluate import Evaluation, evaluate  # noqa: F401 (the API)
+from .images.pictures import grid_upscale, save_png  # noqa: F401 (the API)
 from .training.loop import Hooks, Options
 
 
@@ -173,7 +175,7 @@ def _tensor_shape(data: object) -> dict[str, int]:
 
 
 __all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
-           "write_explorer", "sample_folder_name", "interpolation_folder_name", "write_noise",
-           "SampleRun", "run_folder", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks",
-           "SampleConfig", "SamplerChoice", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device",
-           "inspect"]
+           "write_explorer", "sample_folder_name", "interpolation_folder_name", "write_noise", "SampleRun", "run_folder",
+           "save_images", "save_grid", "save_strip", "save_png", "grid_upscale", "Trajectory", "Hooks", "SampleConfig",
+           "SamplerChoice", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device", "inspect",
+           "evaluate", "Evaluation"]

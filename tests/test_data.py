@@ -180,3 +180,20 @@ def test_grids_and_strips():
     assert make_grid(imgs, padding=1).shape == (3, 2 * 5 + 1, 3 * 5 + 1)
     strip = labelled_strip([imgs[0]] * 3, ["a", "b", "c"])
     assert strip.shape[0] == 3 and strip.shape[2] > 3 * 4
+
+
+def test_the_built_in_squares_are_squares_and_the_triangles_stand_on_their_base():
+    """The built-in shapes are upright: a square fills the box around it (a diamond fills half), and a triangle
+    has more of itself below its middle row than above it (one pointing down has less)."""
+    from diffuse_cli.images.shapes import SHAPES, render_shapes, shape_kinds
+
+    images, kinds = render_shapes(200, 64, seed=3).float(), shape_kinds(200, seed=3)
+    for image, kind in zip(images, kinds.tolist()):
+        figure = (image - image[:, :1, :1]).abs().sum(0) > 60  # differs from the corner's ground
+        rows, cols = figure.any(1).nonzero().flatten(), figure.any(0).nonzero().flatten()
+        box = figure[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        if SHAPES[kind] == "square":
+            assert box.float().mean() > 0.7  # tilted by at most 9 degrees: 0.76; a diamond: 0.5 to 0.6
+        if SHAPES[kind] == "triangle":
+            half = len(box) // 2
+            assert box[half:].sum() > 1.5 * box[:half].sum()

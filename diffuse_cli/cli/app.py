@@ -15,6 +15,7 @@ import typer
 from .. import __version__
 from . import options as opt
 from .convert import COMMANDS as CONVERT_COMMANDS
+from .evaluate import COMMANDS as EVAL_COMMANDS
 from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
 from ..errors import DiffuseError, UsageError, out_of_memory
 
@@ -202,7 +203,7 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
     out.print(checkpoint_table(facts, config))
 
 
-for name, examples, command in CONVERT_COMMANDS:  # `import` and `export`
+for name, examples, command in CONVERT_COMMANDS + EVAL_COMMANDS:  # `import`, `export` and `eval`
     app.command(name, epilog=examples)(command)
 
 

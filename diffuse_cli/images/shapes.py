@@ -23,8 +23,9 @@ BACKGROUND = torch.tensor([
 
 
 def _polygon_sdf(q: torch.Tensor, sides: int, radius: torch.Tensor) -> torch.Tensor:
-    """Signed distance to a regular polygon of the given inradius, centred at 0."""
-    angles = (2 * torch.arange(sides) + 1) * math.pi / sides + math.pi / 2
+    """Signed distance to a regular polygon of the given inradius, centred at 0, standing on a flat base: one edge's
+    normal points down (+y, rows grow downwards), so a triangle points up and a square is not a diamond."""
+    angles = 2 * torch.arange(sides) * math.pi / sides + math.pi / 2
     normals = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (sides, 2)
     return (q[..., None, :] * normals).sum(-1).amax(-1) - radius
 
