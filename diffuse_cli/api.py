@@ -78,14 +78,16 @@ def load(path: PathLike | None = None, device: str = "auto") -> Model:
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
           resume: bool = False, preset: str | None = None, max_time: float | str | None = None,
           device: str = "auto", compile: bool = False, cuda_graph: bool = True, save_every: int | None = None,
-          sample_every: int | None = None, hooks: Hooks = Hooks(), **settings: Any) -> Model:
+          sample_every: int | None = None, eval_every: int | None = None, eval_n: int = 1000,
+          hooks: Hooks = Hooks(), **settings: Any) -> Model:
     """Train a model and return it (its EMA weights).
 
     data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
     folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
     objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
-    learning rate decays over the steps that fit in it."""
+    learning rate decays over the steps that fit in it. eval_every: FID of eval_n samples every that many steps
+    (metrics.jsonl, loss.png, and the best weights as model_best.safetensors; needs the [eval] extra)."""
     from .images import data as data_module  # looked up at call time: tests stand in for load_data
     from .training import distributed, runs
     from .training.loop import train as train_loop
@@ -111,6 +113,13 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     fit_steps = seconds is not None and "steps" not in settings
     Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
     resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
+    if eval_every is not None:
+        if eval_every < 1 or eval_n < 2:
+            raise UsageError(f"{{eval_every}} must be at least 1 and {{eval_n}} at least 2, not {eval_every} and "
+                             f"{eval_n}", "eval_every", "eval_n")
+        from .evaluation.inception import network_file
+
+        network_file()  # the [eval] extra missing is said before any work
 
     if isinstance(data, ImageData):
         data_set = data
@@ -131,7 +140,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
 
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
-    options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, max_time=seconds,
+    options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, eval_every=eval_every,
+                      eval_n=eval_n, max_time=seconds,
                       fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
                       chosen=frozenset(settings) | given_by_data)
     fresh = run is not None and not run.exists()

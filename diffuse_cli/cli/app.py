@@ -45,7 +45,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False, classes: opt.ClassesOpt = None,
           class_dropout: opt.ClassDropout = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
-          sample_every: opt.SampleEvery = None, device: opt.Device = "auto", compile: opt.Compile = False,
+          sample_every: opt.SampleEvery = None, eval_every: opt.EvalEvery = None, eval_n: opt.EvalN = 1000,
+          device: opt.Device = "auto", compile: opt.Compile = False,
           cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1, threads: opt.Threads = None) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     from .launch import launch_devices
@@ -53,7 +54,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     if devices > 1:
         return launch_devices(devices, device, sys.argv[1:])
     folder = opt.one_folder(data)
-    opt.require_positive(devices=devices, save_every=save_every, sample_every=sample_every)
+    opt.require_positive(devices=devices, save_every=save_every, sample_every=sample_every, eval_every=eval_every)
     settings = opt.given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
@@ -75,6 +76,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     with display, interrupted_says(lambda: "interrupted while decoding the images; nothing was written"):
         trained = api.train(folder, run, resume=resuming, preset=model, max_time=seconds, device=device,
                             compile=compile, cuda_graph=cuda_graph, save_every=save_every, sample_every=sample_every,
+                            eval_every=eval_every, eval_n=eval_n,
                             hooks=display.hooks(), **settings)
     result = trained.training
     if result.stopped_by == "signal":

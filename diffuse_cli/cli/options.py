@@ -83,6 +83,11 @@ RunOut = Annotated[Optional[Path], typer.Option("--out", help="Run folder. \\[de
 Resume = Annotated[Optional[str], typer.Option(help="Run folder to continue, or 'auto' (--out, else the newest run).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Save the checkpoint every N steps (and at the end). "
                                                   "\\[default: every 500 steps, at most once a minute]")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="FID of --eval-n samples every N steps, against as many "
+                                                  "training images: in metrics.jsonl and loss.png, and the best "
+                                                  "weights kept as model_best.safetensors (needs the [eval] extra). "
+                                                  "\\[default: off]", show_default=False)]
+EvalN = Annotated[int, typer.Option(help="Samples each --eval-every FID is of (at most the data set's size).")]
 SampleEvery = Annotated[Optional[int], typer.Option(help="Write samples/step_N.png every N steps (and at the end). "
                                                     "\\[default: every 500 steps, at most once a minute]")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="auto: when the images sit in two or more "

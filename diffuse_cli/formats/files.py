@@ -8,6 +8,7 @@ from pathlib import Path
 
 MODEL_FILE = "model.safetensors"  # a run folder's EMA weights: what sampling loads
 STATE_FILE = "training_state.safetensors"  # weights, EMA and optimizer: what resuming loads
+BEST_MODEL_FILE = "model_best.safetensors"  # with train --eval-every: the EMA weights of the best FID so far
 LOSS_PLOT = "loss.png"  # loss and learning rate against step, redrawn with every sample grid
 
 

@@ -29,10 +29,11 @@ from ..images.data import ImageData, ReadAhead, to_model
 from ..network.device import memory_format, mix_seed, resolve_precision
 from ..errors import TrainingFailed, UsageError
 from ..network.fast_ops import to_device
-from ..formats.files import LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
+from ..formats.files import BEST_MODEL_FILE, LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
 from ..diffusion.denoiser import generate
 from ..diffusion.sampling import SampleConfig, SamplerChoice
 from ..network.graphs import graphed_step
+from .fid_watch import FidWatch
 from .mirror import MirrorVerdict, probe_data
 from ..images.pictures import grid_upscale, make_grid, save_image, save_png
 from .plots import loss_plot
@@ -64,6 +65,8 @@ class Options:
     resume: bool = False
     compile: bool = False
     cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
+    eval_every: int | None = None  # FID every this many steps (fid_watch.py); None: never
+    eval_n: int = 1000  # samples (and training images) each FID is of
     grid_sampler: str = SamplerChoice.name
     grid_steps: int = SamplerChoice.steps
     chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
@@ -250,11 +253,27 @@ class RunFolder:
     world: distributed.World
     unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
     history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
+    fid: FidWatch | None = None  # with --eval-every
 
     def start(self, step: int) -> None:
-        """On resume: the records written before `step` (a resumed run keeps its loss curve)."""
+        """On resume: the records written before `step` (a resumed run keeps its loss curve and its best FID)."""
         if self.path is not None and self.world.is_main:
             self.history = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
+            if self.fid is not None and (fids := [r["fid"] for r in self.history if "fid" in r]):
+                self.fid.best = min(fids)
+
+    def evaluate(self, step: int, config: Config, precision: str, log: Callable[[str], None]) -> None:
+        """FID now: a record in metrics.jsonl and loss.png, and model_best.safetensors when it is the best yet."""
+        if self.fid is None or not self.world.is_main:
+            return
+        fid, best = self.fid(self.learner.ema, config, precision, log)
+        self.record({"step": step, "fid": fid, "fid_samples": self.fid.n})
+        log(f"step {step}: FID {fid:.2f} of {self.fid.n} samples" + (" (the best yet)" if best else
+                                                                     f" (best {self.fid.best:.2f})"))
+        if best and self.path is not None:
+            save_model(self.path / BEST_MODEL_FILE, self.learner.ema, config,
+                       {**self.facts(step, config), "data": Path(self.data.source).name or self.data.source,
+                        "fid": fid, "fid_samples": self.fid.n})
 
     def record(self, record: dict[str, Any]) -> None:
         self.unsaved.append(record)
@@ -393,7 +412,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
             hooks.log(f"note: the data now holds {len(data)} images, {info['data_size']} when the run was saved; "
                       "training goes on with the images as they are now")
     batches = Batches(data, config, schedule, world, device)
-    folder = RunFolder(run_dir, data, learner, world)
+    folder = RunFolder(run_dir, data, learner, world,
+                       fid=FidWatch(data, options.eval_n, device) if options.eval_every else None)
     folder.start(step)
     budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
     cpu = threads.share() if device.type == "cpu" else None
@@ -438,6 +458,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         if not budget.done(step) and due(step, options.sample_every, last_written["grid"]):
             folder.grid(step, config, options, precision, hooks.log)
             last_written["grid"] = time.monotonic()
+        if options.eval_every and step % options.eval_every == 0:
+            folder.evaluate(step, config, precision, hooks.log)
 
     if step > report.last[1]:  # stopped between log points: the last steps get their record too
         config = report.report(step, lr, config)

@@ -55,8 +55,9 @@ def label(value: float) -> str:
 
 
 def _panel(draw: ImageDraw.ImageDraw, top: int, steps: list[float], series: list[tuple[list[float], tuple]],
-           title: str, log: bool, font: ImageFont.ImageFont) -> None:
-    """One panel: its frame, grid, ticks and lines; `log` plots the values on a log10 scale."""
+           title: str, log: bool, font: ImageFont.ImageFont, span: tuple[float, float] | None = None) -> None:
+    """One panel: its frame, grid, ticks and lines; `log` plots the values on a log10 scale; `span`: the step
+    axis's ends (default: the steps')."""
     left, right, pad_top, pad_bottom = MARGIN
     x0, x1, y0, y1 = left, WIDTH - right, top + pad_top, top + PANEL - pad_bottom
     values = [v for ys, _ in series for v in ys if math.isfinite(v) and (v > 0 or not log)]
@@ -65,7 +66,8 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, steps: list[float], series: list
     f = (lambda v: math.log10(v)) if log else (lambda v: v)  # noqa: E731
     lo, hi = f(min(values)), f(max(values))
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-    s_lo, s_hi = min(steps), max(max(steps), min(steps) + 1)
+    s_lo, s_hi = span or (min(steps), max(steps))
+    s_hi = max(s_hi, s_lo + 1)
     px = lambda s: x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0)  # noqa: E731
     py = lambda v: y1 - (f(v) - lo) / (hi - lo) * (y1 - y0)  # noqa: E731
     ticks = log_ticks(lo, hi) if log else nice_ticks(lo, hi)
@@ -95,14 +97,24 @@ def default_font(size: int) -> ImageFont.ImageFont:
 
 
 def loss_plot(records: Sequence[dict]) -> Image.Image:
-    """Loss (raw and smoothed, log scale) above learning rate, against step, from training's log records."""
+    """Loss (raw and smoothed, log scale) above learning rate, against step, from training's log records; and
+    below them FID, where the run measured it (train --eval-every)."""
     font = default_font(12)
-    image = Image.new("RGB", (WIDTH, 2 * PANEL), "white")
+    fids = [r for r in records if "fid" in r]
+    records = [r for r in records if "loss" in r]
+    panels = 3 if fids else 2
+    every = [float(r["step"]) for r in records + fids]
+    span = (min(every), max(every)) if every else None
+    image = Image.new("RGB", (WIDTH, panels * PANEL), "white")
     draw = ImageDraw.Draw(image)
     steps = [float(r["step"]) for r in records]
     loss = [float(r["loss"]) for r in records]
     _panel(draw, 0, steps, [(loss, RAW), (smoothed(loss), SMOOTH)], "loss (light: every 10 steps; dark: smoothed)",
-           log=True, font=font)
-    _panel(draw, PANEL, steps, [([float(r["lr"]) for r in records], LR)], "learning rate", log=False, font=font)
-    draw.text((WIDTH - MARGIN[1], 2 * PANEL - 4), "step", fill=INK, font=font, anchor="rb")
+           log=True, font=font, span=span)
+    _panel(draw, PANEL, steps, [([float(r["lr"]) for r in records], LR)], "learning rate", log=False, font=font,
+           span=span)
+    if fids:
+        _panel(draw, 2 * PANEL, [float(r["step"]) for r in fids], [([float(r["fid"]) for r in fids], SMOOTH)],
+               f"FID of {fids[-1].get('fid_samples', '?')} samples (lower is better)", log=True, font=font, span=span)
+    draw.text((WIDTH - MARGIN[1], panels * PANEL - 4), "step", fill=INK, font=font, anchor="rb")
     return image
