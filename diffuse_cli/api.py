@@ -40,7 +40,7 @@ from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the A
 from .training.runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
 from .images.sample_run import SampleRun  # noqa: F401 (the API)
 from .network.threads import set_threads  # noqa: F401 (the API)
-from .evaluation.evaluate import Evaluation, evaluate  # noqa: F401 (the API)
+from .api_eval import Evaluation, evaluate  # noqa: F401 (the API)
 from .images.pictures import grid_upscale, save_png  # noqa: F401 (the API)
 from .training.loop import Hooks, Options
 

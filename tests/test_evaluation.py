@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffuse_cli.evaluation import inception, scores
-from diffuse_cli.evaluation.evaluate import evaluate
+from diffuse_cli.api_eval import evaluate
 from diffuse_cli.images.pictures import save_png
 
 try:

@@ -10,7 +10,7 @@ import torch
 from ..config import Config
 from ..diffusion.denoiser import generate
 from ..evaluation import scores
-from ..evaluation.evaluate import image_features, tensor_features
+from ..evaluation.features import image_features, tensor_features
 from ..images.data import ImageData
 
 

@@ -1,11 +1,10 @@
-"""`diffuse eval` as a function: two sets of images (folders, tensors, or a run to sample from first) scored by
-FID, KID, precision/recall and copies (scores.py) on the FID network's features (inception.py); a reference
-folder's features are cached outside it, keyed by its files' names, sizes and times."""
+"""Images to scores: folders read as training reads them, the FID network's features of them (inception.py),
+a reference folder's features cached outside it (keyed by its files' names, sizes and times), and the numbers
+and the copies picture from two feature sets (scores.py). The API's evaluate() (api_eval.py) puts them together."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load, save
 
-from ..errors import DataError, UsageError
+from ..errors import DataError
 from ..formats.files import atomic_write_bytes
 from ..images.data import decode_image, find_files, read_image
 from . import inception, scores
@@ -165,95 +164,10 @@ def copies_picture(samples: torch.Tensor, reference: torch.Tensor, copied: score
     return make_grid(pairs, nrow=2)
 
 
-def write_json(scores_: Scores) -> str:
-    return json.dumps(scores_.as_json())
-
-
 # The built-in shapes' reference: the first images of their training set (all 8,192 would take a CPU a quarter of
 # an hour to score the first time, and as long again to sample as many).
 BUILTIN_REFERENCE = 2000
 COPY_SIZE = 32  # copies are judged in pixels at most this size, as Carlini et al. did on CIFAR-10
-
-
-@dataclass
-class Evaluation:
-    """What evaluate() found: the scores, the closest pairs as a picture, where the samples are, and notes."""
-
-    scores: Scores
-    copies_png: torch.Tensor  # uint8 (C, H, W): the closest pairs, sample beside reference image, closest first
-    samples: Path | None  # the folder scored (or sampled into; None: a temporary folder, gone)
-    reference: str  # the reference, in words
-    cached: bool  # whether the reference's features came from the cache
-    notes: list[str]
-
-
-def evaluate(samples, reference=None, *, n: int | None = None, out=None, resize: Resize = "tf",
-             precision: Precision = "fp32", device: str = "auto", cache=None, seed: int = 0,
-             progress: Callable[[str, float, int], None] | None = None,
-             log: Callable[[str], None] = lambda message: None) -> Evaluation:
-    """Score `samples` against `reference`: FID, KID, precision/recall and copies (scores.py).
-
-    samples: a folder of images, or a run (a run folder, a model.safetensors, or a Model) to draw n samples from
-    first with its default sampler (n: the reference's size, at most 10,000) into `out` (None: a temporary
-    folder). reference: a folder of images (default for a run: its training folder, or the built-in shapes it
-    trained on). progress(stage, done, total) reports each stage: "sampling", "samples", "reference"."""
-    import tempfile
-
-    from ..formats.files import MODEL_FILE
-    from ..model import Model
-
-    if resize not in ("tf", "pytorch", "clean"):
-        raise UsageError(f"unknown {{resize}} {resize!r}; choose one of: tf, pytorch, clean", "resize")
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"unknown {{precision}} {precision!r}; choose fp32 or bf16", "precision")
-    if n is not None and n < 2:
-        raise UsageError(f"{{n}} must be at least 2, not {n}", "n")
-    stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
-    model = samples if isinstance(samples, Model) else None
-    path = None if model is not None else Path(samples)
-    if path is not None and not path.exists():
-        raise DataError(f"{path}: no such folder or checkpoint")
-    if path is not None and (path.suffix == ".safetensors" or (path / MODEL_FILE).exists()):
-        from ..api import load
-
-        model = load(path, device)
-    if model is None and n is not None:
-        raise UsageError("{n} applies to a run, which draws that many samples to score; a folder is scored whole", "n")
-    sample_files = image_files(path, "samples") if model is None else None
-    ref_images, ref_folder, ref_words = _reference(model, reference)
-    ref_files = None if ref_folder is None else image_files(ref_folder, "reference")
-    if out is not None and model is not None and any(Path(out).glob("*.png")):
-        raise UsageError(f"{{out}} {out} already holds images; name a new folder for the samples", "out")
-    inception.network_file()  # the extra missing is said before any work
-    notes: list[str] = []
-    run_device = inception_device(device)
-    with tempfile.TemporaryDirectory(prefix="diffuse-eval-") as scratch:
-        if model is not None:
-            from ..images.sample_run import SampleRun
-
-            count = n or min(10_000, len(ref_files) if ref_files is not None else len(ref_images))
-            folder = Path(out) if out is not None else Path(scratch) / "samples"
-            run = SampleRun(model, count, folder=folder)
-            run.run(progress=stage("sampling"), log=log)
-            sample_files = sorted(f for f in folder.glob("*.png") if f.stem.split("-")[0].isdigit())  # not grid.png
-        sample_feats = image_features(read_images(sample_files), resize, run_device, progress=stage("samples"),
-                                      precision=precision)
-        if ref_folder is not None:
-            ref_feats, cached = reference_features(ref_folder, resize, run_device, stage("reference"),
-                                                   None if cache is None else Path(cache), precision)
-        else:
-            ref_feats, cached = tensor_features(ref_images, resize, run_device, stage("reference"),
-                                                None if cache is None else Path(cache), precision)
-        size = min(COPY_SIZE, min(read_images(sample_files[:1])[0].shape[1:]))
-        sample_px = torch.stack(read_images(sample_files, size))
-        ref_px = torch.stack(read_images(ref_files, size)) if ref_files is not None else _resized(ref_images, size)
-        result, copied = score(sample_feats, ref_feats, resize, sample_px, ref_px, seed)
-        if result.kid_subset < KID_SUBSET_SIZE:
-            notes.append(f"KID over subsets of {result.kid_subset} (the smaller set's size), not {KID_SUBSET_SIZE}: "
-                         "compare it only with KIDs on subsets of the same size")
-        picture = copies_picture(sample_px, ref_px, copied)
-        kept = None if model is not None and out is None else (folder if model is not None else path)
-    return Evaluation(result, picture, kept, ref_words, cached, notes)
 
 
 def inception_device(device: str) -> torch.device:
@@ -262,30 +176,7 @@ def inception_device(device: str) -> torch.device:
     return pick_device(device)
 
 
-def _reference(model, reference) -> tuple[torch.Tensor | None, Path | None, str]:
-    """(images held in memory, or None; the reference folder, or None; the reference in words): the folder given,
-    else the run's training folder, or the built-in shapes it trained on."""
-    if reference is not None:
-        return None, Path(reference), str(reference)
-    if model is None:
-        raise UsageError("name the reference: diffuse eval SAMPLES REFERENCE (two folders of images)")
-    from ..formats.files import STATE_FILE
-    from ..images.data import BUILTIN, load_builtin
-    from ..training.runs import data_of_run
-
-    run = None if model.path is None else model.path.parent
-    folder = data_of_run(run) if run is not None and (run / STATE_FILE).exists() else None
-    if folder is None and model.info.get("data") != BUILTIN:
-        raise UsageError(f"{model.path} does not say what it trained on (no training state beside it); name the "
-                         "reference folder: diffuse eval RUN REFERENCE")
-    if folder is None:
-        size = model.config.model.image_size
-        images = load_builtin(size, 3).images[:BUILTIN_REFERENCE]
-        return images, None, f"the first {BUILTIN_REFERENCE:,} built-in shapes at {size}x{size}"
-    return None, Path(folder), folder
-
-
-def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images resized (area) to size, for the pixel comparison of copies."""
     if images.shape[-1] == size:
         return images

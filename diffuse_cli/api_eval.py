@@ -1,0 +1,122 @@
+"""The API's evaluate(): `diffuse eval` as a function. Two sets of images (folders, or a run to sample from
+first) scored by FID, KID, precision/recall and copies (evaluation/)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import DataError, UsageError
+from .evaluation import inception
+from .evaluation.features import (BUILTIN_REFERENCE, COPY_SIZE, KID_SUBSET_SIZE, Scores, copies_picture,
+                                  image_features, image_files, inception_device, read_images, reference_features,
+                                  resized, score, tensor_features)
+from .evaluation.inception import Precision, Resize
+from .formats.files import MODEL_FILE, STATE_FILE
+from .model import Model, PathLike
+
+
+@dataclass
+class Evaluation:
+    """What evaluate() found: the scores, the closest pairs as a picture, where the samples are, and notes."""
+
+    scores: Scores
+    copies_png: torch.Tensor  # uint8 (C, H, W): the closest pairs, sample beside reference image, closest first
+    samples: Path | None  # the folder scored (or sampled into; None: a temporary folder, gone)
+    reference: str  # the reference, in words
+    cached: bool  # whether the reference's features came from the cache
+    notes: list[str]
+
+
+def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n: int | None = None,
+             out: PathLike | None = None, resize: Resize = "tf", precision: Precision = "fp32", device: str = "auto",
+             cache: PathLike | None = None, seed: int = 0, progress: Callable[[str, float, int], None] | None = None,
+             log: Callable[[str], None] = lambda message: None) -> Evaluation:
+    """Score `samples` against `reference`: FID, KID, precision/recall and copies (scores.py).
+
+    samples: a folder of images, or a run (a run folder, a model.safetensors, or a Model) to draw n samples from
+    first with its default sampler (n: the reference's size, at most 10,000) into `out` (None: a temporary
+    folder). reference: a folder of images (default for a run: its training folder, or the built-in shapes it
+    trained on). progress(stage, done, total) reports each stage: "sampling", "samples", "reference"."""
+    if resize not in ("tf", "pytorch", "clean"):
+        raise UsageError(f"unknown {{resize}} {resize!r}; choose one of: tf, pytorch, clean", "resize")
+    if precision not in ("fp32", "bf16"):
+        raise UsageError(f"unknown {{precision}} {precision!r}; choose fp32 or bf16", "precision")
+    if n is not None and n < 2:
+        raise UsageError(f"{{n}} must be at least 2, not {n}", "n")
+    stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
+    model = samples if isinstance(samples, Model) else None
+    path = None if model is not None else Path(samples)
+    if path is not None and not path.exists():
+        raise DataError(f"{path}: no such folder or checkpoint")
+    if path is not None and (path.suffix == ".safetensors" or (path / MODEL_FILE).exists()):
+        from .formats.checkpoint import load_model, resolve_checkpoint
+        from .network.device import pick_device
+
+        checkpoint = resolve_checkpoint(path)
+        model = Model(*load_model(checkpoint, pick_device(device)), checkpoint)
+    if model is None and n is not None:
+        raise UsageError("{n} applies to a run, which draws that many samples to score; a folder is scored whole", "n")
+    sample_files = image_files(path, "samples") if model is None else None
+    ref_images, ref_folder, ref_words = _reference(model, reference)
+    ref_files = None if ref_folder is None else image_files(ref_folder, "reference")
+    if out is not None and model is not None and any(Path(out).glob("*.png")):
+        raise UsageError(f"{{out}} {out} already holds images; name a new folder for the samples", "out")
+    inception.network_file()  # the extra missing is said before any work
+    notes: list[str] = []
+    run_device = inception_device(device)
+    with tempfile.TemporaryDirectory(prefix="diffuse-eval-") as scratch:
+        if model is not None:
+            from .images.sample_run import SampleRun
+
+            count = n or min(10_000, len(ref_files) if ref_files is not None else len(ref_images))
+            folder = Path(out) if out is not None else Path(scratch) / "samples"
+            run = SampleRun(model, count, folder=folder)
+            run.run(progress=stage("sampling"), log=log)
+            sample_files = sorted(f for f in folder.glob("*.png") if f.stem.split("-")[0].isdigit())  # not grid.png
+        sample_feats = image_features(read_images(sample_files), resize, run_device, progress=stage("samples"),
+                                      precision=precision)
+        if ref_folder is not None:
+            ref_feats, cached = reference_features(ref_folder, resize, run_device, stage("reference"),
+                                                   None if cache is None else Path(cache), precision)
+        else:
+            ref_feats, cached = tensor_features(ref_images, resize, run_device, stage("reference"),
+                                                None if cache is None else Path(cache), precision)
+        size = min(COPY_SIZE, min(read_images(sample_files[:1])[0].shape[1:]))
+        sample_px = torch.stack(read_images(sample_files, size))
+        ref_px = torch.stack(read_images(ref_files, size)) if ref_files is not None else resized(ref_images, size)
+        result, copied = score(sample_feats, ref_feats, resize, sample_px, ref_px, seed)
+        if result.kid_subset < KID_SUBSET_SIZE:
+            notes.append(f"KID over subsets of {result.kid_subset} (the smaller set's size), not {KID_SUBSET_SIZE}: "
+                         "compare it only with KIDs on subsets of the same size")
+        picture = copies_picture(sample_px, ref_px, copied)
+        kept = None if model is not None and out is None else (folder if model is not None else path)
+    return Evaluation(result, picture, kept, ref_words, cached, notes)
+
+
+def _reference(model, reference) -> tuple[torch.Tensor | None, Path | None, str]:
+    """(images held in memory, or None; the reference folder, or None; the reference in words): the folder given,
+    else the run's training folder, or the built-in shapes it trained on."""
+    if reference is not None:
+        return None, Path(reference), str(reference)
+    if model is None:
+        raise UsageError("name the reference: diffuse eval SAMPLES REFERENCE (two folders of images)")
+    from .images.data import BUILTIN, load_builtin
+    from .training.runs import data_of_run
+
+    run = None if model.path is None else model.path.parent
+    folder = data_of_run(run) if run is not None and (run / STATE_FILE).exists() else None
+    if folder is None and model.info.get("data") != BUILTIN:
+        raise UsageError(f"{model.path} does not say what it trained on (no training state beside it); name the "
+                         "reference folder: diffuse eval RUN REFERENCE")
+    if folder is None:
+        size = model.config.model.image_size
+        images = load_builtin(size, 3).images[:BUILTIN_REFERENCE]
+        return images, None, f"the first {BUILTIN_REFERENCE:,} built-in shapes at {size}x{size}"
+    return None, Path(folder), folder
+
+
