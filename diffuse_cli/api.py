@@ -32,7 +32,7 @@ from .formats.checkpoint import load_model, resolve_checkpoint
 from .config import Config, make_config, parse_duration
 from .images.data import ImageData
 from .network.device import pick_device, resolve_precision
-from .errors import DataError, DiffuseError, TrainingFailed, UsageError, out_of_memory
+from .errors import DataError, DiffuseError, DiskFull, TrainingFailed, UsageError, out_of_memory
 from .formats.files import MODEL_FILE
 from .model import Model, PathLike
 from .images.outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
@@ -152,7 +152,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     except BaseException as e:
         if fresh and run.is_dir() and not any(run.iterdir()):
             run.rmdir()  # a run that failed before writing anything leaves no empty run folder behind
-        if isinstance(e, OSError):  # a full disk, say: every checkpoint is written to a temporary file and renamed
+        if isinstance(e, DiskFull):  # every checkpoint is written to a temporary file and renamed: the last is whole
+            raise DiskFull(f"{e}; training stopped: free some space, then resume the run") from None
+        if isinstance(e, OSError):  # a failing disk, say
             raise OSError(e.errno, f"{e.strerror or e}; the last checkpoint saved, if any, is intact", e.filename) from None
         if isinstance(e, RuntimeError) and out_of_memory(e):
             raise TrainingFailed(str(e).splitlines()[0].rstrip(".") + "; try a smaller {batch_size} (with {grad_accum} "

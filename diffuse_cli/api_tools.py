@@ -15,7 +15,7 @@ from .config import INTERPOLATE_STEPS, DiffusionConfig, Schedule, check_choice
 from .images.data import to_model, to_uint8
 from .network.device import pick_device
 from .errors import DataError, UsageError, Words
-from .formats.files import MODEL_FILE, atomic_write_bytes
+from .formats.files import MODEL_FILE, atomic_folder, atomic_write_bytes
 from .images.inputs import read_edit
 from .model import Model, PathLike
 from .diffusion.sampling import SampleConfig, SamplerChoice
@@ -182,8 +182,11 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
         walked = [ddim(calls.wrap(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
                   for part in noises.split(batch)]
     shown = to_uint8(torch.cat(walked)).cpu()
-    if folder is not None:
+    if folder is not None and folder.exists():  # a folder the user named, already there: each file atomic
         save_strip(shown, folder)
+    elif folder is not None:
+        with atomic_folder(folder) as partial:  # a new folder appears whole, or not at all
+            save_strip(shown, partial)
     return shown
 
 

@@ -30,6 +30,9 @@ Threshold = Literal["clip", "dynamic"]
 # The built-in shapes' default resolution: small enough that a few CPU-minutes of the `small` preset draw
 # recognisable shapes, where at 32x32 it still draws blobs (docs/training.md).
 BUILTIN_IMAGE_SIZE = 16
+# The most diffusion steps a schedule may have: far past any published model (1,000 to 4,000), and small enough
+# that a corrupt config cannot make the schedule's tensors the size of memory.
+MAX_TIMESTEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,8 @@ def _times(n: int) -> str:
 
 def validate_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
     """Check the forward process's settings; return cfg unchanged."""
-    if cfg.timesteps < 2:
-        raise ConfigError(f"timesteps must be at least 2, not {cfg.timesteps}")
+    if not 2 <= cfg.timesteps <= MAX_TIMESTEPS:
+        raise ConfigError(f"timesteps must be from 2 to {MAX_TIMESTEPS:,}, not {cfg.timesteps}")
     return cfg
 
 

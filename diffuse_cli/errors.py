@@ -58,6 +58,13 @@ class RunError(DiffuseError):
     """A run folder that cannot be started or resumed as asked; the message says what to pass instead."""
 
 
+class DiskFull(DiffuseError):
+    """A file that could not be written for lack of space (or quota, or a failing disk); what was there before is
+    intact, and no partial file is left."""
+
+    exit_code = 1
+
+
 class TrainingFailed(DiffuseError):
     """Training went wrong on its own (it diverged, or the device ran out of memory), not from bad input."""
 

@@ -9,6 +9,7 @@ renamed into place, so a crash leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -27,6 +28,8 @@ MODEL_FORMAT = "diffuse/model"
 STATE_FORMAT = "diffuse/training-state"
 FORMAT_VERSION = 1
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # the safetensors format's dtypes
 
 
 def _encode(tensors: dict[str, torch.Tensor], fmt: str, config: Config, info: dict[str, Any]) -> bytes:
@@ -52,17 +55,39 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: not a safetensors file (or truncated): bad header length")
             header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # (nested past Python's recursion limit)
         raise CheckpointError(f"{path}: not a safetensors file: header is not JSON") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file: header is not a JSON object")
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: {size} bytes, the header promises {8 + n + end}")
+    _check_table(path, header, size - 8 - n)
     return header
+
+
+def _check_table(path: Path, header: dict[str, Any], data_bytes: int) -> None:
+    """The header's tensor table as safetensors defines it, before anything is read or allocated by it: each
+    entry a dtype, a shape of counts and [begin, end) offsets inside the file, of the size the shape needs;
+    the metadata strings."""
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: corrupt header: __metadata__ is not a table of strings")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] in DTYPE_BYTES
+              and isinstance(entry.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+              and len(entry["data_offsets"]) == 2 and all(type(o) is int for o in entry["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} is not described as safetensors does")
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end or end > data_bytes:
+            raise CheckpointError(f"{path}: truncated or corrupt: tensor {name!r} lies at bytes {begin}..{end} of "
+                                  f"{data_bytes}")
+        if end - begin != DTYPE_BYTES[entry["dtype"]] * math.prod(entry["shape"]):
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has {end - begin} bytes for its shape "
+                                  f"{entry['shape']}")
 
 
 def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT,
@@ -87,7 +112,9 @@ def read_metadata(path: str | os.PathLike, fmt: str = MODEL_FORMAT,
         validate_model(config.model)
         validate_diffusion(config.diffusion)
         info = json.loads(meta.get("info", "{}"))
-    except (KeyError, ValueError, TypeError) as e:
+        if not isinstance(info, dict):
+            raise TypeError("info is not a JSON object")
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable config in header: {e}") from None
     return config, info
 
@@ -192,7 +219,7 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
             for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": info.pop("param_groups")})
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
     for group, kept in zip(optimizer.param_groups, mine):
         for k, v in kept.items():

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from ..config import PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_model
+from ..config import MAX_TIMESTEPS, PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_model
 from ..errors import CheckpointError, DiffuseError, UsageError
-from .files import atomic_write_bytes
+from .checkpoint import read_header
+from .files import atomic_folder, atomic_write_bytes
 from ..diffusion.schedule import BETAS
 from ..network.unet import UNet, group_norm
 
@@ -201,6 +202,9 @@ def unet_config_of(cfg: ModelConfig) -> dict[str, Any]:
 def diffusion_config_from(s: dict[str, Any]) -> DiffusionConfig:
     """A DDPM/DDIM scheduler_config.json as our DiffusionConfig: the schedule whose betas it gives, exactly."""
     T = s.get("num_train_timesteps", 1000)
+    if type(T) is not int or not 2 <= T <= MAX_TIMESTEPS:
+        raise CheckpointError(f"scheduler_config.json: num_train_timesteps = {json.dumps(T)[:40]} is not a count from 2 "
+                              f"to {MAX_TIMESTEPS:,}; not imported")
     if (kind := s.get("prediction_type", "epsilon")) not in OBJECTIVES:
         raise CheckpointError(f"scheduler_config.json: prediction_type = {json.dumps(kind)} is not one of "
                               f"{', '.join(OBJECTIVES)}; not imported")
@@ -275,7 +279,8 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
         model_cfg, diffusion = model_config_from(unet_cfg), diffusion_config_from(sched_cfg)
     except DiffuseError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RuntimeError) as e:  # a field of the
+        # wrong type or out of any sensible range (torch refuses a size that overflows with RuntimeError)
         raise CheckpointError(f"{root}: a config field cannot be read ({e}); not imported") from None
     config = Config(model=model_cfg, diffusion=diffusion, train=TrainConfig(), preset=_preset_of(model_cfg))
     info: dict[str, Any] = {}
@@ -285,9 +290,10 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
         if saved.diffusion != config.diffusion or replace(model_cfg, **kept) != saved.model:
             raise CheckpointError(f"{root}: {OURS} and the diffusers configs describe different models; not imported")
         config = saved
+    read_header(weights)  # its tensor table checked against the file before anything is read or allocated
     try:
         tensors = load_file(weights)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # safetensors raises its own error type on corrupt data
         raise CheckpointError(f"{root}: cannot read {weights.name} ({str(e).splitlines()[0]})") from None
     net = UNet(config.model)
     state = to_ours({k: v.float() for k, v in tensors.items()}, config.model)
@@ -306,7 +312,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     """A config file's JSON object, or CheckpointError naming the file."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: nested past Python's limit)
         raise CheckpointError(f"{path}: cannot read it as JSON ({str(e).splitlines()[0]}); not imported") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object; not imported")
@@ -344,11 +350,12 @@ def write_folder(net: torch.nn.Module, config: Config, info: dict[str, Any], fol
     tensors = to_diffusers({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.model)
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    atomic_write_bytes(folder / "unet" / WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    for path, data in ((folder / "unet" / "config.json", unet_cfg), (folder / "scheduler" / "scheduler_config.json",
-                                                                      sched_cfg), (folder / "model_index.json", index),
-                       (folder / OURS, {"config": to_dict(config), "info": info})):
-        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    with atomic_folder(folder) as partial:  # never a half folder that diffusers would load
+        (partial / "unet").mkdir()
+        (partial / "scheduler").mkdir()
+        atomic_write_bytes(partial / "unet" / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+        for path, data in ((partial / "unet" / "config.json", unet_cfg),
+                           (partial / "scheduler" / "scheduler_config.json", sched_cfg),
+                           (partial / "model_index.json", index), (partial / OURS, {"config": to_dict(config), "info": info})):
+            atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
     return folder
