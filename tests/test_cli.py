@@ -213,7 +213,7 @@ BAD_INPUTS = {
     "unknown preset": (["train", "--model", "huge"], ["unknown preset", "tiny"]),
     "bad image size": (["train", "--image-size", "30"], ["cannot be halved"]),
     "zero steps": (["train", "--steps", "0"], ["steps must be at least 1"]),
-    "one diffusion step": (["train", "--timesteps", "1"], ["timesteps must be at least 2"]),
+    "one diffusion step": (["train", "--timesteps", "1"], ["timesteps must be from 2 to 100,000, not 1"]),
     "negative batch": (["train", "--batch-size", "-3"], ["batch-size must be at least 1"]),
     "bad schedule": (["train", "--schedule", "wiggly"], ["unknown schedule", "cosine"]),
     "bad duration": (["train", "--max-time", "soon"], ["cannot read duration"]),

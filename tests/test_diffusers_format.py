@@ -201,11 +201,13 @@ def test_our_own_models_keep_todays_conventions(tmp_path):
     ("unet/config.json", "{not json", ["config.json", "cannot read it as JSON"]),
     ("unet/config.json", {"layers_per_block": "two"}, ["config field cannot be read"]),
     ("unet/config.json", {"block_out_channels": [32, "x"]}, ["config field cannot be read"]),
-    ("scheduler/scheduler_config.json", {"num_train_timesteps": "many"}, ["config field cannot be read"]),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": "many"}, ["num_train_timesteps", "not a count"]),
+    ("scheduler/scheduler_config.json", {"beta_start": "low"}, ["config field cannot be read"]),
     (OURS, "[]", [OURS, "not a JSON object"]),
     (OURS, {"config": {"model": {"image_size": "x"}}}, [OURS, "not a config diffuse wrote", "remove it"]),
     (OURS, {"info": {}}, [OURS, "not a config diffuse wrote"]),
-], ids=["unet-list", "unet-not-json", "unet-field-type", "unet-channel-type", "scheduler-field-type", "ours-list",
+], ids=["unet-list", "unet-not-json", "unet-field-type", "unet-channel-type", "scheduler-steps-type",
+                                                                                      "scheduler-field-type", "ours-list",
         "ours-field-type", "ours-no-config"])
 def test_a_malformed_config_is_one_line_and_exit_2_and_nothing_is_written(run_cli, tmp_path, monkeypatch, file, text,
                                                                             words):

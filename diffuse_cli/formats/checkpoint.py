@@ -212,6 +212,8 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: to
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in parts["optim"].items():
         index, _, name = key.partition(".")
+        if not (index.isascii() and index.isdigit()):  # a flipped byte in a name is a corrupt file
+            raise CheckpointError(f"{path}: unexpected tensor 'optim.{key}'")
         state.setdefault(int(index), {})[name] = value
     # What runs the step is this machine's choice, not the saved run's (fused on CUDA, say, now on MPS),
     # and a CUDA graph reads the learning rate from the tensor it was captured with.
