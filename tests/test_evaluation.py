@@ -60,9 +60,9 @@ def test_kid_is_torch_fidelitys_unbiased_mmd_and_zero_on_one_distribution():
     a, b = gaussian(120, 32, 3).float(), gaussian(120, 32, 4, shift=0.2).float()
     theirs = kernel_mmd(a.numpy().astype(np.float64), b.numpy().astype(np.float64), kid_kernel="poly",
                         kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
-    assert scores.mmd2(a, b) == pytest.approx(theirs, rel=1e-9)
+    assert scores.mmd2(a, b) == pytest.approx(theirs, rel=1e-5)  # products in float32, as theirs on float32 features
     mean, std, size = scores.kernel_distance(a, b, subsets=10, subset_size=1000)
-    assert size == 120 and mean == pytest.approx(theirs, rel=1e-9)  # a subset of all of each is the whole set
+    assert size == 120 and mean == pytest.approx(theirs, rel=1e-5)  # a subset of all of each is the whole set
     same, spread, _ = scores.kernel_distance(gaussian(2000, 32, 5), gaussian(2000, 32, 6), subsets=20,
                                              subset_size=500)
     assert abs(same) < 3 * spread and mean > 10 * spread  # unbiased: 0 on average when the laws are equal

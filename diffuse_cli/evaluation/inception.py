@@ -71,17 +71,21 @@ def load_network(device: torch.device | str = "cpu") -> torch.nn.Module:
 
 def tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """TensorFlow 1.x's resize_bilinear with align_corners=False on float (N, C, H, W): output pixel i reads the
-    input at i · in/out (no half-pixel offset), between its floor and the next pixel (clamped at the edge)."""
-    def axis(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n_in / size, dtype=torch.float32)
-        lo = src.long()
-        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo.float()).to(x.dtype)
+    input at i · in/out (no half-pixel offset), between its floor and the next pixel (clamped at the edge). As
+    two small matrices, rows then columns: each output row or column mixes two inputs."""
+    return _tf_weights(x.shape[2], size, x.dtype) @ x @ _tf_weights(x.shape[3], size, x.dtype).T
 
-    ylo, yhi, dy = axis(x.shape[2])
-    xlo, xhi, dx = axis(x.shape[3])
-    top = x[:, :, ylo][:, :, :, xlo] + (x[:, :, ylo][:, :, :, xhi] - x[:, :, ylo][:, :, :, xlo]) * dx
-    bottom = x[:, :, yhi][:, :, :, xlo] + (x[:, :, yhi][:, :, :, xhi] - x[:, :, yhi][:, :, :, xlo]) * dx
-    return top + (bottom - top) * dy[:, None]
+
+def _tf_weights(n_in: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size, n_in): output i = (1 - f) · input[lo] + f · input[hi], lo = floor(i · n_in / size) (in float32, as
+    TensorFlow computes the source position), hi = min(lo + 1, n_in - 1)."""
+    src = torch.arange(size, dtype=torch.float32) * torch.tensor(n_in / size, dtype=torch.float32)
+    lo = src.long()
+    frac = (src - lo.float()).to(dtype)
+    w = torch.zeros(size, n_in, dtype=dtype)
+    w[torch.arange(size), lo] += 1 - frac
+    w[torch.arange(size), (lo + 1).clamp(max=n_in - 1)] += frac
+    return w
 
 
 def pil_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -58,9 +58,11 @@ def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The unbiased MMD² of two equal-sized sets under k(x, y) = (xᵀy / d + 1)³ (Bińkowski et al. 2018, eq. 3)."""
-    x, y, d, m = x.double(), y.double(), x.shape[1], len(x)
-    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    """The unbiased MMD² of two equal-sized sets under k(x, y) = (xᵀy / d + 1)³ (Bińkowski et al. 2018, eq. 3).
+    The products in float32 (as torch-fidelity computes them: it is most of eval's arithmetic after the network),
+    the sums in float64."""
+    x, y, d, m = x.float(), y.float(), x.shape[1], len(x)
+    kxx, kyy, kxy = ((p @ q.T / d + 1).double() ** 3 for p, q in ((x, x), (y, y), (x, y)))
     return float((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.sum() / (m * m))
 
 
