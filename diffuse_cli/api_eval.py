@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 
@@ -42,10 +42,9 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n:
     first with its default sampler (n: the reference's size, at most 10,000) into `out` (None: a temporary
     folder). reference: a folder of images (default for a run: its training folder, or the built-in shapes it
     trained on). progress(stage, done, total) reports each stage: "sampling", "samples", "reference"."""
-    if resize not in ("tf", "pytorch", "clean"):
-        raise UsageError(f"unknown {{resize}} {resize!r}; choose one of: tf, pytorch, clean", "resize")
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"unknown {{precision}} {precision!r}; choose fp32 or bf16", "precision")
+    for name, value, choices in (("resize", resize, Resize), ("precision", precision, Precision)):
+        if value not in get_args(choices):
+            raise UsageError(f"unknown {{{name}}} {value!r}; choose one of: {', '.join(get_args(choices))}", name)
     if n is not None and n < 2:
         raise UsageError(f"{{n}} must be at least 2, not {n}", "n")
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)

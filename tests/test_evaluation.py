@@ -331,7 +331,7 @@ def test_training_with_eval_every_records_fid_and_keeps_the_best_weights(tmp_pat
     from PIL import Image
 
     from diffuse_cli.images.shapes import render_shapes
-    from diffuse_cli.training.loop import read_metrics
+    from diffuse_cli.training.run_folder import read_metrics
 
     diffuse.train(render_shapes(8, 16, seed=1), out=tmp_path / "run", preset="tiny", steps=4, batch_size=4,
                   eval_every=2, eval_n=4, device="cpu")

@@ -56,7 +56,7 @@ def test_the_graph_holds_lazy_imports_too():
     graph = imports()
     assert "model" in graph["api_tools"] and "api_tools" in graph["api"] and "api" not in graph["api_tools"]
     assert "cli.convert" in graph["cli.app"] and "cli.app" not in graph["cli.convert"]
-    assert "network.threads" in graph["training.loop"] and "diffusion.denoiser" in graph["training.loop"]
+    assert "network.threads" in graph["training.loop"] and "diffusion.denoiser" in graph["training.run_folder"]
 
 
 def test_the_commands_call_the_api_and_do_no_engine_work():

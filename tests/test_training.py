@@ -17,6 +17,7 @@ import torch
 from diffuse_cli.training import budget as budget_module
 from diffuse_cli.training import step as step_module
 from diffuse_cli.training import loop as train_module
+from diffuse_cli.training import run_folder as run_folder_module
 from diffuse_cli.training.budget import UNFITTED, Budget
 from diffuse_cli.formats.checkpoint import load_model, load_training_state, save_model
 from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
@@ -177,7 +178,7 @@ def test_by_default_saves_and_grids_come_every_500_steps_at_most_once_a_minute(t
     monkeypatch.setattr(train_module, "DEFAULT_EVERY", 5)
     monkeypatch.setattr(train_module, "MIN_INTERVAL_S", min_interval)
     saved = []
-    monkeypatch.setattr(train_module, "write_metrics", lambda path, new, step: saved.append(step))
+    monkeypatch.setattr(run_folder_module, "write_metrics", lambda path, new, step: saved.append(step))
     train(replace(CONFIG, train=replace(CONFIG.train, steps=10)), DATA, tmp_path, Options(grid_steps=2))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == grids
     assert saved == [int(name[5:11]) for name in grids]  # each save rewrites metrics.jsonl

@@ -1,0 +1,123 @@
+"""A run folder's files, as training writes them: checkpoints (the training state and the EMA model), metrics.jsonl,
+the sample grids and loss.png, and with --eval-every, FID and the best weights. With no folder, nothing is written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import Config
+from ..diffusion.denoiser import generate
+from ..diffusion.sampling import SampleConfig
+from ..formats.checkpoint import save_model, save_training_state
+from ..formats.files import BEST_MODEL_FILE, LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
+from ..images.data import ImageData
+from ..images.pictures import grid_upscale, make_grid, save_image, save_png
+from ..network.unet import count_parameters
+from . import distributed
+from .fid_watch import FidWatch
+from .plots import loss_plot
+
+GRID_IMAGES = 16
+
+
+@dataclass
+class RunFolder:
+    """Checkpoints, metrics and sample grids in the run folder; with no folder (None), nothing is written."""
+
+    path: Path | None
+    data: ImageData
+    learner: Any  # loop.Learner: the weights, EMA, optimizer and loss scaler that a checkpoint holds
+    world: distributed.World
+    unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
+    history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
+    fid: FidWatch | None = None  # with --eval-every
+
+    def start(self, step: int) -> None:
+        """On resume: the records written before `step` (a resumed run keeps its loss curve and its best FID)."""
+        if self.path is not None and self.world.is_main:
+            self.history = [r for r in read_metrics(self.path / "metrics.jsonl") if r["step"] <= step]
+            if self.fid is not None and (fids := [r["fid"] for r in self.history if "fid" in r]):
+                self.fid.best = min(fids)
+
+    def evaluate(self, step: int, config: Config, precision: str, log: Callable[[str], None]) -> None:
+        """FID now: a record in metrics.jsonl and loss.png, and model_best.safetensors when it is the best yet."""
+        if self.fid is None or not self.world.is_main:
+            return
+        fid, best = self.fid(self.learner.ema, config, precision, log)
+        self.record({"step": step, "fid": fid, "fid_samples": self.fid.n})
+        log(f"step {step}: FID {fid:.2f} of {self.fid.n} samples" + (" (the best yet)" if best else
+                                                                     f" (best {self.fid.best:.2f})"))
+        if best and self.path is not None:
+            save_model(self.path / BEST_MODEL_FILE, self.learner.ema, config,
+                       {**self.facts(step, config), "data": Path(self.data.source).name or self.data.source,
+                        "fid": fid, "fid_samples": self.fid.n})
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.unsaved.append(record)
+        self.history.append(record)
+
+    def facts(self, step: int, config: Config) -> dict[str, Any]:
+        tc = config.train
+        counts = {"class_counts": self.data.class_counts()} if config.model.class_names else {}
+        return {"step": step, "image_size": config.model.image_size, "channels": config.model.channels,
+                "data": self.data.source, "data_size": len(self.data), **counts,
+                "parameters": count_parameters(self.learner.model), "images_seen": step * tc.batch_size * tc.grad_accum,
+                "weights": "ema", "world_size": self.world.size}
+
+    def save(self, step: int, config: Config) -> None:
+        if self.path is None or not self.world.is_main:
+            return
+        learner, info = self.learner, self.facts(step, config)
+        # The training state keeps the data folder's absolute path (for --resume) and fp16's loss scale.
+        resume_info = {**info, "grad_scaler": learner.scaler.state_dict()} if learner.scaler.is_enabled() else info
+        save_training_state(self.path / STATE_FILE, learner.model, learner.ema, learner.optimizer, config, resume_info)
+        save_model(self.path / MODEL_FILE, learner.ema, config,
+                   {**info, "data": Path(self.data.source).name or self.data.source})
+        write_metrics(self.path / "metrics.jsonl", self.unsaved, step)
+        self.unsaved.clear()
+
+    def grid(self, step: int, config: Config, sampler: str, steps: int, precision: str,
+             log: Callable[[str], None]) -> None:
+        if self.path is None or not self.world.is_main:
+            return
+        classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
+        labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
+        grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=sampler, steps=steps,
+                           seed=config.train.seed, precision=precision, log=log,
+                           labels=labels, guidance=SampleConfig.guidance)
+        save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
+        if self.history:
+            save_image(loss_plot(self.history), self.path / LOSS_PLOT)
+
+
+def check_writable(folder: Path) -> None:
+    """Create the folder and prove that a file can be written and renamed in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / ".write-test", b"ok")
+    (folder / ".write-test").unlink()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn or foreign line is dropped, not fatal."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+            except ValueError:
+                continue
+    return records
+
+
+def write_metrics(path: Path, new: list[dict[str, Any]], step: int) -> None:
+    """Rewrite metrics.jsonl atomically: the earlier lines, then the new ones (up to `step`)."""
+    first_new = new[0]["step"] if new else step + 1
+    lines = [json.dumps(r) for r in read_metrics(path) if r["step"] < first_new] + [json.dumps(r) for r in new]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode() if lines else b"")
