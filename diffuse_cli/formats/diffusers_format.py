@@ -286,8 +286,10 @@ def read_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Config, dic
     info: dict[str, Any] = {}
     if ours:  # our config, class names and all, if it describes the same network
         saved, info = ours
-        kept = {k: getattr(saved.model, k) for k in ("class_names", "head_channels", "norm_group_min")}
-        if saved.diffusion != config.diffusion or replace(model_cfg, **kept) != saved.model:
+        kept = {k: getattr(saved.model, k) for k in ("class_names", "head_channels", "norm_group_min",
+                                                     "attention_resolutions")}
+        same_attention = set(_occurring_attention(saved.model)) == set(model_cfg.attention_resolutions)
+        if saved.diffusion != config.diffusion or replace(model_cfg, **kept) != saved.model or not same_attention:
             raise CheckpointError(f"{root}: {OURS} and the diffusers configs describe different models; not imported")
         config = saved
     read_header(weights)  # its tensor table checked against the file before anything is read or allocated
@@ -331,6 +333,13 @@ def _our_export(root: Path) -> tuple[Config, dict[str, Any]] | None:
         raise CheckpointError(f"{root / OURS}: not a config diffuse wrote ({e}); remove it to import the diffusers "
                               "files alone") from None
     return config, info
+
+
+def _occurring_attention(cfg: ModelConfig) -> tuple[int, ...]:
+    """The attention resolutions a network has layers at: those among its levels' sizes. A preset may name one that
+    never occurs at a small image size (tiny's 4x4 at 16 px), and diffusers' config, which lists layers, cannot."""
+    sizes = {cfg.image_size >> level for level in range(len(cfg.channel_mult))}
+    return tuple(r for r in cfg.attention_resolutions if r in sizes)
 
 
 def _preset_of(cfg: ModelConfig) -> str:
