@@ -24,7 +24,7 @@ from PIL import Image
 TINY = ["--model", "tiny", "--image-size", "8", "--batch-size", "8"]
 
 
-def diffuse(*args: str, cwd: Path) -> list[str]:
+def diffuse(*args: str) -> list[str]:
     return [sys.executable, "-m", "diffuse_cli", *map(str, args)]
 
 
@@ -101,7 +101,7 @@ def main() -> None:
                         base_channels=32, head_channels=32, norm_group_min=1)  # channels diffusers can express
         d.export_diffusers(model, base / "exported")
         subprocess.run(diffuse("noise", base / "run" / "samples" / sorted(os.listdir(base / "run" / "samples"))[0],
-                               "--t", "0", "--out", "photo.png", cwd=base), cwd=base, env=env, check=True,
+                               "--t", "0", "--out", "photo.png"), cwd=base, env=env, check=True,
                        capture_output=True)
         commands = {
             "train": ["train", *TINY, "--steps", "200", "--save-every", "20", "--out", "run"],
@@ -119,7 +119,7 @@ def main() -> None:
             if command == "train":
                 shutil.rmtree(work / "run")
             start = time.perf_counter()
-            subprocess.run(diffuse(*commands[command], cwd=work), cwd=work, env=env, check=True, capture_output=True)
+            subprocess.run(diffuse(*commands[command]), cwd=work, env=env, check=True, capture_output=True)
             full = time.perf_counter() - start
             good, problems = 0, []
             for trial in range(args.trials):
@@ -127,7 +127,7 @@ def main() -> None:
                 shutil.copytree(base, work)
                 if command == "train":
                     shutil.rmtree(work / "run")
-                proc = subprocess.Popen(diffuse(*commands[command], cwd=work), cwd=work, env=env,
+                proc = subprocess.Popen(diffuse(*commands[command]), cwd=work, env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                 time.sleep(rng.uniform(0, full))
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -135,7 +135,7 @@ def main() -> None:
                 problem = check(command, work)
                 if problem is None:
                     done = subprocess.run(diffuse(*commands[command], *(["--resume", "auto"] if command == "train"
-                                                                         else []), cwd=work),
+                                                                         else [])),
                                           cwd=work, env=env, capture_output=True, text=True)
                     exists = "exists and is not an empty folder" in done.stderr or "already holds" in done.stderr
                     if done.returncode != 0 and not exists:

@@ -13,11 +13,12 @@ import torch
 from .errors import DataError, UsageError
 from .evaluation import inception
 from .evaluation.features import (BUILTIN_REFERENCE, COPY_SIZE, KID_SUBSET_SIZE, Scores, copies_picture,
-                                  image_features, image_files, inception_device, read_images, reference_features,
+                                  image_features, image_files, read_images, reference_features,
                                   resized, score, tensor_features)
 from .evaluation.inception import Precision, Resize
 from .formats.files import MODEL_FILE, STATE_FILE
 from .model import Model, PathLike
+from .network.device import pick_device
 
 
 @dataclass
@@ -54,7 +55,6 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n:
         raise DataError(f"{path}: no such folder or checkpoint")
     if path is not None and (path.suffix == ".safetensors" or (path / MODEL_FILE).exists()):
         from .formats.checkpoint import load_model, resolve_checkpoint
-        from .network.device import pick_device
 
         checkpoint = resolve_checkpoint(path)
         model = Model(*load_model(checkpoint, pick_device(device)), checkpoint)
@@ -67,7 +67,7 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n:
         raise UsageError(f"{{out}} {out} already holds images; name a new folder for the samples", "out")
     inception.network_file()  # the extra missing is said before any work
     notes: list[str] = []
-    run_device = inception_device(device)
+    run_device = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="diffuse-eval-") as scratch:
         if model is not None:
             from .images.sample_run import SampleRun

@@ -170,12 +170,6 @@ BUILTIN_REFERENCE = 2000
 COPY_SIZE = 32  # copies are judged in pixels at most this size, as Carlini et al. did on CIFAR-10
 
 
-def inception_device(device: str) -> torch.device:
-    from ..network.device import pick_device
-
-    return pick_device(device)
-
-
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images resized (area) to size, for the pixel comparison of copies."""
     if images.shape[-1] == size:
