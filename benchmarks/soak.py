@@ -2,7 +2,7 @@
 name whole (a checkpoint loads, a PNG decodes, a page ends), no folder that looks complete and is not, and the
 same command run again succeeds (or finds its result already whole).
 
-    python benchmarks/soak.py --trials 100                  # train, sample, export, import, interpolate, explore
+    python benchmarks/soak.py --trials 100          # train, sample, export, import, interpolate, explore, eval
     python benchmarks/soak.py --trials 20 --commands export import
 """
 
@@ -80,6 +80,17 @@ def check(command: str, work: Path) -> str | None:
         page = work / "explore.html"
         return "explore.html is not a whole page" if page.exists() and not page.read_text().rstrip().endswith(
             "</html>") else None
+    if command == "eval":
+        if (work / "copies.png").exists() and not whole_png(work / "copies.png"):
+            return "copies.png is torn"
+        from safetensors.torch import load_file
+
+        for cached in (work / "cache").rglob("*.safetensors") if (work / "cache").exists() else []:
+            try:
+                load_file(cached)
+            except Exception:  # noqa: BLE001
+                return f"the cached features {cached.name} do not load"
+        return None
     raise ValueError(command)
 
 
@@ -87,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--commands", nargs="+",
-                        default=["train", "sample", "export", "import", "interpolate", "explore"])
+                        default=["train", "sample", "export", "import", "interpolate", "explore", "eval"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -103,6 +114,8 @@ def main() -> None:
         subprocess.run(diffuse("noise", base / "run" / "samples" / sorted(os.listdir(base / "run" / "samples"))[0],
                                "--t", "0", "--out", "photo.png"), cwd=base, env=env, check=True,
                        capture_output=True)
+        subprocess.run(diffuse("sample", "-n", "24", "--steps", "5", "--checkpoint", "run", "--out", "pics"), cwd=base,
+                       env=env, check=True, capture_output=True)
         commands = {
             "train": ["train", *TINY, "--steps", "200", "--save-every", "20", "--out", "run"],
             "sample": ["sample", "-n", "64", "--steps", "10", "--batch-size", "8", "--checkpoint", "run", "--out", "s"],
@@ -111,6 +124,8 @@ def main() -> None:
             "interpolate": ["interpolate", "--seeds", "1", "2", "--frames", "9", "--steps", "20", "--checkpoint", "run",
                             "--out", "i"],
             "explore": ["explore", "photo.png", "--checkpoint", "run", "--frames", "20"],
+            # two small folders (the reference's features are cached), so a kill lands in every stage
+            "eval": ["eval", "pics", "pics", "--cache-dir", "cache", "--copies", "copies.png"],
         }
         for command in args.commands:
             work = Path(scratch) / command
