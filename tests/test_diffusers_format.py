@@ -226,13 +226,14 @@ def test_a_malformed_config_is_one_line_and_exit_2_and_nothing_is_written(run_cl
 
 
 def test_a_model_whose_attention_level_never_occurs_exports_and_imports_back(tmp_path):
-    """tiny names attention at 4x4, which a 16-px image with two levels never reaches; diffusers' config lists
-    only the layers there are, and our config beside it names the one that is not: the same network either way."""
+    """tiny before its shape scaled named attention at 4x4, which a 16-px image with two levels never reaches (such
+    checkpoints exist); diffusers' config lists only the layers there are, and our config beside it names the one
+    that is not: the same network either way."""
     import diffuse_cli as diffuse
 
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     model = diffuse.train(images, preset="tiny", steps=1, device="cpu", base_channels=32, head_channels=32,
-                          norm_group_min=1)
+                          norm_group_min=1, channel_mult=(1, 2), attention_resolutions=(4,))
     assert model.config.model.image_size == 16 and model.config.model.attention_resolutions == (4,)
     diffuse.export_diffusers(model, tmp_path / "out")
     back = diffuse.import_diffusers(tmp_path / "out", device="cpu")

@@ -39,10 +39,50 @@ def test_timestep_embedding_distinguishes_steps():
     assert torch.cdist(e, e).add(torch.eye(1000) * 10).min() > 1e-3
 
 
-@pytest.mark.parametrize("size", [0, 6, 30, 2])
-def test_image_sizes_the_unet_cannot_halve_are_rejected(size):
-    with pytest.raises(ConfigError, match="cannot be halved"):
+@pytest.mark.parametrize("size, message", [(0, "too small"), (2, "too small"), (30, "use 28 or 32"),
+                                           (100, "use 96 or 112"), (50, "use 48 or 56")])
+def test_image_sizes_the_unet_cannot_halve_are_rejected_naming_sizes_that_work(size, message):
+    with pytest.raises(ConfigError, match=message):
         model_config("small", image_size=size)
+
+
+SCALED = [name for name, fields in PRESETS.items() if "attend_up_to" in fields]
+
+
+@pytest.mark.parametrize("preset", SCALED)
+@pytest.mark.parametrize("size", [16, 24, 32, 48, 64, 96, 128, 192, 256])
+def test_scaled_presets_reach_4x4_to_8x8_and_attend_at_16_and_8(preset, size):
+    """Issue 39's shape: the deepest level 4x4 to 8x8; attention at 16x16 and 8x8 wherever they are below the top
+    level (base and large: 32x32 too, as ADM), and nowhere else."""
+    cfg = model_config(preset, image_size=size)
+    sides = [size >> level for level in range(len(cfg.channel_mult))]
+    assert size % 2 ** (len(sides) - 1) == 0 and 4 <= sides[-1] <= 8
+    wanted = {16, 8} | ({32} if preset in ("base", "large") else set())
+    if size & (size - 1) == 0:  # a power of two: the sides the recipes name
+        assert set(cfg.attention_resolutions) == wanted & set(sides[1:])
+    assert size not in cfg.attention_resolutions and all(s > 4 for s in cfg.attention_resolutions)
+    assert set(cfg.attention_resolutions) <= set(sides)  # every resolution named occurs
+
+
+def test_scaled_presets_follow_the_published_multipliers():
+    """ADM (Dhariwal & Nichol 2021) at 64, 128 and 256; DDPM's 256 row is the same as ADM's."""
+    assert model_config("base", image_size=64).channel_mult == (1, 2, 3, 4)
+    assert model_config("base", image_size=128).channel_mult == (1, 1, 2, 3, 4)
+    assert model_config("large", image_size=256).channel_mult == (1, 1, 2, 2, 4, 4)
+    assert model_config("base", image_size=256).attention_resolutions == (32, 16, 8)
+
+
+def test_the_builtin_default_network_keeps_its_measured_shape():
+    """small at the built-in 16 px is the network docs/training.md's speed and quality were measured on."""
+    cfg = model_config("small", image_size=16)
+    assert (cfg.channel_mult, cfg.attention_resolutions, cfg.base_channels) == ((1, 2, 2), (8,), 48)
+    assert count_parameters(UNet(cfg)) == count_parameters(UNet(model_config(
+        "small", image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8,))))
+
+
+def test_ddpm_cifar10_keeps_its_fixed_shape_at_any_size():
+    assert model_config("ddpm-cifar10", image_size=64).channel_mult == (1, 2, 2, 2)
+    assert model_config("ddpm-cifar10", image_size=64).attention_resolutions == (16,)
 
 
 def test_unknown_preset_lists_the_choices():

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from ..config import MAX_TIMESTEPS, PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_model
-from ..errors import CheckpointError, DiffuseError, UsageError
+from ..config import (MAX_TIMESTEPS, PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict,
+                      model_config, to_dict, validate_model)
+from ..errors import CheckpointError, ConfigError, DiffuseError, UsageError
 from .checkpoint import read_header
 from .files import atomic_folder, atomic_write_bytes
 from ..diffusion.schedule import BETAS
@@ -343,9 +344,15 @@ def _occurring_attention(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def _preset_of(cfg: ModelConfig) -> str:
-    """The preset an imported network's shape matches, else 'imported'."""
-    for name, fields in PRESETS.items():
-        if all(getattr(cfg, k) == v for k, v in fields.items() if k != "dropout"):
+    """The preset an imported network's shape matches at its image size, else 'imported'."""
+    shape = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "head_channels",
+             "norm_group_min")
+    for name in PRESETS:
+        try:
+            preset = model_config(name, image_size=cfg.image_size)
+        except ConfigError:  # a size the scaled presets cannot take
+            continue
+        if all(getattr(cfg, k) == getattr(preset, k) for k in shape):
             return name
     return "imported"
 
