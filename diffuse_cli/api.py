@@ -77,7 +77,8 @@ def load(path: PathLike | None = None, device: str = "auto") -> Model:
 
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
           resume: bool = False, preset: str | None = None, max_time: float | str | None = None,
-          device: str = "auto", compile: bool = False, cuda_graph: bool = True, save_every: int | None = None,
+          device: str = "auto", compile: bool = False, cuda_graph: bool = True, checkpointing: bool = False,
+          save_every: int | None = None,
           sample_every: int | None = None, eval_every: int | None = None, eval_n: int = 1000,
           hooks: Hooks = Hooks(), **settings: Any) -> Model:
     """Train a model and return it (its EMA weights).
@@ -86,7 +87,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
     objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
-    learning rate decays over the steps that fit in it. eval_every: FID of eval_n samples every that many steps
+    learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations in
+    the backward (less memory, more compute); a batch that would not fit is split into micro-batches either way
+    (training/memory.py). eval_every: FID of eval_n samples every that many steps
     (metrics.jsonl, loss.png, and the best weights as model_best.safetensors; needs the [eval] extra)."""
     from .images import data as data_module  # looked up at call time: tests stand in for load_data
     from .training import distributed, runs
@@ -143,6 +146,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, eval_every=eval_every,
                       eval_n=eval_n, max_time=seconds,
                       fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
+                      checkpointing=checkpointing,
                       chosen=frozenset(settings) | given_by_data)
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0

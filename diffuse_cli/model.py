@@ -130,13 +130,11 @@ class Model:
 
     def sampling_batch(self, batch_size: int, log: Callable[[str], None] = lambda message: None,
                        copies: int = 1) -> int:
-        """The batch to sample with: batch_size, or on the CPU (where running out of memory is the
-        system killing the process) the most that fits in the memory available, each network call
-        holding `copies` of it (2 under guidance)."""
-        if self.device.type != "cpu":
-            return batch_size
-        fits = fitting_batch(self.net, batch_size * copies, device_module.memory_available()) // copies
-        fits = max(1, fits)
+        """The batch to sample with: batch_size, or the most that fits in the memory the device has free (on the
+        CPU running out is the system killing the process; on a GPU, CUDA's error hours into a long job), each
+        network call holding `copies` of it (2 under guidance)."""
+        free = device_module.device_memory_available(self.device)
+        fits = max(1, fitting_batch(self.net, batch_size * copies, free) // copies)
         if fits < batch_size:
             log(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
                 f"(a batch of {batch_size} would not; the images are the same either way)")

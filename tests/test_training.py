@@ -159,16 +159,6 @@ def test_fp16_resumes_with_its_loss_scale_bit_for_bit(tmp_path, monkeypatch):
     assert saved is not None and saved["scale"] == 2.0**18  # halved once, by the overflow of step 1
 
 
-@pytest.mark.parametrize("available, warned", [(1 << 50, False), (1 << 20, True)])
-def test_a_step_larger_than_the_memory_left_is_announced(tmp_path, monkeypatch, available, warned):
-    """On the CPU running out of memory is the system killing the process, with no word of why."""
-    monkeypatch.setattr("diffuse_cli.training.run_summary.memory_available", lambda: available)
-    logs = []
-    train(replace(CONFIG, train=replace(CONFIG.train, steps=1)), DATA, tmp_path, OPTIONS, Hooks(log=logs.append))
-    said = [m for m in logs if m.startswith("warning: training steps of batch 4 at 8x8 need about")]
-    assert bool(said) == warned and all("--batch-size" in m and "--grad-accum" in m for m in said)
-
-
 @pytest.mark.parametrize("min_interval, grids", [(60.0, ["step_000010.png"]),
                                                   (0.0, ["step_000005.png", "step_000010.png"])])
 def test_by_default_saves_and_grids_come_every_500_steps_at_most_once_a_minute(tmp_path, monkeypatch, min_interval,

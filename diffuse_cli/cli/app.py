@@ -47,7 +47,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, eval_every: opt.EvalEvery = None, eval_n: opt.EvalN = 1000,
           device: opt.Device = "auto", compile: opt.Compile = False,
-          cuda_graph: opt.CudaGraph = True, devices: opt.Devices = 1, threads: opt.Threads = None) -> None:
+          cuda_graph: opt.CudaGraph = True, checkpointing: opt.Checkpointing = False, devices: opt.Devices = 1,
+          threads: opt.Threads = None) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     from .launch import launch_devices
 
@@ -75,7 +76,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                                        " (new: --resume auto found no run to continue)" if resume == "auto" else ""))
     with display, interrupted_says(lambda: "interrupted while decoding the images; nothing was written"):
         trained = api.train(folder, run, resume=resuming, preset=model, max_time=seconds, device=device,
-                            compile=compile, cuda_graph=cuda_graph, save_every=save_every, sample_every=sample_every,
+                            compile=compile, cuda_graph=cuda_graph, checkpointing=checkpointing,
+                            save_every=save_every, sample_every=sample_every,
                             eval_every=eval_every, eval_n=eval_n,
                             hooks=display.hooks(), **settings)
     result = trained.training

@@ -38,6 +38,9 @@ Seed = Annotated[Optional[int], typer.Option(help="Seed: training's weights, dat
                                              f"image i uses seed+i, whatever --batch-size.{default(S.seed)}")]
 CudaGraph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph",
                                          help="On CUDA, replay each step or network call as one CUDA graph; off to debug.")]
+Checkpointing = Annotated[bool, typer.Option("--checkpointing", help="Recompute each residual block's activations in "
+                                             "the backward instead of keeping them: large images on a small GPU "
+                                             "for about a third more compute per step.")]
 Checkpoint = Annotated[Optional[Path], typer.Option(help="model.safetensors, a run folder, or a folder of runs (the "
                                                     "newest). \\[default: newest under ./checkpoints]")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per step (train: global, split across processes "
@@ -52,7 +55,8 @@ ImageSize = Annotated[Optional[int], typer.Option(help="Train at this resolution
                                                   "the built-in shapes]")]
 Channels = Annotated[Optional[int], typer.Option(help="3 for RGB, 1 for grayscale. \\[default: 1 if every image is "
                                                  "grayscale, else 3]")]
-Preset = Annotated[Optional[str], typer.Option("--model", "--preset", help=f"U-Net size: {', '.join(PRESETS)}."
+Preset = Annotated[Optional[str], typer.Option("--model", "--preset", help=f"U-Net width and depth: {', '.join(PRESETS)}."
+                                               " The image size shapes its levels and attention (docs/training.md)."
                                                f"{default(Config.preset)}")]
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help=f"Noise schedule: {one_of(Schedule)}."
                                                     f"{default(DiffusionConfig.schedule)}")]

@@ -120,6 +120,15 @@ def memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/c
     return available if left is None else min(available, left)
 
 
+def device_memory_available(device: torch.device) -> int:
+    """Bytes a run may still take on `device`: on a GPU what CUDA reports free plus what torch's allocator holds
+    unused; elsewhere the host's memory_available()."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return memory_available()
+
+
 def _cgroup_memory_left(proc: Path, cgroups: Path) -> int | None:
     """Least of limit less usage over this process's memory cgroup and its parents (v2 or v1);
     None when none of them has a limit."""

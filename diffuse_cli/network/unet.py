@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import fast_ops
 from ..config import ModelConfig
@@ -178,6 +179,19 @@ class UNet(nn.Module):
         # Made last, so that a conditional model's other weights start as the unconditional one's would. Not
         # zero: the residual branches start at zero, so a zero embedding would get no gradient for many steps.
         self.class_emb = nn.Embedding(len(cfg.class_names) + 1, emb_ch) if cfg.class_names else None
+        # Recompute each residual block's activations in the backward instead of keeping them (training's
+        # --checkpointing): the memory of one block instead of all, for about a third more compute.
+        self.checkpointing = False
+
+    def checkpointed_blocks(self) -> list[nn.Module]:
+        """The blocks --checkpointing recomputes: each stage (residual block and its attention) and the middle's."""
+        return [b for b in (*self.down, *self.mid, *self.up) if not isinstance(b, (Downsample, Upsample))]
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled() and not isinstance(
+                block, (Downsample, Upsample)):
+            return checkpoint(block, h, emb, use_reentrant=False)  # dropout's draws are replayed: the same masks
+        return block(h, emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """labels: (B,) class indices, len(class_names) for "no class" (None: no class for every image)."""
@@ -191,14 +205,14 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             hs.append(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
         for block in self.up:
             if isinstance(block, Stage):
                 h = torch.cat([h, hs.pop()], dim=1)
-            h = block(h, emb)
+            h = self._run(block, h, emb)
         return self.out(h)
 
 

@@ -26,7 +26,7 @@ from .budget import Budget, is_fitted
 from ..formats.checkpoint import load_training_state
 from ..config import Config
 from ..images.data import ImageData, ReadAhead, to_model
-from ..network.device import memory_format, mix_seed, resolve_precision
+from ..network.device import device_memory_available, memory_format, mix_seed, resolve_precision
 from ..errors import TrainingFailed, UsageError
 from ..network.fast_ops import to_device
 from ..formats.files import MODEL_FILE, STATE_FILE
@@ -37,7 +37,8 @@ from .run_folder import RunFolder, check_writable
 from .fid_watch import FidWatch
 from ..diffusion.schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
-from .run_summary import choices_made, memory_warning, start_line
+from .memory import fit_batch
+from .run_summary import choices_made, network_line, start_line
 from ..network.unet import UNet
 
 LOG_EVERY = 10
@@ -62,6 +63,7 @@ class Options:
     resume: bool = False
     compile: bool = False
     cuda_graph: bool = True  # replay each step as one CUDA graph where it can (CUDA, one process, bf16/fp32)
+    checkpointing: bool = False  # recompute each residual block's activations in the backward (memory.py)
     eval_every: int | None = None  # FID every this many steps (fid_watch.py); None: never
     eval_n: int = 1000  # samples (and training images) each FID is of
     grid_sampler: str = SamplerChoice.name
@@ -177,6 +179,7 @@ class Batches:
 class Learner:
     """The network, its EMA, the optimizer and (fp16) the gradient scaler, and the step that updates them."""
 
+    config: Config  # the run's, its batch split into micro-batches where a step would not fit (memory.fit_batch)
     model: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -191,9 +194,17 @@ class Learner:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         layout = memory_format(device, precision)
         model = UNet(config.model).to(device, memory_format=layout)
+        model.checkpointing = options.checkpointing
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())  # already taken from what is free
+        config, note = fit_batch(config, model, precision, options.checkpointing, world,
+                                 device_memory_available(device) + weights)
+        if note:
+            log(note)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
+        # fp16's GradScaler and DDP's hooks do host work each step; checkpointing's recomputation reads the CUDA
+        # generator's state, which a graph capture does not allow
         use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
-                     and precision != "fp16")  # fp16's GradScaler and DDP's hooks do host work each step
+                     and precision != "fp16" and not options.checkpointing)
         optimizer = make_optimizer(model, config.train, capturable=use_graph)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         net: torch.nn.Module = model
@@ -207,7 +218,7 @@ class Learner:
         if use_graph:
             take_step = graphed_step(take_step, on_fallback=lambda why: log(
                 f"CUDA graph capture failed ({why}); training on without it (--no-cuda-graph skips the attempt)"))
-        return cls(model, ema, optimizer, scaler, io, take_step, use_graph)
+        return cls(config, model, ema, optimizer, scaler, io, take_step, use_graph)
 
     def resume(self, path: Path) -> dict[str, Any]:
         """Load the weights, EMA, optimizer and loss scale saved at `path`; returns the saved facts."""
@@ -302,6 +313,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         tc = config.train
 
     learner = Learner.build(config, options, world, device, precision, schedule, hooks.log)
+    config, tc = learner.config, learner.config.train
     step = 0
     if options.resume:
         info = learner.resume(run_dir / STATE_FILE)
@@ -319,11 +331,10 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     if cpu is not None:
         cpu.settle()  # the first count, before the first step; then tick() follows the machine
     hooks.log(start_line(config, data, device, precision, learner.model, learner.uses_graph, world, cpu))
+    hooks.log(network_line(config))
     chosen = options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
     if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu):
         hooks.log(summary)
-    if device.type == "cpu" and (warning := memory_warning(config, learner.model, world)):
-        hooks.log(warning)
 
     budget.started = time.monotonic()  # the budget is for training, not for setting up
     config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records

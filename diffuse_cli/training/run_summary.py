@@ -1,5 +1,5 @@
-"""The text a training run starts with: what runs where, every choice made for the user with the option that
-sets it, and on the CPU a warning when a step would not fit in memory."""
+"""The text a training run starts with: what runs where, the network's shape, and every choice made for the user
+with the option that sets it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ import torch
 
 from ..config import Config
 from ..images.data import ImageData
-from ..network.device import memory_available, precision_reason
+from ..network.device import precision_reason
 from .distributed import World
 from .mirror import MirrorVerdict
 from ..network.threads import ThreadShare
-from ..network.unet import count_parameters, layer_outputs
-
-# A CPU training step holds about this many bytes per element of its layers' outputs (unet.layer_outputs),
-# measured over the presets, precisions and image sizes (benchmarks/train_speed.py reports peak memory).
-STEP_BYTES_PER_OUTPUT = 6
-
+from ..network.unet import count_parameters
 
 def start_line(config: Config, data: ImageData, device: torch.device, precision: str, model: torch.nn.Module,
                uses_graph: bool, world: World, cpu: ThreadShare | None = None) -> str:
@@ -30,16 +25,15 @@ def start_line(config: Config, data: ImageData, device: torch.device, precision:
             + (f", {cpu.threads} CPU thread{'s' * (cpu.threads != 1)}" if cpu is not None else ""))
 
 
-def memory_warning(config: Config, model: torch.nn.Module, world: World) -> str | None:
-    """On the CPU, where running out of memory is the system killing the process without a word: a
-    warning when a step would need more memory than is available."""
-    need = world.local_size * STEP_BYTES_PER_OUTPUT * layer_outputs(model, config.train.batch_size // world.size)
-    if need <= (have := memory_available()):
-        return None
-    size = config.model.image_size
-    return (f"warning: training steps of batch {config.train.batch_size} at {size}x{size} need about "
-            f"{need / 2**30:.1f} GB of memory, and {have / 2**30:.1f} GB is available: if the system stops the run, "
-            "use a smaller --batch-size (with --grad-accum to keep the effective batch) or --image-size")
+def network_line(config: Config) -> str:
+    """The network's shape: its levels, their channels and where it attends (config.network_shape)."""
+    m = config.model
+    sides = [m.image_size >> level for level in range(len(m.channel_mult))]
+    attends = [f"{s}x{s}" for s in sides if s in m.attention_resolutions] + [f"the middle ({sides[-1]}x{sides[-1]})"]
+    return (f"network: {len(sides)} level{'s' * (len(sides) != 1)} "
+            f"{' -> '.join(f'{s}x{s}' for s in sides)} of {', '.join(str(m.base_channels * k) for k in m.channel_mult)} "
+            f"channels, {m.num_res_blocks} residual block{'s' * (m.num_res_blocks != 1)} each, attention at "
+            f"{', '.join(attends[:-1]) + ' and ' if len(attends) > 1 else ''}{attends[-1]}")
 
 
 def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume: bool, precision: str,
