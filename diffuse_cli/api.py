@@ -78,7 +78,7 @@ def load(path: PathLike | None = None, device: str = "auto") -> Model:
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
           resume: bool = False, preset: str | None = None, max_time: float | str | None = None,
           device: str = "auto", compile: bool = False, cuda_graph: bool = True, checkpointing: bool = False,
-          save_every: int | None = None,
+          cache: PathLike | bool = True, save_every: int | None = None,
           sample_every: int | None = None, eval_every: int | None = None, eval_n: int = 1000,
           hooks: Hooks = Hooks(), **settings: Any) -> Model:
     """Train a model and return it (its EMA weights).
@@ -89,7 +89,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
     learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations in
     the backward (less memory, more compute); a batch that would not fit is split into micro-batches either way
-    (training/memory.py). eval_every: FID of eval_n samples every that many steps
+    (training/memory.py). cache: keep a folder's decoded images in the cache folder (True: $DIFFUSE_CACHE, else
+    ~/.cache/diffuse; a path; False: never), which later runs read without decoding (images/cache.py). eval_every: FID of eval_n samples every that many steps
     (metrics.jsonl, loss.png, and the best weights as model_best.safetensors; needs the [eval] extra)."""
     from .images import data as data_module  # looked up at call time: tests stand in for load_data
     from .training import distributed, runs
@@ -131,7 +132,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         data_set = data_module.load_data(folder, config.model.image_size, None if auto_channels else config.model.channels,
                                          progress=hooks.decoding,
                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # each DDP process holds one
-                                         share=distributed.share(torch_device) if folder is not None else None)
+                                         share=distributed.share(torch_device) if folder is not None else None,
+                                         cache=cache)
     if data_set.image_size != config.model.image_size:
         raise DataError(f"the images are {data_set.image_size}x{data_set.image_size}, and the model is "
                         f"{config.model.image_size}x{config.model.image_size}")

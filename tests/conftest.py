@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from diffuse_cli.cli import app as cli
 # means the same on every machine, and none slows to a crawl beside a busy neighbour. test_threads.py checks the
 # automatic count on machine readings it injects.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Decoded images and reference features are cached in a folder of the test session's own, never the user's.
+os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
 
 
 def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:

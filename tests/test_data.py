@@ -56,18 +56,18 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     write_image(gray / "l.png", "L", seed=1)
     write_image(gray / "deep.png", "I;16", seed=2)
     (gray / "broken.png").write_bytes(b"\x89PNG\r\n")
-    in_memory = {root: load_folder(root, 8, channels=None) for root in (image_folder, gray)}
+    in_memory = {root: load_folder(root, 8, channels=None, cache=False) for root in (image_folder, gray)}
     monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 5000)  # 11 files of 3x8x8 need 2,112 bytes
-    assert load_folder(image_folder, 8).images is not None
-    assert load_folder(image_folder, 8, copies=2).images is None  # two processes on the machine need 4,224
+    assert load_folder(image_folder, 8, cache=False).images is not None
+    assert load_folder(image_folder, 8, copies=2, cache=False).images is None  # two processes on the machine need 4,224
     monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 1000)
     for root, kept in in_memory.items():
-        lazy = load_folder(root, 8, channels=None)
+        lazy = load_folder(root, 8, channels=None, cache=False)
         assert lazy.images is None and lazy.channels == kept.channels and len(lazy) == len(kept)
         assert lazy.skipped == kept.skipped and lazy.paths == kept.paths
         every = torch.arange(len(kept))
         assert torch.equal(lazy.batch(every), kept.images) and torch.equal(kept.batch(every), kept.images)
-    lazy = load_folder(gray, 8, channels=None)
+    lazy = load_folder(gray, 8, channels=None, cache=False)
     (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
     with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
         lazy.batch(torch.arange(len(lazy)))

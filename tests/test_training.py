@@ -185,9 +185,9 @@ def test_images_decoded_on_demand_train_as_images_in_memory_do(tmp_path, monkeyp
     for i, image in enumerate(DATA.images):
         save_png(image, tmp_path / "data" / f"{i}.png")
     config = replace(CONFIG, train=replace(CONFIG.train, grad_accum=2, steps=3))
-    in_memory = load_folder(tmp_path / "data", 8)
+    in_memory = load_folder(tmp_path / "data", 8, cache=False)
     monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 0)
-    on_demand = load_folder(tmp_path / "data", 8)
+    on_demand = load_folder(tmp_path / "data", 8, cache=False)
     assert in_memory.images is not None and on_demand.images is None
     for data, run in ((in_memory, "a"), (on_demand, "b")):
         train(config, data, tmp_path / run, OPTIONS)

@@ -47,7 +47,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, eval_every: opt.EvalEvery = None, eval_n: opt.EvalN = 1000,
           device: opt.Device = "auto", compile: opt.Compile = False,
-          cuda_graph: opt.CudaGraph = True, checkpointing: opt.Checkpointing = False, devices: opt.Devices = 1,
+          cuda_graph: opt.CudaGraph = True, checkpointing: opt.Checkpointing = False,
+          cache_dir: opt.DataCache = None, no_cache: opt.NoCache = False, devices: opt.Devices = 1,
           threads: opt.Threads = None) -> None:
     """Train a diffusion model; writes checkpoints/<run>/ (weights, sample grids, metrics)."""
     from .launch import launch_devices
@@ -77,6 +78,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     with display, interrupted_says(lambda: "interrupted while decoding the images; nothing was written"):
         trained = api.train(folder, run, resume=resuming, preset=model, max_time=seconds, device=device,
                             compile=compile, cuda_graph=cuda_graph, checkpointing=checkpointing,
+                            cache=False if no_cache else cache_dir or True,
                             save_every=save_every, sample_every=sample_every,
                             eval_every=eval_every, eval_n=eval_n,
                             hooks=display.hooks(), **settings)

@@ -38,6 +38,11 @@ Seed = Annotated[Optional[int], typer.Option(help="Seed: training's weights, dat
                                              f"image i uses seed+i, whatever --batch-size.{default(S.seed)}")]
 CudaGraph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph",
                                          help="On CUDA, replay each step or network call as one CUDA graph; off to debug.")]
+DataCache = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where a folder's decoded images are kept, for "
+                                                   "later runs to read without decoding. \\[default: $DIFFUSE_CACHE, "
+                                                   "else ~/.cache/diffuse]", show_default=False)]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Decode the images into memory (or on demand) without "
+                                       "keeping them in the cache.")]
 Checkpointing = Annotated[bool, typer.Option("--checkpointing", help="Recompute each residual block's activations in "
                                              "the backward instead of keeping them: large images on a small GPU "
                                              "for about a third more compute per step.")]

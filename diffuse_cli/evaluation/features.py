@@ -5,7 +5,6 @@ and the copies picture from two feature sets (scores.py). The API's evaluate() (
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,13 +13,12 @@ import torch
 from safetensors.torch import load, save
 
 from ..errors import DataError
-from ..formats.files import atomic_write_bytes
+from ..formats.files import atomic_write_bytes, cache_dir
 from ..images.data import decode_image, find_files, read_image
 from . import inception, scores
 from .inception import Precision, Resize
 
 Progress = Callable[[int, int], None]
-CACHE_ENV = "DIFFUSE_CACHE"  # where reference statistics are kept (default: ~/.cache/diffuse)
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 PR_K = 3  # Kynkäänniemi et al. 2019's k
 COPIES_SHOWN = 8  # rows of copies.png
@@ -45,13 +43,6 @@ class Scores:
         return {"fid": self.fid, "kid": {"mean": self.kid_mean, "std": self.kid_std}, "precision": self.precision,
                 "recall": self.recall, "copies": {"count": self.copies, "of": self.n_samples},
                 "n_samples": self.n_samples, "n_reference": self.n_reference, "resize": self.resize}
-
-
-def cache_dir() -> Path:
-    """$DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffuse"
 
 
 def image_files(folder: Path, role: str) -> list[Path]:

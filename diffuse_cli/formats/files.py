@@ -18,6 +18,16 @@ BEST_MODEL_FILE = "model_best.safetensors"  # with train --eval-every: the EMA w
 LOSS_PLOT = "loss.png"  # loss and learning rate against step, redrawn with every sample grid
 
 
+CACHE_ENV = "DIFFUSE_CACHE"  # where decoded images and reference features are kept (default: ~/.cache/diffuse)
+
+
+def cache_dir() -> Path:
+    """$DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffuse"
+
+
 # A write that fails with one of these is out of room (or of quota, or of a working disk), not a bug or bad input.
 SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 

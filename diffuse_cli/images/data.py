@@ -22,6 +22,7 @@ from PIL import ExifTags, Image, ImageOps, ImageSequence, JpegImagePlugin
 
 from ..network.device import memory_available
 from ..errors import DataError
+from .cache import Entry, build_entry, entry_path, read_entry, stamps
 from .shapes import SHAPES, render_shapes, shape_kinds
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class ImageData:
     upscaled: list[int] = field(default_factory=list)  # short sides of the images smaller than image_size
     classes: tuple[str, ...] = ()  # class names: the data folder's first-level subfolders (two or more)
     labels: torch.Tensor | None = None  # (N,) int64 class index of each image; -1: none (directly in the folder)
+    mapped: bool = False  # images is a file mapped from the cache (cache.py): pages are read as batches touch them
+    cache_note: str | None = None  # where the images came from, or why they are not cached
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, labels: torch.Tensor | None = None, classes: tuple[str, ...] = (),
@@ -96,6 +99,8 @@ class ImageData:
         if from_folder and n < FEW_IMAGES:
             notes.append(f"note: {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
                          "usual); as training goes on its samples will copy them more and more closely")
+        if self.cache_note:
+            notes.append(self.cache_note)
         if self.images is None:
             notes.append("note: the decoded images do not fit in memory; decoding on demand (slower)")
         counts = self.class_counts()
@@ -303,14 +308,17 @@ def is_grayscale(image: torch.Tensor) -> bool:
 
 def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
                 progress: Callable[[int, int], None] | None = None, copies: int = 1,
-                share: Share | None = None) -> ImageData:
+                share: Share | None = None, cache: str | os.PathLike | bool = True) -> ImageData:
     """Decode every image below root once; unusable files are listed in `skipped`.
 
     channels=None picks them from the images: 1 when every one is grayscale (whatever its file
-    mode: L, palette or RGB with equal channels), else 3. `copies`: how many processes on this
-    machine load the same set (DDP), so that all of them together fit in memory. `share`: the
-    processes of a DDP run, each of which decodes every share.size-th file; they then swap what
-    they found, so that each ends with the whole set, decoded once."""
+    mode: L, palette or RGB with equal channels), else 3. cache: keep the decoded images in the cache
+    folder (True: cache.py's default place; a path: there; False: never), from which a later run reads them
+    without decoding. Without it, the images are decoded into memory, or where they would not fit, checked
+    now and decoded again whenever a batch needs them. `copies`: how many processes on this machine load the
+    same set (DDP), so that all of them together fit in memory. `share`: the processes of a DDP run, each of
+    which decodes every share.size-th file; they then swap what they found, so that each ends with the whole
+    set, decoded once (a DDP run does not use the cache)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -318,8 +326,21 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     if share and not share.same(_fingerprint(root, files)):  # else their shares would not fit together
         raise DataError(f"{root}: the processes of this run see different files there; every machine must see "
                         "the same folder")
-    rank, count = (share.rank, share.size) if share else (0, 1)
     decode_as = channels or 3
+    why_not = None
+    if cache is not False and share is None and root.is_dir() and files:
+        where = entry_path(root, size, decode_as, None if cache is True else Path(cache))
+        now = stamps(root, files)
+        entry = read_entry(where, now, size, decode_as) or build_entry(
+            where, root, files, now, size, decode_as, (r for _, r in _decode_all(files, size, decode_as)), progress,
+            is_grayscale)
+        if isinstance(entry, Entry):
+            reasons = entry.reasons
+            data = _image_data(root, files, size, channels, entry.kept, reasons, entry.short_side, entry.grayscale)
+            data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.notes[0]
+            return data
+        why_not = f"note: the decoded images are not cached: {entry}"
+    rank, count = (share.rank, share.size) if share else (0, 1)
     # Decode straight into one buffer when the set fits in half the available memory, else only
     # check each file now and decode it again whenever a batch needs it: never a list of every image.
     in_memory = len(files) * decode_as * size * size * copies < memory_available() // 2
@@ -348,8 +369,21 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
             share.sum_(t)
         reasons = share.merge(reasons)
     kept = decoded.nonzero()[:, 0]
+    data = _image_data(root, files, size, channels, kept.tolist(), reasons, short_side[kept].tolist(),
+                       grayscale[kept].bool().tolist())
+    data.cache_note = why_not
+    if in_memory:
+        _close_gaps(images, kept)
+        data.images = images[:len(kept), :data.channels].contiguous()  # a view unless grayscale was found
+    return data
+
+
+def _image_data(root: Path, files: list[Path], size: int, channels: int | None, kept: list[int],
+                reasons: dict[int, str], short_side: list[int], grayscale: list[bool]) -> ImageData:
+    """The folder's ImageData, its images still to be attached: the files kept, those skipped and why, the
+    channels (None: 1 when every kept image is grayscale), the images enlarged, the classes."""
     skipped = [(str(files[i]), reasons[i]) for i in sorted(reasons)]
-    if not len(kept):
+    if not kept:
         what = "no files"
         if files:
             first, why = skipped[0]
@@ -357,17 +391,11 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
                     f"({Path(first).name}: {why})")
         raise DataError(f"{root}: {what}; expected png, jpg, webp, bmp, gif or tiff images")
     if channels is None:
-        channels = 1 if bool(grayscale[kept].all()) else 3
-    shorts = short_side[kept]
-    upscaled = shorts[shorts < size].tolist()
-    paths = [files[i] for i in kept.tolist()]
+        channels = 1 if all(grayscale) else 3
+    paths = [files[i] for i in kept]
     classes, labels = folder_classes(root, paths)
-    data = ImageData(str(root.resolve()), size, channels, paths=paths, skipped=skipped, upscaled=upscaled,
-                     classes=classes, labels=labels)
-    if in_memory:
-        _close_gaps(images, kept)
-        data.images = images[:len(kept), :channels].contiguous()  # a view unless grayscale was found
-    return data
+    return ImageData(str(root.resolve()), size, channels, paths=paths, skipped=skipped,
+                     upscaled=[s for s in short_side if s < size], classes=classes, labels=labels)
 
 
 def folder_classes(root: Path, paths: list[Path]) -> tuple[tuple[str, ...], torch.Tensor | None]:
@@ -410,8 +438,8 @@ def load_builtin(size: int, channels: int | None = 3, n: int = BUILTIN_SIZE) -> 
 
 def load_data(source: str | None, size: int, channels: int | None = 3,
               progress: Callable[[int, int], None] | None = None, copies: int = 1,
-              share: Share | None = None) -> ImageData:
+              share: Share | None = None, cache: str | os.PathLike | bool = True) -> ImageData:
     """A folder path, or None / 'builtin:shapes' for the built-in dataset; channels=None: from the images."""
     if source in (None, BUILTIN):
         return load_builtin(size, channels)
-    return load_folder(source, size, channels, progress, copies, share)
+    return load_folder(source, size, channels, progress, copies, share, cache)

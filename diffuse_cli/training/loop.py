@@ -138,7 +138,8 @@ class Batches:
         on_gpu = (data.images is not None and device.type == "cuda"
                   and data.images.numel() < torch.cuda.mem_get_info(device)[0] // 4)
         self.images = data.images.to(device) if on_gpu else data.images  # uint8 on the GPU: no host copies
-        self.read_ahead = ReadAhead(data) if self.images is None else None
+        # decoded on demand, or mapped from the cache (whose pages may have to come from disk): a batch ahead
+        self.read_ahead = ReadAhead(data) if self.images is None or (data.mapped and not on_gpu) else None
         self.labels = None  # each image's class for the model: its index, or "no class" (len(classes))
         if config.model.class_names:
             null = len(config.model.class_names)
