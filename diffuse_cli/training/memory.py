@@ -8,7 +8,9 @@ stops the run with CUDA's out-of-memory error, or on the CPU gets the process ki
                  under 16-bit autocast, the 16-bit copy of the weights it casts once per step
     per image    what the forward keeps for the backward (every saved tensor, counted by torch's saved-tensor
                  hooks over a forward of one image and of two on the run's own device and precision: the
-                 difference is per image), plus the backward's own gradients of those activations (TRANSIENT)
+                 difference is per image), and the step's inputs
+    transient    the backward's gradients of those activations in flight and the allocator's slack: a
+                 quarter of the first GB kept, a twentieth of the rest (TRANSIENT)
     checkpointing  each residual block keeps only its input; one block's activations at a time are recomputed
 
 The estimate is checked against the measured peak by benchmarks/presets.py.
@@ -30,11 +32,12 @@ from .distributed import World
 # Bytes of fp32 state per parameter: the weight, its gradient, AdamW's exp_avg and exp_avg_sq, and the EMA copy.
 STATE_BYTES_PER_PARAMETER = 20
 # The backward holds, besides what the forward saved, gradients of the activations it walks back through and
-# the optimizer's temporaries: this share of the saved bytes, measured over the presets and sizes
-# (benchmarks/presets.py) and rounded up.
-TRANSIENT = 0.25
+# the allocator's slack: measured over the presets at 32 to 256 px (benchmarks/presets.py), a quarter of what
+# is saved in a small step (tiny to base at 32-64 px: 0.22-0.37) and far less of a large one (base and large at
+# 128-256 px: 0.04-0.07), so a quarter of the first GB saved and a twentieth of the rest.
+TRANSIENT = ((1 << 30, 0.25), (None, 0.05))
 # The allocator's and the kernels' scratch, whatever the network (measured: tiny at 32 px).
-WORKSPACE = 16 << 20
+WORKSPACE = 8 << 20
 # Of the memory a device reports free, what a run may plan to use: the rest is the allocator's fragmentation,
 # CUDA's workspaces and, on the CPU, everything else the machine runs.
 USABLE = 0.9
@@ -42,13 +45,19 @@ USABLE = 0.9
 
 @dataclass(frozen=True)
 class StepMemory:
-    """A training step's peak memory as fixed + per_image * micro-batch, in bytes."""
+    """A training step's peak memory, in bytes, for a micro-batch of any size (need)."""
 
     fixed: int
-    per_image: int
+    saved_per_image: int  # kept for the backward
+    inputs_per_image: int  # the step's own tensors: x0, noise, x_t
 
     def need(self, batch: int) -> int:
-        return self.fixed + batch * self.per_image
+        saved = batch * self.saved_per_image
+        transient, rest = 0.0, saved
+        for span, share in TRANSIENT:
+            part = rest if span is None else min(rest, span)
+            transient, rest = transient + share * part, rest - part
+        return self.fixed + batch * self.inputs_per_image + saved + round(transient)
 
     def fitting_batch(self, batch: int, available: int) -> int | None:
         """The largest divisor of `batch` whose step fits in `available` bytes (so that micro-batches of it add
@@ -95,8 +104,7 @@ def step_memory(model: UNet, config: Config, precision: str, checkpointing: bool
     params = sum(p.numel() for p in model.parameters())
     cast = 2 * params if precision in ("bf16", "fp16") else 0
     inputs = 3 * 4 * config.model.channels * config.model.image_size ** 2  # x0, noise and x_t in fp32
-    return StepMemory(STATE_BYTES_PER_PARAMETER * params + cast + fixed_saved + WORKSPACE,
-                      round((1 + TRANSIENT) * per_image) + inputs)
+    return StepMemory(STATE_BYTES_PER_PARAMETER * params + cast + fixed_saved + WORKSPACE, per_image, inputs)
 
 
 def _saved_bytes(model: UNet, config: Config, batch: int, precision: str, checkpointing: bool) -> int:
