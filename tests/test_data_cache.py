@@ -123,6 +123,17 @@ def test_a_folder_changed_while_it_is_read_trains_on_what_was_read_and_keeps_no_
     assert "cached in" in load_folder(folder, 8, cache=cache).cache_note  # the next run reads it afresh
 
 
+def test_a_file_removed_while_the_folder_is_read_keeps_no_entry_and_the_next_run_reads_the_rest(folder, tmp_path):
+    def remove_midway(done, total):
+        if done == 2:
+            (folder / "4.png").unlink()  # listed; decoded or not by now (decoding runs ahead on threads)
+    data = load_folder(folder, 8, cache=tmp_path / "cache", progress=remove_midway)
+    assert "changed while its images were read" in data.cache_note and len(data) in (5, 6)
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    after = load_folder(folder, 8, cache=tmp_path / "cache")
+    assert len(after) == 5 and "cached in" in after.cache_note
+
+
 def test_a_build_killed_part_way_leaves_nothing_that_is_read(folder, tmp_path):
     cache = tmp_path / "cache"
     path = cache_module.entry_path(folder, 8, 3, cache)

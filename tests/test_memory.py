@@ -101,7 +101,7 @@ def test_not_even_one_image_fitting_stops_before_the_first_step_in_one_line(tmp_
     assert not (tmp_path / MODEL_FILE).exists()
 
 
-def test_fit_batch_splits_a_ddp_share_and_keeps_the_global_batch():
+def test_fit_batch_multiplies_the_accumulation_already_asked_and_keeps_the_effective_batch():
     model = UNet(CONFIG.model)
     memory = step_memory(model, CONFIG, "fp32")
     config = replace(CONFIG, train=replace(CONFIG.train, batch_size=8, grad_accum=3))

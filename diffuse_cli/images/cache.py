@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,15 +45,19 @@ class Entry:
     reasons: dict[int, str]  # file index -> why it was skipped
     short_side: list[int]  # of each kept image's file
     grayscale: list[bool]  # of each kept image
-    notes: list[str] = field(default_factory=list)  # what the run is told: built, read, or why not cached
+    note: str = ""  # what the run is told: built or read
 
 
 def stamps(root: Path, files: list[Path]) -> list[list]:
     """Each file's path under root, size and modification time (ns): what the cache is checked against."""
     out = []
     for f in files:
-        st = f.stat()
-        out.append([str(f.relative_to(root)) if f != root else f.name, st.st_size, st.st_mtime_ns])
+        try:
+            st = f.stat()
+            size, time = st.st_size, st.st_mtime_ns
+        except OSError:  # gone since the folder was listed: decoding will say so, and no entry matches
+            size, time = -1, -1
+        out.append([str(f.relative_to(root)) if f != root else f.name, size, time])
     return out
 
 
@@ -73,7 +77,7 @@ def read_entry(path: Path, now: list[list], size: int, channels: int) -> Entry |
             return None
         images = _mapped(path, count, channels, size)
         return Entry(images, meta["kept"], {int(k): v for k, v in meta["reasons"].items()}, meta["short_side"],
-                     meta["grayscale"], [f"note: the decoded images come from the cache ({path})"])
+                     meta["grayscale"], f"note: the decoded images come from the cache ({path})")
     except (OSError, ValueError, KeyError, TypeError):  # missing, partial or foreign: built again
         return None
 
@@ -131,7 +135,7 @@ def build_entry(path: Path, root: Path, files: list[Path], before: list[list], s
         if isinstance(e, OSError) and e.errno not in SPACE_ERRORS and not isinstance(e, PermissionError):
             raise
         return f"the cache at {path.parent} could not be written ({getattr(e, 'strerror', None) or e})"
-    return Entry(images, kept, reasons, short_side, grayscale, [note])
+    return Entry(images, kept, reasons, short_side, grayscale, note)
 
 
 def _mapped(path: Path, count: int, channels: int, size: int) -> torch.Tensor:

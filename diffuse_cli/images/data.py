@@ -337,7 +337,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         if isinstance(entry, Entry):
             reasons = entry.reasons
             data = _image_data(root, files, size, channels, entry.kept, reasons, entry.short_side, entry.grayscale)
-            data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.notes[0]
+            data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.note
             return data
         why_not = f"note: the decoded images are not cached: {entry}"
     rank, count = (share.rank, share.size) if share else (0, 1)
