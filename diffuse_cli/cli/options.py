@@ -44,8 +44,8 @@ DataCache = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where a 
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Decode the images into memory (or on demand) without "
                                        "keeping them in the cache.")]
 Checkpointing = Annotated[bool, typer.Option("--checkpointing", help="Recompute each residual block's activations in "
-                                             "the backward instead of keeping them: large images on a small GPU "
-                                             "for about a third more compute per step.")]
+                                             "the backward instead of keeping them: large images on a small GPU, "
+                                             "for one more forward of each block per step.")]
 Checkpoint = Annotated[Optional[Path], typer.Option(help="model.safetensors, a run folder, or a folder of runs (the "
                                                     "newest). \\[default: newest under ./checkpoints]")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per step (train: global, split across processes "

@@ -180,7 +180,7 @@ class UNet(nn.Module):
         # zero: the residual branches start at zero, so a zero embedding would get no gradient for many steps.
         self.class_emb = nn.Embedding(len(cfg.class_names) + 1, emb_ch) if cfg.class_names else None
         # Recompute each residual block's activations in the backward instead of keeping them (training's
-        # --checkpointing): the memory of one block instead of all, for about a third more compute.
+        # --checkpointing): the memory of one block instead of all, for one more forward of each block.
         self.checkpointing = False
 
     def checkpointed_blocks(self) -> list[nn.Module]:
