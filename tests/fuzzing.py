@@ -2,8 +2,10 @@
 a DiffuseError (the CLI's one line and exit 2), within a second and without an allocation the size a header
 claims. Used by tests/test_fuzz.py (a fixed number of cases in CI) and benchmarks/fuzz.py (as many as asked).
 
-The seed corpus is made, not stored: a tiny trained run (model.safetensors, training_state.safetensors) and its
-diffusers export (config.json, scheduler_config.json, diffuse_config.json and the weights).
+The seed corpus is made, not stored: a tiny trained run (model.safetensors, training_state.safetensors), its
+diffusers export (config.json, scheduler_config.json, diffuse_config.json and the weights), and a folder of images
+whose entry in the image cache (its description and its images) is mutated: that must always load, with the
+images a fresh decode gives, since a damaged entry is decoded again.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def make_corpus(root: Path) -> dict[str, Path]:
     model = diffuse.train(render_shapes(8, 8), out=run, preset="tiny", steps=2, batch_size=4, device="cpu",
                           base_channels=32, head_channels=32, norm_group_min=1)  # channels diffusers can express
     diffuse.export_diffusers(model, root / "export")
+    from diffuse_cli.images.pictures import save_png
+
+    for i, image in enumerate(render_shapes(8, 8, seed=3)):
+        save_png(image, root / "photos" / f"{i}.png")
     return {"model": run / "model.safetensors", "state": run / "training_state.safetensors",
+            "data_cache": root / "photos",
             "unet_config": root / "export" / "unet" / "config.json",
             "unet_weights": root / "export" / "unet" / "diffusion_pytorch_model.safetensors",
             "scheduler": root / "export" / "scheduler" / "scheduler_config.json",
@@ -193,8 +200,37 @@ class Outcome:
         return self.result in ("loaded", "refused") and self.seconds < SECONDS and self.growth_mb < GROWTH_MB
 
 
+def cache_case(folder: Path, rng: random.Random, work: Path) -> tuple[str, Callable[[], None]]:
+    """A copy of the image folder with its cache entry built, then its description (or its images) mutated; the
+    reader loads the folder through the cache and insists on the images a decode gives."""
+    from diffuse_cli.images.data import load_folder
+
+    shutil.copytree(folder, work / "photos")
+    load_folder(work / "photos", 8, cache=work / "cache")  # builds the entry
+    decoded = load_folder(work / "photos", 8, cache=False)  # in memory: the mapping above sees the file mutated
+    entry = next((work / "cache").rglob("*.u8"))
+    if rng.random() < 0.8:
+        kind, data = mutate("data_cache", entry.with_suffix(".json").read_bytes(), rng)
+        entry.with_suffix(".json").write_bytes(data)
+    else:
+        kind, data = "images", entry.read_bytes()
+        entry.write_bytes(truncate(data, rng) if rng.random() < 0.5 else data + b"\0" * rng.randrange(1, 400))
+
+    def read() -> None:
+        again = load_folder(work / "photos", 8, cache=work / "cache")
+        if not (torch.equal(again.images, decoded.images) and again.paths == decoded.paths
+                and again.skipped == decoded.skipped and again.channels == decoded.channels):
+            raise AssertionError("a damaged cache entry gave other images than decoding")
+    return kind, read
+
+
 def run_case(corpus: dict[str, Path], role: str, rng: random.Random, scratch: Path) -> Outcome:
     """Mutate one file of the corpus in a copy of its folder and read it as a command would."""
+    if role == "data_cache":
+        work = scratch / "case"
+        shutil.rmtree(work, ignore_errors=True)
+        kind, read = cache_case(corpus[role], rng, work)
+        return _outcome(role, kind, read)
     source = corpus[role]
     export = role not in ("model", "state")
     base = source.parents[1] if role in ("unet_config", "unet_weights", "scheduler") else source.parent
@@ -206,6 +242,11 @@ def run_case(corpus: dict[str, Path], role: str, rng: random.Random, scratch: Pa
     target.write_bytes(data)
     read: Callable[[], None] = ((lambda: read_diffusers(work)) if export else
                                 (lambda: read_model(target)) if role == "model" else (lambda: read_state(target)))
+    return _outcome(role, kind, read)
+
+
+def _outcome(role: str, kind: str, read: Callable[[], None]) -> Outcome:
+    """Read, timed and its memory growth measured: what became of one case."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     try:

@@ -72,13 +72,13 @@ def read_entry(path: Path, now: list[list], size: int, channels: int) -> Entry |
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         count = len(meta["kept"])
-        if (meta.get("format") != FORMAT or meta["stamps"] != now
+        if (meta.get("format") != FORMAT or meta.pop("digest", None) != _digest(meta) or meta["stamps"] != now
                 or path.stat().st_size != count * channels * size * size):
             return None
         images = _mapped(path, count, channels, size)
         return Entry(images, meta["kept"], {int(k): v for k, v in meta["reasons"].items()}, meta["short_side"],
                      meta["grayscale"], f"note: the decoded images come from the cache ({path})")
-    except (OSError, ValueError, KeyError, TypeError):  # missing, partial or foreign: built again
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # missing, partial, foreign
         return None
 
 
@@ -127,6 +127,7 @@ def build_entry(path: Path, root: Path, files: list[Path], before: list[list], s
             meta = {"format": FORMAT, "folder": str(root.resolve()), "size": size, "channels": channels,
                     "stamps": before, "kept": kept, "reasons": reasons, "short_side": short_side,
                     "grayscale": grayscale}
+            meta["digest"] = _digest(meta)  # a description edited or damaged since is not believed
             atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
             note = f"note: the decoded images are cached in {path} (the next run reads them without decoding)"
     except (OSError, DiskFull) as e:  # the disk filled part-way: nothing of the entry is left
@@ -136,6 +137,10 @@ def build_entry(path: Path, root: Path, files: list[Path], before: list[list], s
             raise
         return f"the cache at {path.parent} could not be written ({getattr(e, 'strerror', None) or e})"
     return Entry(images, kept, reasons, short_side, grayscale, note)
+
+
+def _digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _mapped(path: Path, count: int, channels: int, size: int) -> torch.Tensor:
