@@ -28,7 +28,7 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
 
     image: a file (read at its own size, shrunk to max_side on its long side if longer, or resized
     and centre-cropped to image_size as training does) or a uint8 (C, H, W) tensor."""
-    from .images.data import TooLarge, decode_image, read_image, to_model, to_uint8
+    from .images.decode import TooLarge, decode_image, read_image
 
     ts = [t] if isinstance(t, int) else list(t)
     check_choice(schedule, Schedule, "schedule")
@@ -67,7 +67,7 @@ def write_noise(image: PathLike, t: list[int] | int, out: PathLike, schedule: Sc
                 max_side: int = 1024) -> Words:
     """noise()'s panels written as one PNG at `out` (a strip labelled with each t, when several; at image_size,
     enlarged nearest so that each pixel of noise stays a pixel); returns what size it shows, in words."""
-    from .images.data import image_dimensions
+    from .images.decode import image_dimensions
     from .images.pictures import grid_upscale, labelled_strip, save_png
 
     ts = [t] if isinstance(t, int) else list(t)

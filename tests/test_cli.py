@@ -14,7 +14,7 @@ from rich.progress import Progress
 from diffuse_cli.cli import console
 from diffuse_cli.cli.app import app
 from diffuse_cli.cli.console import TimeLeftColumn
-from diffuse_cli.images.data import decode_image
+from diffuse_cli.images.decode import decode_image
 from diffuse_cli.diffusion.samplers import SAMPLERS
 
 from .conftest import assert_clean_error, write_image

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.images.data import load_builtin, read_image
+from diffuse_cli.images.data import load_builtin
+from diffuse_cli.images.decode import read_image
 from diffuse_cli.images.pictures import save_png
 from diffuse_cli.diffusion.editing import (ddim_invert, edit, plan_edit, repaint_stretches, slerp, start_step,
                                  steps_below)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from diffuse_cli.formats.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from diffuse_cli.config import Config, model_config
-from diffuse_cli.images.data import _try_decode, load_folder
+from diffuse_cli.images.data import load_folder
+from diffuse_cli.images.decode import _try_decode
 from diffuse_cli.network.unet import UNet
 
 from .conftest import write_bytes_png

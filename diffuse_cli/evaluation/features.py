@@ -14,7 +14,8 @@ from safetensors.torch import load, save
 
 from ..errors import DataError
 from ..formats.files import atomic_write_bytes, cache_dir
-from ..images.data import decode_image, find_files, read_image
+from ..images.data import find_files
+from ..images.decode import decode_image, read_image
 from . import inception, scores
 from .inception import Precision, Resize
 

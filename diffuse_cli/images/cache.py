@@ -30,6 +30,7 @@ import torch
 
 from ..errors import DiskFull
 from ..formats.files import SPACE_ERRORS, atomic_write_bytes, cache_dir
+from .decode import is_grayscale
 
 FORMAT = 1  # the entry's layout; an entry of another is built again
 # Room left on the cache's disk after an entry: a cache never fills the disk a run saves its checkpoints to.
@@ -83,8 +84,7 @@ def read_entry(path: Path, now: list[list], size: int, channels: int) -> Entry |
 
 
 def build_entry(path: Path, root: Path, files: list[Path], before: list[list], size: int, channels: int,
-                decoded, progress: Callable[[int, int], None] | None,
-                is_grayscale: Callable[[torch.Tensor], bool]) -> Entry | str:
+                decoded, progress: Callable[[int, int], None] | None) -> Entry | str:
     """Decode every file (`decoded`: each file's data._try_decode result, in order) into a new entry at path; or
     why the cache could not take it (the run then decodes as it would without a cache).
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import TooLarge, find_files, is_grayscale, open_image, resize_crop, to_tensor
+from .data import find_files
+from .decode import TooLarge, is_grayscale, open_image, resize_crop, to_tensor
 from ..errors import DataError, UsageError
 
 PathLike = str | os.PathLike

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import to_tensor
+from .decode import to_tensor
 from ..formats.files import atomic_write_bytes
 
 
