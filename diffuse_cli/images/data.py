@@ -207,8 +207,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         entry = read_entry(where, now, size, decode_as) or build_entry(
             where, root, files, now, size, decode_as, (r for _, r in _decode_all(files, size, decode_as)), progress)
         if isinstance(entry, Entry):
-            reasons = entry.reasons
-            data = _image_data(root, files, size, channels, entry.kept, reasons, entry.short_side, entry.grayscale)
+            data = _image_data(root, files, size, channels, entry.kept, entry.reasons, entry.short_side,
+                               entry.grayscale)
             data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.note
             return data
         why_not = f"note: the decoded images are not cached: {entry}"
