@@ -5,6 +5,7 @@ and the copies picture from two feature sets (scores.py). The API's evaluate() (
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from safetensors.torch import load, save
 
 from ..errors import DataError
 from ..formats.files import atomic_write_bytes, cache_dir
+from ..images.cache import stamps
 from ..images.data import find_files
 from ..images.decode import decode_image, read_image
 from . import inception, scores
@@ -90,12 +92,12 @@ def image_features(images: list[torch.Tensor] | torch.Tensor, resize: Resize, de
     return feats[torch.argsort(torch.tensor(order))]
 
 
-def folder_key(files: list[Path], resize: str, precision: str = "fp32") -> str:
-    """What a folder's cached features depend on: each file's path, size and time, the resize, the network."""
-    h = hashlib.sha256(f"{resize}\n{precision}\n{inception.SHA256}\n".encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+def folder_key(folder: Path, files: list[Path], resize: str, precision: str = "fp32") -> str:
+    """What a folder's cached features depend on: where it is, each file's name, size and time (as the image
+    cache checks them: images/cache.stamps), the resize, the network."""
+    h = hashlib.sha256(f"{folder.resolve()}\n{resize}\n{precision}\n{inception.SHA256}\n".encode(
+        "utf-8", "surrogateescape"))
+    h.update(json.dumps(stamps(folder, files)).encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
@@ -105,7 +107,7 @@ def reference_features(folder: Path, resize: Resize, device: torch.device | str 
     """A reference folder's features, from the cache when its files are unchanged (else computed and cached);
     (features, whether they came from the cache)."""
     files = image_files(folder, "reference")
-    path = (cache or cache_dir()) / "eval" / f"{folder_key(files, resize, precision)}.safetensors"
+    path = (cache or cache_dir()) / "eval" / f"{folder_key(folder, files, resize, precision)}.safetensors"
     if path.is_file():
         try:
             return load(path.read_bytes())["features"], True

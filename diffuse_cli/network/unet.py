@@ -185,11 +185,10 @@ class UNet(nn.Module):
 
     def checkpointed_blocks(self) -> list[nn.Module]:
         """The blocks --checkpointing recomputes: each stage (residual block and its attention) and the middle's."""
-        return [b for b in (*self.down, *self.mid, *self.up) if not isinstance(b, (Downsample, Upsample))]
+        return [b for b in (*self.down, *self.mid, *self.up) if _recomputed(b)]
 
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled() and not isinstance(
-                block, (Downsample, Upsample)):
+        if self.checkpointing and self.training and torch.is_grad_enabled() and _recomputed(block):
             return checkpoint(block, h, emb, use_reentrant=False)  # dropout's draws are replayed: the same masks
         return block(h, emb)
 
@@ -214,6 +213,11 @@ class UNet(nn.Module):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb)
         return self.out(h)
+
+
+def _recomputed(block: nn.Module) -> bool:
+    """Whether --checkpointing recomputes this block: all but the resampling convolutions, which keep little."""
+    return not isinstance(block, (Downsample, Upsample))
 
 
 def count_parameters(model: nn.Module) -> int:
