@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from diffuse_cli.cli import app as cli
+from diffuse_cli.network.device import DEVICE_ENV
 
 # Every test runs torch on one CPU thread, in this process and in the ones it starts (OMP_NUM_THREADS fixes the
 # count: threads.share). Results depend on the thread count through rounding, so a test that compares two runs
@@ -23,6 +24,51 @@ from diffuse_cli.cli import app as cli
 os.environ["OMP_NUM_THREADS"] = "1"
 # Decoded images and reference features are cached in a folder of the test session's own, never the user's.
 os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+
+
+# Every test states its device. Unmarked, it runs on the CPU: the tool's automatic choice ('auto', the API's
+# device=None) is the CPU through $DIFFUSE_DEVICE, in this process and in every process the test starts, so a
+# test means the same with or without a GPU beside it. A test of a GPU path is marked `cuda`: it runs on CUDA,
+# is skipped where there is none, and gets fp32 as fp32 (TF32 off) unless it sets otherwise itself.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a test of a GPU path; runs on CUDA, skipped where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="a GPU path: needs CUDA"))
+
+
+def torch_global_state() -> dict:
+    """What one test could set in torch and leave for the next, which on another machine or in another order
+    (pytest -n) would run after a different test."""
+    import torch
+    state = dict(dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
+                 deterministic=torch.are_deterministic_algorithms_enabled(),
+                 matmul=torch.get_float32_matmul_precision(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                 cuda_tf32=torch.backends.cuda.matmul.allow_tf32, benchmark=torch.backends.cudnn.benchmark)
+    if hasattr(torch, "get_default_device"):
+        state["device"] = torch.get_default_device()
+    return state
+
+
+@pytest.fixture(autouse=True)
+def stated_device(request, monkeypatch):
+    import torch
+    if request.node.get_closest_marker("cuda"):
+        monkeypatch.delenv(DEVICE_ENV, raising=False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    else:
+        monkeypatch.setenv(DEVICE_ENV, "cpu")
+    before = torch_global_state()
+    yield
+    after = torch_global_state()
+    assert after == before, f"the test left torch's global state changed: {before} -> {after}"
 
 
 def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:

@@ -405,19 +405,22 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, imag
     assert "checkpoint" not in inside_a_file.err  # sampling writes no checkpoint, so it promises nothing about one
 
 
-def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch, device):
     monkeypatch.chdir(tmp_path)
     result = run_cli("train", *TINY, "--steps", "1", "--out", "r", "--lr-schedule", "constant", "--schedule", "sigmoid",
-                     "--objective", "x0", "--precision", "fp32", "--min-snr-gamma", "0", "--grad-accum", "2")
+                     "--objective", "x0", "--precision", "fp32", "--min-snr-gamma", "0", "--grad-accum", "2",
+                     "--device", device)
     assert result.code == 0, result
     for sampler in SAMPLERS:
         for spacing in ("trailing", "quadratic", "karras", "logsnr"):
             result = run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
-                             "--spacing", spacing, "--out", f"s-{sampler}-{spacing}")
+                             "--spacing", spacing, "--out", f"s-{sampler}-{spacing}", "--device", device)
             assert result.code == 0, (sampler, spacing, result)
+            assert Image.open(tmp_path / f"s-{sampler}-{spacing}" / "0000.png").size == (8, 8)
     for sampler, eta in (("ddim", "0.5"), ("dpm++3m", "1"), ("dpm++2m-sde", "0")):
         assert run_cli("sample", "-n", "1", "--steps", "3", "--checkpoint", "r", "--sampler", sampler,
-                       "--eta", eta, "--out", f"e-{sampler}").code == 0
+                       "--eta", eta, "--out", f"e-{sampler}", "--device", device).code == 0
 
 
 def test_eta_is_the_time_left_when_the_max_time_budget_ends_first():

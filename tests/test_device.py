@@ -1,6 +1,10 @@
 import pytest
+import torch
 
-from diffuse_cli.network.device import memory_available
+from diffuse_cli.errors import UsageError
+from diffuse_cli.network.device import DEVICE_ENV, memory_available, pick_device
+
+from .conftest import assert_clean_error
 
 
 def test_memory_available_heeds_cgroup_limits_of_the_process_and_its_parents(tmp_path):
@@ -38,3 +42,28 @@ def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_precision("auto", torch.device("cuda")) == expected
     assert resolve_precision("bf16", torch.device("cuda")) == "bf16"  # asked for by name, it is what you get
+
+
+def test_auto_is_the_device_diffuse_device_names_and_a_name_given_wins(monkeypatch):
+    """On a machine with a GPU (pretended here), $DIFFUSE_DEVICE=cpu keeps 'auto' off it; a device asked for by
+    name is what you get; unset, 'auto' takes the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert pick_device() == pick_device("auto") == torch.device("cpu")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.delenv(DEVICE_ENV)
+    assert pick_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("value, words", [("gpu", "unknown device DIFFUSE_DEVICE='gpu'"),
+                                          ("cuda:0", "DIFFUSE_DEVICE='cuda:0' asked for, but CUDA is not available")])
+def test_a_bad_diffuse_device_is_one_line_naming_it(run_cli, monkeypatch, tmp_path, value, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(DEVICE_ENV, value)
+    with pytest.raises(UsageError, match=words.replace("(", r"\(")):
+        pick_device()
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", "--steps", "1")
+    assert result.code == 2 and words in result.err, result
+    assert_clean_error(result)
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -106,17 +106,22 @@ def test_step_unless_steps_exactly_when_not_skipped(fused, skip):
         assert all(torch.equal(our_state[i][k], plain_state[i][k]) for k in our_state[i])
 
 
-def test_to_device_is_a_copy_to_the_device():
+def test_to_device_on_the_cpu_is_the_tensor_itself():
     x = torch.randn(3, 5)
     assert to_device(x, "cpu") is x  # nothing to copy
-    if torch.cuda.is_available():
-        y = to_device(x, "cuda")
-        torch.cuda.synchronize()
-        assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
+
+
+@pytest.mark.cuda
+def test_to_device_is_a_copy_to_the_gpu():
+    x = torch.randn(3, 5)
+    y = to_device(x, "cuda")
+    torch.cuda.synchronize()
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
 
 
 PROBE = """
-import resource, torch
+import ctypes, resource, torch
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, one fault each, whatever the kernel's THP
 from diffuse_cli.network.fast_ops import keep_cpu_memory
 def faults_of_later_uses(nbytes, uses=8):
     faults = []
@@ -142,6 +147,8 @@ def test_keep_cpu_memory_stops_refaulting_freed_blocks():
                            env=env).stdout.split() for _ in range(3)]
     applied, default, kept = all(r[0] == "True" for r in runs), min(int(r[1]) for r in runs), min(int(r[2]) for r in runs)
     pages = 16 * 2**20 // 4096
+    if max(int(r[1]) for r in runs) == 0:
+        pytest.skip("this kernel counts no page faults (gVisor's getrusage, say)")
     assert applied
     assert default > pages // 2  # by default, a fault a page on every use
     assert kept < pages // 20     # kept, later uses find their pages already there

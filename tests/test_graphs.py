@@ -8,10 +8,7 @@ from diffuse_cli.config import Config, model_config
 from diffuse_cli.diffusion.denoiser import generate
 from diffuse_cli.network.unet import UNet
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graphed_sampling_draws_the_eager_images(precision):
     config = Config(preset="tiny", model=model_config("tiny", image_size=8))

@@ -109,7 +109,7 @@ def test_fit_batch_multiplies_the_accumulation_already_asked_and_keeps_the_effec
     assert (fitted.train.batch_size, fitted.train.grad_accum) == (4, 6) and "2x more" in note
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's own peak needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_on_a_gpu_the_estimate_is_within_15_percent_of_the_measured_peak(precision):
     """CUDA, the given precision: the allocator's peak over real steps of `diffuse train`'s own step."""

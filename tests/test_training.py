@@ -288,7 +288,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.cuda
 def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path):
     """Steps 3.. replay one captured graph: same data, dropout masks, lr and EMA schedule as eager steps."""
     model = replace(CONFIG.model, dropout=0.1)
@@ -317,7 +317,7 @@ def host_syncs(run) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs with a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("graph", [True, False])
 def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
     """The host reads the device only at logging intervals, saves and the end of a batch of samples, so the

@@ -145,7 +145,7 @@ def test_large_attention_on_the_cpu_runs_the_flash_kernel():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels are GPU kernels")
+@pytest.mark.cuda
 def test_attention_runs_the_fused_kernels_on_a_gpu():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

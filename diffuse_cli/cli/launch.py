@@ -7,6 +7,7 @@ import signal
 
 from .console import Interrupted
 from ..errors import TrainingFailed, UsageError
+from ..network.device import pick_device
 from ..training.runs import new_run_folder
 from ..network.threads import SHARE_ENV, usable_cores
 
@@ -22,7 +23,7 @@ def launch_devices(devices: int, device: str, argv: list[str]) -> None:
         args += ["--out", str(new_run_folder(None, "ddp"))]
     import torch
 
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    on_cuda = pick_device(device).type == "cuda"
     if on_cuda and devices > torch.cuda.device_count():
         raise UsageError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
     if not on_cuda and "OMP_NUM_THREADS" not in os.environ:  # else torchrun gives each process one thread

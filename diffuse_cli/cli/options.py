@@ -31,7 +31,7 @@ def default(value: Any) -> str:
 T, S, H = TrainConfig, SampleConfig, SamplerChoice
 
 # -- every command that runs a network --------------------------------------------------------
-Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option(help="auto ($DIFFUSE_DEVICE where set, else CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch's operations. \\[default: the cores other "
                                                 "programs leave free, checked every second (OMP_NUM_THREADS, where set)]")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed: training's weights, data order and noise; sampling's "

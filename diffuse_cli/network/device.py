@@ -12,18 +12,31 @@ from ..config import Precision
 from ..errors import UsageError
 
 
+# The device 'auto' means where this is set (cpu, cuda, cuda:N or mps): a sampling job kept off the GPU a training run
+# holds, or a test suite that states its device (tests/conftest.py)
+DEVICE_ENV = "DIFFUSE_DEVICE"
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """CUDA, then Apple MPS, then CPU; `name` (e.g. 'cpu', 'cuda:1') overrides."""
-    if name and name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {name!r} asked for, but CUDA is not available here")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UsageError("device 'mps' asked for, but Apple MPS is not available here")
-        return device
+    """`name` (e.g. 'cpu', 'cuda:1'); None or 'auto': $DIFFUSE_DEVICE where set, else CUDA, then Apple MPS, then CPU."""
+    if not name or name == "auto":
+        name, source = os.environ.get(DEVICE_ENV, "").strip(), f"{DEVICE_ENV}="
+        if not name or name == "auto":
+            return _best_device()
+    else:
+        source = ""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"unknown device {source}{name!r}; use cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {source}{name!r} asked for, but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {source}'mps' asked for, but Apple MPS is not available here")
+    return device
+
+
+def _best_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
