@@ -59,18 +59,20 @@ def diffusers_unet(preset: str, image_size: int = 32):
 WARMUP_STEPS = 8  # glibc's own mmap threshold takes ~8 steps to settle where it is left alone
 
 
-def contestant(impl: str, preset: str, batch: int, precision: str, dev: torch.device, our_runtime: bool):
+def contestant(impl: str, preset: str, batch: int, precision: str, dev: torch.device, our_runtime: bool,
+               image_size: int = 32):
     """(model, net, x0, t, eps, optimizer) for "ours" or "diffusers" at a preset's architecture:
     each in its own memory format, with torch's AdamW (as diffusers' training script runs) unless
     `our_runtime` (optimizer None: train_step_fn then takes our step)."""
     torch.manual_seed(0)
     if impl == "ours":
-        model = net = UNet(model_config(preset, image_size=32)).to(dev, memory_format=memory_format(dev, precision))
+        model = net = UNet(model_config(preset, image_size=image_size)).to(dev,
+                                                                          memory_format=memory_format(dev, precision))
     else:
-        model = diffusers_unet(preset).to(dev)
+        model = diffusers_unet(preset, image_size).to(dev)
         net = lambda x, t: model(x, t).sample  # noqa: E731
     fmt = memory_format(dev, precision) if impl == "ours" else torch.contiguous_format
-    x0 = torch.rand(batch, 3, 32, 32, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
+    x0 = torch.rand(batch, 3, image_size, image_size, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (batch,), device=dev)
     optimizer = None if our_runtime else torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
@@ -78,11 +80,11 @@ def contestant(impl: str, preset: str, batch: int, precision: str, dev: torch.de
 
 
 def measure(impl: str, preset: str, batch: int, precision: str, device: str, compile: bool, our_runtime: bool,
-            cuda_graph: bool, queue) -> None:
+            cuda_graph: bool, image_size: int, queue) -> None:
     dev = torch.device(device)
     if our_runtime and dev.type == "cpu":
         keep_cpu_memory()
-    model, net, x0, t, eps, optimizer = contestant(impl, preset, batch, precision, dev, our_runtime)
+    model, net, x0, t, eps, optimizer = contestant(impl, preset, batch, precision, dev, our_runtime, image_size)
     sync = synchronizer(dev)
     train_step = train_step_fn(model, net, x0, t, eps, precision, optimizer, cuda_graph)
 
@@ -161,17 +163,19 @@ def main() -> None:
     parser.add_argument("--same-runtime", action="store_true",
                         help="diffusers too gets our training step (fused AdamW, CUDA graph, malloc setting): "
                      "compares the networks alone")
+    parser.add_argument("--image-size", type=int, default=32, help="the images' side (presets scale to it)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, time our step eagerly, as "
                         "`diffuse train --no-cuda-graph` runs it")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; diffusers runs "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.image_size}x{args.image_size} images; diffusers runs "
           + ("with our training step" if args.same_runtime else "as shipped")
           + ("; ours without CUDA graphs" if args.no_cuda_graph else ""))
     on_gpu = torch.device(args.device).type == "cuda"
     header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
               + (f"{'% bf16':>8}" if on_gpu else "") + f"{'NFE/s':>8}"
-              f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'ours/theirs':>12}")
+              f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'NFE/s':>8}{'ours/theirs':>12}")
     print(header + "\n" + "-" * len(header))
     baseline: dict[tuple, float] = {}
     for preset in args.presets:
@@ -180,11 +184,13 @@ def main() -> None:
                 runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
                 for _ in range(args.rounds):
                     runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
-                                                         args.compile, True, not args.no_cuda_graph))
+                                                         args.compile, True, not args.no_cuda_graph,
+                                                         args.image_size))
                     if not args.no_diffusers:
                         runs["diffusers"].append(in_fresh_process("diffusers", preset, batch, precision, args.device,
                                                                   False, args.same_runtime,
-                                                                  args.same_runtime and not args.no_cuda_graph))
+                                                                  args.same_runtime and not args.no_cuda_graph,
+                                                                  args.image_size))
                 ours = median_run(runs["ours"])
                 line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
                         f"{100 * ours['share_of_peak']:>7.0f}%"
@@ -194,7 +200,7 @@ def main() -> None:
                     theirs = median_run(runs["diffusers"])
                     baseline[(preset, batch, precision)] = theirs["images_per_s"]
                     line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['share_of_peak']:>7.0f}%"
-                             f"{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
+                             f"{theirs['nfe_per_s']:>8.2f}{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
                 print(line, flush=True)
                 if precision == "bf16" and (preset, batch, "fp32") in baseline:
                     print(f"{'':<25} | ours bf16 / diffusers fp32: "
