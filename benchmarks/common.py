@@ -67,12 +67,14 @@ def image_fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
 
 
 def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, precision: str,
-                  optimizer: torch.optim.Optimizer | None = None, cuda_graph: bool = True):
+                  optimizer: torch.optim.Optimizer | None = None, cuda_graph: bool = True,
+                  on_fallback=lambda why: None):
     """One training step: v-loss with min-SNR-5, backward, clip at 1, AdamW, EMA.
 
     By default it is `diffuse train`'s own step (step.optimizer_step with fused AdamW, replayed
     as a CUDA graph on a GPU). Pass an optimizer (torch's plain AdamW, say) to time instead a
-    plain eager step as another tool's training script takes it."""
+    plain eager step as another tool's training script takes it. `on_fallback(why)` hears of a capture that
+    failed (the step then runs eagerly)."""
     import copy
 
     from diffuse_cli.config import Config, TrainConfig, model_config
@@ -105,7 +107,7 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
     io.x0[0].copy_(x0), io.t[0].copy_(t), io.eps[0].copy_(eps), io.ema_weight.fill_(0.001)
     scaler = torch.amp.GradScaler(x0.device.type, enabled=precision == "fp16")
     step = functools.partial(optimizer_step, net, model, ema, opt, scaler, config, schedule, precision, io)
-    return graphed_step(step) if use_graph else step
+    return graphed_step(step, on_fallback=on_fallback) if use_graph else step
 
 
 def grid_parser(doc: str) -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 # under 10 minutes on an H200 (each part alone fits a few):
 #
 #   bash benchmarks/gpu.sh          # = tests, probe, table
-#   bash benchmarks/gpu.sh tests    # the whole suite serially, each test under TEST_TIMEOUT s (default 120), each
+#   bash benchmarks/gpu.sh tests    # the whole suite serially, each test under TEST_TIMEOUT s (default 300), each
 #                                   # test's outcome a line in tests.log (and tests.xml); PARALLEL=1 runs it again
 #                                   # under pytest -n auto; PYTEST_ARGS adds options (-k test_cli, say)
 #   bash benchmarks/gpu.sh probe    # benchmarks/gpu_probe.py: its check (each variant's outputs and gradients), then
@@ -120,10 +120,10 @@ speed)
 tests|probe|table|all)
   if [ "$part" = tests ] || [ "$part" = all ]; then
     # -v: one line a test as it ends, so a log cut short still says how each test that ran ended
-    step tests "$py" -m pytest -v -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --durations 15 \
+    step tests "$py" -m pytest -v -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-300}" --durations 15 \
       --junitxml "$out/tests.xml" ${PYTEST_ARGS:-}
     if [ "${PARALLEL:-0}" = 1 ]; then
-      step tests-parallel "$py" -m pytest -q -p no:cacheprovider -rs -n auto --timeout "${TEST_TIMEOUT:-120}" ${PYTEST_ARGS:-}
+      step tests-parallel "$py" -m pytest -q -p no:cacheprovider -rs -n auto --timeout "${TEST_TIMEOUT:-300}" ${PYTEST_ARGS:-}
     fi
   fi
   if [ "$part" = probe ] || [ "$part" = all ]; then

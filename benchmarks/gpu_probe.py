@@ -78,7 +78,9 @@ def fused_norm_forwards(model: torch.nn.Module) -> None:
     that inductor writes the norm, its affine and the SiLU as one kernel that reads either memory format."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # a shape each
+    config = torch._dynamo.config  # one compiled function serves every norm: a recompilation for each shape
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
 
     @torch.compile(dynamic=False)
     def norm_silu(x, weight, bias, groups: int, eps: float):
@@ -143,14 +145,16 @@ def time_variant(spec: str, args, dev: torch.device) -> float:
     changes = parse_variant(spec)
     with switches(changes):
         model, net, x0, t, eps = build(changes, args.preset, args.batch, args.precision, dev)
-        step = train_step_fn(model, net, x0, t, eps, args.precision, cuda_graph="eager" not in changes)
+        fell_back = []
+        step = train_step_fn(model, net, x0, t, eps, args.precision, cuda_graph="eager" not in changes,
+                             on_fallback=fell_back.append)
         start = time.perf_counter()
         step()  # the first call compiles, tunes and warms up: reported apart from the speed
         synchronizer(dev)()
         first = time.perf_counter() - start
         seconds = timed(step, repeats=args.repeats, warmup=WARMUP_STEPS, block=args.block, sync=synchronizer(dev))
-    print(f"  {spec:<28}{args.batch / seconds:>10.0f} img/s{1e3 * seconds:>9.1f} ms/step   (first step {first:.1f} s)",
-          flush=True)
+    print(f"  {spec:<28}{args.batch / seconds:>10.0f} img/s{1e3 * seconds:>9.1f} ms/step   (first step {first:.1f} s)"
+          + (f"; no CUDA graph: its capture failed ({fell_back[0]})" if fell_back else ""), flush=True)
     return args.batch / seconds
 
 

@@ -10,18 +10,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
-from diffuse_cli.cli import app as cli
-from diffuse_cli.network.device import DEVICE_ENV
-
 # Every test runs torch on one CPU thread, in this process and in the ones it starts (OMP_NUM_THREADS fixes the
 # count: threads.share). Results depend on the thread count through rounding, so a test that compares two runs
 # means the same on every machine, and none slows to a crawl beside a busy neighbour. test_threads.py checks the
-# automatic count on machine readings it injects.
+# automatic count on machine readings it injects. Set before torch is imported, whose OpenMP reads it then, and
+# set in torch too, in case a plugin imported it first: else a serial run used every core of the machine until
+# the first CLI test set one thread, so a test's rounding depended on the machine and on the tests before it.
 os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffuse_cli.cli import app as cli  # noqa: E402
+from diffuse_cli.network.device import DEVICE_ENV  # noqa: E402
+
+torch.set_num_threads(1)
+
 # Decoded images and reference features are cached in a folder of the test session's own, never the user's.
 os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
 
@@ -35,7 +41,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
     if torch.cuda.is_available():
         return
     for item in items:
@@ -46,11 +51,11 @@ def pytest_collection_modifyitems(config, items):
 def torch_global_state() -> dict:
     """What one test could set in torch and leave for the next, which on another machine or in another order
     (pytest -n) would run after a different test."""
-    import torch
     state = dict(dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
                  deterministic=torch.are_deterministic_algorithms_enabled(),
                  matmul=torch.get_float32_matmul_precision(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
-                 cuda_tf32=torch.backends.cuda.matmul.allow_tf32, benchmark=torch.backends.cudnn.benchmark)
+                 cuda_tf32=torch.backends.cuda.matmul.allow_tf32, benchmark=torch.backends.cudnn.benchmark,
+                 threads=torch.get_num_threads())
     if hasattr(torch, "get_default_device"):
         state["device"] = torch.get_default_device()
     return state
@@ -58,7 +63,6 @@ def torch_global_state() -> dict:
 
 @pytest.fixture(autouse=True)
 def stated_device(request, monkeypatch):
-    import torch
     if request.node.get_closest_marker("cuda"):
         monkeypatch.delenv(DEVICE_ENV, raising=False)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
