@@ -49,8 +49,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def torch_global_state() -> dict:
-    """What one test could set in torch and leave for the next, which on another machine or in another order
-    (pytest -n) would run after a different test."""
+    """What one test could set in torch or the process and leave for the next, which on another machine or in
+    another order (pytest -n) would run after a different test."""
     state = dict(dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
                  deterministic=torch.are_deterministic_algorithms_enabled(),
                  matmul=torch.get_float32_matmul_precision(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
@@ -58,6 +58,9 @@ def torch_global_state() -> dict:
                  threads=torch.get_num_threads())
     if hasattr(torch, "get_default_device"):
         state["device"] = torch.get_default_device()
+    # and the process's signal handlers: a handler left by a run would swallow the next test's (or pytest's) signals
+    state["signals"] = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None))
+                        if s is not None}
     return state
 
 
@@ -72,7 +75,7 @@ def stated_device(request, monkeypatch):
     before = torch_global_state()
     yield
     after = torch_global_state()
-    assert after == before, f"the test left torch's global state changed: {before} -> {after}"
+    assert after == before, f"the test left global state changed: {before} -> {after}"
 
 
 def write_image(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:

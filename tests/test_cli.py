@@ -405,6 +405,17 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(trained, run_cli, imag
     assert "checkpoint" not in inside_a_file.err  # sampling writes no checkpoint, so it promises nothing about one
 
 
+def test_after_training_ctrl_c_and_sigterm_mean_what_they_meant_before(run_cli, tmp_path, monkeypatch):
+    """While training, Ctrl-C, SIGTERM and SIGUSR1 save and stop; once the run is over (here in-process, as a
+    notebook or a test calls main()) the handlers it replaced are back, so nothing is swallowed afterwards."""
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s}
+    assert run_cli("train", *TINY, "--steps", "2", "--out", "r").code == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_every_documented_choice_is_accepted(run_cli, tmp_path, monkeypatch, device):
     monkeypatch.chdir(tmp_path)

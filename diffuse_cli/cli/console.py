@@ -84,6 +84,8 @@ class TrainDisplay:
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
+        if self.stop is not None:  # training is over: Ctrl-C and SIGTERM mean what they meant before it
+            restore_handlers(self.stop)
 
     @property
     def training(self) -> bool:
@@ -158,11 +160,16 @@ def install_stop_handler(announce: bool = True) -> dict:
         if announce:
             err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    if hasattr(signal, "SIGUSR1"):  # what Slurm's --signal sends ahead of a job's time limit
-        signal.signal(signal.SIGUSR1, handler)
+    # SIGUSR1: what Slurm's --signal sends ahead of a job's time limit
+    signums = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    state["previous"] = {signum: signal.signal(signum, handler) for signum in signums}
     return state
+
+
+def restore_handlers(state: dict) -> None:
+    """Put back the handlers install_stop_handler replaced."""
+    for signum, previous in state["previous"].items():
+        signal.signal(signum, previous)
 
 
 def checkpoint_table(facts: dict, config) -> Table:
