@@ -190,9 +190,11 @@ def kernel_times(step, dev: torch.device, steps: int = 3) -> dict[str, float]:
     times: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if dev.type == "cuda":
-            if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                continue  # an operator: its kernels are counted themselves
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            kind = getattr(event, "device_type", None)
+            if (kind != torch.autograd.DeviceType.CUDA if kind is not None
+                    else event.key.startswith(("aten::", "cuda")) or not us):
+                continue  # an operator or a runtime call: its kernels are counted themselves
         else:
             if not event.key.startswith("aten::"):
                 continue
