@@ -49,6 +49,7 @@ step() {  # step NAME COMMAND...: run it, log it, remember a failure
   local rc=$?
   tail -n "${TAIL:-6}" "$out/$name.log"
   echo "-- $name: exit $rc, $((SECONDS - start)) s"
+  last_rc=$rc
   [ $rc -eq 0 ] || failed+=("$name")
 }
 diffuse() { "$py" -m diffuse_cli "$@"; }
@@ -155,6 +156,9 @@ tests|probe|table|all)
     [ "$part" = tests ] && left=100000
     if [ $left -gt 30 ]; then
       step tests timeout -k 10 "$left" "${tests[@]}" -m "not cuda" --durations 15 --junitxml "$out/tests.xml"
+      if [ "$last_rc" = 124 ] || [ "$last_rc" = 137 ]; then
+        echo "tests: stopped at BUDGET=${BUDGET:-570} s; tests.log has each test that ended; the rest: bash benchmarks/gpu.sh tests"
+      fi
       if [ "${PARALLEL:-0}" = 1 ]; then
         step tests-parallel "$py" -m pytest -q -p no:cacheprovider -rs -n auto --timeout "${TEST_TIMEOUT:-300}" ${PYTEST_ARGS:-}
       fi
