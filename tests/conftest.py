@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="a GPU path: needs CUDA"))
 
 
-def torch_global_state() -> dict:
+def global_state() -> dict:
     """What one test could set in torch or the process and leave for the next, which on another machine or in
     another order (pytest -n) would run after a different test."""
     state = dict(dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
@@ -72,9 +72,9 @@ def stated_device(request, monkeypatch):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     else:
         monkeypatch.setenv(DEVICE_ENV, "cpu")
-    before = torch_global_state()
+    before = global_state()
     yield
-    after = torch_global_state()
+    after = global_state()
     assert after == before, f"the test left global state changed: {before} -> {after}"
 
 

@@ -19,12 +19,11 @@ DEVICE_ENV = "DIFFUSE_DEVICE"
 
 def pick_device(name: str | None = None) -> torch.device:
     """`name` (e.g. 'cpu', 'cuda:1'); None or 'auto': $DIFFUSE_DEVICE where set, else CUDA, then Apple MPS, then CPU."""
+    source = ""
     if not name or name == "auto":
         name, source = os.environ.get(DEVICE_ENV, "").strip(), f"{DEVICE_ENV}="
-        if not name or name == "auto":
-            return _best_device()
-    else:
-        source = ""
+    if not name or name == "auto":
+        return _best_device()
     try:
         device = torch.device(name)
     except RuntimeError as e:
