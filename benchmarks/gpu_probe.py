@@ -51,9 +51,10 @@ DEFAULT_VARIANTS = ["default", *CHANGES, "layout+benchmark"]
 # libraries (cuDNN's and CUTLASS's convolutions, torch's elementwise templates, Triton's fused kernels), CPU
 # operators by aten; both are covered.
 GROUPS = [
-    ("optimizer", r"adam|multi_tensor|foreach|lerp|clip_grad|_amp_"),
+    ("optimizer", r"adam|multi_tensor|foreach|lerp|clip_grad|vector_norm|_amp_"),  # the clip's norms too
     ("attention", r"flash|fmha|attention|sdpa|softmax|bmm|baddbmm"),
-    ("norm", r"group_?norm|groupnorm|welford|moments|computefusedparams|native_group|red_fused.*norm|per_fused.*norm"),
+    ("norm", r"group_?norm|groupnorm|welford|moments|fusedparams|internalgradients|gammabeta|native_group"
+             r"|red_fused.*norm|per_fused.*norm"),  # torch's CUDA GroupNorm kernels, then inductor's
     ("copies", r"copy|contiguous|nchwtonhwc|nhwctonchw|transpose|memcpy|memset|cat|upsample|interpolate|pad"),
     ("convolution", r"conv|cudnn|xmma|implicit|gemm|cutlass|wgrad|dgrad|sm\d\d_|addmm|\bmm\b|linear|winograd|mkldnn"),
     ("elementwise", r"elementwise|silu|add|mul|sub|div|where|fill|dropout|bernoulli|uniform|triton_|reduce|sum|mean"
