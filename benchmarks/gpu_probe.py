@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import synchronizer, timed, train_step_fn, upsample_then_conv  # noqa: E402
+from common import synchronizer, timed, train_step_fn  # noqa: E402
+from forms import CHANGES as FORMS  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli.network import fast_ops, unet  # noqa: E402
@@ -120,10 +121,11 @@ def build(changes: frozenset[str], preset: str, batch: int, precision: str, dev:
         other = torch.contiguous_format if memory_format(dev, precision) == torch.channels_last else torch.channels_last
         model.to(memory_format=other)
         x0, eps = x0.contiguous(memory_format=other), eps.contiguous(memory_format=other)
-    if "textbook-upsample" in changes:
+    if "textbook-upsample" in changes:  # forms.py's other form of the upsampling
+        kind, other_forward, _ = FORMS["upsampling"]
         for module in model.modules():
-            if isinstance(module, unet.Upsample):
-                module.forward = lambda x, emb=None, m=module: upsample_then_conv(x, m.conv.weight, m.conv.bias)
+            if isinstance(module, kind):
+                module.forward = other_forward(module)
     if "fused-norm" in changes:
         fused_norm_forwards(model)
     if "compile" in changes:
