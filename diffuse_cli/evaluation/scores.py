@@ -119,10 +119,13 @@ def copies(samples: torch.Tensor, reference: torch.Tensor, neighbours: int = COP
     n = min(neighbours, len(ref))
     nearest, distance, ratio = [], [], []
     for part in samples.flatten(1).double().split(chunk):
-        d = torch.cdist(part / 255, ref)
-        closest = d.topk(n, dim=1, largest=False)
-        nearest.append(closest.indices[:, 0])
-        distance.append(closest.values[:, 0])
-        ratio.append(closest.values[:, 0] / (alpha * closest.values.mean(1)).clamp(min=1e-12))
+        part = part / 255
+        candidates = torch.cdist(part, ref).topk(n, dim=1, largest=False).indices
+        # cdist's matrix-product form leaves rounding of the order of 1e-8 where images are equal, which differs
+        # from CPU to CPU: the n nearest are measured again directly, so that an exact copy is at 0 everywhere
+        exact, order = torch.stack([(part - ref[c]).norm(dim=1) for c in candidates.T], 1).sort(dim=1)
+        nearest.append(candidates.gather(1, order[:, :1])[:, 0])
+        distance.append(exact[:, 0])
+        ratio.append(exact[:, 0] / (alpha * exact.mean(1)).clamp(min=1e-12))
     ratio_t = torch.cat(ratio)
     return Copies(torch.cat(nearest), torch.cat(distance), ratio_t, ratio_t < delta)
