@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -67,3 +69,31 @@ def test_a_bad_diffuse_device_is_one_line_naming_it(run_cli, monkeypatch, tmp_pa
     assert result.code == 2 and words in result.err, result
     assert_clean_error(result)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("kernels, precision, layout", [
+    (("AVX512", "ALL", True), "bf16", torch.contiguous_format),  # AMX or AVX-512 BF16, all allowed
+    (("AVX2", "ALL", False), "fp32", torch.channels_last),       # a laptop
+    (("AVX512", "AVX2", False), "fp32", torch.channels_last),    # an AMX machine with oneDNN held to AVX2
+    (("DEFAULT", "ALL", False), "fp32", torch.channels_last)])
+def test_auto_precision_and_layout_on_the_cpu_follow_the_kernels_torch_runs(monkeypatch, kernels, precision, layout):
+    from diffuse_cli.network import device
+
+    monkeypatch.setattr(device, "cpu_kernels", lambda: device.CpuKernels(*kernels))
+    cpu = torch.device("cpu")
+    assert device.resolve_precision("auto", cpu) == precision
+    assert device.memory_format(cpu, device.resolve_precision("auto", cpu)) == layout
+    assert ("natively" in device.precision_reason(precision, cpu)) == (precision == "bf16")
+
+
+def test_cpu_kernels_are_what_torch_and_onednn_were_told(tmp_path):
+    """ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, as set before torch loads (the emulation benchmarks/common.py's
+    --isa starts): torch's capability, no native bf16, and so fp32 for 'auto', on any x86 CPU."""
+    import subprocess
+    import sys
+
+    probe = ("import torch; from diffuse_cli.network import device; k = device.cpu_kernels(); "
+             "print(k.capability, k.onednn_max, k.bf16, device.resolve_precision('auto', torch.device('cpu')))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["DEFAULT", "AVX2", "False", "fp32"]

@@ -32,6 +32,71 @@ def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 7, 5), (2, 4, 4, 12), (1, 2, 1, 3)])
+def test_winograd_is_a_3x3_convolution_and_so_is_its_gradient(shape):
+    """F(4x4, 3x3) in float64 computes the convolution to rounding, whole blocks of 4 or not, and its backward is the
+    convolution's (torch's own numerical check of every derivative, and against F.conv2d's)."""
+    from diffuse_cli.network import winograd
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, shape[1], 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out, expected = winograd.conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(expected)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad),
+                            torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(ours, theirs, atol=1e-11, rtol=1e-11)
+    assert torch.autograd.gradcheck(winograd.conv3x3, (x, weight, bias))
+    with torch.no_grad():  # the path sampling takes, with the filters transformed beforehand
+        filters = winograd.transform_filter(weight)
+        torch.testing.assert_close(winograd.conv3x3(x, weight, bias, filters), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv3x3_in_float32_is_the_convolution_to_winograds_rounding_in_its_layout(layout, monkeypatch):
+    """CPU, float32, whichever way conv3x3 takes (forced both ways): within 2e-5 of the largest output of the
+    float64 convolution, gradients too, and the output in the input's memory format."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 8, 8).contiguous(memory_format=layout).requires_grad_()
+    weight = (torch.randn(96, 96, 3, 3) / 30).requires_grad_()
+    bias = torch.randn(96, requires_grad=True)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    grad = torch.randn_like(expected)
+    wanted = torch.autograd.grad(expected, (x, weight, bias), grad)  # float32: back through the casts
+    for forced in (True, False):
+        monkeypatch.setattr(fast_ops, "WINOGRAD", forced)
+        assert fast_ops.winograd_pays(x, weight) is forced
+        out = fast_ops.conv3x3(x, weight, bias)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=layout)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out.double(), expected, atol=2e-5 * scale, rtol=0)
+        for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad.float()), wanted):
+            torch.testing.assert_close(ours, theirs, atol=2e-5 * theirs.abs().max().item(), rtol=0)
+
+
+def test_winograd_is_taken_only_where_it_pays(monkeypatch):
+    """An AVX2 CPU in fp32: the wide layers of a training step, fewer in sampling; never narrow or small layers,
+    never under autocast, never on an AVX-512 CPU (its oneDNN is faster), whatever the shapes."""
+    from diffuse_cli.network import device
+
+    monkeypatch.setattr(fast_ops, "WINOGRAD", None)
+    avx2, avx512 = device.CpuKernels("AVX2", "ALL", False), device.CpuKernels("AVX512", "ALL", True)
+    monkeypatch.setattr(device, "cpu_kernels", lambda: avx2)
+    wide, narrow, trained = torch.zeros(1, 128, 16, 16), torch.zeros(1, 48, 16, 16), torch.zeros(128, 128, 3, 3)
+    weight = trained.clone().requires_grad_()
+    assert fast_ops.winograd_pays(wide, weight)  # a training step's 128 channels in and out at 16x16
+    assert not fast_ops.winograd_pays(narrow, torch.zeros(48, 48, 3, 3, requires_grad=True))
+    assert not fast_ops.winograd_pays(torch.zeros(1, 128, 4, 4), weight)  # 4x4: one block
+    assert fast_ops.winograd_pays(wide, trained)  # sampling: 256 channels in and out at 16x16
+    assert not fast_ops.winograd_pays(torch.zeros(1, 128, 8, 8), trained)  # ... not at 8x8
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_ops.winograd_pays(wide, weight)
+    monkeypatch.setattr(device, "cpu_kernels", lambda: avx512)
+    assert not fast_ops.winograd_pays(wide, weight)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_dropout_drops_each_element_with_probability_p_and_keeps_the_mean(layout):
     p = 0.1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,13 +54,46 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+@dataclass(frozen=True)
+class CpuKernels:
+    """The CPU as torch's kernels see it, not as /proc/cpuinfo alone says: ATen's vector instruction set
+    (ATEN_CPU_CAPABILITY can lower it), the most oneDNN may use (ONEDNN_MAX_CPU_ISA), and whether bf16 is
+    computed natively, which needs all three: the instructions, ATen's AVX-512 kernels and oneDNN's leave."""
+
+    capability: str  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, ...
+    onednn_max: str  # ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) as set, upper case; "ALL" where unset
+    bf16: bool
+
+    @property
+    def avx512(self) -> bool:
+        return self.capability.startswith("AVX512")
+
+    def describe(self) -> str:
+        """The instruction sets in a few words: 'AVX2', or 'AVX512, oneDNN up to AVX2'."""
+        return self.capability + ("" if self.onednn_max == "ALL" else f", oneDNN up to {self.onednn_max}")
+
+
+# oneDNN's instruction sets that compute bf16 natively (AVX-512 BF16, AMX and what extends them)
+_ONEDNN_BF16 = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+                "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+@functools.cache
+def cpu_kernels() -> CpuKernels:
+    """This process's CpuKernels (read once: torch and oneDNN read their variables when they load)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    onednn_max = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = open("/proc/cpuinfo").read().split()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        flags = []
+    has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return CpuKernels(capability, onednn_max, has_bf16 and capability.startswith("AVX512") and onednn_max in _ONEDNN_BF16)
+
+
+def cpu_has_bf16() -> bool:
+    """True where torch's CPU kernels compute bf16 natively (CpuKernels.bf16)."""
+    return cpu_kernels().bf16
 
 
 def cuda_has_bf16(device: torch.device) -> bool:
@@ -88,7 +123,9 @@ def precision_reason(precision: Precision, device: torch.device) -> str:
     if device.type == "cuda":
         return "this GPU computes bf16" if precision == "bf16" else "this GPU only emulates bf16, so fp16 with loss scaling"
     if device.type == "cpu":
-        return "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"
+        if precision == "bf16":
+            return "this CPU computes bf16 natively"
+        return f"torch's kernels here ({cpu_kernels().describe()}) have no native bf16"
     return f"the choice for {device.type}"
 
 
@@ -101,9 +138,9 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
 
 
 def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
-    """channels_last on GPUs, whose tensor-core convolutions want it, and on the CPU in fp32, where
-    its convolutions are faster so; contiguous for the CPU's bf16 convolutions, faster that way, and
-    on Apple MPS (benchmarks/train_speed.py measures both)."""
+    """channels_last on GPUs, whose tensor-core convolutions want it, and on the CPU in fp32, where its convolutions
+    are faster so (oneDNN's on AVX-512; on AVX2 the Winograd ones too, fast_ops.conv3x3); contiguous for the CPU's
+    bf16 convolutions, faster that way, and on Apple MPS (benchmarks/train_speed.py measures both; docs/speed.md)."""
     if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
         return torch.channels_last
     return torch.contiguous_format

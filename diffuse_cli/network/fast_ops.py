@@ -62,6 +62,45 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
 
 
+def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether conv3x3 takes Winograd's F(4x4, 3x3) for this input and weight (winograd.py), by measurement
+    (`python benchmarks/forms.py --change winograd`, docs/speed.md): on a CPU without AVX-512, whose oneDNN
+    convolutions run below half the speed of its matrix products and whose backward costs over twice their
+    forward, in float32, from 192 channels in and out together at 8x8 where there is a backward, and where there is
+    none (sampling) from 256 at 16x16 or 384 at 8x8; with fewer, the transforms cost more than they save.
+    Never under autocast (bf16's rounding would grow by the transforms' constants), on a GPU or compiled."""
+    if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling() or x.ndim != 4):
+        return False
+    if WINOGRAD:
+        return True
+    from .device import cpu_kernels
+
+    if cpu_kernels().avx512:
+        return False
+    channels, side = sum(weight.shape[:2]), min(x.shape[-2:])  # in + out
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return channels >= 192 and side >= 8
+    return channels >= 384 and side >= 8 or channels >= 256 and side >= 16
+
+
+# None: winograd_pays decides; True or False: always or never (benchmarks/forms.py compares the two, in one process)
+WINOGRAD: bool | None = None
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 convolution of stride 1, padded by one. Plain: F.conv2d(x, weight, bias, padding=1).
+
+    Where winograd_pays, by F(4x4, 3x3): 36 products where the direct form takes 144 for each 4x4 block of
+    outputs and input channel, in matrix products; the output comes back in x's memory format."""
+    if not winograd_pays(x, weight):
+        return F.conv2d(x, weight, bias, padding=1)
+    from . import winograd
+
+    y = winograd.conv3x3(x, weight, bias)  # channels_last
+    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
 # Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its
 # flash kernel; above it the flash kernel wins, and it never holds the (positions x positions) scores.
 CPU_MATH_POSITIONS = 64

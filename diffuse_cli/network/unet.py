@@ -45,6 +45,16 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_ops.conv3x3(x, self.weight, self.bias)
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout, computed by fast_ops.dropout."""
 
@@ -58,11 +68,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, norm_min: int = 1, eps: float = 1e-5):
         super().__init__()
         self.norm1 = group_norm(in_ch, norm_min, eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.emb = nn.Linear(emb_ch, out_ch)
         self.norm2 = group_norm(out_ch, norm_min, eps)
         self.dropout = Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = zero_init(Conv3x3(out_ch, out_ch))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

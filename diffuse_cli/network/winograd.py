@@ -1,0 +1,130 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016), forward and backward.
+
+A 4x4 block of outputs of a 3x3 convolution is read from a 6x6 tile of its input. Transformed, the tile's
+convolution becomes 36 products, one per point of the transform, where the direct form takes 4·4·9 = 144:
+
+| code | paper (Lavin & Gray, §4) | shape                      | what it is                              |
+|------|--------------------------|----------------------------|-----------------------------------------|
+| `BT` | Bᵀ                        | (6, 6)                     | input transform: V = Bᵀ d B             |
+| `G`  | G                        | (6, 3)                     | filter transform: U = G g Gᵀ            |
+| `AT` | Aᵀ                        | (4, 6)                     | output transform: Y = Aᵀ [U ⊙ V] A      |
+| `d`  | d                        | (6, 6) per tile, channel   | an input tile (tiles overlap by 2)      |
+| `V`  | V                        | (36, tiles, C_in)          | transformed tiles                       |
+| `U`  | U                        | (36, C_in, C_out)          | transformed filters                     |
+| `M`  | M = Σ_c U ⊙ V             | (36, tiles, C_out)         | 36 matrix products over the channels    |
+
+The points are 0, ±1, ±2 and ∞, as in the paper's F(4x4, 3x3). Each 2-D transform is one matrix product with a
+Kronecker product (vec(Bᵀ d B) = (Bᵀ ⊗ Bᵀ) vec(d)), and the channels' sum is 36 batched matrix products, so all
+the arithmetic runs in the BLAS. The backward is the same algorithm's chain rule: dM = (Aᵀ ⊗ Aᵀ)ᵀ dY,
+dU = Vᵀ dM, dV = dM Uᵀ, then each transform transposed (the input's tiles summed where they overlap).
+
+Rounding: in float32 the outputs are within ~1e-5 of the largest (tests/test_fast_ops.py), where a direct
+convolution's are within ~1e-6; the transforms' constants (up to 8 and 1/24) amplify it, as in every F(4x4, 3x3).
+Which convolutions take this path, and why, is fast_ops.conv3x3's to say.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+      (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+     (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+TILE, OUT = 6, 4  # an input tile's side, and the side of the output block it gives
+
+
+@functools.cache
+def _kron(name: str, dtype: torch.dtype, device: torch.device, transposed: bool = False) -> torch.Tensor:
+    """A transform's Kronecker square, made in float64 and rounded once: input (36, 36), filter (36, 9), output
+    (16, 36); or its transpose."""
+    matrix = torch.tensor({"input": BT, "filter": G, "output": AT}[name], dtype=torch.float64)
+    square = torch.kron(matrix, matrix)
+    return (square.T if transposed else square).contiguous().to(dtype=dtype, device=device)
+
+
+def transform_filter(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g Gᵀ for every filter: (C_out, C_in, 3, 3) -> (36, C_in, C_out)."""
+    c_out, c_in = weight.shape[:2]
+    flat = weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)
+    return (_kron("filter", weight.dtype, weight.device) @ flat).view(TILE * TILE, c_in, c_out)
+
+
+def _tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """V = Bᵀ d B for every 6x6 tile of x (N, C, H, W), padded by one as the convolution is and up to whole
+    blocks: (36, N·T1·T2, C), and the tiles T1, T2 down and across."""
+    n, c, h, w = x.shape
+    t1, t2 = -(-h // OUT), -(-w // OUT)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + OUT * t2 - w, 1, 1 + OUT * t1 - h))  # (N, H', W', C)
+    tiles = padded.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (N, T1, T2, C, 6, 6), a view
+    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(TILE * TILE, -1)  # the one gathering copy
+    return (_kron("input", x.dtype, x.device) @ d).view(TILE * TILE, n * t1 * t2, c), t1, t2
+
+
+def _blocks(m: torch.Tensor, shape: tuple[int, int, int, int], t1: int, t2: int) -> torch.Tensor:
+    """Y = Aᵀ M A for every tile, laid out as (N, C_out, H, W) in channels_last memory."""
+    n, _, h, w = shape
+    c_out = m.shape[-1]
+    y = (_kron("output", m.dtype, m.device) @ m.reshape(TILE * TILE, -1)).view(OUT, OUT, n, t1, t2, c_out)
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, OUT * t1, OUT * t2, c_out)[:, :h, :w]
+    return y.permute(0, 3, 1, 2)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            filters: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1), by F(4x4, 3x3); differentiable in x, weight and bias. `filters`:
+    transform_filter(weight) made beforehand (a network whose weights do not change between calls)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Conv3x3.apply(x, weight, bias)
+    v, t1, t2 = _tiles(x)
+    y = _blocks(torch.bmm(v, transform_filter(weight) if filters is None else filters), tuple(x.shape), t1, t2)
+    return y if bias is None else y + bias[:, None, None]
+
+
+class _Conv3x3(torch.autograd.Function):
+    """conv3x3 with its backward. It keeps what F.conv2d keeps, the input and the weight: the transformed tiles
+    (2.25x the input) and filters (4x the weight) are made again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return conv3x3(x, weight, bias)  # grad mode is off in here
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        u = transform_filter(weight)
+        n, c_in, h, w = x.shape
+        c_out = u.shape[-1]
+        t1, t2 = -(-h // OUT), -(-w // OUT)
+        dyh = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, OUT * t2 - w, 0, OUT * t1 - h))  # (N, 4·T1, 4·T2, C_out)
+        blocks = dyh.reshape(n, t1, OUT, t2, OUT, c_out).permute(2, 4, 0, 1, 3, 5).reshape(OUT * OUT, -1)
+        dm = (_kron("output", dy.dtype, dy.device, transposed=True) @ blocks).view(TILE * TILE, -1, c_out)  # (36, tiles, C_out)
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            v, _, _ = _tiles(x)
+            du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, -1)  # (36, C_in·C_out)
+            dw = (_kron("filter", du.dtype, du.device, transposed=True) @ du).view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+        if ctx.needs_input_grad[0]:
+            dd = (_kron("input", dy.dtype, dy.device, transposed=True) @ torch.bmm(dm, u.transpose(1, 2)).view(TILE * TILE, -1))
+            dx = _untile(dd.view(TILE, TILE, n, t1, t2, c_in), h, w)
+        db = dyh.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _untile(dd: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The gradient of _tiles' gather: (6, 6, N, T1, T2, C) tile gradients summed into (N, C, H, W) where tiles
+    overlap. A tile's rows 0-3 fall in its own 4-row block, rows 4-5 in the next block's first two; so too columns."""
+    _, _, n, t1, t2, c = dd.shape
+    out = dd.new_zeros(n, t1 + 1, OUT, t2 + 1, OUT, c)
+    for rows, row_block in ((slice(0, OUT), 0), (slice(OUT, TILE), 1)):
+        for cols, col_block in ((slice(0, OUT), 0), (slice(OUT, TILE), 1)):
+            part = dd[rows, cols].permute(2, 3, 0, 4, 1, 5)  # (N, T1, r, T2, c, C)
+            out[:, row_block:row_block + t1, :part.shape[2], col_block:col_block + t2, :part.shape[4]] += part
+    padded = out.view(n, OUT * (t1 + 1), OUT * (t2 + 1), c)
+    return padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2)
