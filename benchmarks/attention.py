@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import grid_parser, synchronizer, timed  # noqa: E402
+from common import grid_parser, machine_line, parse_grid, synchronizer, timed  # noqa: E402
 
 from diffuse_cli.network import fast_ops
 
@@ -77,9 +77,9 @@ def main() -> None:
     parser = grid_parser(__doc__)
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[32],
                         help="image sizes; the layer measured is at a quarter of the size (8x8 at 32)")
-    args = parser.parse_args()
+    args = parse_grid(parser)
     dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}; ms per layer, forward + backward")
+    print(f"{machine_line(args.device)}; ms per layer, forward + backward")
     print(f"{'preset':<13}{'image':>6}{'layer':>6}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in VARIANTS))
     for preset, size in ((p, s) for p in args.presets for s in args.image_sizes):
         layer = first_attention(preset, size)[1][-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 
 import torch
@@ -111,13 +112,68 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
 
 
 def grid_parser(doc: str) -> argparse.ArgumentParser:
-    """The options of a benchmark that measures a grid of presets x batches x precisions on one device."""
+    """The options of a benchmark that measures a grid of presets x batches x precisions on one device. Without
+    --precisions, bf16 is measured only where it is native (on a CPU that emulates it, a bf16 step takes ~5x as
+    long as fp32's, and a full grid hours)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "ddpm-cifar10"])
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 64])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=None, help="fp32, bf16 (default: both where bf16 is "
+                        "native, fp32 alone on a CPU without it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--isa", choices=sorted(ISA_ENVIRONMENTS),
+                        help="run torch's CPU kernels at this instruction set (both tools): avx2 makes an AVX-512 or "
+                        "AMX machine run what a laptop without them runs (ATen, oneDNN and MKL told so)")
     return parser
+
+
+# The variables that cap each library's CPU kernels at an instruction set. They are read when the libraries load,
+# so a process is started with them (with_isa).
+ISA_ENVIRONMENTS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def with_isa(isa: str | None) -> None:
+    """Restart this benchmark (same arguments) with torch's kernels capped at `isa`, unless they already are; the
+    processes it starts inherit the cap."""
+    import os
+
+    wanted = ISA_ENVIRONMENTS.get(isa or "", {})
+    if wanted and any(os.environ.get(k) != v for k, v in wanted.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
+def parse_grid(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a grid benchmark's options: restart under --isa, and fill in the precisions the device computes."""
+    from diffuse_cli.network.device import cpu_kernels
+
+    args = parser.parse_args()
+    with_isa(args.isa)
+    if args.precisions is None:
+        native = torch.device(args.device).type != "cpu" or cpu_kernels().bf16
+        args.precisions = ["fp32", "bf16"] if native else ["fp32"]
+    return args
+
+
+def machine_line(device: str) -> str:
+    """The first line a speed benchmark prints: torch, threads, and the CPU as torch's kernels see it."""
+    import platform
+
+    from diffuse_cli.network.device import cpu_kernels
+
+    kernels = cpu_kernels()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"CPU capability {kernels.describe()} ({'native' if kernels.bf16 else 'no native'} bf16), {cpu}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
 
 
 def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -129,7 +185,8 @@ def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: to
     """FLOPs of one training step's forward and backward (the v-loss), counted by torch; grads are cleared after.
 
     Counted on the network as drawn: each Upsample as a 3x3 convolution of the upsampled image, as
-    diffusers computes it, not upsample_conv's 16/36 of that. Both sides of a comparison are then
+    diffusers computes it, not upsample_conv's 16/36 of that, and each 3x3 convolution directly, not by Winograd's
+    quarter of the products. Both sides of a comparison are then
     credited the same work, and a faster way to do it shows as a higher share of peak."""
     from unittest import mock
 
@@ -140,8 +197,8 @@ def step_flops(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps: to
     from diffuse_cli.diffusion.objectives import diffusion_loss
     from diffuse_cli.diffusion.schedule import NoiseSchedule
 
-    with mock.patch.object(fast_ops, "upsample_conv", upsample_then_conv), FlopCounterMode(display=False) as counter, \
-            autocast(precision, x0.device):
+    with mock.patch.object(fast_ops, "upsample_conv", upsample_then_conv), mock.patch.object(fast_ops, "WINOGRAD", False), \
+            FlopCounterMode(display=False) as counter, autocast(precision, x0.device):
         diffusion_loss(net, "v", NoiseSchedule.make("cosine"), x0, t, eps).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -1,4 +1,4 @@
-"""Our forms of two computations against torch's or the textbook's, inside whole training steps.
+"""Our forms of three computations against torch's or the textbook's, inside whole training steps.
 
 - `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
   `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
@@ -7,6 +7,9 @@
 - `dropout`: torch's CPU dropout draws one Bernoulli variable an element; `fast_ops.dropout` takes
   four 16-bit uniforms from each 64-bit draw (the same distribution, up to p rounded to 16 bits).
   Only presets with dropout (`ddpm-cifar10`, `base`) have any; on a GPU both are F.dropout.
+- `winograd`: the residual blocks' 3x3 convolutions by Winograd's F(4x4, 3x3) in matrix products
+  (`fast_ops.conv3x3`, where `winograd_pays`: on a CPU without AVX-512, in fp32, from 192 channels in and
+  out) against oneDNN's direct convolutions (F.conv2d) everywhere.
 
 This trains two copies of a preset side by side, one with each form, alternating their steps in
 one process (this machine's speed drifts by 10-20% over minutes, which alternation cancels), and
@@ -16,6 +19,7 @@ replayed as a CUDA graph).
     python benchmarks/forms.py                                  # upsampling: small and ddpm-cifar10, batch 16 and 64, fp32 and bf16
     python benchmarks/forms.py --presets small --batches 16 --precisions bf16
     python benchmarks/forms.py --change dropout --presets ddpm-cifar10 --batches 16
+    python benchmarks/forms.py --change winograd --batches 16 --isa avx2   # an AVX-512 machine, as AVX2 runs
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import grid_parser, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
+from common import grid_parser, machine_line, parse_grid, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli.network import unet  # noqa: E402
@@ -42,6 +46,7 @@ CHANGES = {
     "upsampling": (unet.Upsample, lambda m: lambda x, emb=None: upsample_then_conv(x, m.conv.weight, m.conv.bias),
                    "textbook"),
     "dropout": (unet.Dropout, lambda m: lambda x: F.dropout(x, m.p, m.training), "torch"),
+    "winograd": (unet.Conv3x3, lambda m: lambda x: F.conv2d(x, m.weight, m.bias, padding=1), "oneDNN"),
 }
 
 
@@ -75,12 +80,12 @@ def main() -> None:
     parser.add_argument("--change", choices=list(CHANGES), default="upsampling")
     parser.add_argument("--rounds", type=int, default=None,
                         help="steps of each form (default: 15, 6 for ddpm-cifar10 on the CPU)")
-    args = parser.parse_args()
+    args = parse_grid(parser)
     dev = torch.device(args.device)
     if dev.type == "cpu":
         keep_cpu_memory()
     other = CHANGES[args.change][2]
-    print(f"{args.change}: torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; median step, ms")
+    print(f"{machine_line(args.device)}\n{args.change}: median step, ms")
     print(f"{'preset':<14}{'batch':>6}{'prec':>6} | {other:>9}{'ours':>9}{'speed-up':>10}")
     for preset in args.presets:
         if args.change == "dropout" and model_config(preset).dropout == 0:

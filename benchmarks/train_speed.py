@@ -20,6 +20,11 @@ eager step with torch's default AdamW and malloc, as its example training script
     python benchmarks/train_speed.py --presets small --batches 64 --precisions bf16 --compile
     python benchmarks/train_speed.py --same-runtime      # networks alone
     python benchmarks/train_speed.py --presets small --rounds 3   # median of 3 alternating runs each
+    python benchmarks/train_speed.py --isa avx2 --batches 16 --rounds 3   # an AVX-512/AMX machine as AVX2 runs
+
+Without --precisions, bf16 rows are measured only where the CPU computes bf16 natively: elsewhere torch emulates
+it, ~5x slower than fp32, and the default grid would take hours. A measurement whose process fails or outlasts
+--timeout is printed as such, with the reason, and the grid goes on.
 """
 
 from __future__ import annotations
@@ -27,15 +32,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import sys
+import time
+from queue import Empty
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import grid_parser, step_flops, synchronizer, timed, train_step_fn  # noqa: E402
+from common import grid_parser, machine_line, parse_grid, step_flops, synchronizer, timed, train_step_fn  # noqa: E402
 
 from diffuse_cli.config import model_config  # noqa: E402
-from diffuse_cli.network.device import autocast, memory_format  # noqa: E402
+from diffuse_cli.network.device import autocast, cpu_kernels, memory_format  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 from diffuse_cli.network.graphs import graphed_forward  # noqa: E402
 from diffuse_cli.network.unet import UNet, count_parameters  # noqa: E402
@@ -107,6 +114,7 @@ def measure(impl: str, preset: str, batch: int, precision: str, device: str, com
     repeats = 3 if preset == "ddpm-cifar10" and not on_gpu else 5
     block = 20 if on_gpu else 1  # a GPU's queue stays full between steps, as in `diffuse train`
     step_s = timed(train_step, repeats=repeats, warmup=WARMUP_STEPS, block=block, sync=sync)
+    model.eval()  # as `diffuse sample` runs it: no dropout
     fwd_s = timed(forward, repeats=repeats, warmup=3, block=block, sync=sync)
     peak = (torch.cuda.max_memory_allocated() if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -140,18 +148,36 @@ def matmul_peak(dev: torch.device) -> float:
     return 2 * 8192**3 / timed(lambda: a @ b, repeats=10, warmup=3, best=True, block=5, sync=synchronizer(dev)) / 1e9
 
 
-def in_fresh_process(*args) -> dict:
+def in_fresh_process(*args, timeout: float) -> dict:
+    """measure(*args) in a new process: its result, or {"failed": why} where the process died without one (out of
+    memory, a crash) or ran past `timeout` seconds."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=measure, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive():
+                code = proc.exitcode
+                why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                result = {"failed": why + (" (out of memory?)" if code == -9 else "")}
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                result = {"failed": f"still running after {timeout:.0f} s (--timeout)"}
+                break
     proc.join()
     return result
 
 
 def median_run(runs: list[dict]) -> dict:
-    return sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
+    """The median of the runs that finished, or the first failure where none did."""
+    done = sorted((r for r in runs if "failed" not in r), key=lambda r: r["images_per_s"])
+    return done[len(done) // 2] if done else runs[0]
 
 
 def main() -> None:
@@ -166,18 +192,21 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32, help="the images' side (presets scale to it)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, time our step eagerly, as "
                         "`diffuse train --no-cuda-graph` runs it")
-    args = parser.parse_args()
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one measurement may take")
+    args = parse_grid(parser)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{args.image_size}x{args.image_size} images; diffusers runs "
+    print(machine_line(args.device) + f", {args.image_size}x{args.image_size} images; diffusers runs "
           + ("with our training step" if args.same_runtime else "as shipped")
-          + ("; ours without CUDA graphs" if args.no_cuda_graph else ""))
+          + ("; ours without CUDA graphs" if args.no_cuda_graph else ""), flush=True)
     on_gpu = torch.device(args.device).type == "cuda"
+    if not on_gpu and "bf16" in args.precisions and not cpu_kernels().bf16:
+        print("note: this CPU's kernels have no native bf16: torch emulates it, so bf16 rows run ~5x slower than fp32")
     header = (f"{'preset':<13}{'batch':>6}{'prec':>6} | {'ours img/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
               + (f"{'% bf16':>8}" if on_gpu else "") + f"{'NFE/s':>8}"
               f"{'peak MB':>9} | {'diffusers':>10}{'% peak':>8}{'NFE/s':>8}{'ours/theirs':>12}")
-    print(header + "\n" + "-" * len(header))
+    print(header + "\n" + "-" * len(header), flush=True)
     baseline: dict[tuple, float] = {}
+    ours = None
     for preset in args.presets:
         for batch in args.batches:
             for precision in args.precisions:
@@ -185,26 +214,37 @@ def main() -> None:
                 for _ in range(args.rounds):
                     runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
                                                          args.compile, True, not args.no_cuda_graph,
-                                                         args.image_size))
+                                                         args.image_size, timeout=args.timeout))
                     if not args.no_diffusers:
                         runs["diffusers"].append(in_fresh_process("diffusers", preset, batch, precision, args.device,
                                                                   False, args.same_runtime,
                                                                   args.same_runtime and not args.no_cuda_graph,
-                                                                  args.image_size))
-                ours = median_run(runs["ours"])
-                line = (f"{preset:<13}{batch:>6}{precision:>6} | {ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
+                                                                  args.image_size, timeout=args.timeout))
+                row = f"{preset:<13}{batch:>6}{precision:>6} | "
+                mine = median_run(runs["ours"])
+                if "failed" in mine:
+                    print(row + f"ours failed: {mine['failed']}", flush=True)
+                    continue
+                ours = mine
+                line = (row + f"{ours['images_per_s']:>10.2f}{ours['gflops']:>9.0f}"
                         f"{100 * ours['share_of_peak']:>7.0f}%"
                         + (f"{100 * ours['share_of_bf16_peak']:>7.1f}%" if on_gpu else "")
                         + f"{ours['nfe_per_s']:>8.2f}{ours['peak_mb']:>9.0f} | ")
                 if not args.no_diffusers:
                     theirs = median_run(runs["diffusers"])
-                    baseline[(preset, batch, precision)] = theirs["images_per_s"]
-                    line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['share_of_peak']:>7.0f}%"
-                             f"{theirs['nfe_per_s']:>8.2f}{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x")
+                    if "failed" in theirs:
+                        line += f"diffusers failed: {theirs['failed']}"
+                    else:
+                        baseline[(preset, batch, precision)] = theirs["images_per_s"]
+                        line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['share_of_peak']:>7.0f}%"
+                                 f"{theirs['nfe_per_s']:>8.2f}{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x"
+                                 f"  NFE/s {ours['nfe_per_s'] / theirs['nfe_per_s']:.2f}x")
                 print(line, flush=True)
                 if precision == "bf16" and (preset, batch, "fp32") in baseline:
                     print(f"{'':<25} | ours bf16 / diffusers fp32: "
                           f"{ours['images_per_s'] / baseline[(preset, batch, 'fp32')]:.2f}x", flush=True)
+    if ours is None:
+        return
     print(f"parameters: ours {ours['params']:,} (last row)"
           + ("; '% bf16': share of the GPU's bf16 matrix-product peak" if on_gpu else ""))
 
