@@ -18,6 +18,7 @@ a function is given a path.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -80,14 +81,15 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
           device: str = "auto", compile: bool = False, cuda_graph: bool = True, checkpointing: bool = False,
           cache: PathLike | bool = True, save_every: int | None = None,
           sample_every: int | None = None, eval_every: int | None = None, eval_n: int = 1000,
-          hooks: Hooks = Hooks(), **settings: Any) -> Model:
+          hooks: Hooks = Hooks(), started: float | None = None, **settings: Any) -> Model:
     """Train a model and return it (its EMA weights).
 
     data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
     folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
-    objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m'; without `steps` the
-    learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations in
+    objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m' from `started` (time.monotonic();
+    None: this call), within which the images are read, the run set up, trained, and its last checkpoint and grid
+    written; without `steps` the learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations in
     the backward (less memory, more compute); a batch that would not fit is split into micro-batches either way
     (training/memory.py). cache: keep a folder's decoded images in the cache folder (True: $DIFFUSE_CACHE, else
     ~/.cache/diffuse; a path; False: never), which later runs read without decoding (images/cache.py). eval_every: FID of eval_n samples every that many steps
@@ -96,6 +98,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     from .training import distributed, runs
     from .training.loop import train as train_loop
 
+    started = time.monotonic() if started is None else started
     seconds = parse_duration(max_time) if isinstance(max_time, str) else max_time
     data = ImageData.from_tensor(data) if isinstance(data, torch.Tensor) else data  # checked before anything else
     torch_device, run = pick_device(device), None if out is None else Path(out)
@@ -129,6 +132,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         data_set = data
     else:
         auto_channels = folder is not None and not resume and "channels" not in settings
+        hooks.stage("reading the images" if folder is not None else "drawing the built-in shapes")
         data_set = data_module.load_data(folder, config.model.image_size, None if auto_channels else config.model.channels,
                                          progress=hooks.decoding,
                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # each DDP process holds one
@@ -146,7 +150,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
     options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, eval_every=eval_every,
-                      eval_n=eval_n, max_time=seconds,
+                      eval_n=eval_n, max_time=seconds, started=started,
                       fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
                       checkpointing=checkpointing,
                       chosen=frozenset(settings) | given_by_data)

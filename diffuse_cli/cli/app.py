@@ -16,7 +16,7 @@ from .. import __version__
 from . import options as opt
 from .convert import COMMANDS as CONVERT_COMMANDS
 from .evaluate import COMMANDS as EVAL_COMMANDS
-from .console import Interrupted, TrainDisplay, err, interrupted_says, out, progress_bar
+from .console import Interrupted, TrainDisplay, err, interrupted_says, out, process_started, progress_bar
 from ..errors import DiffuseError, UsageError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -72,7 +72,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
 
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
     run, resuming = api.run_folder(out_dir, resume, folder, model or "small", confirm)
-    display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0)
+    started = process_started()  # --max-time is the whole command's
+    display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0, started=started)
     display.log(f"run folder {run}" + (" (resuming)" if resuming else
                                        " (new: --resume auto found no run to continue)" if resume == "auto" else ""))
     with display, interrupted_says(lambda: "interrupted while decoding the images; nothing was written"):
@@ -81,7 +82,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                             cache=False if no_cache else cache_dir or True,
                             save_every=save_every, sample_every=sample_every,
                             eval_every=eval_every, eval_n=eval_n,
-                            hooks=display.hooks(), **settings)
+                            hooks=display.hooks(), started=started, **settings)
     result = trained.training
     if result.stopped_by == "signal":
         display.log(f"stopped at step {result.step}; checkpoint saved. Resume with: diffuse train --resume {run}"

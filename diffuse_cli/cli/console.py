@@ -28,6 +28,26 @@ class Interrupted(Exception):
     """Ctrl-C, with what was kept: printed as one line, exit code 130."""
 
 
+STARTED_ENV = "DIFFUSE_STARTED"  # the launching command's start, for the processes torchrun starts (launch.py)
+
+
+def process_started() -> float:
+    """When this command started, on time.monotonic()'s clock (Linux: from /proc; elsewhere: now), so that a time
+    budget covers Python's start-up and the imports too; under --devices, the launching command's start."""
+    now = time.monotonic()
+    if os.environ.get(STARTED_ENV):
+        try:
+            return min(now, float(os.environ[STARTED_ENV]))
+        except ValueError:
+            pass
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if 0 <= age < 3600 else now
+
+
 class TimeLeftColumn(TimeRemainingColumn):
     """Rich's time remaining, capped by the task's `deadline` field (time.monotonic()), if any:
     under --max-time the run ends at the deadline, however many steps are left."""
@@ -72,10 +92,11 @@ class TrainDisplay:
 
     STATUS_EVERY_S = 60.0
 
-    def __init__(self, budget: float | None, enabled: bool = True):
+    def __init__(self, budget: float | None, enabled: bool = True, started: float | None = None):
         self.bar = progress_bar("loss", "rate", enabled=enabled)
         self.enabled, self.budget, self.first_step = enabled, budget, 0
-        self.decoding_task = self.task = self.stop = None
+        self.decoding_task = self.task = self.stop = self.stage_task = None
+        self.began = time.monotonic() if started is None else started  # the time budget's start
         self.started, self.last_status, self.loss = time.monotonic(), -math.inf, math.nan
 
     def __enter__(self) -> "TrainDisplay":
@@ -94,7 +115,20 @@ class TrainDisplay:
     def hooks(self):
         from ..training.loop import Hooks
 
-        return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding)
+        return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding,
+                     stage=self.stage)
+
+    def stage(self, doing: str) -> None:
+        """What the run is doing before its first step and after its last: a line that says so, with its time."""
+        if not self.enabled:
+            return
+        if not shows_progress_bar():  # a log file: one line a stage
+            self.bar.console.print(f"{'finishing' if self.training else 'starting'}: {doing}", highlight=False)
+            return
+        if self.stage_task is None:
+            self.stage_task = self.bar.add_task(doing, total=None, loss="", rate="",
+                                                deadline=self.began + self.budget if self.budget else None)
+        self.bar.update(self.stage_task, description=doing)
 
     def decoding(self, done: int, total: int) -> None:
         if self.decoding_task is None:
@@ -108,11 +142,13 @@ class TrainDisplay:
     def should_stop(self, step: int) -> bool:
         if self.stop is None:  # the first step: training has begun, and a stop from now on saves
             self.stop = install_stop_handler(announce=self.enabled)
-            if self.decoding_task is not None:
-                self.bar.remove_task(self.decoding_task)
+            for task in (self.decoding_task, self.stage_task):
+                if task is not None:
+                    self.bar.remove_task(task)
+            self.stage_task = None
             self.started, self.first_step = time.monotonic(), step
             self.task = self.bar.add_task("training", total=None, loss="loss  -", rate="",
-                                          deadline=self.started + self.budget if self.budget else None)
+                                          deadline=self.began + self.budget if self.budget else None)
         return self.stop["requested"]
 
     def progress(self, record: dict) -> None:
@@ -126,7 +162,7 @@ class TrainDisplay:
         per_step = (now - self.started) / max(1, step - self.first_step)
         left = math.inf if steps is None else (steps - step) * per_step
         if self.budget:
-            left = min(left, max(0.0, self.started + self.budget - now))
+            left = min(left, max(0.0, self.began + self.budget - now))
         self.bar.console.print(status_line(step, steps, self.loss, record["images_per_s"], now - self.started, left),
                                highlight=False, markup=False)
         self.last_status = now

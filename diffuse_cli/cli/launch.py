@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from .console import Interrupted
+from .console import STARTED_ENV, Interrupted, process_started
 from ..errors import TrainingFailed, UsageError
 from ..network.device import pick_device
 from ..training.runs import new_run_folder
@@ -33,6 +33,7 @@ def launch_devices(devices: int, device: str, argv: list[str]) -> None:
     # torchrun's --signals-to-handle (newer torch): it passes these on to the processes, which save and stop;
     # SIGUSR1 is what Slurm's --signal sends ahead of a job's time limit
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    os.environ.setdefault(STARTED_ENV, repr(process_started()))  # --max-time counts from this command's start
     try:
         torchrun(["--standalone", f"--nproc-per-node={devices}", "-m", "diffuse_cli", *args])
     except SignalException as e:

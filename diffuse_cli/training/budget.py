@@ -4,6 +4,10 @@ A Budget owns how many steps the run takes in all. With a time and no step count
 alone) that number is not known at the start: the run times its first steps, once start-up and
 the learning-rate warm-up are behind it, and fits the count to the time left, so that the
 learning rate's decay ends with the budget. The time stops the run whichever way the estimate errs.
+
+The time is the caller's whole task: it runs from `started` (the command's own start, for the CLI), so setting
+up counts, and the steps stop `reserve` seconds before it ends, the time the last checkpoint and the last grid
+are expected to take (the loop measures them), so that the whole task ends with the time.
 """
 
 from __future__ import annotations
@@ -39,26 +43,41 @@ class Budget:
     seconds: float | None = None
     fitting: bool = False
     started: float = field(default_factory=time.monotonic)
+    reserve: float = 0.0  # seconds kept for what follows the last step
     _seen: list[tuple[int, float]] = field(default_factory=list)  # (step, elapsed) at recent log points
     _warm_at: float | None = None  # elapsed seconds when the warm-up ended (fitting)
 
     @classmethod
     def for_run(cls, train: TrainConfig, max_time: float | None, fit_steps: bool, resuming: bool,
-                run_name: object = "the run") -> "Budget":
+                run_name: object = "the run", started: float | None = None) -> "Budget":
         """The budget of a run: `train.steps`, or with fit_steps and max_time, steps fitted to the time
-        (also on resuming a run stopped before its first fit; a fitted run resumes towards its steps)."""
+        (also on resuming a run stopped before its first fit; a fitted run resumes towards its steps); its time
+        counted from `started` (time.monotonic(); None: now)."""
+        clock = {} if started is None else {"started": started}
         if fit_steps and max_time is not None and (not resuming or train.steps == UNFITTED):
-            return cls(None, max_time, fitting=True)
+            return cls(None, max_time, fitting=True, **clock)
         if train.steps == UNFITTED:
             raise RunError(f"{run_name} was stopped before its steps were fitted to its --max-time; "
                            "resume it with --max-time or --steps")
-        return cls(train.steps, max_time)
+        return cls(train.steps, max_time, **clock)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def for_steps(self) -> float | None:
+        """The seconds of the budget the steps may take: all of it less the reserve."""
+        return None if self.seconds is None else max(0.0, self.seconds - self.reserve)
+
+    def per_step(self) -> float:
+        """Seconds a step has taken lately (0 before two log points)."""
+        if len(self._seen) < 2:
+            return 0.0
+        (first, since), (last, now) = self._seen[0], self._seen[-1]
+        return (now - since) / max(1, last - first)
+
     def out_of_time(self) -> bool:
-        return self.seconds is not None and self.elapsed() >= self.seconds
+        """Whether the next step would end past the time for steps (more likely than not: half a step to go)."""
+        return self.seconds is not None and self.elapsed() + self.per_step() / 2 >= self.for_steps()
 
     def done(self, step: int) -> bool:
         """Whether `step` steps complete the run (never while fitting: then the time decides)."""
@@ -73,7 +92,7 @@ class Budget:
             return None
         if self._warm_at is None:
             self._warm_at = elapsed
-        return min(1.0, max(0.0, (elapsed - self._warm_at) / max(self.seconds - self._warm_at, 1e-9)))
+        return min(1.0, max(0.0, (elapsed - self._warm_at) / max(self.for_steps() - self._warm_at, 1e-9)))
 
     def recorded_steps(self) -> int:
         """TrainConfig.steps as a checkpoint records it (UNFITTED until fitted)."""
@@ -82,18 +101,17 @@ class Budget:
     def observe(self, step: int, warmup: int, agree: Callable[[int], int] = lambda n: n) -> bool:
         """At a log point (after a host sync): while fitting, estimate the steps again. True the first time
         there is an estimate. `agree` makes every process of a run take the same number."""
-        if not self.fitting or self.seconds is None:
+        if self.seconds is None or step < FIT_FROM:
             return False
         elapsed = self.elapsed()
-        if step < FIT_FROM:
-            return False
         self._seen.append((step, elapsed))
-        first = self.steps is None
-        if first and (step < max(warmup, FIT_AT) or elapsed < FIT_SHARE * self.seconds or len(self._seen) < 2):
-            return False
         while len(self._seen) > 2 and elapsed - self._seen[1][1] >= FIT_SHARE * self.seconds:
             self._seen.pop(0)  # keep the points of the last FIT_SHARE of the time, and one before them
-        self.steps = agree(fitted_steps(step, elapsed, self._seen[0], self.seconds))
+        first = self.steps is None
+        if not self.fitting or first and (step < max(warmup, FIT_AT) or elapsed < FIT_SHARE * self.seconds
+                                          or len(self._seen) < 2):
+            return False
+        self.steps = agree(fitted_steps(step, elapsed, self._seen[0], self.for_steps()))
         return first
 
 

@@ -32,13 +32,17 @@ class FidWatch:
         return self.reference
 
     def __call__(self, ema: torch.nn.Module, config: Config, precision: str,
-                 log: Callable[[str], None] = lambda message: None) -> tuple[float, bool]:
-        """(the FID of the EMA weights now, whether it is the best so far)."""
+                 log: Callable[[str], None] = lambda message: None,
+                 progress: Callable[[float, int], None] | None = None) -> tuple[float, bool]:
+        """(the FID of the EMA weights now, whether it is the best so far); `progress` hears of each network call."""
         reference = self.reference_stats()
         was_training = ema.training
         ema.eval()
-        images, _ = generate(ema, config, self.n, seed=config.train.seed + 1_000_003, precision=precision, log=log)
-        ema.train(was_training)
+        try:
+            images, _ = generate(ema, config, self.n, seed=config.train.seed + 1_000_003, precision=precision, log=log,
+                                 progress=progress)
+        finally:
+            ema.train(was_training)
         fid = scores.frechet_distance(*scores.mean_cov(image_features(list(images), "tf", self.device)), *reference)
         improved = self.best is None or fid < self.best
         self.best = fid if improved else self.best

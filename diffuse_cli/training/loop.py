@@ -32,7 +32,7 @@ from ..network.fast_ops import to_device
 from ..formats.files import MODEL_FILE, STATE_FILE
 from ..diffusion.sampling import SamplerChoice
 from ..network.graphs import graphed_step
-from .mirror import MirrorVerdict, probe_data
+from .mirror import MirrorVerdict, known_verdict, probe_data
 from .run_folder import RunFolder, check_writable
 from .fid_watch import FidWatch
 from ..diffusion.schedule import NoiseSchedule
@@ -58,7 +58,8 @@ class Options:
     device: torch.device = torch.device("cpu")
     save_every: int | None = None  # None: every DEFAULT_EVERY steps, at most once every MIN_INTERVAL_S (due)
     sample_every: int | None = None
-    max_time: float | None = None  # seconds
+    max_time: float | None = None  # seconds, from `started`: setting up, the steps, the last checkpoint and grid
+    started: float | None = None  # time.monotonic() when the time budget began (None: when train() is called)
     fit_steps: bool = False  # with max_time, fit the number of steps to it (budget.Budget)
     resume: bool = False
     compile: bool = False
@@ -77,8 +78,9 @@ class Hooks:
 
     progress: Callable[[dict[str, Any]], None] = lambda record: None
     log: Callable[[str], None] = lambda message: None
-    should_stop: Callable[[int], bool] = lambda step: False  # asked before each step
+    should_stop: Callable[[int], bool] = lambda step: False  # asked before each step, and while a grid is drawn
     decoding: Callable[[int, int], None] = lambda done, total: None  # images of a folder decoded so far (api.train)
+    stage: Callable[[str], None] = lambda doing: None  # what the run is doing before its first step and after its last
 
 
 @dataclass
@@ -295,6 +297,7 @@ class Reporter:
 def train(config: Config, data: ImageData, run_dir: str | Path | None, options: Options,
           hooks: Hooks = Hooks()) -> Result:
     """Train a U-Net on `data`, writing checkpoints, grids and metrics into run_dir (None: nothing written)."""
+    started = time.monotonic() if options.started is None else options.started
     world = distributed.init(options.device)
     device = distributed.device_for(options.device, world)
     tc, run_dir = config.train, None if run_dir is None else Path(run_dir)
@@ -308,11 +311,14 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     schedule = NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps)
     verdict = None
     if tc.hflip is None:  # decide from the data, and record the decision in the run's config
-        verdict = probe_data(data, tc.seed)
+        if (verdict := known_verdict(data)) is None:
+            hooks.stage("probing the images for a handedness (--hflip decides instead)")
+            verdict = probe_data(data, tc.seed)
         verdict = replace(verdict, mirror=bool(distributed.smallest(int(verdict.mirror), world)))
         config = replace(config, train=replace(tc, hflip=verdict.mirror))
         tc = config.train
 
+    hooks.stage("building the network")
     learner = Learner.build(config, options, world, device, precision, schedule, hooks.log)
     config, tc = learner.config, learner.config.train
     step = 0
@@ -327,7 +333,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     folder = RunFolder(run_dir, data, learner, world,
                        fid=FidWatch(data, options.eval_n, device) if options.eval_every else None)
     folder.start(step)
-    budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir)
+    budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir, started)
     cpu = threads.share() if device.type == "cpu" else None
     if cpu is not None:
         cpu.settle()  # the first count, before the first step; then tick() follows the machine
@@ -337,11 +343,12 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu):
         hooks.log(summary)
 
-    budget.started = time.monotonic()  # the budget is for training, not for setting up
     config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records
-    report = Reporter(hooks, learner, folder, budget, world, last=(budget.started, step), cpu=cpu)
+    first = time.monotonic()
+    report = Reporter(hooks, learner, folder, budget, world, last=(first, step), cpu=cpu)
     start_step, stopped_by, lr = step, "steps", tc.lr
-    last_written = {"save": budget.started, "grid": budget.started}  # for the default intervals (due)
+    last_written = {"save": first, "grid": first}  # for the default intervals (due)
+    stop_asked = lambda: hooks.should_stop(step)  # noqa: E731 (asked while a grid or FID is drawn, too)
 
     def save(now_step: int) -> None:
         learner.bad_steps(now_step, tc.max_bad_steps, run_dir, report=False)  # never save over a good checkpoint
@@ -363,20 +370,27 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         step += 1
         if report.due(step):
             config = report.report(step, lr, config)
+            if budget.seconds is not None and not budget.reserve and step - start_step >= LOG_EVERY:
+                if folder.save_seconds is None:  # a first checkpoint, timed: the last one will take as long
+                    save(step)
+                    last_written["save"] = time.monotonic()
+                budget.reserve = folder.closing_seconds(config, options.grid_sampler, options.grid_steps, precision)
         if not budget.done(step) and due(step, options.save_every, last_written["save"]):
             save(step)
             last_written["save"] = time.monotonic()
         if not budget.done(step) and due(step, options.sample_every, last_written["grid"]):
-            folder.grid(step, config, options.grid_sampler, options.grid_steps, precision, hooks.log)
+            folder.grid(step, config, options.grid_sampler, options.grid_steps, precision, hooks.log, stop_asked)
             last_written["grid"] = time.monotonic()
         if options.eval_every and step % options.eval_every == 0:
-            folder.evaluate(step, config, precision, hooks.log)
+            folder.evaluate(step, config, precision, hooks.log, stop_asked)
 
     if step > report.last[1]:  # stopped between log points: the last steps get their record too
         config = report.report(step, lr, config)
     if step > start_step or (run_dir is not None and not (run_dir / MODEL_FILE).exists()):
+        hooks.stage("saving the checkpoint")
         save(step)
         if stopped_by != "signal":
-            folder.grid(step, config, options.grid_sampler, options.grid_steps, precision, hooks.log)
+            hooks.stage("drawing the last grid of samples")
+            folder.grid(step, config, options.grid_sampler, options.grid_steps, precision, hooks.log, stop_asked)
     distributed.barrier(world)
     return Result(step, stopped_by, run_dir, learner.model, learner.ema, report.records, config, verdict)

@@ -41,8 +41,11 @@ class MirrorVerdict:
     mirror: bool
     accuracy: float
     tested: int
+    known: str = ""  # why no probe was needed, where none was
 
     def reason(self) -> str:
+        if self.known:
+            return self.known
         told = f"a probe told held-out images from their mirror images {self.accuracy:.0%} of the time"
         if self.tested == 0:
             return "too few images to probe for a handedness, so mirrored as usual"
@@ -99,6 +102,16 @@ def probe_mirroring(images: torch.Tensor, seed: int = 0, steps: int = 400, batch
     accuracy = ((d > 0).float().mean() + 0.5 * (d == 0).float().mean()).item()  # a tie is a coin toss
     z = (accuracy - 0.5) / (0.5 / math.sqrt(len(test)))
     return MirrorVerdict(not (accuracy >= ACCURACY_MIN and z >= Z_MIN), accuracy, len(test))
+
+
+def known_verdict(data: ImageData) -> MirrorVerdict | None:
+    """The verdict on a data set whose handedness is known without a probe: the built-in shapes are drawn upright,
+    centred and symmetric (images/shapes.py), so they are their own mirror images. None for any other data."""
+    from ..images.data import BUILTIN
+
+    if data.source == BUILTIN:
+        return MirrorVerdict(True, 0.5, 0, known="the built-in shapes are drawn mirror-symmetric")
+    return None
 
 
 def probe_data(data: ImageData, seed: int = 0) -> MirrorVerdict:

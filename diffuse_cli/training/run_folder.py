@@ -4,6 +4,7 @@ the sample grids and loss.png, and with --eval-every, FID and the best weights. 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,18 @@ from .plots import loss_plot
 GRID_IMAGES = 16
 
 
+class Cancelled(Exception):
+    """A stop was asked for while a grid or an FID was drawn: it is dropped, and the run goes on to save and stop."""
+
+
+def cancelled_by(stop: Callable[[], bool]) -> Callable[[float, int], None]:
+    """A sampling progress callback that ends the drawing (Cancelled) once `stop()` says so: between network calls."""
+    def progress(done: float, total: int) -> None:
+        if stop():
+            raise Cancelled
+    return progress
+
+
 @dataclass
 class RunFolder:
     """Checkpoints, metrics and sample grids in the run folder; with no folder (None), nothing is written."""
@@ -36,6 +49,7 @@ class RunFolder:
     unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
     history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
     fid: FidWatch | None = None  # with --eval-every
+    save_seconds: float | None = None  # how long the last checkpoint took to write
 
     def start(self, step: int) -> None:
         """On resume: the records written before `step` (a resumed run keeps its loss curve and its best FID)."""
@@ -44,11 +58,16 @@ class RunFolder:
             if self.fid is not None and (fids := [r["fid"] for r in self.history if "fid" in r]):
                 self.fid.best = min(fids)
 
-    def evaluate(self, step: int, config: Config, precision: str, log: Callable[[str], None]) -> None:
-        """FID now: a record in metrics.jsonl and loss.png, and model_best.safetensors when it is the best yet."""
+    def evaluate(self, step: int, config: Config, precision: str, log: Callable[[str], None],
+                 stop: Callable[[], bool] = lambda: False) -> None:
+        """FID now: a record in metrics.jsonl and loss.png, and model_best.safetensors when it is the best yet; none
+        if `stop()` says so while the samples are drawn."""
         if self.fid is None or not self.world.is_main:
             return
-        fid, best = self.fid(self.learner.ema, config, precision, log)
+        try:
+            fid, best = self.fid(self.learner.ema, config, precision, log, cancelled_by(stop))
+        except Cancelled:
+            return
         self.record({"step": step, "fid": fid, "fid_samples": self.fid.n})
         log(f"step {step}: FID {fid:.2f} of {self.fid.n} samples" + (" (the best yet)" if best else
                                                                      f" (best {self.fid.best:.2f})"))
@@ -72,7 +91,7 @@ class RunFolder:
     def save(self, step: int, config: Config) -> None:
         if self.path is None or not self.world.is_main:
             return
-        learner, info = self.learner, self.facts(step, config)
+        began, learner, info = time.monotonic(), self.learner, self.facts(step, config)
         # The training state keeps the data folder's absolute path (for --resume) and fp16's loss scale.
         resume_info = {**info, "grad_scaler": learner.scaler.state_dict()} if learner.scaler.is_enabled() else info
         save_training_state(self.path / STATE_FILE, learner.model, learner.ema, learner.optimizer, config, resume_info)
@@ -80,19 +99,38 @@ class RunFolder:
                    {**info, "data": Path(self.data.source).name or self.data.source})
         write_metrics(self.path / "metrics.jsonl", self.unsaved, step)
         self.unsaved.clear()
+        self.save_seconds = time.monotonic() - began
 
     def grid(self, step: int, config: Config, sampler: str, steps: int, precision: str,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], stop: Callable[[], bool] = lambda: False) -> None:
+        """samples/step_N.png and loss.png; no grid if `stop()` says so while it is drawn."""
         if self.path is None or not self.world.is_main:
             return
         classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
         labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
-        grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=sampler, steps=steps,
-                           seed=config.train.seed, precision=precision, log=log,
-                           labels=labels, guidance=SampleConfig.guidance)
+        try:
+            grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=sampler, steps=steps,
+                               seed=config.train.seed, precision=precision, log=log,
+                               labels=labels, guidance=SampleConfig.guidance, progress=cancelled_by(stop))
+        except Cancelled:
+            log(f"step {step}: stopping, so no grid of samples")
+            return
         save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
         if self.history:
             save_image(loss_plot(self.history), self.path / LOSS_PLOT)
+
+
+    def closing_seconds(self, config: Config, sampler: str, steps: int, precision: str) -> float:
+        """How long the last checkpoint and grid are expected to take: the grid's network calls at the time of one,
+        timed now (1 call of the grid's batch), and the last checkpoint's writing time."""
+        if self.path is None or not self.world.is_main:
+            return 0.0
+        from ..diffusion.sampling import SamplerChoice
+
+        began = time.monotonic()
+        generate(self.learner.ema, config, GRID_IMAGES, sampler="ddim", steps=1, seed=0, precision=precision)
+        call = time.monotonic() - began
+        return call * SamplerChoice(sampler, steps).nfe() + (self.save_seconds or 0.0)
 
 
 def check_writable(folder: Path) -> None:
