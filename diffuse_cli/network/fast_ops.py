@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,16 +89,19 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
 WINOGRAD: bool | None = None
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            filters: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """A 3x3 convolution of stride 1, padded by one. Plain: F.conv2d(x, weight, bias, padding=1).
 
     Where winograd_pays, by F(4x4, 3x3): 36 products where the direct form takes 144 for each 4x4 block of
-    outputs and input channel, in matrix products; the output comes back in x's memory format."""
+    outputs and input channel, in matrix products; the output comes back in x's memory format. `filters()`: the
+    weight's Winograd transform, kept by the caller for a weight that does not change (sampling), else None."""
     if not winograd_pays(x, weight):
         return F.conv2d(x, weight, bias, padding=1)
     from . import winograd
 
-    y = winograd.conv3x3(x, weight, bias)  # channels_last
+    kept = filters() if filters is not None and not torch.is_grad_enabled() else None
+    y = winograd.conv3x3(x, weight, bias, kept)  # channels_last
     return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 

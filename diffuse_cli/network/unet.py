@@ -46,13 +46,23 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire."""
+    """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire. In sampling, the
+    weight's Winograd transform is made once and kept until the weight changes (its version or storage)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
+        self._kept: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_ops.conv3x3(x, self.weight, self.bias)
+        return fast_ops.conv3x3(x, self.weight, self.bias, self._filters)
+
+    def _filters(self) -> torch.Tensor:
+        from .winograd import transform_filter
+
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._kept is None or self._kept[0] != key:
+            self._kept = key, transform_filter(self.weight.detach())
+        return self._kept[1]
 
 
 class Dropout(nn.Dropout):
