@@ -146,13 +146,23 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     config, data_set = with_classes(config, data_set, resume)
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
+    sizing = None
+    if preset is None and not resume and fit_steps and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from .config import split_fields
+        from .training.sizing import size_for_budget, with_preset
+
+        hooks.stage("timing a step to choose the network for the time")
+        overrides = split_fields(settings)[0]
+        sizing = size_for_budget(config, seconds - (time.monotonic() - started), torch_device,
+                                 resolve_precision(config.train.precision, torch_device), overrides)
+        config = with_preset(config, sizing.preset, overrides)
 
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
     options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, eval_every=eval_every,
                       eval_n=eval_n, max_time=seconds, started=started,
                       fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
-                      checkpointing=checkpointing,
+                      checkpointing=checkpointing, sizing=sizing,
                       chosen=frozenset(settings) | given_by_data)
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0

@@ -4,6 +4,7 @@ import functools
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -482,3 +483,26 @@ def test_second_ctrl_c_quits_at_once(tmp_path, diffuse):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
+
+
+def test_a_timed_run_with_no_model_named_takes_the_widest_preset_with_enough_steps(monkeypatch, tmp_path):
+    """On a machine where `small` would take too few steps in the time, `tiny` is trained, and the summary says
+    why; a preset named, a step count or no time budget leaves the choice alone."""
+    import diffuse_cli as diffuse
+    from diffuse_cli.training import sizing
+
+    speed = {"small": 1.0, "tiny": 0.01}  # seconds a step: the slow chip
+    monkeypatch.setattr(sizing, "step_seconds", lambda config, *args: speed[config.preset])
+    images = load_builtin(8, n=8).images
+    logs = []
+    model = diffuse.train(images, max_time=3.0, batch_size=4, hooks=Hooks(log=logs.append))
+    assert model.config.preset == "tiny" and model.config.model == model_config("tiny", image_size=8)
+    assert re.search(r"model +tiny: small would take about [0-2] steps in the time here, fewer than the 450",
+                     "\n".join(logs))
+    chosen = sizing.size_for_budget(model.config, 3.0, torch.device("cpu"), "fp32")
+    assert chosen.preset == "tiny"  # the narrowest rung takes whatever steps it gets
+
+    speed["small"] = 3.0 / (2 * sizing.ENOUGH_STEPS["small"])  # a fast chip: twice the steps small needs
+    assert sizing.size_for_budget(replace(model.config, preset="small"), 3.0, torch.device("cpu"), "fp32").preset == "small"
+    assert diffuse.train(images, max_time=1.0, preset="small", batch_size=4).config.preset == "small"
+    assert diffuse.train(images, steps=2, batch_size=4).config.preset == "small"  # no time budget: the default

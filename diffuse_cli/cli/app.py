@@ -71,7 +71,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     from .. import api
 
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
-    run, resuming = api.run_folder(out_dir, resume, folder, model or "small", confirm)
+    sized = model is None and seconds is not None and steps is None  # the preset is chosen for the time (sizing.py)
+    run, resuming = api.run_folder(out_dir, resume, folder, model or ("" if sized else "small"), confirm)
     started = process_started()  # --max-time is the whole command's
     display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0, started=started)
     display.log(f"run folder {run}" + (" (resuming)" if resuming else

@@ -62,7 +62,8 @@ Channels = Annotated[Optional[int], typer.Option(help="3 for RGB, 1 for grayscal
                                                  "grayscale, else 3]")]
 Preset = Annotated[Optional[str], typer.Option("--model", "--preset", help=f"U-Net width and depth: {', '.join(PRESETS)}."
                                                " The image size shapes its levels and attention (docs/training.md)."
-                                               f"{default(Config.preset)}")]
+                                               f" \\[default: {Config.preset}; with --max-time and no --steps, the "
+                                               "widest that gets enough steps in the time here]")]
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help=f"Noise schedule: {one_of(Schedule)}."
                                                     f"{default(DiffusionConfig.schedule)}")]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help=f"What the network predicts: "

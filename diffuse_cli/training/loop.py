@@ -39,6 +39,7 @@ from ..diffusion.schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
 from .memory import fit_batch
 from .run_summary import choices_made, network_line, start_line
+from .sizing import Sizing
 from ..network.unet import UNet
 
 LOG_EVERY = 10
@@ -70,6 +71,7 @@ class Options:
     grid_sampler: str = SamplerChoice.name
     grid_steps: int = SamplerChoice.steps
     chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
+    sizing: Sizing | None = None  # the preset chosen for the time budget, and why (sizing.py), where it was
 
 
 @dataclass
@@ -340,7 +342,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     hooks.log(start_line(config, data, device, precision, learner.model, learner.uses_graph, world, cpu))
     hooks.log(network_line(config))
     chosen = options.chosen if not options.resume else frozenset(config.train.__dataclass_fields__)
-    if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu):
+    if summary := choices_made(config, data, chosen, options.resume, precision, device, budget.fitting, verdict, cpu,
+                               options.sizing):
         hooks.log(summary)
 
     config = replace(config, train=replace(tc, steps=budget.recorded_steps()))  # what a checkpoint records

@@ -10,6 +10,7 @@ from ..images.data import ImageData
 from ..network.device import precision_reason
 from .distributed import World
 from .mirror import MirrorVerdict
+from .sizing import Sizing
 from ..network.threads import ThreadShare
 from ..network.unet import count_parameters
 
@@ -38,7 +39,7 @@ def network_line(config: Config) -> str:
 
 def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume: bool, precision: str,
                  device: torch.device, fitting: bool, verdict: MirrorVerdict | None,
-                 cpu: ThreadShare | None = None) -> str | None:
+                 cpu: ThreadShare | None = None, sizing: Sizing | None = None) -> str | None:
     """The start-of-run summary: every choice made for the user (all but the settings `chosen`), each with the
     option that sets it; `fitting`: the steps are fitted to a time budget."""
     m = config.model
@@ -52,6 +53,8 @@ def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume
     if verdict is not None:
         rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
                      f"--hflip {'off' if verdict.mirror else 'on'}"))
+    if sizing is not None:
+        rows.append(("model", f"{sizing.preset}: {sizing.reason}", "--model"))
     if not resume:
         if "image_size" not in chosen:
             rows.append(("image size", f"{m.image_size}x{m.image_size}", "--image-size"))

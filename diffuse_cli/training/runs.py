@@ -16,9 +16,10 @@ from ..formats.files import STATE_FILE
 
 
 def new_run_folder(data: Optional[str], preset: str) -> Path:
-    """checkpoints/<data folder>-<preset>-<time>, made unique with a suffix."""
+    """checkpoints/<data folder>-<preset>-<time> (no preset where it is yet to be chosen: ""), made unique with a
+    suffix."""
     stem = Path(data).resolve().name if data else "shapes"
-    base = Path("checkpoints") / f"{stem}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("checkpoints") / "-".join(p for p in (stem, preset, time.strftime('%Y%m%d-%H%M%S')) if p)
     path, k = base, 1
     while path.exists():
         path, k = Path(f"{base}-{k}"), k + 1
