@@ -109,7 +109,8 @@ def test_max_time_spends_the_whole_budget_while_the_load_on_the_machine_changes(
     last = result.records[-1]
     assert result.stopped_by == "time" and last["step"] == result.step
     assert 0.95 * 6.0 <= took <= 1.05 * 6.0, (took, last)
-    assert last["lr"] < 0.102 * config.train.lr, last
+    assert last["lr"] < 0.12 * config.train.lr, last  # the floor is 0.1; the bug left it mid-decay, ~0.5 (under
+    # pytest -n, a neighbouring test on the same cores moves the last fit by a few percent)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("90", 90), ("10m", 600), ("1.5h", 5400), ("1d", 86400),
