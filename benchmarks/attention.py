@@ -28,7 +28,7 @@ from common import grid_parser, machine_line, parse_grid, synchronizer, timed  #
 from diffuse_cli.network import fast_ops
 
 from diffuse_cli.network import unet  # noqa: E402
-from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.device import autocast  # noqa: E402
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]

@@ -78,7 +78,8 @@ def train_step_fn(model: nn.Module, net, x0: torch.Tensor, t: torch.Tensor, eps:
     failed (the step then runs eagerly)."""
     import copy
 
-    from diffuse_cli.config import Config, TrainConfig, model_config
+    from diffuse_cli.config import Config, TrainConfig
+    from diffuse_cli.presets import model_config
     from diffuse_cli.network.device import autocast, layout_of
     from diffuse_cli.diffusion.objectives import diffusion_loss
     from diffuse_cli.diffusion.schedule import NoiseSchedule
@@ -228,7 +229,7 @@ def timed(fn, repeats: int = 3, warmup: int = 1, best: bool = False, block: int 
 
 
 if __name__ == "__main__":
-    from diffuse_cli.config import BUILTIN_IMAGE_SIZE
+    from diffuse_cli.presets import BUILTIN_IMAGE_SIZE
     from diffuse_cli.images.shapes import render_shapes
 
     train = render_shapes(2000, BUILTIN_IMAGE_SIZE, seed=0)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import step_flops, timed, train_step_fn  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant, practical_peak  # noqa: E402
 
-from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.device import autocast, memory_format  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 from diffuse_cli.network.unet import UNet  # noqa: E402

@@ -42,7 +42,9 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # tests.glyphs
 from common import image_fd  # noqa: E402
 
 from diffuse_cli.formats.checkpoint import load_model  # noqa: E402
-from diffuse_cli.config import BUILTIN_IMAGE_SIZE, Config, DiffusionConfig, model_config, parse_duration  # noqa: E402
+from diffuse_cli.presets import BUILTIN_IMAGE_SIZE, model_config  # noqa: E402
+from diffuse_cli.config import Config, DiffusionConfig  # noqa: E402
+from diffuse_cli.api_settings import parse_duration  # noqa: E402
 from diffuse_cli.diffusion.denoiser import generate  # noqa: E402
 from diffuse_cli.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.images.shapes import render_shapes  # noqa: E402
@@ -68,7 +70,8 @@ def train_diffusers_example(budget_s: float, image_size: int, seed: int = 0):
     from diffusers.training_utils import EMAModel
     from train_speed import diffusers_unet
 
-    from diffuse_cli.images.data import load_builtin, to_model
+    from diffuse_cli.images.data import load_builtin
+    from diffuse_cli.diffusion.pixels import to_model
 
     torch.manual_seed(seed)
     images = load_builtin(image_size).images
@@ -114,7 +117,7 @@ def sample_diffusers_pipeline(model, n: int, image_size: int, batch: int = 128) 
     """n images as DDPMPipeline draws them: 1000 DDPM steps of diffusers' own scheduler."""
     from diffusers import DDPMScheduler
 
-    from diffuse_cli.images.data import to_uint8
+    from diffuse_cli.diffusion.pixels import to_uint8
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(1000)

@@ -65,7 +65,7 @@ def read_rate(data, batches: list[torch.Tensor]) -> float:
 
 
 def step_rate(size: int, batch: int) -> float:
-    from diffuse_cli.config import model_config
+    from diffuse_cli.presets import model_config
     from diffuse_cli.network.fast_ops import keep_cpu_memory
     from diffuse_cli.network.unet import UNet
 

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).parent))
 from common import synchronizer, timed, train_step_fn  # noqa: E402
 
-from diffuse_cli.config import Config, TrainConfig, model_config  # noqa: E402
+from diffuse_cli.config import Config, TrainConfig  # noqa: E402
+from diffuse_cli.presets import model_config  # noqa: E402
 from data_loading import write_jpegs  # noqa: E402
 
 from diffuse_cli.training import distributed  # noqa: E402

@@ -37,7 +37,7 @@ from common import grid_parser, machine_line, parse_grid, synchronizer, train_st
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
 from diffuse_cli.network import unet  # noqa: E402
-from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 
 

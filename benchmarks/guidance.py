@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import image_fd  # noqa: E402
 
 import diffuse_cli as diffuse  # noqa: E402
-from diffuse_cli.config import BUILTIN_IMAGE_SIZE  # noqa: E402
-from diffuse_cli.images.data import to_model  # noqa: E402
+from diffuse_cli.presets import BUILTIN_IMAGE_SIZE  # noqa: E402
+from diffuse_cli.diffusion.pixels import to_model  # noqa: E402
 from diffuse_cli.images.shapes import SHAPES, render_shapes, shape_kinds  # noqa: E402
 
 

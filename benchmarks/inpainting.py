@@ -55,7 +55,7 @@ def distance(sampler: str, steps: int, jumps: int, n: int, schedule: NoiseSchedu
 def on_images(args: argparse.Namespace) -> None:
     import diffuse_cli as diffuse
     from common import image_fd
-    from diffuse_cli.config import BUILTIN_IMAGE_SIZE
+    from diffuse_cli.presets import BUILTIN_IMAGE_SIZE
     from diffuse_cli.images.shapes import render_shapes, shape_kinds
     from guidance import classify, shape_classifier, train
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import diffuse_cli as diffuse  # noqa: E402
-from diffuse_cli.images.data import to_model, to_uint8  # noqa: E402
+from diffuse_cli.diffusion.pixels import to_model, to_uint8  # noqa: E402
 from diffuse_cli.diffusion.editing import ddim_invert  # noqa: E402
 from diffuse_cli.diffusion.denoiser import Denoiser  # noqa: E402
 from diffuse_cli.diffusion.samplers import ddim, spaced_timesteps  # noqa: E402

@@ -30,7 +30,8 @@ def peak_rss() -> int:
 
 
 def measure(preset: str, size: int, batch: int, precision: str, device: str, checkpointing: bool, queue) -> None:
-    from diffuse_cli.config import Config, model_config
+    from diffuse_cli.config import Config
+    from diffuse_cli.presets import model_config
     from diffuse_cli.network.device import memory_format
     from diffuse_cli.network.fast_ops import keep_cpu_memory
     from diffuse_cli.network.unet import UNet, count_parameters

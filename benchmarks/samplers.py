@@ -90,7 +90,8 @@ def trained(checkpoint: str, samplers: list[str], spacing: str | None, with_ddpm
 
 
 def _small_32():
-    from diffuse_cli.config import Config, model_config
+    from diffuse_cli.config import Config
+    from diffuse_cli.presets import model_config
     from diffuse_cli.network.unet import UNet
 
     config = Config(model=model_config("small", image_size=32))

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, machine_line, parse_grid, step_flops, synchronizer, timed, train_step_fn  # noqa: E402
 
-from diffuse_cli.config import model_config  # noqa: E402
+from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.device import autocast, cpu_kernels, memory_format  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 from diffuse_cli.network.graphs import graphed_forward  # noqa: E402

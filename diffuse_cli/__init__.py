@@ -4,11 +4,15 @@ The Python API (api.py) is importable from here: `import diffuse_cli as diffuse;
 It is loaded on first use, so that `diffuse --help` does not wait for torch.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
-_API = ("Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
-        "write_explorer", "save_images", "save_grid", "save_strip", "Trajectory", "Hooks", "SampleConfig",
-        "SamplerChoice", "ImageData", "DiffuseError", "set_threads", "inspect", "evaluate")
+# The API's names, listed once: api.py's __all__ is this list.
+_API = ("Model", "TrainedModel", "load", "train", "TrainOptions", "Hooks", "inspect", "prepare_device", "set_threads",
+        "run_folder", "launch_plan", "SampleConfig", "SamplerChoice", "SampleHooks", "SampleRun", "sample_folder_name",
+        "noise", "write_noise", "explore", "explorer_path", "write_explorer", "interpolate",
+        "interpolation_folder_name", "import_diffusers", "export_diffusers", "evaluate", "EvalSettings", "Evaluation",
+        "save_images", "save_grid", "save_strip", "save_png", "grid_upscale", "GRID_MAX", "Trajectory", "ImageData",
+        "DiffuseError")
 
 
 def __getattr__(name: str):

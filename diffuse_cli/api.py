@@ -20,30 +20,35 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .api_tools import (explore, export_diffusers, import_diffusers, interpolate,  # noqa: F401 (the API)
-                        interpolation_folder_name, noise, sample_folder_name, write_explorer, write_noise)
-from .training.budget import Budget
-from .formats.checkpoint import load_model, resolve_checkpoint
-from .config import Config, make_config, parse_duration
-from .images.data import ImageData
-from .network.device import pick_device, resolve_precision
-from .errors import DataError, DiffuseError, DiskFull, TrainingFailed, UsageError, out_of_memory
-from .formats.files import MODEL_FILE
-from .model import Model, PathLike
-from .images.outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
+from . import _API
+from .api_convert import export_diffusers, import_diffusers  # noqa: F401 (the API)
+from .api_eval import EvalSettings, Evaluation, evaluate  # noqa: F401 (the API)
+from .api_images import (explore, explorer_path, interpolate, interpolation_folder_name, noise,  # noqa: F401
+                         write_explorer, write_noise)
+from .api_sample import SampleRun, sample_folder_name  # noqa: F401 (the API)
+from .api_settings import parse_duration, require_positive
+from .config import Config
+from .diffusion.denoiser import SampleHooks  # noqa: F401 (the API)
 from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
-from .training.runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
-from .images.sample_run import SampleRun  # noqa: F401 (the API)
-from .network.threads import set_threads  # noqa: F401 (the API)
-from .api_eval import Evaluation, evaluate  # noqa: F401 (the API)
+from .errors import DataError, DiffuseError, DiskFull, TrainingFailed, UsageError, out_of_memory
+from .formats.checkpoint import load_model, resolve_checkpoint
+from .formats.files import MODEL_FILE
+from .images.data import ImageData
+from .images.outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
 from .images.pictures import grid_upscale, save_png  # noqa: F401 (the API)
-from .training.loop import Hooks, Options
+from .model import Model, PathLike
+from .network.device import pick_device, resolve_precision
+from .network.threads import set_threads  # noqa: F401 (the API)
+from .presets import make_config
+from .training.budget import Budget
+from .training.loop import Hooks, Options, Result
+from .training.runs import resolve_run as run_folder  # noqa: F401 (the API: --out and --resume to a run folder)
 
 
 def prepare_device(device: str = "auto", threads: int | None = None) -> torch.device:
@@ -61,6 +66,23 @@ def prepare_device(device: str = "auto", threads: int | None = None) -> torch.de
     return picked
 
 
+def launch_plan(devices: int, device: str = "auto", out: PathLike | None = None) -> tuple[Path, dict[str, str]]:
+    """What `diffuse train --devices N` starts under torchrun: the run folder (`out`, or a new one) and what its N
+    processes' environment gains: on the CPU, each one's share of the cores to follow (network/threads.py), which
+    torchrun would otherwise set to one thread. Refused: more GPUs than there are."""
+    from .network.threads import SHARE_ENV, usable_cores
+    from .training.runs import new_run_folder
+
+    on_cuda = pick_device(device).type == "cuda"
+    if on_cuda and devices > torch.cuda.device_count():
+        raise UsageError(f"{{devices}} {devices}, but this machine has {torch.cuda.device_count()} GPU(s)", "devices")
+    env = {}
+    if not on_cuda and "OMP_NUM_THREADS" not in os.environ:
+        share = str(max(1, usable_cores() // devices))
+        env = {"OMP_NUM_THREADS": share, SHARE_ENV: share}
+    return (Path(out) if out is not None else new_run_folder(None, "ddp")), env
+
+
 def inspect(path: PathLike | None = None) -> tuple[dict[str, Any], Config]:
     """What a checkpoint holds, from its header alone (no weights are read): its facts, as `diffuse inspect
     --json` prints them, and its config. path: as load takes it."""
@@ -76,24 +98,44 @@ def load(path: PathLike | None = None, device: str = "auto") -> Model:
     return Model(net, config, info, path)
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How a train() call runs; none of it changes what the model learns (that is the settings': config.py).
+
+    max_time: seconds or '10m' from `started` (time.monotonic(); None: the call), within which the images are
+    read, the run set up, trained, and its last checkpoint and grid written; without the `steps` setting the
+    learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations
+    in the backward (less memory, more compute); a batch that would not fit is split into micro-batches either way
+    (training/memory.py). cache: keep a folder's decoded images in the cache folder (True: $DIFFUSE_CACHE, else
+    ~/.cache/diffuse; a path; False: never), which later runs read without decoding (images/cache.py).
+    eval_every: FID of eval_n samples every that many steps (metrics.jsonl, loss.png, and the best weights as
+    model_best.safetensors; needs the [eval] extra). save_every, sample_every: None for the default intervals."""
+
+    max_time: float | str | None = None
+    started: float | None = None
+    device: str = "auto"
+    compile: bool = False
+    cuda_graph: bool = True
+    checkpointing: bool = False
+    cache: PathLike | bool = True
+    save_every: int | None = None
+    sample_every: int | None = None
+    eval_every: int | None = None
+    eval_n: int = 1000
+
+
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
-          resume: bool = False, preset: str | None = None, max_time: float | str | None = None,
-          device: str = "auto", compile: bool = False, cuda_graph: bool = True, checkpointing: bool = False,
-          cache: PathLike | bool = True, save_every: int | None = None,
-          sample_every: int | None = None, eval_every: int | None = None, eval_n: int = 1000,
-          hooks: Hooks = Hooks(), started: float | None = None, **settings: Any) -> Model:
+          resume: bool = False, preset: str | None = None, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
     """Train a model and return it (its EMA weights).
 
     data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
     folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
-    objective, batch_size, steps, lr, hflip, ...). max_time: seconds or '10m' from `started` (time.monotonic();
-    None: this call), within which the images are read, the run set up, trained, and its last checkpoint and grid
-    written; without `steps` the learning rate decays over the steps that fit in it. checkpointing: recompute each residual block's activations in
-    the backward (less memory, more compute); a batch that would not fit is split into micro-batches either way
-    (training/memory.py). cache: keep a folder's decoded images in the cache folder (True: $DIFFUSE_CACHE, else
-    ~/.cache/diffuse; a path; False: never), which later runs read without decoding (images/cache.py). eval_every: FID of eval_n samples every that many steps
-    (metrics.jsonl, loss.png, and the best weights as model_best.safetensors; needs the [eval] extra)."""
+    objective, batch_size, steps, lr, hflip, ...), and of TrainOptions, how the call runs (max_time, device,
+    save_every, ...)."""
+    how = {f.name for f in fields(TrainOptions)}
+    o = TrainOptions(**{k: settings.pop(k) for k in list(settings) if k in how})
+    max_time, device, started = o.max_time, o.device, o.started
     from .images import data as data_module  # looked up at call time: tests stand in for load_data
     from .training import distributed, runs
     from .training.loop import train as train_loop
@@ -120,10 +162,11 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     fit_steps = seconds is not None and "steps" not in settings
     Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
     resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
-    if eval_every is not None:
-        if eval_every < 1 or eval_n < 2:
-            raise UsageError(f"{{eval_every}} must be at least 1 and {{eval_n}} at least 2, not {eval_every} and "
-                             f"{eval_n}", "eval_every", "eval_n")
+    require_positive(save_every=o.save_every, sample_every=o.sample_every)
+    if o.eval_every is not None:
+        if o.eval_every < 1 or o.eval_n < 2:
+            raise UsageError(f"{{eval_every}} must be at least 1 and {{eval_n}} at least 2, not {o.eval_every} and "
+                             f"{o.eval_n}", "eval_every", "eval_n")
         from .evaluation.inception import network_file
 
         network_file()  # the [eval] extra missing is said before any work
@@ -137,7 +180,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                                          progress=hooks.decoding,
                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # each DDP process holds one
                                          share=distributed.share(torch_device) if folder is not None else None,
-                                         cache=cache)
+                                         cache=o.cache)
     if data_set.image_size != config.model.image_size:
         raise DataError(f"the images are {data_set.image_size}x{data_set.image_size}, and the model is "
                         f"{config.model.image_size}x{config.model.image_size}")
@@ -159,10 +202,10 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
 
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
-    options = Options(device=torch_device, save_every=save_every, sample_every=sample_every, eval_every=eval_every,
-                      eval_n=eval_n, max_time=seconds, started=started,
-                      fit_steps=fit_steps, resume=resume, compile=compile, cuda_graph=cuda_graph,
-                      checkpointing=checkpointing, sizing=sizing,
+    options = Options(device=torch_device, save_every=o.save_every, sample_every=o.sample_every,
+                      eval_every=o.eval_every, eval_n=o.eval_n, max_time=seconds, started=started,
+                      fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
+                      checkpointing=o.checkpointing, sizing=sizing,
                       chosen=frozenset(settings) | given_by_data)
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -182,7 +225,14 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                                  "grad_accum", "image_size", "preset") from None
         raise
     info = {"step": result.step, "data": data_set.source, "data_size": len(data_set)}
-    return Model(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
+    return TrainedModel(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
+
+
+@dataclass
+class TrainedModel(Model):
+    """A Model fresh from train(): `training` holds how the run went (its steps, why it stopped, its records)."""
+
+    training: Result | None = None
 
 
 def with_classes(config: Config, data: ImageData, resume: bool) -> tuple[Config, ImageData]:
@@ -206,8 +256,4 @@ def _tensor_shape(data: object) -> dict[str, int]:
     return {}
 
 
-__all__ = ["Model", "load", "train", "noise", "explore", "interpolate", "import_diffusers", "export_diffusers",
-           "write_explorer", "sample_folder_name", "interpolation_folder_name", "write_noise", "SampleRun", "run_folder",
-           "save_images", "save_grid", "save_strip", "save_png", "grid_upscale", "Trajectory", "Hooks", "SampleConfig",
-           "SamplerChoice", "ImageData", "DiffuseError", "GRID_MAX", "set_threads", "prepare_device", "inspect",
-           "evaluate", "Evaluation"]
+__all__ = list(_API)  # the one list of the API's names, diffuse_cli/__init__.py's

@@ -4,7 +4,7 @@ first) scored by FID, KID, precision/recall and copies (evaluation/)."""
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, get_args
 
@@ -33,21 +33,44 @@ class Evaluation:
     notes: list[str]
 
 
-def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n: int | None = None,
-             out: PathLike | None = None, resize: Resize = "tf", precision: Precision = "fp32", device: str = "auto",
-             cache: PathLike | None = None, seed: int = 0, progress: Callable[[str, float, int], None] | None = None,
-             log: Callable[[str], None] = lambda message: None) -> Evaluation:
+@dataclass(frozen=True)
+class EvalSettings:
+    """How evaluate() scores: n samples to draw from a run (None: the reference's size, at most 10,000), where to
+    keep them (out; None: a temporary folder), the resize to the FID network's input, its precision, the device,
+    the reference features' cache folder (None: the default) and the seed of KID's subsets."""
+
+    n: int | None = None
+    out: PathLike | None = None
+    resize: Resize = "tf"
+    precision: Precision = "fp32"
+    device: str = "auto"
+    cache: PathLike | None = None
+    seed: int = 0
+
+    def check(self) -> EvalSettings:
+        for name, value, choices in (("resize", self.resize, Resize), ("precision", self.precision, Precision)):
+            if value not in get_args(choices):
+                raise UsageError(f"unknown {{{name}}} {value!r}; choose one of: {', '.join(get_args(choices))}", name)
+        if self.n is not None and self.n < 2:
+            raise UsageError(f"{{n}} must be at least 2, not {self.n}", "n")
+        return self
+
+
+def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *,
+             progress: Callable[[str, float, int], None] | None = None, log: Callable[[str], None] = lambda message: None,
+             **settings) -> Evaluation:
     """Score `samples` against `reference`: FID, KID, precision/recall and copies (scores.py).
 
     samples: a folder of images, or a run (a run folder, a model.safetensors, or a Model) to draw n samples from
-    first with its default sampler (n: the reference's size, at most 10,000) into `out` (None: a temporary
-    folder). reference: a folder of images (default for a run: its training folder, or the built-in shapes it
-    trained on). progress(stage, done, total) reports each stage: "sampling", "samples", "reference"."""
-    for name, value, choices in (("resize", resize, Resize), ("precision", precision, Precision)):
-        if value not in get_args(choices):
-            raise UsageError(f"unknown {{{name}}} {value!r}; choose one of: {', '.join(get_args(choices))}", name)
-    if n is not None and n < 2:
-        raise UsageError(f"{{n}} must be at least 2, not {n}", "n")
+    first with its default sampler into `out`. reference: a folder of images (default for a run: its training
+    folder, or the built-in shapes it trained on). settings: EvalSettings' fields by name (n, out, resize,
+    precision, device, cache, seed). progress(stage, done, total) reports each stage: "sampling", "samples",
+    "reference"."""
+    if unknown := sorted(settings.keys() - {f.name for f in fields(EvalSettings)}):
+        raise UsageError(f"unknown evaluation setting {unknown[0]!r}; the settings are: "
+                         f"{', '.join(f.name for f in fields(EvalSettings))}")
+    s = EvalSettings(**settings).check()
+    n, out, resize, precision, device, cache, seed = s.n, s.out, s.resize, s.precision, s.device, s.cache, s.seed
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     model = samples if isinstance(samples, Model) else None
     path = None if model is not None else Path(samples)
@@ -70,12 +93,13 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *, n:
     run_device = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="diffuse-eval-") as scratch:
         if model is not None:
-            from .images.sample_run import SampleRun
+            from .api_sample import SampleRun
+            from .diffusion.denoiser import SampleHooks
 
             count = n or min(10_000, len(ref_files) if ref_files is not None else len(ref_images))
             folder = Path(out) if out is not None else Path(scratch) / "samples"
             run = SampleRun(model, count, folder=folder)
-            run.run(progress=stage("sampling"), log=log)
+            run.run(SampleHooks(progress=stage("sampling"), log=log))
             sample_files = sorted(f for f in folder.glob("*.png") if f.stem.split("-")[0].isdigit())  # not grid.png
         sample_feats = image_features(read_images(sample_files), resize, run_device, progress=stage("samples"),
                                       precision=precision)

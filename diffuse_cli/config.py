@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -20,16 +19,13 @@ Schedule = Literal["linear", "cosine", "sigmoid"]
 Objective = Literal["eps", "x0", "v"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LRSchedule = Literal["constant", "cosine"]
-SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "heun"]
+SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "heun"]  # once
 Spacing = Literal["trailing", "quadratic", "karras", "logsnr"]
 Variance = Literal["posterior", "beta"]  # ddpm's σ_t²: β̃_t or β_t
 ClassesMode = Literal["auto", "off"]
 Threshold = Literal["clip", "dynamic"]
 
 
-# The built-in shapes' default resolution: small enough that a few CPU-minutes of the `small` preset draw
-# recognisable shapes, where at 32x32 it still draws blobs (docs/training.md).
-BUILTIN_IMAGE_SIZE = 16
 # The most diffusion steps a schedule may have: far past any published model (1,000 to 4,000), and small enough
 # that a corrupt config cannot make the schedule's tensors the size of memory.
 MAX_TIMESTEPS = 100_000
@@ -74,6 +70,11 @@ class DiffusionConfig:
     objective: Objective = "v"
 
 
+# A saved TrainConfig.steps that means "not yet fitted to --max-time": a run stopped before its fit records this
+# (checkpoint format 1), and resuming it fits the steps again (training/budget.py).
+UNFITTED = 2**62
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation; none of it is needed to sample."""
@@ -100,6 +101,11 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     seed: int = 0
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the run knows its steps (False: stopped before they were fitted to its --max-time)."""
+        return self.steps != UNFITTED
+
 
 @dataclass(frozen=True)
 class Config:
@@ -109,82 +115,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# DDIM steps of `diffuse interpolate`, for the inversion and the way back: by measurement (docs/editing.md),
-# where the frames at the ends come back within a few 8-bit levels of the images.
-INTERPOLATE_STEPS = 100
-
-
-# Named U-Net sizes: a width (base_channels, head_channels) and a depth (num_res_blocks). The image size decides
-# the rest (network_shape): how many levels, their channel multipliers and where attention sits, after the
-# published recipes. `ddpm-cifar10` is the network of Ho et al. 2020 (35.7M parameters) with its own fixed shape,
-# as are checkpoints saved before the shapes scaled: a checkpoint's config holds its shape, which is never derived
-# again. `attend_up_to`: attention at the levels of at most this side below the top one.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(base_channels=16, num_res_blocks=1, head_channels=16, norm_group_min=2, attend_up_to=16),
-    "small": dict(base_channels=48, num_res_blocks=1, head_channels=48, attend_up_to=16),
-    "base": dict(base_channels=96, num_res_blocks=2, head_channels=64, dropout=0.1, attend_up_to=32),
-    "large": dict(base_channels=128, num_res_blocks=2, head_channels=64, dropout=0.1, attend_up_to=32),
-    "ddpm-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), head_channels=256, dropout=0.1),  # one head, as in the paper
-}
-
-# Channel multipliers by the number of levels. Where the image size reaches them:
-#   levels  multipliers          image size (deepest level)  from
-#   3       (1, 2, 2)            16 (4x4), 32 (8x8)          ours: DDPM's first three levels; measured on the
-#                                                            built-in shapes at 16 px (docs/training.md)
-#   4       (1, 2, 3, 4)         64 (8x8)                    Dhariwal & Nichol 2021 (ADM), 64x64 ImageNet
-#   5       (1, 1, 2, 3, 4)      128 (8x8)                   ADM, 128x128
-#   6       (1, 1, 2, 2, 4, 4)   256 (8x8)                   Ho et al. 2020 (DDPM), LSUN and CelebA-HQ 256; ADM 256
-#   7+      ones, then the 256 row                           ours: another full-width level on top
-# Attention (attend_up_to): at 16x16 and 8x8 for tiny and small, as Nichol & Dhariwal 2021 (improved DDPM) on
-# CIFAR-10; at 32x32, 16x16 and 8x8 for base and large, as ADM. Never at the full-resolution level (no recipe
-# attends there: a 16-px image keeps its attention at 8x8) nor at 4x4 (none does); the middle block always attends.
-CHANNEL_MULT = {1: (1,), 2: (1, 2), 3: (1, 2, 2), 4: (1, 2, 3, 4), 5: (1, 1, 2, 3, 4), 6: (1, 1, 2, 2, 4, 4)}
-
-
-def levels(image_size: int) -> list[int]:
-    """The side of each level of a scaled preset: halve while the side is above 8x8 (or there are fewer than three
-    levels), while halving gives a whole side of at least 4. 16 -> [16, 8, 4]; 64 -> [64, 32, 16, 8]."""
-    if image_size < 4:
-        raise ConfigError(f"image size {image_size} is too small; use at least 4")
-    sides = [image_size]
-    while (sides[-1] > 8 or len(sides) < 3) and sides[-1] % 2 == 0 and sides[-1] // 2 >= 4:
-        sides.append(sides[-1] // 2)
-    if sides[-1] > 8:
-        below, above = _working_sizes(image_size)
-        raise ConfigError(f"image size {image_size} cannot be halved down to between 4x4 and 8x8 "
-                          f"({' -> '.join(map(str, sides))}); use {below} or {above}, or any size 4 to 8 times a "
-                          "power of two (16, 24, 32, 48, 64, 96, 128, 192, 256)")
-    return sides
-
-
-def _working_sizes(size: int) -> tuple[int, int]:
-    """The nearest image sizes below and above `size` that halve down to 4x4-8x8."""
-    works = lambda n: n >= 4 and n // (n & -n) <= 8 or n <= 8  # noqa: E731 (odd part at most 8)
-    below = next(n for n in range(size, 3, -1) if works(n))
-    above = next(n for n in range(size, 2 * size + 9) if works(n))
-    return below, above
-
-
-def network_shape(preset: str, image_size: int) -> dict[str, Any]:
-    """A scaled preset's channel multipliers and attention resolutions at this image size (see CHANNEL_MULT)."""
-    sides = levels(image_size)
-    mult = CHANNEL_MULT.get(len(sides)) or (1,) * (len(sides) - 6) + CHANNEL_MULT[6]
-    attend = PRESETS[preset]["attend_up_to"]
-    return dict(channel_mult=mult, attention_resolutions=tuple(s for s in sides[1:] if 4 < s <= attend))
-
-
-def model_config(preset: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a named preset at its image size (overrides["image_size"], else ModelConfig's), shaped
-    for that size unless the preset is fixed (ddpm-cifar10), with any other overrides applied last."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    fields = dict(PRESETS[preset])
-    if fields.pop("attend_up_to", None) is not None:
-        fields.update(network_shape(preset, overrides.get("image_size", ModelConfig.image_size)))
-    return validate_model(ModelConfig(**{**fields, **overrides}))
 
 
 def validate_model(cfg: ModelConfig) -> ModelConfig:
@@ -235,20 +165,6 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def make_config(preset: str | None = None, builtin: bool = False, **fields: Any) -> Config:
-    """A new run's Config: a preset with any field of ModelConfig, DiffusionConfig or TrainConfig given by
-    name (image_size=64, objective="eps", lr=2e-4); image_size defaults to BUILTIN_IMAGE_SIZE for the
-    built-in shapes. Every value is checked."""
-    model, diffusion, train = split_fields(fields)
-    preset = preset or Config.preset
-    for name, literal in CHOICES.items():
-        if name in fields:
-            check_choice(fields[name], literal, name.replace("_", "-"))
-    size = BUILTIN_IMAGE_SIZE if builtin else ModelConfig.image_size
-    return Config(preset=preset, model=model_config(preset, **{"image_size": size, **model}),
-                  diffusion=validate_diffusion(DiffusionConfig(**diffusion)), train=validate_train(TrainConfig(**train)))
-
-
 def split_fields(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Fields by name -> those of ModelConfig, DiffusionConfig and TrainConfig; an unknown name is an error."""
     parts: tuple[dict[str, Any], ...] = ({}, {}, {})
@@ -268,6 +184,14 @@ def require_positive(**settings: int | None) -> None:
     for name, value in settings.items():
         if value is not None and value < 1:
             raise UsageError(f"{{{name}}} must be at least 1, not {value}", name)
+
+
+def check_steps(steps: int, timesteps: int) -> int:
+    """Refuse a sampler's step count outside 1 .. a model's diffusion steps; return it."""
+    require_positive(steps=steps)
+    if steps > timesteps:
+        raise UsageError(f"{{steps}} {steps} is more than the model's {timesteps} diffusion steps", "steps")
+    return steps
 
 
 def check_choice(value: Any, literal: Any, name: str) -> Any:
@@ -317,25 +241,3 @@ def config_to_json(cfg: Config) -> str:
 
 def config_from_json(text: str) -> Config:
     return from_dict(Config, json.loads(text))
-
-
-_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
-_SECONDS_PER = {unit: seconds for names, seconds in (("s sec secs second seconds", 1), ("m min mins minute minutes", 60),
-                                                     ("h hr hrs hour hours", 3600), ("d day days", 86400))
-                for unit in names.split()}
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '10m', '2h', '1d', compounds such as '1h30m' or '2h 15min', or plain seconds -> seconds."""
-    parts, end = [], 0
-    while match := _DURATION_PART.match(text, end):
-        parts.append((float(match.group(1)), match.group(2).lower()))
-        end = match.end()
-    units = [unit for _, unit in parts]
-    if (text[end:].strip() or not parts or any(unit not in _SECONDS_PER for unit in units if unit)
-            or ("" in units and len(parts) > 1)):
-        raise ConfigError(f"cannot read duration {text!r}; write e.g. 90s, 10m, 2h or 1h30m")
-    seconds = sum(value * _SECONDS_PER.get(unit, 1) for value, unit in parts)
-    if seconds <= 0:
-        raise ConfigError(f"duration {text!r} must be more than 0")
-    return seconds

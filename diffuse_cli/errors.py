@@ -28,6 +28,23 @@ class Words:
         return message
 
 
+class Note(str):
+    """A message for the log that may name settings, as Words: it reads as the API words it wherever a str is
+    wanted (str(Words)), and the CLI words it with its flags (`words`)."""
+
+    def __new__(cls, message: str, *settings: str) -> "Note":
+        words = Words(message, *settings)
+        note = super().__new__(cls, str(words))
+        note.words = words
+        return note
+
+
+def worded(message: str, name_of: Callable[[str], str]) -> str:
+    """A message as a caller words its settings: a Note or Words with name_of, a plain str as it is."""
+    words = message.words if isinstance(message, Note) else message if isinstance(message, Words) else None
+    return message if words is None else words.worded(name_of)
+
+
 class DiffuseError(Words, ValueError):
     """Something diffuse cannot do as asked; the message (Words) names the input and the fix."""
 

@@ -9,16 +9,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .network import device as device_module
-from .formats.checkpoint import save_model
 from .config import Config
-from .diffusion.denoiser import edit_plan, fitting_batch, generate_batches
-from .diffusion.editing import Plan
-from .errors import UsageError
-from .images.inputs import EditInputs, read_edit
-from .diffusion.sampling import Request, SampleConfig
+from .diffusion.denoiser import Request, SampleHooks, draw, fitting_batch, request
+from .diffusion.sampling import SampleConfig
 from .diffusion.schedule import NoiseSchedule
-from .training.loop import Result
+from .errors import UsageError
+from .formats.checkpoint import save_model
+from .images.inputs import EditInputs, read_edit
+from .network import device as device_module
 from .network.unet import UNet
 
 PathLike = str | os.PathLike
@@ -26,27 +24,31 @@ PathLike = str | os.PathLike
 
 @dataclass
 class Model:
-    """A trained network with its config: what sampling needs. `training` holds how a `train` call went."""
+    """A trained network with its config: what sampling needs."""
 
     net: UNet  # in eval mode, on its device
     config: Config
     info: dict[str, Any]
     path: Path | None = None  # the checkpoint it was loaded from or saved to
-    training: Result | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.make(self.config.diffusion.schedule, self.config.diffusion.timesteps)
+
     def sample(self, n: int = 16, init: PathLike | torch.Tensor | None = None,
                mask: PathLike | torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
-        """n images as uint8 (n, C, H, W) (n of each class asked, of each init given); settings are the
-        sampling settings by name (SampleConfig.of: sampler, steps, eta, seed, classes, guidance, strength, ...)
-        and sample_batches' keyword arguments. init: an image file, a folder of them or uint8 images to edit
-        (SDEdit at `strength`); mask: where to generate (white or True), keeping the rest of the init (RePaint)."""
-        callbacks = {k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph") if k in settings}
+        """n images as uint8 (n, C, H, W) (n of each class asked, of each init given); settings are the sampling
+        settings by name (SampleConfig.of: sampler, steps, eta, seed, classes, guidance, strength, ...) and
+        SampleHooks' fields (progress, callback, log, cuda_graph). init: an image file, a folder of them or uint8
+        images to edit (SDEdit at `strength`); mask: where to generate (white or True), keeping the rest of the
+        init (RePaint)."""
+        hooks = SampleHooks(**{k: settings.pop(k) for k in ("progress", "callback", "log", "cuda_graph")
+                               if k in settings})
         edit = None if init is None and mask is None else self.edit_inputs(init, mask)
-        return torch.cat(list(self.sample_batches(n, SampleConfig.of(**settings), edit=edit, **callbacks)))
+        return torch.cat(list(self.sample_batches(n, SampleConfig.of(**settings), hooks, edit)))
 
     def edit_inputs(self, init: PathLike | torch.Tensor | None, mask: PathLike | torch.Tensor | None = None
                     ) -> EditInputs:
@@ -57,66 +59,24 @@ class Model:
         return read_edit(init, mask, m.image_size, m.channels)
 
     def request(self, n: int, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> Request:
-        """What a sampling request draws: each image's class, init and mask, in order (init by init, class by
-        class, n of each), and how its files and grid are laid out."""
-        labels = self.class_labels(n, settings)
-        names = self.config.model.class_names
-        per_init = n if labels is None else len(labels)
-        classes = None if labels is None else [names[k] for k in labels.tolist()]
-        if edit is None:
-            if settings.strength != 1:
-                raise UsageError("{strength} applies to an edit: give the image to start from with {init}",
-                                 "strength", "init")
-            return Request(labels, classes, None if labels is None else n)
-        count, groups = len(edit.images), per_init // n  # an init's images: n of each class asked
-        suffixes = [name if classes is None else f"{name}-{c}" for name in edit.names for c in classes or [None] * n]
-        heads = edit.images if edit.generate is None else torch.where(edit.generate, 128, edit.images).to(torch.uint8)
-        return Request(None if labels is None else labels.repeat(count), suffixes, n,
-                       heads.repeat_interleave(groups, 0), edit.images.repeat_interleave(per_init, 0),
-                       None if edit.generate is None else edit.generate.repeat_interleave(per_init, 0))
+        """What drawing n images with these settings asks of this model, checked (denoiser.request): each image's
+        class (drawn as often as the training data had it, where none is asked), init and mask."""
+        return request(self.config, n, settings, None, None if edit is None else edit.images,
+                       None if edit is None else edit.generate, self.class_weights())
 
-    def class_labels(self, n: int, settings: SampleConfig = SampleConfig()) -> torch.Tensor | None:
-        """The class index of each image a request draws: n of each class asked, class by class (None: no class
-        asked). A class is named, or given by its index; 'all' is every class."""
-        names = self.config.model.class_names
-        if not settings.classes:
-            return None
-        if not names:
-            raise UsageError("this model was trained without classes; sample it without {classes} (train on a "
-                             "folder of subfolders, one a class, for a model that has them)", "classes")
-        if "all" in settings.classes:
-            picked = list(range(len(names)))
-        else:
-            picked = []
-            for asked in settings.classes:
-                if asked in names:
-                    picked.append(names.index(asked))
-                elif asked.isdigit() and int(asked) < len(names):
-                    picked.append(int(asked))
-                else:
-                    raise UsageError(f"unknown class {asked!r}; this model's classes are: {', '.join(names)}")
-        return torch.tensor(picked).repeat_interleave(n)
-
-    def sample_batches(self, n: int, settings: SampleConfig = SampleConfig(),
-                       progress: Callable[[int, int], None] | None = None,
-                       callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                       log: Callable[[str], None] = lambda message: None, cuda_graph: bool = True,
+    def sample_batches(self, n: int, settings: SampleConfig = SampleConfig(), hooks: SampleHooks = SampleHooks(),
                        edit: EditInputs | None = None) -> Iterator[torch.Tensor]:
         """n images as uint8 batches (n of each class asked, of each init), each as soon as it is drawn; image i
-        always from seed + i. On the CPU a batch that would not fit in memory is made smaller (`log` says so):
-        the images are the same."""
-        if n < 1:
-            raise UsageError(f"{{n}} must be at least 1, not {n}", "n")
-        settings.check(self.config.diffusion.timesteps)
-        asked = self.request(n, settings, edit)
-        total, labels, names = asked.total(n), asked.labels, self.config.model.class_names
-        guidance = settings.guidance if labels is not None else 1.0
-        if labels is None and names and edit is not None:  # an edit with no class asked: the init decides, not a
-            labels = torch.full((total,), len(names))      # class drawn at random ("no class", unguided)
-        batch_size = self.sampling_batch(min(settings.batch_size, total), log, copies=2 if guidance != 1 else 1)
-        settings = replace(settings, batch_size=batch_size, guidance=guidance)
-        yield from generate_batches(self.net, self.config, total, settings, replace(asked, labels=labels),
-                                    self.class_weights(), progress, callback, cuda_graph, log)
+        always from seed + i. A batch that would not fit in memory is made smaller (hooks.log says so): the images
+        are the same."""
+        yield from self.draw(self.request(n, settings, edit), hooks)
+
+    def draw(self, asked: Request, hooks: SampleHooks = SampleHooks()) -> Iterator[torch.Tensor]:
+        """A request's images as uint8 batches (denoiser.draw), the batch made smaller where it would not fit in
+        memory (hooks.log says so; the images are the same)."""
+        s = asked.settings
+        batch_size = self.sampling_batch(min(s.batch_size, asked.total), hooks.log, copies=2 if s.guidance != 1 else 1)
+        yield from draw(self.net, self.config, replace(asked, settings=replace(s, batch_size=batch_size)), hooks)
 
     def class_weights(self) -> torch.Tensor | None:
         """How often the training data had each class, and then no class (images directly in the folder):
@@ -139,15 +99,6 @@ class Model:
             log(f"note: sampling {fits} image{'s' * (fits != 1)} at a time, which fits in the memory available "
                 f"(a batch of {batch_size} would not; the images are the same either way)")
         return fits
-
-    def nfe(self, settings: SampleConfig = SampleConfig(), edit: EditInputs | None = None) -> int:
-        """Network calls per batch for these settings; with guidance, each is one call on the batch twice over."""
-        return settings.sampler.nfe() if edit is None else self.edit_plan(settings, edit).nfe(settings.sampler.name)
-
-    def edit_plan(self, settings: SampleConfig, edit: EditInputs) -> Plan:
-        """The path an edit takes: how far the init is noised, the steps visited and RePaint's stretches."""
-        schedule = NoiseSchedule.make(self.config.diffusion.schedule, self.config.diffusion.timesteps)
-        return edit_plan(schedule, settings, edit.generate is not None)
 
     def save(self, path: PathLike) -> Path:
         """Write the weights and config as a model checkpoint (safetensors); returns the path."""

@@ -168,22 +168,24 @@ def mutate(role: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 # -- readers: what a user's command does with each file -----------------------------------------------------------
 
-def read_model(path: Path) -> None:
+def read_model(path: Path) -> torch.nn.Module:
     diffuse.inspect(path)
-    diffuse.load(path, "cpu")
+    return diffuse.load(path, "cpu").net
 
 
-def read_state(path: Path) -> None:
+def read_state(path: Path) -> torch.nn.Module:
+    """The EMA network of a training state."""
     from diffuse_cli.formats.checkpoint import load_training_state, read_metadata
     from diffuse_cli.network.unet import UNet
 
     config, _ = read_metadata(path, "diffuse/training-state")
     model, ema = UNet(config.model), UNet(config.model)
     load_training_state(path, model, ema, torch.optim.AdamW(model.parameters()))
+    return ema
 
 
-def read_diffusers(folder: Path) -> None:
-    diffuse.import_diffusers(folder, device="cpu")
+def read_diffusers(folder: Path) -> torch.nn.Module:
+    return diffuse.import_diffusers(folder, device="cpu").net
 
 
 @dataclass

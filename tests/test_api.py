@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.images.data import load_builtin, to_model
+from diffuse_cli.diffusion.pixels import to_model
+from diffuse_cli.images.data import load_builtin
 from diffuse_cli.images.decode import read_image
 from diffuse_cli.errors import ConfigError, DataError, DiffuseError, UsageError
 from diffuse_cli.formats.files import MODEL_FILE, STATE_FILE

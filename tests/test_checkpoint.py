@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from diffuse_cli.formats.checkpoint import (CheckpointError, load_model, load_training_state, read_metadata, save_model,
                                     save_training_state)
-from diffuse_cli.config import Config, TrainConfig, model_config
+from diffuse_cli.config import Config, TrainConfig
+from diffuse_cli.presets import model_config
 from diffuse_cli.formats.files import MODEL_FILE, STATE_FILE, atomic_write_bytes
 from diffuse_cli.training.step import make_optimizer
 from diffuse_cli.network.unet import UNet

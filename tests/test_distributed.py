@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import diffuse_cli.images.data
 from diffuse_cli.training import distributed
 from diffuse_cli.formats.checkpoint import load_model
-from diffuse_cli.config import Config, TrainConfig, model_config
+from diffuse_cli.config import Config, TrainConfig
+from diffuse_cli.presets import model_config
 from diffuse_cli.images.data import load_builtin, load_folder
 from diffuse_cli.cli.launch import launch_devices
 from diffuse_cli.network.threads import SHARE_ENV

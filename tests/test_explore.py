@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
-from diffuse_cli.images.data import load_builtin, to_model, to_uint8
+from diffuse_cli.diffusion.pixels import to_model, to_uint8
+from diffuse_cli.images.data import load_builtin
 from diffuse_cli.diffusion.schedule import NoiseSchedule
 
 from .conftest import assert_clean_error, write_image

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuse_cli.network import fast_ops
-from diffuse_cli.config import model_config
+from diffuse_cli.presets import model_config
 from diffuse_cli.network.fast_ops import dropout, ema_update, step_unless, to_device, upsample_conv
 from diffuse_cli.network.unet import Attention, UNet
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from .fuzzing import make_corpus, run_case
 
@@ -35,6 +36,12 @@ def test_every_mutated_file_loads_or_is_refused_in_one_line(corpus, role, tmp_pa
 def test_the_unmutated_corpus_loads(corpus, tmp_path):
     from .fuzzing import read_diffusers, read_model, read_state
 
-    read_model(corpus["model"])
-    read_state(corpus["state"])
-    read_diffusers(corpus["scheduler"].parents[1])
+    """Unmutated, each file of the corpus reads back as the same network (CPU, fp32): the model file's weights are
+    the training state's EMA weights, and the diffusers export computes what they compute."""
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+    nets = [read_model(corpus["model"]).eval(), read_state(corpus["state"]).eval(),
+            read_diffusers(corpus["scheduler"].parents[1]).eval()]
+    with torch.no_grad():
+        eps = [net(x, t) for net in nets]
+    assert torch.equal(eps[0], eps[1]) and torch.allclose(eps[0], eps[2], atol=1e-5)
+    assert eps[0].abs().max() > 0

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from diffuse_cli.network import graphs
-from diffuse_cli.config import Config, model_config
-from diffuse_cli.diffusion.denoiser import generate
+from diffuse_cli.config import Config
+from diffuse_cli.presets import model_config
+from diffuse_cli.diffusion.denoiser import SampleHooks, generate
 from diffuse_cli.network.unet import UNet
 
 @pytest.mark.cuda
@@ -15,7 +16,7 @@ def test_graphed_sampling_draws_the_eager_images(precision):
     torch.manual_seed(0)
     model = UNet(config.model).cuda().to(memory_format=torch.channels_last).eval()
     runs = {graph: generate(model, config, 5, sampler="dpm++2m-sde", steps=6, batch_size=3, precision=precision,
-                            cuda_graph=graph) for graph in (True, False)}  # batches of 3 and 2: two graphs
+                            hooks=SampleHooks(cuda_graph=graph)) for graph in (True, False)}  # batches of 3 and 2: two graphs
     (graphed, nfe), (eager, _) = runs[True], runs[False]
     assert nfe == 6 and graphed.shape == (5, 3, 8, 8)
     assert (graphed.int() - eager.int()).abs().max() <= 1  # uint8 images; rounding may flip one level

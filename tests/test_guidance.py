@@ -195,7 +195,8 @@ def test_a_checkpoint_from_before_classes_loads_and_samples_unchanged(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from diffuse_cli.formats.checkpoint import read_header
-    from diffuse_cli.config import Config, model_config
+    from diffuse_cli.config import Config
+    from diffuse_cli.presets import model_config
     from diffuse_cli.network.unet import UNet
 
     config = Config(preset="small", model=model_config("small", image_size=8))

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffuse_cli.config import Config, TrainConfig, model_config
+from diffuse_cli.config import Config, TrainConfig
+from diffuse_cli.presets import model_config
 from diffuse_cli.diffusion.objectives import diffusion_loss
 from diffuse_cli.diffusion.schedule import NoiseSchedule
 from diffuse_cli.errors import TrainingFailed

@@ -185,7 +185,7 @@ def test_train_says_how_many_threads_and_why(run_cli, tmp_path, monkeypatch, fre
 def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatch, fresh_share):
     """Where the count follows the machine, each CPU batch is drawn as two halves at once, one thread each: the
     same images to rounding as one batch on the calling thread, and the progress counts each call once (fp32)."""
-    from diffuse_cli.config import make_config
+    from diffuse_cli.presets import make_config
     from diffuse_cli.diffusion.denoiser import generate
     from diffuse_cli.network.unet import UNet
 

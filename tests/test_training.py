@@ -19,10 +19,14 @@ from diffuse_cli.training import budget as budget_module
 from diffuse_cli.training import step as step_module
 from diffuse_cli.training import loop as train_module
 from diffuse_cli.training import run_folder as run_folder_module
-from diffuse_cli.training.budget import UNFITTED, Budget
+from diffuse_cli.config import UNFITTED
+from diffuse_cli.training.budget import Budget
 from diffuse_cli.formats.checkpoint import load_model, load_training_state, save_model
-from diffuse_cli.config import Config, ConfigError, TrainConfig, model_config, parse_duration
-from diffuse_cli.images.data import ImageData, load_builtin, load_folder, to_model
+from diffuse_cli.config import Config, ConfigError, TrainConfig
+from diffuse_cli.presets import model_config
+from diffuse_cli.api_settings import parse_duration
+from diffuse_cli.diffusion.pixels import to_model
+from diffuse_cli.images.data import ImageData, load_builtin, load_folder
 from diffuse_cli.images.pictures import save_png
 from diffuse_cli.errors import RunError
 from diffuse_cli.network.fast_ops import ema_update
@@ -371,7 +375,7 @@ def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
     """The host reads the device only at logging intervals, saves and the end of a batch of samples, so the
     GPU's queue never drains: a run or a sampling of more steps makes exactly as many host syncs as a short one
     (the GPU's share of issue 4's 'no per-step host syncs')."""
-    from diffuse_cli.diffusion.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import SampleHooks, generate
 
     options = replace(OPTIONS, device=torch.device("cuda"), cuda_graph=graph)
     runs = {steps: host_syncs(lambda steps=steps: train(replace(CONFIG, train=replace(CONFIG.train, steps=steps)),
@@ -379,7 +383,8 @@ def test_training_and_sampling_steps_never_wait_for_the_gpu(tmp_path, graph):
             for steps in (5, 9)}  # both below LOG_EVERY: one log, one save and one grid each
     assert runs[5] == runs[9], runs
     model = UNet(CONFIG.model).cuda().eval()
-    draws = {steps: host_syncs(lambda steps=steps: generate(model, CONFIG, 4, steps=steps, cuda_graph=graph))
+    draws = {steps: host_syncs(lambda steps=steps: generate(model, CONFIG, 4, steps=steps,
+                                                            hooks=SampleHooks(cuda_graph=graph)))
              for steps in (5, 9)}
     assert draws[5] == draws[9], draws
 
@@ -413,20 +418,23 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     net = UNet(config.model)  # ~10 MB, so kills land mid-write
     path = tmp_path / MODEL_FILE
     save_model(path, net, config, {"step": 0})
-    rng = random.Random(0)
+    rng, last = random.Random(0), 0
     for trial in range(25):
         pid = os.fork()
-        if pid == 0:  # child: write forever
+        if pid == 0:  # child: write forever, counting on from the last save that survived
             try:
-                for step in range(1, 10**9):
+                for step in range(last + 1, 10**9):
                     save_model(path, net, config, {"step": step})
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        _, _, info = load_model(path)
-        assert info["step"] >= 0
+        loaded, _, info = load_model(path)  # a torn file would not load
+        assert info["step"] >= last  # never an older file back, nor a newer one half written
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+        last = info["step"]
+    assert last > 0  # saves were made (and overwritten) while the kills landed
     assert len(list(tmp_path.glob(".*.tmp"))) <= 1  # at most the one the last kill interrupted
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.config import PRESETS, ConfigError, model_config
+from diffuse_cli.presets import model_config, PRESETS
+from diffuse_cli.config import ConfigError
 from diffuse_cli.network.device import layout_of
 from diffuse_cli.network.fast_ops import upsample_conv
 from diffuse_cli.network.unet import Attention, UNet, Upsample, count_parameters, layer_outputs, timestep_embedding

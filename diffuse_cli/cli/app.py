@@ -13,10 +13,12 @@ from pathlib import Path
 import typer
 
 from .. import __version__
+from ..api_settings import INTERPOLATE_STEPS, DiffusionConfig, SampleConfig, parse_duration, require_positive
 from . import options as opt
 from .convert import COMMANDS as CONVERT_COMMANDS
 from .evaluate import COMMANDS as EVAL_COMMANDS
-from .console import Interrupted, TrainDisplay, err, interrupted_says, out, process_started, progress_bar
+from .console import (Interrupted, TrainDisplay, err, interrupted_says, out, process_started, progress_bar,
+                      styled)
 from ..errors import DiffuseError, UsageError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,7 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def use_device(name: str, threads: int | None = None) -> None:
     """Check the device and --threads now, and ready the device for work (api.prepare_device)."""
-    opt.require_positive(threads=threads)
+    require_positive(threads=threads)
     from .. import api
 
     api.prepare_device(name, threads)
@@ -56,7 +58,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     if devices > 1:
         return launch_devices(devices, device, sys.argv[1:])
     folder = opt.one_folder(data)
-    opt.require_positive(devices=devices, save_every=save_every, sample_every=sample_every, eval_every=eval_every)
+    require_positive(devices=devices, save_every=save_every, sample_every=sample_every, eval_every=eval_every)
     settings = opt.given(image_size=image_size, channels=channels, schedule=schedule, objective=objective,
                      timesteps=timesteps, dropout=dropout, batch_size=batch_size, steps=steps, lr=lr,
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
@@ -64,7 +66,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                      classes=classes, class_dropout=class_dropout)
     if hflip is not None or no_hflip:  # 'auto' is None, and is still a choice made (on resume: probe again)
         settings["hflip"] = opt.parse_hflip("off" if no_hflip else hflip)
-    seconds = opt.parse_duration(max_time) if max_time else None
+    seconds = parse_duration(max_time) if max_time else None
     if folder is not None and not Path(folder).exists():
         raise UsageError(f"{folder}: no such file or folder")
     use_device(device, threads)
@@ -106,25 +108,23 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
            batch_size: opt.BatchSize = None, trajectory: opt.Trajectory = False, device: opt.Device = "auto",
            precision: opt.SamplePrecision = None, cuda_graph: opt.CudaGraph = True, threads: opt.Threads = None) -> None:
     """Generate images from a trained checkpoint, or edit images with it: PNGs and grid.png."""
-    opt.require_positive(n=n)
-    settings = opt.SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
+    settings = SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
                                            seed=seed, batch_size=batch_size, precision=precision, guidance=guidance,
                                            threshold=threshold, classes=class_, strength=strength,
-                                           resample_jumps=resample_jumps)).check()
-    if resample_jumps is not None and mask is None:
-        raise UsageError("--resample-jumps applies to inpainting: give the mask with --mask MASK")
+                                           resample_jumps=resample_jumps))
     use_device(device, threads)
     from .. import api
 
-    job = api.SampleRun(api.load(checkpoint, device), n, settings, out_dir, init, mask, trajectory)
+    job = api.SampleRun(api.load(checkpoint, device), n, settings, out_dir, init, mask, trajectory)  # checked here
     kept = lambda k=job: ("interrupted before the first batch was done; no images were written" if not k.written  # noqa
                           else f"interrupted; the {k.written} image{'s' * (k.written != 1)} made so far are in {k.folder}/")
     with progress_bar() as bar, interrupted_says(kept):
         task = bar.add_task(f"sampling ({settings.sampler.name})", total=None)
-        say = lambda m: bar.console.print(m, highlight=False, markup=False)  # noqa: E731
+        say = lambda m: bar.console.print(styled(m), highlight=False, soft_wrap=True)  # noqa: E731
         for note in job.notes:
             say(note)
-        job.run(progress=lambda i, total: bar.update(task, completed=i, total=total), log=say, cuda_graph=cuda_graph)
+        job.run(api.SampleHooks(progress=lambda i, total: bar.update(task, completed=i, total=total), log=say,
+                                cuda_graph=cuda_graph))
     for line in job.summary():
         out.print(line, highlight=False)
 
@@ -136,8 +136,8 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
           out_path: opt.NoiseOut = None, seed: opt.NoiseSeed = 0, image_size: opt.NoiseImageSize = None,
           max_side: opt.MaxSide = 1024) -> None:
     """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
-    target = opt.png_out(out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png"))
-    schedule, timesteps = schedule or opt.DiffusionConfig.schedule, timesteps or opt.DiffusionConfig.timesteps
+    target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
+    schedule, timesteps = schedule or DiffusionConfig.schedule, timesteps or DiffusionConfig.timesteps
     from .. import api
 
     said = api.write_noise(image, t, target, schedule, timesteps, seed, image_size, max_side)
@@ -152,11 +152,10 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
             out_path: opt.ExploreOut = Path("explore.html"), open_page: opt.Open = False,
             device: opt.Device = "auto", threads: opt.Threads = None) -> None:
     """Write the time slider: one HTML page where an image dissolves into static and the model walks back out."""
-    if out_path.is_dir() or out_path.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--out {out_path}: diffuse explore writes an HTML page; name it e.g. explore.html")
     use_device(device, threads)
     from .. import api
 
+    api.explorer_path(out_path)  # before any work
     model = api.load(checkpoint, device)
     with progress_bar() as bar:
         bar.add_task("computing the frames", total=None)
@@ -175,7 +174,7 @@ def explore(image: opt.ExploreImage = None, checkpoint: opt.Checkpoint = None, c
              "  diffuse interpolate --seeds 3 17 --frames 9   # between two samples\n\n"
              "  diffuse interpolate a.png b.png --class dog --checkpoint checkpoints/run")
 def interpolate(images: opt.TwoImages = None, seeds: opt.Seeds = None, frames: opt.InterpolateFrames = 9,
-                steps: opt.InterpolateSteps = opt.INTERPOLATE_STEPS, class_: opt.OneClass = None,
+                steps: opt.InterpolateSteps = INTERPOLATE_STEPS, class_: opt.OneClass = None,
                 checkpoint: opt.Checkpoint = None, out_dir: opt.InterpolateOut = None, device: opt.Device = "auto",
                 threads: opt.Threads = None) -> None:
     """Walk from one image (or seed) to another through the model's noise: DDIM inversion, slerp, DDIM back."""

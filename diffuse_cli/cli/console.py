@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
@@ -18,6 +19,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TextCo
                            TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
+
+from ..errors import worded
+from .options import flag
 
 # Without a terminal (a batch job's log file) lines are not wrapped at 80 columns.
 out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
@@ -113,7 +117,7 @@ class TrainDisplay:
         return self.stop is not None
 
     def hooks(self):
-        from ..training.loop import Hooks
+        from ..api import Hooks
 
         return Hooks(progress=self.progress, log=self.log, should_stop=self.should_stop, decoding=self.decoding,
                      stage=self.stage)
@@ -122,6 +126,7 @@ class TrainDisplay:
         """What the run is doing before its first step and after its last: a line that says so, with its time."""
         if not self.enabled:
             return
+        doing = worded(doing, flag)
         if not shows_progress_bar():  # a log file: one line a stage
             self.bar.console.print(f"{'finishing' if self.training else 'starting'}: {doing}", highlight=False)
             return
@@ -169,7 +174,9 @@ class TrainDisplay:
 
 
 def styled(message: str) -> Text:
-    """A message as plain text, its leading 'warning:' or 'note:' in yellow."""
+    """A message as plain text, the settings it names as their flags (errors.Note), its leading 'warning:' or
+    'note:' in yellow."""
+    message = worded(message, flag)
     head, sep, rest = message.partition(":")
     if sep and head in ("warning", "note"):
         return Text.assemble((head + sep, "yellow"), rest)
@@ -210,15 +217,13 @@ def restore_handlers(state: dict) -> None:
 
 def checkpoint_table(facts: dict, config) -> Table:
     """`inspect`'s table: what a checkpoint holds, from its header (checkpoint.describe)."""
-    from ..training.budget import is_fitted
-    from ..config import to_dict
-    from ..formats.files import STATE_FILE
+    from dataclasses import asdict
 
     table = Table(title=facts["file"], show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     m, d, step = config.model, config.diffusion, facts.get("step")
-    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({STATE_FILE})"),
+    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({Path(facts['file']).name})"),
             ("preset", config.preset), ("parameters", f"{facts.get('parameters', 0):,}"),
             ("steps trained", f"{step:,}" if isinstance(step, int) else "?"),
             ("images seen", f"{facts.get('images_seen', 0):,}"),
@@ -232,9 +237,9 @@ def checkpoint_table(facts: dict, config) -> Table:
     if m.class_names:
         counts = facts.get("class_counts", {})
         rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
-    rows += [(f"model.{k}", str(v)) for k, v in to_dict(m).items()]
-    rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not is_fitted(config.train) else str(v))
-             for k, v in to_dict(config.train).items()]
+    rows += [(f"model.{k}", str(v)) for k, v in asdict(m).items()]
+    rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not config.train.fitted else str(v))
+             for k, v in asdict(config.train).items()]
     for key, value in rows:
         table.add_row(key, value)
     return table

@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, worded
 from . import options as opt
-from .console import out, progress_bar
+from .console import out, progress_bar, styled
 
 Samples = Annotated[Path, typer.Argument(help="A folder of images, or a run (a run folder or model.safetensors) to "
                                          "sample from first.", show_default=False)]
@@ -58,14 +58,14 @@ def eval_(samples: Samples, reference: Reference = None, n: Count = None, out_di
 
         said = api.evaluate(samples, reference, n=n, out=out_dir, resize=resize, precision=precision, device=device,
                             cache=cache_dir,
-                            progress=progress, log=lambda m: bar.console.print(m, highlight=False, markup=False))
+                            progress=progress, log=lambda m: bar.console.print(styled(m), highlight=False, soft_wrap=True))
     api.save_png(said.copies_png, copies, api.grid_upscale(said.copies_png.shape[-1] // 2))
     s = said.scores
     if as_json:
         print(json.dumps(s.as_json()))
         return
     for note in said.notes:
-        out.print(f"note: {note}", highlight=False)
+        out.print(styled(f"note: {worded(note, opt.flag)}"), highlight=False)
     from rich.table import Table
 
     table = Table(title=f"{s.n_samples} samples against {s.n_reference} reference images ({said.reference}), "

@@ -6,10 +6,7 @@ import os
 import signal
 
 from .console import STARTED_ENV, Interrupted, process_started
-from ..errors import TrainingFailed, UsageError
-from ..network.device import pick_device
-from ..training.runs import new_run_folder
-from ..network.threads import SHARE_ENV, usable_cores
+from ..errors import TrainingFailed
 
 
 def launch_devices(devices: int, device: str, argv: list[str]) -> None:
@@ -18,17 +15,15 @@ def launch_devices(devices: int, device: str, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    args = [a for i, a in enumerate(argv) if not a.startswith("--devices") and not (i > 0 and argv[i - 1] == "--devices")]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args += ["--out", str(new_run_folder(None, "ddp"))]
-    import torch
+    from .. import api
 
-    on_cuda = pick_device(device).type == "cuda"
-    if on_cuda and devices > torch.cuda.device_count():
-        raise UsageError(f"--devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)")
-    if not on_cuda and "OMP_NUM_THREADS" not in os.environ:  # else torchrun gives each process one thread
-        share = str(max(1, usable_cores() // devices))
-        os.environ["OMP_NUM_THREADS"] = os.environ[SHARE_ENV] = share  # each process follows the free cores within it
+    args = [a for i, a in enumerate(argv) if not a.startswith("--devices") and not (i > 0 and argv[i - 1] == "--devices")]
+    named = next((a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
+                  if (a == "--out" and i + 1 < len(args)) or a.startswith("--out=")), None)
+    run, env = api.launch_plan(devices, device, named)
+    if named is None:
+        args += ["--out", str(run)]
+    os.environ.update(env)  # each process follows the free cores within its share
     out_at = args.index("--out") + 1 if "--out" in args else None
     # torchrun's --signals-to-handle (newer torch): it passes these on to the processes, which save and stop;
     # SIGUSR1 is what Slurm's --signal sends ahead of a job's time limit

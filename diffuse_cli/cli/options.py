@@ -11,11 +11,10 @@ from typing import Annotated, Any, List, Optional, get_args
 
 import typer
 
-from ..config import (BUILTIN_IMAGE_SIZE, PRESETS, Config, DiffusionConfig, LRSchedule, ModelConfig, Objective,
-                     Precision, SamplerName, Schedule, Spacing, Threshold, TrainConfig, Variance)
-from ..config import INTERPOLATE_STEPS, parse_duration, require_positive  # noqa: F401 (the CLI's, through here)
+from ..api_settings import (BUILTIN_IMAGE_SIZE, INTERPOLATE_STEPS, PRESETS, RESAMPLE_JUMPS, Config, DiffusionConfig,
+                            LRSchedule, ModelConfig, Objective, Precision, SampleConfig, SamplerChoice, SamplerName,
+                            Schedule, Spacing, Threshold, TrainConfig, Variance)
 from ..errors import UsageError
-from ..diffusion.sampling import SampleConfig, SamplerChoice
 
 
 def one_of(literal: Any) -> str:
@@ -120,7 +119,7 @@ def parse_hflip(word: str) -> bool | None:
 
 
 # Settings whose flag is not "--" + their name with dashes (errors name settings: errors.DiffuseError).
-FLAGS = {"n": "-n", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
+FLAGS = {"n": "-n", "cuda_graph=False": "--no-cuda-graph", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
 
 
 def flag(setting: str) -> str:
@@ -131,15 +130,6 @@ def flag(setting: str) -> str:
 def given(**options: Any) -> dict[str, Any]:
     """The options set on the command line (an unset one is None), by their config field names."""
     return {name: value for name, value in options.items() if value is not None}
-
-
-def png_out(target: Path) -> Path:
-    """noise's --out: a PNG to write, not a folder nor another kind of file."""
-    if target.is_dir():
-        raise UsageError(f"--out {target} is a folder; name the PNG to write, e.g. --out {target / 'noise.png'}")
-    if target.suffix.lower() != ".png":
-        raise UsageError(f"--out {target}: diffuse noise writes a PNG; name it {target.with_suffix('.png')}")
-    return target
 
 
 def one_folder(data: Optional[list[str]]) -> Optional[str]:
@@ -198,7 +188,7 @@ Mask = Annotated[Optional[Path], typer.Option("--mask", help="With --init: inpai
                                              show_default=False)]
 ResampleJumps = Annotated[Optional[int], typer.Option(help="With --mask: times each stretch of the path is noised "
                                                       "back and run again, so that the fill agrees with what is kept "
-                                                      f"(RePaint; each costs about one more sampling).{default(S.resample_jumps)}")]
+                                                      f"(RePaint; each costs about one more sampling).{default(RESAMPLE_JUMPS)}")]
 SamplePrecision = Annotated[Optional[str], typer.Option("--precision", help=f"{one_of(Precision)} for the network "
                                                         f"(fp16: GPUs; auto: as train picks).{default(H.precision)}")]
 

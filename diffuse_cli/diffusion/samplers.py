@@ -21,8 +21,8 @@ from typing import Callable, Sequence, get_args
 
 import torch
 
-from ..config import SamplerName, Spacing, Variance
-from ..errors import ConfigError, UsageError
+from ..config import SamplerName, Spacing, Variance, check_choice, check_steps
+from ..errors import UsageError
 from ..network.fast_ops import to_device
 from .objectives import EpsModel
 from .schedule import NoiseSchedule, float_dtype
@@ -256,9 +256,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
     fractional steps from σ_max = min(σ(T-1), 80) (above 80, x_t is noise) down to
     σ_min = max(σ(0), 0.01) (below 0.01, less than an 8-bit level is left to remove).
     """
-    T = schedule.timesteps
-    if not 1 <= steps <= T:
-        raise UsageError(f"steps must be between 1 and {T}, not {steps}")
+    T = check_steps(steps, schedule.timesteps) and schedule.timesteps
+    check_choice(spacing, Spacing, "spacing")
     if spacing == "trailing":
         return (torch.linspace(T, 0, steps + 1, dtype=torch.float64)[:-1].round().long() - 1)
     if spacing == "quadratic":
@@ -269,10 +268,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "tr
     sigma_min, sigma_max = max(schedule.sigmas[0].item(), SIGMA_MIN), min(schedule.sigmas[-1].item(), SIGMA_MAX)
     if spacing == "karras":
         sigmas = karras_sigmas(steps, sigma_min, sigma_max)
-    elif spacing == "logsnr":
+    else:  # logsnr
         sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-    else:
-        raise ConfigError(f"unknown spacing {spacing!r}; choose trailing, quadratic, karras or logsnr")
     return schedule.sigma_to_t(sigmas).clamp(0, T - 1)
 
 
@@ -294,19 +291,19 @@ def _heun_calls(steps: int, clean: bool = True) -> int:
     return max(1, 2 * steps - clean)
 
 
-SAMPLERS: dict[str, SamplerInfo] = {
-    "ddpm": SamplerInfo(ddpm, "trailing", _one_a_step, "ancestral, Ho et al. 2020", ("variance",)),
-    "ddim": SamplerInfo(ddim, "trailing", _one_a_step, "Song et al. 2021; --eta 0 is deterministic", ("eta",)),
-    "dpm++2m": SamplerInfo(partial(dpmpp, order=2), "logsnr", _one_a_step, "DPM-Solver++(2M), Lu et al. 2022", ("eta",)),
-    "dpm++3m": SamplerInfo(partial(dpmpp, order=3), "logsnr", _one_a_step, "DPM-Solver++(3M), Lu et al. 2022", ("eta",)),
-    "dpm++2m-sde": SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", _one_a_step,
-                               "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)", ("eta",)),
-    "dpm++3m-sde": SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", _one_a_step,
-                               "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)", ("eta",)),
-    "unipc": SamplerInfo(unipc, "logsnr", _one_a_step, "UniPC-bh2, Zhao et al. 2023, order 3"),
-    "heun": SamplerInfo(heun, "karras", _heun_calls, "Karras et al. 2022 (EDM), rho=7"),
-}
-assert tuple(SAMPLERS) == get_args(SamplerName), "config.SamplerName lists the samplers, for the CLI's help"
+# Each sampler's entry, in the order config.SamplerName names them (which the CLI's help reads without torch).
+SAMPLERS: dict[str, SamplerInfo] = dict(zip(get_args(SamplerName), (
+    SamplerInfo(ddpm, "trailing", _one_a_step, "ancestral, Ho et al. 2020", ("variance",)),
+    SamplerInfo(ddim, "trailing", _one_a_step, "Song et al. 2021; --eta 0 is deterministic", ("eta",)),
+    SamplerInfo(partial(dpmpp, order=2), "logsnr", _one_a_step, "DPM-Solver++(2M), Lu et al. 2022", ("eta",)),
+    SamplerInfo(partial(dpmpp, order=3), "logsnr", _one_a_step, "DPM-Solver++(3M), Lu et al. 2022", ("eta",)),
+    SamplerInfo(partial(dpmpp, order=2, eta=1.0), "trailing", _one_a_step,
+                "SDE-DPM-Solver++(2M), Lu et al. 2022 (dpm++2m with --eta 1)", ("eta",)),
+    SamplerInfo(partial(dpmpp, order=3, eta=1.0), "trailing", _one_a_step, "SDE-DPM-Solver++(3M) (dpm++3m with --eta 1)",
+                ("eta",)),
+    SamplerInfo(unipc, "logsnr", _one_a_step, "UniPC-bh2, Zhao et al. 2023, order 3"),
+    SamplerInfo(heun, "karras", _heun_calls, "Karras et al. 2022 (EDM), rho=7"),
+), strict=True))
 
 
 def sampler_info(name: str) -> SamplerInfo:

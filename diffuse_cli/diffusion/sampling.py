@@ -11,13 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import Precision, SamplerName, Spacing, Threshold, Variance, check_choice, require_positive
+from ..config import Precision, SamplerName, Spacing, Threshold, Variance, check_choice, check_steps, require_positive
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
     from .schedule import NoiseSchedule
+
+# RePaint's jumps by measurement (docs/editing.md): the fill agrees with the kept half far more often than with 0 or
+# 1, and more jumps gain little for what each costs (about one more sampling).
+RESAMPLE_JUMPS = 2
+# DDIM steps of `diffuse interpolate`, for the inversion and the way back: by measurement (docs/editing.md),
+# where the frames at the ends come back within a few 8-bit levels of the images.
+INTERPOLATE_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class SamplerChoice:
         check_choice(self.threshold, Threshold, "threshold")
         if self.variance is not None:
             check_choice(self.variance, Variance, "variance")
-        require_positive(steps=self.steps)
+        check_steps(self.steps, timesteps if timesteps is not None else self.steps)
         for name in self.options().keys() - set(info.options):
             takers = [s for s, other in SAMPLERS.items() if name in other.options]
             raise UsageError(f"{{{name}}} does not apply to {self.name}; it applies to {', '.join(takers)}", name)
@@ -53,8 +60,6 @@ class SamplerChoice:
         if self.name == "ddim" and self.eta is not None and self.eta > 1:
             raise UsageError(f"{{eta}} {self.eta} is above 1: ddim's step has no room for more noise than DDPM's "
                              "(eta 1)", "eta")
-        if timesteps is not None and self.steps > timesteps:
-            raise UsageError(f"{{steps}} {self.steps} is more than the model's {timesteps} diffusion steps", "steps")
         return self
 
     def options(self) -> dict[str, Any]:
@@ -89,10 +94,13 @@ class SampleConfig:
     # Editing (editing.py). SDEdit's strength: the share of the schedule an init image is noised to; 1 is
     # ordinary sampling.
     strength: float = 1.0
-    # RePaint's resampling when inpainting: times each stretch of the path is noised back and run again.
-    # 2 by measurement (docs/editing.md): the fill agrees with the kept half far more often than with 0 or
-    # 1, and more jumps gain little for what each costs (about one more sampling).
-    resample_jumps: int = 2
+    # RePaint's resampling when inpainting: times each stretch of the path is noised back and run again
+    # (None: RESAMPLE_JUMPS; set, it needs a mask to inpaint).
+    resample_jumps: int | None = None
+
+    def jumps(self) -> int:
+        """RePaint's jumps an inpainting takes."""
+        return RESAMPLE_JUMPS if self.resample_jumps is None else self.resample_jumps
 
     @classmethod
     def of(cls, **settings: Any) -> SampleConfig:
@@ -121,24 +129,8 @@ class SampleConfig:
         if not 0 < self.strength <= 1:
             raise UsageError(f"{{strength}} must be in (0, 1] (1: from pure noise, near 0: the init as it is), not "
                              f"{self.strength}", "strength")
-        if self.resample_jumps < 0:
+        if self.resample_jumps is not None and self.resample_jumps < 0:
             raise UsageError(f"{{resample_jumps}} must be at least 0, not {self.resample_jumps}", "resample_jumps")
         if self.guidance < 0:
             raise UsageError(f"{{guidance}} must be at least 0, not {self.guidance}", "guidance")
         return self
-
-
-@dataclass(frozen=True)
-class Request:
-    """A sampling request laid out: each image's class index (None: no class asked) and file suffix, a grid
-    row's length (None: a plain grid) and the image opening each row; for an edit, each image's init and mask."""
-
-    labels: torch.Tensor | None
-    suffixes: list[str] | None
-    row: int | None
-    heads: torch.Tensor | None = None
-    init: torch.Tensor | None = None
-    generate: torch.Tensor | None = None
-
-    def total(self, n: int) -> int:
-        return len(self.labels) if self.labels is not None else len(self.init) if self.init is not None else n

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images.data import to_model, to_uint8
-from .denoiser import Denoiser
-from .samplers import ddim, dpmpp
+from .pixels import to_model, to_uint8
+from .denoiser import Denoiser, SampleHooks, guidance_for
 
 RESTORE_STEPS = 12  # network calls for a restoration from pure noise; fewer from lower k (in proportion)
 
@@ -40,12 +39,13 @@ class Frames:
 
 @torch.no_grad()
 def explore_frames(net: torch.nn.Module, config, image: torch.Tensor, frames: int = 60, seed: int = 0,
-                   label: int | None = None, guidance: float = 1.0) -> Frames:
+                   label: int | None = None, guidance: float = 1.0, hooks: SampleHooks = SampleHooks()) -> Frames:
     """The frames of the time slider for a uint8 (C, H, W) image at the model's size; `label`: a conditional
-    model's class to walk back into (None: no class)."""
+    model's class to walk back into (None: no class, and no guidance)."""
     T = config.diffusion.timesteps
     ks = sorted({round(i * T / (frames - 1)) for i in range(frames)})
-    denoiser = Denoiser(net, config)
+    guidance = guidance_for(label, guidance)
+    denoiser = Denoiser(net, config, hooks=hooks)
     schedule, device = denoiser.schedule, denoiser.device
     labels = None if label is None else torch.tensor([label])
     x0 = to_model(image)[None].to(device)
@@ -54,21 +54,20 @@ def explore_frames(net: torch.nn.Module, config, image: torch.Tensor, frames: in
     forward = [x0] + [schedule.q_sample(x0, torch.tensor([k - 1], device=device), eps) for k in ks[1:]]
 
     # the walk back: DDIM from the forward's own static at k = T, visiting every frame's step
-    eps_model = denoiser.eps_model(1, labels, guidance)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     steps = torch.tensor([k - 1 for k in reversed(ks[1:])])
-    final = ddim(eps_model, forward[-1], schedule, steps,
-                 callback=lambda i, x_t, x0_hat: seen.__setitem__(int(steps[i]) + 1, (x_t, x0_hat)))
+    final = denoiser.walk(forward[-1], steps, labels, guidance, "ddim",
+                          callback=lambda i, x_t, x0_hat: seen.__setitem__(int(steps[i]) + 1, (x_t, x0_hat)))
     walk = [final] + [seen[k][0] for k in ks[1:]]
     walk_x0 = [final] + [seen[k][1] for k in ks[1:]]
 
     # restorations: from each frame's x_k back to the image's step, in proportion fewer calls from lower k;
     # with no class, so that they show what of the image survives, not what a class makes of it
-    plain, restored = denoiser.eps_model(1), [x0]
+    restored = [x0]
     for k, x_k in zip(ks[1:], forward[1:]):
         n = max(1, math.ceil(RESTORE_STEPS * k / T))
         ts = torch.linspace(k - 1, 0, n + 1)[:-1].round().long().unique_consecutive()
-        restored.append(dpmpp(plain, x_k, schedule, ts, order=2))
+        restored.append(denoiser.walk(x_k, ts, sampler="dpm++2m"))
     as_uint8 = lambda xs: to_uint8(torch.cat(xs)).cpu()  # noqa: E731
     name = None if label is None else config.model.class_names[label]
     return Frames(ks, alpha_bar, as_uint8(forward), as_uint8(walk), as_uint8(walk_x0), as_uint8(restored), name)

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import __version__
+from ..version import __version__
 from ..config import Config, ConfigError, config_from_json, config_to_json, to_dict, validate_diffusion, validate_model
 from ..errors import CheckpointError
-from .files import LOSS_PLOT, MODEL_FILE, atomic_write_bytes
+from .files import LOSS_PLOT, MODEL_FILE, atomic_write_bytes, newest
 
 MODEL_FORMAT = "diffuse/model"
 STATE_FORMAT = "diffuse/training-state"
@@ -260,14 +260,14 @@ def describe(path: str | os.PathLike) -> tuple[dict[str, Any], Config]:
 def find_latest(root: str | os.PathLike = "checkpoints") -> Path:
     """The most recently written model.safetensors below root."""
     root = Path(root)
-    found = sorted(root.glob(f"**/{MODEL_FILE}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not found and root == Path("checkpoints"):
+    found = newest(root, MODEL_FILE)
+    if found is None and root == Path("checkpoints"):
         raise CheckpointError("no checkpoint found under checkpoints/; train one with `diffuse train`, "
-                              "or pass --checkpoint PATH")
-    if not found:
+                              "or pass {checkpoint} PATH", "checkpoint")
+    if found is None:
         raise CheckpointError(f"{root}: no {MODEL_FILE} in this folder or below it; give a run folder or a "
                               ".safetensors file")
-    return found[-1]
+    return found
 
 
 def resolve_checkpoint(path: str | os.PathLike | None) -> Path:

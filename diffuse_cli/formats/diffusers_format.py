@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from ..config import (MAX_TIMESTEPS, PRESETS, Config, DiffusionConfig, ModelConfig, TrainConfig, from_dict,
-                      model_config, to_dict, validate_model)
+from ..config import Config, DiffusionConfig, from_dict, MAX_TIMESTEPS, ModelConfig, to_dict, TrainConfig, validate_model
+from ..presets import model_config, PRESETS
 from ..errors import CheckpointError, ConfigError, DiffuseError, UsageError
 from .checkpoint import read_header
 from .files import atomic_folder, atomic_write_bytes
@@ -180,8 +180,8 @@ def unet_config_of(cfg: ModelConfig) -> dict[str, Any]:
     if groups != {32}:
         raise UsageError(f"this model's GroupNorms have {' and '.join(map(str, sorted(groups)))} groups (its "
                          f"{', '.join(map(str, channels))} channels); diffusers' UNet2DModel has one count for every "
-                         "layer, 32: export a model whose channels are multiples of 32 (e.g. --model base, at 32x32 "
-                         "or more)")
+                         "layer, 32: export a model whose channels are multiples of 32 (e.g. {preset} base, at 32x32 "
+                         "or more)", "preset")
     attn = [cfg.image_size // 2 ** i in cfg.attention_resolutions for i in range(len(channels))]
     attending = {ch for ch, a in zip(channels, attn) if a} | {channels[-1]}  # the middle block attends too
     one_head = all(ch <= cfg.head_channels for ch in attending)

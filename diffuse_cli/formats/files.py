@@ -14,6 +14,13 @@ from ..errors import DiskFull
 
 MODEL_FILE = "model.safetensors"  # a run folder's EMA weights: what sampling loads
 STATE_FILE = "training_state.safetensors"  # weights, EMA and optimizer: what resuming loads
+def newest(root: Path, name: str, below: str = "**") -> Path | None:
+    """The most recently written file called `name` in root's folders matching `below` ("**": at any depth; "*": one
+    down), or None."""
+    found = sorted(root.glob(f"{below}/{name}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return found[-1] if found else None
+
+
 BEST_MODEL_FILE = "model_best.safetensors"  # with train --eval-every: the EMA weights of the best FID so far
 LOSS_PLOT = "loss.png"  # loss and learning rate against step, redrawn with every sample grid
 

@@ -14,18 +14,27 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from ..network.device import memory_available
-from ..errors import DataError
+from ..errors import DataError, Note
 from .cache import Entry, build_entry, entry_path, read_entry, stamps
 from .decode import _try_decode, is_grayscale
 from .shapes import SHAPES, render_shapes, shape_kinds
 
-if TYPE_CHECKING:
-    from ..training.distributed import Share
+
+class Share(Protocol):
+    """The processes of a DDP run as reading a folder needs them (training.distributed.Share is one): each decodes
+    its share of the files, and they agree and swap what they found."""
+
+    rank: int
+    size: int
+
+    def all(self, flag: bool) -> bool: ...
+    def same(self, value: int) -> bool: ...
+    def sum_(self, t: torch.Tensor) -> None: ...
 
 BUILTIN = "builtin:shapes"
 BUILTIN_SIZE = 8192
@@ -92,9 +101,10 @@ class ImageData:
         if upscaled:
             one = len(upscaled) == 1
             smallest, (verb, pronoun, possessive) = min(upscaled), ("is", "it", "its") if one else ("are", "them", "their")
-            notes.append(f"warning: {len(upscaled)} of {n} images {verb} smaller than --image-size {self.image_size} "
-                         f"(the smallest is {smallest} pixel{'s' * (smallest != 1)} on its short side) and {verb} "
-                         f"enlarged, which blurs {pronoun}; a smaller --image-size keeps {possessive} detail")
+            notes.append(Note(f"warning: {len(upscaled)} of {n} images {verb} smaller than {{image_size}} "
+                              f"{self.image_size} (the smallest is {smallest} pixel{'s' * (smallest != 1)} on its "
+                              f"short side) and {verb} enlarged, which blurs {pronoun}; a smaller {{image_size}} "
+                              f"keeps {possessive} detail", "image_size"))
         if from_folder and n < FEW_IMAGES:
             notes.append(f"note: {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
                          "usual); as training goes on its samples will copy them more and more closely")
@@ -146,16 +156,6 @@ def _decoder_threads() -> ThreadPoolExecutor:
 
 
 # -- pixels <-> model space, in one place -----------------------------------------------------
-def to_model(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255], clipping."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def find_files(root: Path) -> list[Path]:
     """Every non-hidden file below root, sorted; follows symlinks but never loops."""
     seen: set[str] = set()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import to_uint8
+from ..diffusion.pixels import to_uint8
 from .pictures import grid_upscale, make_grid, save_gif, save_png
 from ..errors import UsageError
 
@@ -47,13 +47,25 @@ def save_strip(frames: torch.Tensor, folder: PathLike) -> None:
 
 
 def check_folder(folder: Path) -> Path:
-    """Refuse, before any work, an --out that is a file or is named like one."""
+    """Refuse, before any work, an output folder that is a file or is named like one."""
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file; name a folder for the images with --out")
+        raise UsageError(f"{folder} is a file; name a folder for the images with {{out}}", "out")
     if not folder.exists() and folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif"):
-        raise UsageError(f"--out {folder} names the folder for the PNGs (and grid.png), not a file: "
-                         f"e.g. --out {folder.with_suffix('')}")
+        raise UsageError(f"{{out}} {folder} names the folder for the PNGs (and grid.png), not a file: "
+                         f"e.g. {{out}} {folder.with_suffix('')}", "out")
     return folder
+
+
+def layout(n: int, classes: list[str] | None, init_names: list[str] | None = None,
+           heads: torch.Tensor | None = None) -> tuple[list[str] | None, int | None, torch.Tensor | None]:
+    """How a sample folder shows a request: each image's file-name suffix (its init's name, its class), the length of
+    a grid row (None: a plain grid), and the image opening each row (`heads`: each init, one a row). n: images of
+    each class, for each init; classes: the class of each image of an init, where classes were asked."""
+    if init_names is None:
+        return classes, None if classes is None else n, None
+    per_init = n if classes is None else len(classes)
+    suffixes = [name if classes is None else f"{name}-{c}" for name in init_names for c in classes or [None] * n]
+    return suffixes, n, None if heads is None else heads.repeat_interleave(per_init // n, 0)
 
 
 class SampleFolder:

@@ -57,11 +57,19 @@ def save_gif(frames: Sequence[torch.Tensor], path: str | os.PathLike, ms_per_fra
     atomic_write_bytes(path, buf.getvalue())
 
 
+def default_font(size: int):
+    """Pillow's own font at `size` points (Pillow < 10.1 has one fixed size)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def labelled_strip(panels: Sequence[torch.Tensor], labels: Sequence[str], gap: int = 8) -> torch.Tensor:
     """Images of one size side by side, left to right, each with its label above: (C, H', W') uint8."""
     from PIL import ImageDraw
-
-    from ..training.plots import default_font
 
     c, h, w = panels[0].shape
     font_size = max(12, min(48, w // 12))

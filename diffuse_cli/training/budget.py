@@ -16,12 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import TrainConfig
+from ..config import UNFITTED, TrainConfig
 from ..errors import RunError
 
-# A saved TrainConfig.steps that means "not yet fitted to --max-time": a run stopped before its fit
-# records this (checkpoint format 1), and resuming it fits the steps again.
-UNFITTED = 2**62
 # The first fit reads the speed from step FIT_FROM (past start-up) until the warm-up is over, FIT_AT steps
 # are done and FIT_SHARE of the time is spent; every later one, over the last FIT_SHARE of the time, so
 # that a machine that gets busier or freer mid-run moves the estimate within seconds.
@@ -57,8 +54,8 @@ class Budget:
         if fit_steps and max_time is not None and (not resuming or train.steps == UNFITTED):
             return cls(None, max_time, fitting=True, **clock)
         if train.steps == UNFITTED:
-            raise RunError(f"{run_name} was stopped before its steps were fitted to its --max-time; "
-                           "resume it with --max-time or --steps")
+            raise RunError(f"{run_name} was stopped before its steps were fitted to its {{max_time}}; "
+                           "resume it with {max_time} or {steps}", "max_time", "steps")
         return cls(train.steps, max_time, **clock)
 
     def elapsed(self) -> float:
@@ -113,11 +110,6 @@ class Budget:
             return False
         self.steps = agree(fitted_steps(step, elapsed, self._seen[0], self.for_steps()))
         return first
-
-
-def is_fitted(train: TrainConfig) -> bool:
-    """Whether a saved run knows its steps (False: stopped before they were fitted to its --max-time)."""
-    return train.steps != UNFITTED
 
 
 def fitted_steps(step: int, elapsed: float, since: tuple[int, float], seconds: float) -> int:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..config import Config
-from ..diffusion.denoiser import generate
+from ..diffusion.denoiser import SampleHooks, generate
 from ..evaluation import scores
 from ..evaluation.features import image_features, tensor_features
 from ..images.data import ImageData
@@ -39,8 +39,8 @@ class FidWatch:
         was_training = ema.training
         ema.eval()
         try:
-            images, _ = generate(ema, config, self.n, seed=config.train.seed + 1_000_003, precision=precision, log=log,
-                                 progress=progress)
+            images, _ = generate(ema, config, self.n, hooks=SampleHooks(progress=progress, log=log),
+                                 seed=config.train.seed + 1_000_003, precision=precision)
         finally:
             ema.train(was_training)
         fid = scores.frechet_distance(*scores.mean_cov(image_features(list(images), "tf", self.device)), *reference)

@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 
 from ..network import threads
-from .budget import Budget, is_fitted
+from .budget import Budget
 from ..formats.checkpoint import load_training_state
 from ..config import Config
-from ..images.data import ImageData, ReadAhead, to_model
+from ..images.data import ImageData, ReadAhead
+from ..diffusion.pixels import to_model
 from ..network.device import device_memory_available, memory_format, mix_seed, resolve_precision
-from ..errors import TrainingFailed, UsageError
+from ..errors import Note, TrainingFailed, UsageError
 from ..network.fast_ops import to_device
 from ..formats.files import MODEL_FILE, STATE_FILE
 from ..diffusion.sampling import SamplerChoice
@@ -99,7 +100,7 @@ class Result:
     @property
     def fitted(self) -> bool:
         """Whether the run knows its steps (False: stopped before they were fitted to its max_time)."""
-        return is_fitted(self.config.train)
+        return self.config.train.fitted
 
 
 def due(step: int, every: int | None, since: float) -> bool:
@@ -221,8 +222,9 @@ class Learner:
         take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule,
                                       precision, io)
         if use_graph:
-            take_step = graphed_step(take_step, on_fallback=lambda why: log(
-                f"CUDA graph capture failed ({why}); training on without it (--no-cuda-graph skips the attempt)"))
+            take_step = graphed_step(take_step, on_fallback=lambda why: log(Note(
+                f"CUDA graph capture failed ({why}); training on without it ({{cuda_graph=False}} skips the attempt)",
+                "cuda_graph=False")))
         return cls(config, model, ema, optimizer, scaler, io, take_step, use_graph)
 
     def resume(self, path: Path) -> dict[str, Any]:
@@ -247,7 +249,7 @@ class Learner:
         run, longest, total = (int(v) for v in self.io.bad.tolist())
         if longest >= max_bad:
             raise NonFiniteLoss(f"{longest} non-finite steps in a row by step {step}; the last good checkpoint "
-                                f"in {run_dir} is kept. Try a lower --lr or --precision fp32")
+                                f"in {run_dir} is kept. Try a lower {{lr}} or {{precision}} fp32", "lr", "precision")
         if report:
             if total:
                 log(f"step {step}: {total} step(s) with a non-finite loss or gradient skipped")
@@ -280,8 +282,8 @@ class Reporter:
         skipped = self.learner.bad_steps(step, tc.max_bad_steps, self.folder.path, log=self.hooks.log)
         finite_steps = n_steps - skipped  # NaN loss for a stretch of skipped steps, not a made-up 0
         if self.budget.observe(step, tc.warmup, agree=lambda n: distributed.smallest(n, self.world)):
-            self.hooks.log(f"about {self.budget.steps:,} steps fit in the time budget at this speed; the learning "
-                           "rate decays over the time left (--steps sets a number of steps instead)")
+            self.hooks.log(Note(f"about {self.budget.steps:,} steps fit in the time budget at this speed; the learning "
+                                "rate decays over the time left ({steps} sets a number of steps instead)", "steps"))
         if self.budget.fitting:
             config = replace(config, train=replace(tc, steps=self.budget.recorded_steps()))
         record = {"step": step, "loss": self.learner.io.loss_sum.item() / finite_steps if finite_steps else math.nan,
@@ -314,7 +316,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     verdict = None
     if tc.hflip is None:  # decide from the data, and record the decision in the run's config
         if (verdict := known_verdict(data)) is None:
-            hooks.stage("probing the images for a handedness (--hflip decides instead)")
+            hooks.stage(Note("probing the images for a handedness ({hflip} decides instead)", "hflip"))
             verdict = probe_data(data, tc.seed)
         verdict = replace(verdict, mirror=bool(distributed.smallest(int(verdict.mirror), world)))
         config = replace(config, train=replace(tc, hflip=verdict.mirror))
@@ -359,7 +361,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
 
     learner.model.train()
     if budget.done(step):
-        hooks.log(f"the run is already at step {step} of {budget.steps}; pass a larger --steps to train it further")
+        hooks.log(Note(f"the run is already at step {step} of {budget.steps}; pass a larger {{steps}} to train it "
+                       "further", "steps"))
     while not budget.done(step):
         over_time = budget.out_of_time()
         stop, elapsed = distributed.agree(hooks.should_stop(step) or over_time, budget.elapsed(), world)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import Config
-from ..errors import TrainingFailed
+from ..errors import Note, TrainingFailed
 from ..network.device import autocast
 from ..network.unet import UNet
 from . import distributed
@@ -79,18 +79,19 @@ def fit_batch(config: Config, model: UNet, precision: str, checkpointing: bool, 
     micro = distributed.smallest(memory.fitting_batch(local, available) or 0, world)
     where = "the GPU" if next(model.parameters()).device.type == "cuda" else "memory"
     if micro == 0:
-        hint = "" if checkpointing else "--checkpointing, "
+        hint = "" if checkpointing else "{checkpointing}, "
         raise TrainingFailed(f"a training step of one {m.image_size}x{m.image_size} image needs about "
                              f"{_gb(memory.need(1))} and {where} has {_gb(available)} free; try {hint}a smaller "
-                             "{image_size} or {preset}", "image_size", "preset")
+                             "{image_size} or {preset}", "checkpointing", "image_size", "preset")
     if micro == local:
         return config, None
     k = local // micro
     lowered = replace(config, train=replace(tc, batch_size=micro * world.size, grad_accum=tc.grad_accum * k))
-    return lowered, (f"note: a step of batch {tc.batch_size} at {m.image_size}x{m.image_size} needs about "
+    return lowered, Note(f"note: a step of batch {tc.batch_size} at {m.image_size}x{m.image_size} needs about "
                      f"{_gb(memory.need(local))} and {where} has {_gb(available)} free: training in {k}x more "
                      f"micro-batches of {micro * world.size} (gradient accumulation), the same effective batch of "
-                     f"{tc.batch_size * tc.grad_accum}" + ("" if checkpointing else "; --checkpointing fits more"))
+                     f"{tc.batch_size * tc.grad_accum}" + ("" if checkpointing else "; {checkpointing} fits more"),
+                         "checkpointing")
 
 
 def _gb(n: int) -> str:

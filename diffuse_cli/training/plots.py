@@ -10,6 +10,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..images.pictures import default_font
+
 WIDTH, PANEL, MARGIN = 720, 230, (70, 16, 24, 36)  # margins: left, right, top, bottom (pixels)
 RAW, SMOOTH, LR, GRID, INK = (170, 190, 220), (25, 70, 160), (210, 110, 20), (228, 228, 228), (40, 40, 40)
 
@@ -86,14 +88,6 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, steps: list[float], series: list
             draw.line(points, fill=colour, width=2 if colour != RAW else 1)
         elif points:
             draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
-
-
-def default_font(size: int) -> ImageFont.ImageFont:
-    """Pillow's own font at `size` points (Pillow < 10.1 has one fixed size)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
 
 
 def loss_plot(records: Sequence[dict]) -> Image.Image:

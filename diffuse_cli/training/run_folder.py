@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
-from ..diffusion.denoiser import generate
+from ..diffusion.denoiser import SampleHooks, generate
 from ..diffusion.sampling import SampleConfig
 from ..formats.checkpoint import save_model, save_training_state
 from ..formats.files import BEST_MODEL_FILE, LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
@@ -109,9 +109,9 @@ class RunFolder:
         classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
         labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
         try:
-            grid, _ = generate(self.learner.ema, config, GRID_IMAGES, sampler=sampler, steps=steps,
-                               seed=config.train.seed, precision=precision, log=log,
-                               labels=labels, guidance=SampleConfig.guidance, progress=cancelled_by(stop))
+            grid, _ = generate(self.learner.ema, config, GRID_IMAGES, labels,
+                               hooks=SampleHooks(progress=cancelled_by(stop), log=log), sampler=sampler, steps=steps,
+                               seed=config.train.seed, precision=precision, guidance=SampleConfig.guidance)
         except Cancelled:
             log(f"step {step}: stopping, so no grid of samples")
             return

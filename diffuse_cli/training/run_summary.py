@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..errors import Note
 from ..images.data import ImageData
 from ..network.device import precision_reason
 from .distributed import World
@@ -13,6 +14,9 @@ from .mirror import MirrorVerdict
 from .sizing import Sizing
 from ..network.threads import ThreadShare
 from ..network.unet import count_parameters
+
+# The settings the start summary names, each as its caller knows it (errors.Note).
+SUMMARY_SETTINGS = ("threads", "classes", "hflip", "preset", "image_size", "channels", "precision", "steps")
 
 def start_line(config: Config, data: ImageData, device: torch.device, precision: str, model: torch.nn.Module,
                uses_graph: bool, world: World, cpu: ThreadShare | None = None) -> str:
@@ -45,28 +49,29 @@ def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume
     m = config.model
     rows = []
     if cpu is not None and cpu.fixed is None:
-        rows.append(("threads", cpu.reason(), "--threads"))
+        rows.append(("threads", cpu.reason(), "{threads}"))
     if m.class_names:
         counts = data.class_counts()
         rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
-                     "--classes off"))
+                     "{classes} off"))
     if verdict is not None:
         rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
-                     f"--hflip {'off' if verdict.mirror else 'on'}"))
+                     f"{{hflip}} {'off' if verdict.mirror else 'on'}"))
     if sizing is not None:
-        rows.append(("model", f"{sizing.preset}: {sizing.reason}", "--model"))
+        rows.append(("model", f"{sizing.preset}: {sizing.reason}", "{preset}"))
     if not resume:
         if "image_size" not in chosen:
-            rows.append(("image size", f"{m.image_size}x{m.image_size}", "--image-size"))
+            rows.append(("image size", f"{m.image_size}x{m.image_size}", "{image_size}"))
         if "channels" not in chosen:
             rows.append(("channels", "1: every image is grayscale" if m.channels == 1 else "3 (RGB)",
-                         "--channels 3" if m.channels == 1 else "--channels"))
+                         "{channels} 3" if m.channels == 1 else "{channels}"))
         if "precision" not in chosen:
-            rows.append(("precision", f"{precision}: {precision_reason(precision, device)}", "--precision"))
+            rows.append(("precision", f"{precision}: {precision_reason(precision, device)}", "{precision}"))
     if fitting:
-        rows.append(("steps", "fitted to the time budget once the speed is known", "--steps"))
+        rows.append(("steps", "fitted to the time budget once the speed is known", "{steps}"))
     if not rows:
         return None
     width = max(len(value) for _, value, _ in rows)
-    return "\n".join(["choices made for this run (the option on the right sets each):"]
-                     + [f"  {name:<11}{value:<{width}}  {option}" for name, value, option in rows])
+    return Note("\n".join(["choices made for this run (the option on the right sets each):"]
+                          + [f"  {name:<11}{value:<{width}}  {option}" for name, value, option in rows]),
+                *SUMMARY_SETTINGS)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..config import Config, split_fields, validate_train
 from ..errors import RunError
-from ..formats.files import STATE_FILE
+from ..formats.files import STATE_FILE, newest
 
 
 def new_run_folder(data: Optional[str], preset: str) -> Path:
@@ -36,7 +36,7 @@ def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[s
     from .distributed import launched_by_torchrun
 
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"--out {out_dir} is a file; name a folder for the run")
+        raise RunError(f"{{out}} {out_dir} is a file; name a folder for the run", "out")
     if resume not in (None, "auto"):
         run = Path(resume)
         run = run.parent if run.is_file() else run
@@ -44,17 +44,17 @@ def resolve_run(out_dir: Optional[Path], resume: Optional[str], data: Optional[s
             raise RunError(f"{run}: no {STATE_FILE} to resume from")
         return run, True
     if resume == "auto" and out_dir is None:
-        runs = sorted(Path("checkpoints").glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-        if runs:
-            return runs[-1].parent, True
+        if (state := newest(Path("checkpoints"), STATE_FILE, below="*")) is not None:
+            return state.parent, True
     if out_dir is None:
         if launched_by_torchrun():
-            raise RunError("under torchrun, pass --out so that every process writes to the same run folder")
+            raise RunError("under torchrun, pass {out} so that every process writes to the same run folder", "out")
         return new_run_folder(data, preset), False
     if (out_dir / STATE_FILE).exists():
         if resume == "auto" or (confirm is not None and confirm(f"{out_dir} already holds a run. Resume it?")):
             return out_dir, True
-        raise RunError(f"{out_dir} already holds a run; pass --resume auto to continue it, or choose another --out")
+        raise RunError(f"{out_dir} already holds a run; pass {{resume}} auto to continue it, or choose another {{out}}",
+                       "resume", "out")
     return out_dir, False
 
 
@@ -79,7 +79,7 @@ def claim(run: Path) -> Iterator[None]:
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise RunError(f"{run} is being trained by another diffuse process; wait for it, stop it, "
-                               "or choose another --out") from None
+                               "or choose another {out}", "out") from None
         yield
     finally:
         os.close(fd)  # closing the folder releases the lock
@@ -107,8 +107,8 @@ def config_for_run(run: Path, preset: Optional[str], settings: dict[str, Any]) -
 
     saved, _ = read_metadata(run / STATE_FILE, "diffuse/training-state")
     if preset is not None and preset != saved.preset:
-        raise RunError(f"--model {preset} differs from the run being resumed ({saved.preset}); "
-                       "the model cannot change on resume")
+        raise RunError(f"{{preset}} {preset} differs from the run being resumed ({saved.preset}); "
+                       "the model cannot change on resume", "preset")
     model, diffusion, train = split_fields(settings)
     for name, value in {**model, **diffusion}.items():
         current = getattr(saved.model, name, getattr(saved.diffusion, name, None))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import Config, model_config
+from ..config import Config
+from ..presets import model_config
 from ..diffusion.objectives import diffusion_loss
 from ..diffusion.schedule import NoiseSchedule
 from ..network.device import autocast, memory_format

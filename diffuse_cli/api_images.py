@@ -1,5 +1,5 @@
-"""The API's functions on images and folders, beside the Model (model.py): the forward process on an image,
-the time slider, interpolation between images or seeds, the sample folder's name, and diffusers' folders.
+"""The API's pictures of the diffusion: the forward process on an image (noise), the time slider (explore and its
+page) and interpolation between images or seeds, each drawn through the sampling pipeline (diffusion/denoiser.py).
 
 Like everything in the API, nothing here prints or exits; bad input raises a DiffuseError.
 """
@@ -11,15 +11,15 @@ from typing import Callable
 
 import torch
 
-from .config import INTERPOLATE_STEPS, DiffusionConfig, Schedule, check_choice
-from .images.data import to_model, to_uint8
-from .network.device import pick_device
+from .config import DiffusionConfig, Schedule, check_choice
+from .diffusion.pixels import to_model, to_uint8
 from .errors import DataError, UsageError, Words
-from .formats.files import MODEL_FILE, atomic_folder, atomic_write_bytes
+from .formats.files import atomic_folder, atomic_write_bytes
 from .images.inputs import read_edit
 from .model import Model, PathLike
-from .diffusion.sampling import SampleConfig, SamplerChoice
+from .diffusion.sampling import INTERPOLATE_STEPS, SampleConfig, SamplerChoice
 from .diffusion.schedule import NoiseSchedule
+
 
 def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule = DiffusionConfig.schedule,
           timesteps: int = DiffusionConfig.timesteps, seed: int = 0, image_size: int | None = None,
@@ -70,6 +70,12 @@ def write_noise(image: PathLike, t: list[int] | int, out: PathLike, schedule: Sc
     from .images.decode import image_dimensions
     from .images.pictures import grid_upscale, labelled_strip, save_png
 
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"{{out}} {out} is a folder; name the PNG to write, e.g. {{out}} {out / 'noise.png'}", "out")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"{{out}} {out}: the noise panels are written as a PNG; name it {out.with_suffix('.png')}",
+                         "out")
     ts = [t] if isinstance(t, int) else list(t)
     panels = noise(image, ts, schedule, timesteps, seed, image_size, max_side)
     zoom = grid_upscale(image_size) if image_size else 1
@@ -90,16 +96,15 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
 
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
-    label = None
-    if class_name is not None:
-        labels = model.class_labels(1, SampleConfig(classes=(class_name,)))
-        label = int(labels[0])
+    from .diffusion.denoiser import class_labels
+
+    label = None if class_name is None else int(class_labels(model.config, (class_name,), 1)[0])
     x = _explore_image(model, image, seed) if not isinstance(image, torch.Tensor) else image
     m = model.config.model
     if tuple(x.shape) != (m.channels, m.image_size, m.image_size):
         raise DataError(f"the image is {tuple(x.shape)}; this model takes ({m.channels}, {m.image_size}, "
                         f"{m.image_size})")
-    return explore_frames(model.net, model.config, x, frames, seed, label, guidance if label is not None else 1.0)
+    return explore_frames(model.net, model.config, x, frames, seed, label, guidance)
 
 
 def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Tensor:
@@ -125,19 +130,6 @@ def _explore_image(model: Model, image: PathLike | None, seed: int) -> torch.Ten
     return read_edit(image, None, m.image_size, m.channels, strict=False).images[0]
 
 
-def sample_folder_name(model: Model, settings: SampleConfig, init: PathLike | None = None,
-                       mask: PathLike | None = None) -> Path:
-    """samples/<run>-step<N>-<sampler>-<steps>steps-seed<seed>[-<classes>-w<guidance>][-init-<name>-s<strength>]
-    [-mask-<name>-jumps<J>]: more training, or other settings, make a new folder."""
-    trained = f"-step{model.info['step']}" if isinstance(model.info.get("step"), int) else ""
-    s = settings
-    asked = f"-{'-'.join(s.classes)}-w{s.guidance:g}" if s.classes else ""
-    edited = f"-init-{Path(init).stem}-s{s.strength:g}" if init is not None else ""
-    edited += f"-mask-{Path(mask).stem}-jumps{s.resample_jumps}" if mask is not None else ""
-    how = f"{s.sampler.name}-{s.sampler.steps}steps"
-    return Path("samples") / f"{model.path.parent.name}{trained}-{how}-seed{s.seed}{asked}{edited}"
-
-
 def interpolation_folder_name(model: Model, a: PathLike | None, b: PathLike | None, seeds: tuple[int, int] | None,
                               steps: int = INTERPOLATE_STEPS) -> Path:
     """samples/<run>-interpolate-<a>-<b>-<steps>steps, or -seeds<A>-<B>-: where `diffuse interpolate` writes."""
@@ -155,32 +147,29 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
     from .images.outputs import check_folder, save_strip
 
     folder = None if out is None else check_folder(Path(out))
-    from .diffusion.editing import ddim_invert, slerp
-    from .diffusion.denoiser import Denoiser
-    from .diffusion.samplers import CallCounter, ddim, randn, spaced_timesteps
+    from .diffusion.denoiser import Denoiser, SampleHooks, class_labels
+    from .diffusion.editing import slerp
+    from .diffusion.samplers import randn, spaced_timesteps
 
     if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
         raise UsageError("give two images, or {seeds} A B, to interpolate between", "seeds")
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
     SamplerChoice("ddim", steps).check(model.config.diffusion.timesteps)
-    label = None if class_name is None else model.class_labels(1, SampleConfig(classes=(class_name,)))
-    m, denoiser = model.config.model, Denoiser(model.net, model.config)
+    label = None if class_name is None else class_labels(model.config, (class_name,), 1)
+    m, denoiser = model.config.model, Denoiser(model.net, model.config, hooks=SampleHooks(progress=progress))
     ts = spaced_timesteps(denoiser.schedule, steps, "trailing")
     batch = model.sampling_batch(frames)
-    calls = CallCounter(steps * ((2 if seeds is None else 0) + -(-frames // batch)), progress)
+    denoiser.count(steps * ((2 if seeds is None else 0) + -(-frames // batch)))
     labels = lambda count: None if label is None else label.expand(count)  # noqa: E731
-    with torch.no_grad():
-        if seeds is None:
-            images = torch.cat([read_edit(x, None, m.image_size, m.channels).images[:1] for x in (a, b)])
-            ends = ddim_invert(calls.wrap(denoiser.eps_model(2, labels(2))), to_model(images).to(model.device),
-                               denoiser.schedule, ts)
-        else:
-            shape = (1, m.channels, m.image_size, m.image_size)
-            ends = torch.cat([randn(shape, torch.Generator().manual_seed(seed), model.device) for seed in seeds])
-        noises = torch.cat([slerp(ends[:1], ends[1:], w) for w in torch.linspace(0, 1, frames).tolist()])
-        walked = [ddim(calls.wrap(denoiser.eps_model(len(part), labels(len(part)))), part, denoiser.schedule, ts)
-                  for part in noises.split(batch)]
+    if seeds is None:
+        images = torch.cat([read_edit(x, None, m.image_size, m.channels).images[:1] for x in (a, b)])
+        ends = denoiser.invert(to_model(images).to(model.device), ts, labels(2))
+    else:
+        shape = (1, m.channels, m.image_size, m.image_size)
+        ends = torch.cat([randn(shape, torch.Generator().manual_seed(seed), model.device) for seed in seeds])
+    noises = torch.cat([slerp(ends[:1], ends[1:], w) for w in torch.linspace(0, 1, frames).tolist()])
+    walked = [denoiser.walk(part, ts, labels(len(part))) for part in noises.split(batch)]
     shown = to_uint8(torch.cat(walked)).cpu()
     if folder is not None and folder.exists():  # a folder the user named, already there: each file atomic
         save_strip(shown, folder)
@@ -190,32 +179,18 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
     return shown
 
 
-def import_diffusers(folder: PathLike, out: PathLike | None = None, device: str = "auto") -> Model:
-    """A diffusers UNet2DModel folder (docs/diffusers.md) as a Model, its network's output equal to UNet2DModel's;
-    with `out`, saved there as a run folder's model.safetensors (a folder that holds one is refused)."""
-    from .formats.diffusers_format import read_folder
-
-    target = None if out is None else Path(out) / MODEL_FILE
-    if target is not None and (target.exists() or Path(out).is_file()):
-        raise UsageError(f"{out} already holds a model; name a new folder with {{out}}", "out")
-    net, config, info = read_folder(folder)
-    model = Model(net.to(pick_device(device)), config, info)
-    if target is not None:
-        model.save(target)
-    return model
-
-
-def export_diffusers(model: Model, folder: PathLike) -> Path:
-    """Write `model` as a diffusers pipeline folder that DDPMPipeline.from_pretrained loads (docs/diffusers.md)."""
-    from .formats.diffusers_format import write_folder
-
-    return write_folder(model.net, model.config, model.info, folder)
+def explorer_path(path: PathLike) -> Path:
+    """`path` if the time slider's page can be written there (an .html or .htm file), else a UsageError."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"{{out}} {path}: the time slider is an HTML page; name it e.g. explore.html", "out")
+    return path
 
 
 def write_explorer(frames, path: PathLike, title: str = "diffuse: the time slider") -> Path:
-    """Write the time slider's page (slider_page) to `path`, atomically; returns the path."""
+    """Write the time slider's page (slider_page) to `path` (explorer_path), atomically; returns the path."""
     from .images.slider_page import page
 
-    path = Path(path)
+    path = explorer_path(path)
     atomic_write_bytes(path, page(frames, title).encode())
     return path
