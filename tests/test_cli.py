@@ -253,7 +253,7 @@ def test_out_paths_that_name_the_wrong_kind_of_thing(trained, run_cli, tmp_path)
     assert_clean_error(run_cli("sample", "--checkpoint", run, "-n", "1", "--out", "mine.png"),
                        "names the folder for the PNGs", "--out mine")
     assert not (tmp_path / "mine.png").exists()
-    assert_clean_error(run_cli("noise", photo, "--out", "x.jpg"), "writes a PNG", "x.png")
+    assert_clean_error(run_cli("noise", photo, "--out", "x.jpg"), "written as a PNG", "x.png")
     assert_clean_error(run_cli("noise", photo, "--out", run), "is a folder", "noise.png")
     assert not list(run.glob(".*.tmp"))
 
@@ -478,7 +478,7 @@ def test_an_existing_run_is_resumed_only_when_asked(tmp_path, monkeypatch):
     assert resolve_run(Path("run"), None, None, "tiny", ask(True)) == (Path("run"), True)
     assert "run already holds a run" in questions[0]
     for confirm in (ask(False), None):  # "no" on a terminal, or no terminal to ask on
-        with pytest.raises(RunError, match="--resume auto"):
+        with pytest.raises(RunError, match="pass resume auto"):  # as the API words it; the CLI: --resume auto
             resolve_run(Path("run"), None, None, "tiny", confirm)
     assert resolve_run(Path("run"), "auto", None, "tiny") == (Path("run"), True)
     fresh, resuming = resolve_run(None, None, None, "tiny")

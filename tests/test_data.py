@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from diffuse_cli.diffusion.pixels import to_model, to_uint8
 from diffuse_cli.images.data import (BUILTIN, DataError, _close_gaps, _decode_all, find_files, load_builtin, load_data,
-                                     load_folder, to_model, to_uint8)
+                                     load_folder)
 from diffuse_cli.images.decode import TooLarge, decode_image, image_dimensions, read_image
 from diffuse_cli.images.pictures import labelled_strip, make_grid
 

@@ -267,14 +267,16 @@ def test_a_plan_counts_the_network_calls_its_path_makes(sampler):
 
 
 def test_generate_reports_the_calls_an_edit_made_not_those_of_ordinary_sampling(model):
-    from diffuse_cli.diffusion.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import SampleHooks, generate
 
     seen = []
     mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
     mask[..., 4:] = True
     images, nfe = generate(model.net, model.config, 4, sampler="heun", steps=6, batch_size=2, init=IMAGES[:4],
-                           strength=0.6, generate=mask, resample_jumps=1, progress=lambda done, total: seen.append(done))
+                           strength=0.6, generate=mask, resample_jumps=1,
+                           hooks=SampleHooks(progress=lambda done, total: seen.append(done)))
     settings = diffuse.SampleConfig(diffuse.SamplerChoice("heun", 6), strength=0.6, resample_jumps=1)
     assert images.shape == (4, 3, 8, 8)
-    assert nfe == model.nfe(settings, model.edit_inputs(IMAGES[:4], mask)) == len(seen) // 2  # two batches
+    planned = model.request(1, settings, model.edit_inputs(IMAGES[:4], mask)).nfe(model.schedule())
+    assert nfe == planned == len(seen) // 2  # two batches
     assert nfe != SAMPLERS["heun"].nfe(6)

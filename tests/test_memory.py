@@ -87,7 +87,7 @@ def test_a_batch_too_large_trains_in_micro_batches_with_the_same_effective_batch
     said = [m for m in logs if "micro-batches" in m]
     assert said == [f"note: a step of batch 8 at 8x8 needs about {memory.need(8) / 2**30:.1f} GB and memory has "
                     f"{room / 2**30:.1f} GB free: training in 4x more micro-batches of 2 (gradient accumulation), "
-                    "the same effective batch of 8; --checkpointing fits more"]
+                    "the same effective batch of 8; checkpointing fits more"]  # as the API words it; the CLI: --checkpointing
     _, saved, info = load_model(tmp_path / MODEL_FILE)
     assert (saved.train.batch_size, saved.train.grad_accum) == (2, 4) == (result.config.train.batch_size,
                                                                          result.config.train.grad_accum)
@@ -97,7 +97,7 @@ def test_a_batch_too_large_trains_in_micro_batches_with_the_same_effective_batch
 def test_not_even_one_image_fitting_stops_before_the_first_step_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "device_memory_available", lambda device: 1000)
     with pytest.raises(TrainingFailed, match=r"^a training step of one 8x8 image needs about .* GB and memory has "
-                                             r".* GB free; try --checkpointing, a smaller image_size or preset$"):
+                                             r".* GB free; try checkpointing, a smaller image_size or preset$"):
         train(CONFIG, DATA, tmp_path, Options())
     assert not (tmp_path / MODEL_FILE).exists()
 

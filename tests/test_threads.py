@@ -186,7 +186,7 @@ def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatc
     """Where the count follows the machine, each CPU batch is drawn as two halves at once, one thread each: the
     same images to rounding as one batch on the calling thread, and the progress counts each call once (fp32)."""
     from diffuse_cli.presets import make_config
-    from diffuse_cli.diffusion.denoiser import generate
+    from diffuse_cli.diffusion.denoiser import SampleHooks, generate
     from diffuse_cli.network.unet import UNet
 
     config = make_config("tiny", image_size=8)
@@ -201,7 +201,7 @@ def test_a_sampling_batch_split_between_workers_draws_the_same_images(monkeypatc
     threads.set_threads(None)
     assert threads.worker_parts(6) == 2 and threads.worker_parts(1) == 1
     halves, calls_split = generate(net, config, 6, sampler="ddim", steps=4, batch_size=6, seed=3,
-                                   progress=lambda done, total: seen.append((done, total)))
+                                   hooks=SampleHooks(progress=lambda done, total: seen.append((done, total))))
     assert calls_split == calls == 4 and seen[-1] == (pytest.approx(4.0), 4) and len(seen) == 8
     assert (halves.int() - whole.int()).abs().max() <= 1 and (halves == whole).float().mean() > 0.99
     assert threads.split(7, 2) == [(0, 4), (4, 7)] and threads.split(2, 2) == [(0, 1), (1, 2)]

@@ -111,7 +111,7 @@ def sample(n: opt.Count = None, checkpoint: opt.Checkpoint = None, out_dir: opt.
     settings = SampleConfig.of(**opt.given(sampler=sampler, steps=steps, spacing=spacing, eta=eta, variance=variance,
                                            seed=seed, batch_size=batch_size, precision=precision, guidance=guidance,
                                            threshold=threshold, classes=class_, strength=strength,
-                                           resample_jumps=resample_jumps))
+                                           resample_jumps=resample_jumps)).check(n=n)  # before a model is loaded
     use_device(device, threads)
     from .. import api
 

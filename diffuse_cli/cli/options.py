@@ -119,7 +119,7 @@ def parse_hflip(word: str) -> bool | None:
 
 
 # Settings whose flag is not "--" + their name with dashes (errors name settings: errors.DiffuseError).
-FLAGS = {"n": "-n", "cuda_graph=False": "--no-cuda-graph", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
+FLAGS = {"n": "-n", "cuda_graph=False": "--no-cuda-graph", "classes='off'": "--classes off", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
 
 
 def flag(setting: str) -> str:

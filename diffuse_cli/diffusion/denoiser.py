@@ -119,31 +119,30 @@ def class_labels(config: Config, classes: tuple[str, ...], n: int) -> torch.Tens
 
 def request(config: Config, n: int, settings: SampleConfig = SampleConfig(), labels: torch.Tensor | None = None,
             init: torch.Tensor | None = None, generate: torch.Tensor | None = None,
-            class_weights: torch.Tensor | None = None) -> Request:
+            class_weights: torch.Tensor | None = None, each: bool = False) -> Request:
     """A drawing of n images (n of each class asked, for each init given), checked once for this model, in order:
     init by init, class by class. The classes are settings.classes by name, or `labels` (each image's index) as
     given. Guidance applies where classes are asked; a conditional model asked for none draws each image's class
     from `class_weights` (random_classes), unguided, or for an edit, "no class". init: uint8 (count, C, H, W);
-    generate: bool (count, 1, H, W), where to inpaint."""
-    if n < 1:
-        raise UsageError(f"{{n}} must be at least 1, not {n}", "n")
-    settings.check(config.diffusion.timesteps)
+    generate: bool (count, 1, H, W), where to inpaint. each=True: labels, init and generate are image i's at row
+    i (n rows each), and a conditional model given no labels draws its classes at random, edits too."""
+    settings.check(config.diffusion.timesteps, n)
     if init is None and settings.strength != 1:
         raise UsageError("{strength} applies to an edit: give the image to start from with {init}", "strength", "init")
     if generate is None and settings.resample_jumps is not None:
         raise UsageError("{resample_jumps} applies to inpainting: give the mask with {mask}", "resample_jumps", "mask")
-    asked = labels if labels is not None else class_labels(config, settings.classes, n)
+    asked = labels if labels is not None or each else class_labels(config, settings.classes, n)
     if asked is not None and not config.model.class_names:
         raise UsageError("this model was trained without classes; sample it without {classes}", "classes")
-    if init is not None:
+    if init is not None and not each:
         per_init, count = n if asked is None else len(asked), len(init)
         asked = None if asked is None else asked.repeat(count)
         init = init.repeat_interleave(per_init, 0)
         generate = None if generate is None else generate.repeat_interleave(per_init, 0)
-    total = len(asked) if asked is not None else len(init) if init is not None else n
+    total = n if each else len(asked) if asked is not None else len(init) if init is not None else n
     names, guidance = config.model.class_names, guidance_for(asked, settings.guidance)
     if asked is None and names:
-        asked = (torch.full((total,), len(names)) if init is not None
+        asked = (torch.full((total,), len(names)) if init is not None and not each
                  else random_classes(settings.seed, total, len(names), class_weights))
     return Request(replace(settings, guidance=guidance), total, asked, init, generate)
 
@@ -253,7 +252,8 @@ def generate(model: torch.nn.Module, config: Config, n: int, labels: torch.Tenso
              hooks: SampleHooks = SampleHooks(), **settings) -> tuple[torch.Tensor, int]:
     """n images as uint8 (n, C, H, W) and the network calls (NFE) per batch, at once: draw() of request(), the
     settings by name (SampleConfig.of), each image's class, init and mask given as tensors."""
-    batches = draw(model, config, request(config, n, SampleConfig.of(**settings), labels, init, generate), hooks)
+    batches = draw(model, config, request(config, n, SampleConfig.of(**settings), labels, init, generate, each=True),
+                   hooks)
     images = []
     while True:
         try:

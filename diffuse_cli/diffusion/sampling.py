@@ -122,8 +122,11 @@ class SampleConfig:
                              f"{', '.join(sorted(how | {'sampler'} | {f.name for f in fields(cls)}))}")
         return cls(choice, **settings)
 
-    def check(self, timesteps: int | None = None) -> SampleConfig:
-        """Refuse settings that cannot work (for a model of `timesteps` steps); return self."""
+    def check(self, timesteps: int | None = None, n: int | None = None) -> SampleConfig:
+        """Refuse settings that cannot work (for a model of `timesteps` steps, drawing `n` images); return self.
+        Without the model, what any model would refuse: the CLI asks before it loads one."""
+        if n is not None and n < 1:
+            raise UsageError(f"{{n}} must be at least 1, not {n}", "n")
         self.sampler.check(timesteps)
         require_positive(batch_size=self.batch_size)
         if not 0 < self.strength <= 1:

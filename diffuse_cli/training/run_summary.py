@@ -16,7 +16,7 @@ from ..network.threads import ThreadShare
 from ..network.unet import count_parameters
 
 # The settings the start summary names, each as its caller knows it (errors.Note).
-SUMMARY_SETTINGS = ("threads", "classes", "hflip", "preset", "image_size", "channels", "precision", "steps")
+SUMMARY_SETTINGS = ("threads", "classes='off'", "hflip", "preset", "image_size", "channels", "precision", "steps")
 
 def start_line(config: Config, data: ImageData, device: torch.device, precision: str, model: torch.nn.Module,
                uses_graph: bool, world: World, cpu: ThreadShare | None = None) -> str:
@@ -53,7 +53,7 @@ def choices_made(config: Config, data: ImageData, chosen: frozenset[str], resume
     if m.class_names:
         counts = data.class_counts()
         rows.append(("classes", f"{len(counts)}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()),
-                     "{classes} off"))
+                     "{classes='off'}"))
     if verdict is not None:
         rows.append(("mirroring", f"{'on' if verdict.mirror else 'off'}: {verdict.reason()}",
                      f"{{hflip}} {'off' if verdict.mirror else 'on'}"))
