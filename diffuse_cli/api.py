@@ -33,12 +33,12 @@ from .api_images import (explore, explorer_path, interpolate, interpolation_fold
                          write_explorer, write_noise)
 from .api_sample import SampleRun, sample_folder_name  # noqa: F401 (the API)
 from .api_settings import parse_duration, require_positive
-from .config import Config
+from .config import Config, DistillConfig, validate_train
 from .diffusion.denoiser import SampleHooks  # noqa: F401 (the API)
 from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
-from .errors import DataError, DiffuseError, DiskFull, TrainingFailed, UsageError, out_of_memory
+from .errors import DataError, DiffuseError, DiskFull, RunError, TrainingFailed, UsageError, out_of_memory
 from .formats.checkpoint import load_model, resolve_checkpoint
-from .formats.files import MODEL_FILE
+from .formats.files import MODEL_FILE, STATE_FILE
 from .images.data import ImageData
 from .images.outputs import GRID_MAX, Trajectory, save_grid, save_images, save_strip  # noqa: F401 (the API)
 from .images.pictures import grid_upscale, save_png  # noqa: F401 (the API)
@@ -98,6 +98,60 @@ def load(path: PathLike | None = None, device: str = "auto") -> Model:
     return Model(net, config, info, path)
 
 
+# Steps a distillation takes without steps or max_time: a fifth of a default training run's.
+DISTILL_STEPS = 800
+
+
+def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teacher_steps: int | None = None,
+            guidance: float = 1.0, resume: bool = False, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
+    """A student of the model in `run` (a run folder or a model file) that samples in `steps` DDIM network calls
+    what the teacher draws in `teacher_steps` (default: 4 in each step, at least 16 in all), guided by `guidance` where the model
+    has classes; trained on the teacher's images (its run's folder, or the built-in shapes) into the run folder
+    `out` (default: beside the teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
+    and TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
+    training's steps as train_steps (steps are the student's); without train_steps or max_time, DISTILL_STEPS.
+    `diffuse sample` then draws with the student's own steps."""
+    if "train_steps" in settings:
+        settings["steps"] = settings.pop("train_steps")
+    from .formats.checkpoint import read_metadata
+    from .training import runs
+
+    if resume:
+        if out is None:
+            raise UsageError("resume=True needs out, the distillation's run folder")
+        return train(None if (folder := runs.data_of_run(Path(out))) is None else folder, out, resume=True,
+                     hooks=hooks, **settings)
+    teacher = resolve_checkpoint(run)
+    config, _ = read_metadata(teacher)
+    if config.distill is not None:
+        raise UsageError(f"{teacher} is already distilled, to {config.distill.steps} steps; distill its teacher "
+                         f"({config.distill.teacher}) to fewer steps instead")
+    if teacher_steps is None:  # at least 4 of the teacher's in each of the student's, and 16 in all
+        teacher_steps = steps * max(4, -(-16 // max(steps, 1)))
+    require_positive(steps=steps, teacher_steps=teacher_steps)
+    if guidance < 0:
+        raise UsageError(f"{{guidance}} must be at least 0, not {guidance}", "guidance")
+    from .diffusion.distillation import grids
+    from .diffusion.schedule import NoiseSchedule
+
+    grids(NoiseSchedule.make(config.diffusion.schedule, config.diffusion.timesteps), steps, teacher_steps)  # or refuse
+    home = teacher.parent
+    try:
+        with runs.claim(home):  # held while a run trains: its weights are still changing
+            pass
+    except RunError:
+        raise RunError(f"{home} is still training (another diffuse process holds it); distill it once it is done")
+    out = Path(out) if out is not None else home.parent / f"{home.name}-distilled-{steps}steps"
+    if (out / MODEL_FILE).exists():
+        raise RunError(f"{out} already holds a model; pass {{resume}} to continue its distillation, or choose another "
+                       "{out}", "resume", "out")
+    data = runs.data_of_run(home) if (home / STATE_FILE).exists() else None
+    if "steps" not in settings and settings.get("max_time") is None:
+        settings["steps"] = DISTILL_STEPS
+    student = replace(config, distill=DistillConfig(steps, teacher_steps, guidance, str(teacher.resolve())))
+    return train(data, out, hooks=hooks, base=student, **settings)
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How a train() call runs; none of it changes what the model learns (that is the settings': config.py).
@@ -125,14 +179,16 @@ class TrainOptions:
 
 
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
-          resume: bool = False, preset: str | None = None, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
+          resume: bool = False, preset: str | None = None, hooks: Hooks = Hooks(), base: Config | None = None,
+          **settings: Any) -> TrainedModel:
     """Train a model and return it (its EMA weights).
 
     data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
     folder for checkpoints, metrics and sample grids (None: nothing is written); resume=True continues
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
     objective, batch_size, steps, lr, hflip, ...), and of TrainOptions, how the call runs (max_time, device,
-    save_every, ...)."""
+    save_every, ...). base: the config to start from instead of a preset's (distill() gives its teacher's);
+    then only TrainConfig's settings apply."""
     how = {f.name for f in fields(TrainOptions)}
     o = TrainOptions(**{k: settings.pop(k) for k in list(settings) if k in how})
     max_time, device, started = o.max_time, o.device, o.started
@@ -153,6 +209,14 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         if data is None and (folder := runs.data_of_run(run)) is not None:
             hooks.log(f"resuming, on its data: {folder}")
         config = runs.config_for_run(run, preset, settings)
+    elif base is not None:
+        from .config import split_fields
+
+        model_settings, diffusion_settings, train_settings = split_fields(settings)
+        if model_settings or diffusion_settings:
+            raise UsageError(f"{sorted({**model_settings, **diffusion_settings})[0]} is the model's: this run keeps "
+                             "the network and forward process it starts from")
+        config = replace(base, train=validate_train(replace(base.train, **train_settings)))
     else:
         config = make_config(preset, builtin=data is None, **{**_tensor_shape(data), **settings})
     if folder is not None and run is not None and Path(folder).is_dir() and \
@@ -190,7 +254,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
     sizing = None
-    if preset is None and not resume and fit_steps and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if preset is None and base is None and not resume and fit_steps and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         from .config import split_fields
         from .training.sizing import size_for_budget, with_preset
 
@@ -206,7 +270,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                       eval_every=o.eval_every, eval_n=o.eval_n, max_time=seconds, started=started,
                       fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
                       checkpointing=o.checkpointing, sizing=sizing,
-                      chosen=frozenset(settings) | given_by_data)
+                      chosen=frozenset(settings) | given_by_data,
+                      **({} if config.distill is None else {"grid_sampler": "ddim", "grid_steps": config.distill.steps}))
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:

@@ -39,7 +39,7 @@ class SampleRun:
         self.n = n or (1 if self.edit is not None and Path(init).is_dir() else 16)
         self.request = model.request(self.n, settings, self.edit)
         self.settings = self.request.settings
-        self.folder = check_folder(Path(folder) if folder else sample_folder_name(model, settings, init, mask))
+        self.folder = check_folder(Path(folder) if folder else sample_folder_name(model, self.settings, init, mask))
         self.trajectory = Trajectory() if trajectory else None
         asked = class_labels(model.config, settings.classes, self.n)
         classes = None if asked is None else [model.config.model.class_names[k] for k in asked.tolist()]

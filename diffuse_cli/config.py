@@ -108,6 +108,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """A student distilled from a teacher (training/distill.py): it samples in `steps` DDIM steps what the teacher
+    draws in `teacher_steps`, guided by `guidance` where the model has classes (one network call a step). `teacher`:
+    the teacher's model file, as a resumed distillation reads it again."""
+
+    steps: int = 4
+    teacher_steps: int = 16
+    guidance: float = 1.0
+    teacher: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything that defines a run; saved in every checkpoint's header."""
 
@@ -115,6 +127,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None  # set for a distilled student
 
 
 def validate_model(cfg: ModelConfig) -> ModelConfig:
@@ -208,8 +221,12 @@ CHOICES = {"schedule": Schedule, "objective": Objective, "precision": Precision,
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass as plain JSON-able data."""
-    return dataclasses.asdict(cfg)
+    """A dataclass as plain JSON-able data. A Config that is not distilled says nothing of distillation, so that its
+    header and export are what they were before there was any (and older versions of diffuse read them)."""
+    data = dataclasses.asdict(cfg)
+    if isinstance(cfg, Config) and cfg.distill is None:
+        del data["distill"]
+    return data
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -225,6 +242,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        if value is not None and not dataclasses.is_dataclass(hint):  # X | None: the dataclass X, where it is one
+            hint = next((arm for arm in get_args(hint) if dataclasses.is_dataclass(arm)), hint)
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value)
         elif getattr(hint, "__origin__", None) is tuple:

@@ -95,6 +95,35 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                 f" weights in {run / 'model.safetensors'}, samples in {run / 'samples'}")
 
 
+@app.command(epilog="Examples:\n\n  diffuse distill checkpoints/run                 # a student that samples in 4 steps\n\n"
+             "  diffuse distill checkpoints/run --steps 2 --max-time 30m\n\n"
+             "  diffuse distill checkpoints/run --resume --out checkpoints/run-distilled-4steps")
+def distill(run: opt.DistillRun, steps: opt.DistillSteps = 4, teacher_steps: opt.TeacherSteps = None,
+            guidance: opt.DistillGuidance = 1.0, train_steps: opt.DistillTrainSteps = None, max_time: opt.MaxTime = None,
+            batch_size: opt.BatchSize = None, lr: opt.Lr = None, out_dir: opt.DistillOut = None,
+            resume: opt.DistillResume = False, device: opt.Device = "auto", threads: opt.Threads = None) -> None:
+    """Distill a trained model into a student that samples in a few steps; writes a run folder like train's."""
+    seconds = parse_duration(max_time) if max_time else None
+    if resume and out_dir is None:
+        raise UsageError("--resume continues a distillation: name its run folder with --out")
+    use_device(device, threads)
+    from .. import api
+
+    started = process_started()
+    display = TrainDisplay(seconds, started=started)
+    with display, interrupted_says(lambda: "interrupted before the first step; nothing was written"):
+        trained = api.distill(run, out_dir, steps=steps, teacher_steps=teacher_steps, guidance=guidance, resume=resume,
+                              hooks=display.hooks(), max_time=seconds, device=device, started=started,
+                              **opt.given(train_steps=train_steps, batch_size=batch_size, lr=lr))
+    result, folder = trained.training, trained.training.run_dir
+    if result.stopped_by == "signal":
+        display.log(f"stopped at step {result.step}; checkpoint saved. Resume with: diffuse distill {run} --resume "
+                    f"--out {folder}")
+        raise typer.Exit(130)
+    display.log(f"done: step {result.step}; the student in {folder / 'model.safetensors'} samples in "
+                f"{trained.config.distill.steps} steps (diffuse sample --checkpoint {folder})")
+
+
 @app.command(epilog="Examples:\n\n  diffuse sample -n 16                   # newest checkpoint, default sampler\n\n"
              "  diffuse sample --sampler ddim --steps 50 --eta 0 --seed 3\n\n"
              "  diffuse sample --init sketch.png --strength 0.6 -n 8 --class dog   # variations of a sketch\n\n"

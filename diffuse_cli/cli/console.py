@@ -237,6 +237,9 @@ def checkpoint_table(facts: dict, config) -> Table:
     if m.class_names:
         counts = facts.get("class_counts", {})
         rows.insert(4, ("classes", ", ".join(f"{c} ({counts[c]:,} images)" if c in counts else c for c in m.class_names)))
+    if (d := config.distill) is not None:
+        rows.insert(1, ("distilled", f"samples in {d.steps} ddim steps what {d.teacher} draws in {d.teacher_steps}"
+                                     + (f", guidance {d.guidance:g} in its weights" if m.class_names else "")))
     rows += [(f"model.{k}", str(v)) for k, v in asdict(m).items()]
     rows += [(f"train.{k}", "not yet fitted to --max-time" if k == "steps" and not config.train.fitted else str(v))
              for k, v in asdict(config.train).items()]

@@ -228,3 +228,16 @@ InterpolateOut = Annotated[Optional[Path], typer.Option("--out", help="Folder fo
 CheckpointPath = Annotated[Path, typer.Argument(help="A .safetensors checkpoint, or a run folder (in a folder of "
                                                 "runs, the newest).", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+# distill
+DistillRun = Annotated[Path, typer.Argument(help="The trained run (or model.safetensors) to distill.", show_default=False)]
+DistillSteps = Annotated[int, typer.Option("--steps", min=1, help="Network calls a sample takes with the student.")]
+TeacherSteps = Annotated[Optional[int], typer.Option(help="The teacher's DDIM steps the student learns to take "
+                                                    "at once, a multiple of --steps. \\[default: 4 in each student step, at least 16]")]
+DistillGuidance = Annotated[float, typer.Option("--guidance", min=0.0, help="A conditional model's guidance weight, "
+                                                "distilled into the student (one network call a step).")]
+DistillTrainSteps = Annotated[Optional[int], typer.Option(help="Optimizer steps of the distillation. \\[default: "
+                                                          "800; with --max-time, fitted to the time]")]
+DistillOut = Annotated[Optional[Path], typer.Option("--out", help="The student's run folder. \\[default: "
+                                                    "<run>-distilled-<steps>steps beside the teacher's]")]
+DistillResume = Annotated[bool, typer.Option("--resume", help="Continue the distillation in --out.")]

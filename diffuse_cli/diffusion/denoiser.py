@@ -25,7 +25,7 @@ from .editing import Plan, ddim_invert, edit, plan_edit
 from .objectives import as_eps_model, guided
 from .pixels import to_model, to_uint8
 from .samplers import SAMPLERS, CallCounter, Callback, sample
-from .sampling import SampleConfig
+from .sampling import SampleConfig, SamplerChoice
 from .schedule import NoiseSchedule
 
 # Sampling holds about this many bytes per element of the network's layer outputs (unet.layer_outputs), having
@@ -126,7 +126,7 @@ def request(config: Config, n: int, settings: SampleConfig = SampleConfig(), lab
     from `class_weights` (random_classes), unguided, or for an edit, "no class". init: uint8 (count, C, H, W);
     generate: bool (count, 1, H, W), where to inpaint. each=True: labels, init and generate are image i's at row
     i (n rows each), and a conditional model given no labels draws its classes at random, edits too."""
-    settings.check(config.diffusion.timesteps, n)
+    settings = for_student(config, settings.check(config.diffusion.timesteps, n))
     if init is None and settings.strength != 1:
         raise UsageError("{strength} applies to an edit: give the image to start from with {init}", "strength", "init")
     if generate is None and settings.resample_jumps is not None:
@@ -145,6 +145,25 @@ def request(config: Config, n: int, settings: SampleConfig = SampleConfig(), lab
         asked = (torch.full((total,), len(names)) if init is not None and not each
                  else random_classes(settings.seed, total, len(names), class_weights))
     return Request(replace(settings, guidance=guidance), total, asked, init, generate)
+
+
+def for_student(config: Config, settings: SampleConfig) -> SampleConfig:
+    """A distilled model's settings (training/distill.py): the steps it was distilled for, by DDIM on the grid it
+    learnt (its sampler, unset, is that; another is refused), its guidance in its weights (one network call a step:
+    the request's guidance is 1; another weight is refused). A model not distilled: the settings as they are."""
+    d = config.distill
+    if d is None:
+        return settings
+    how = settings.sampler
+    if replace(how, precision=SamplerChoice.precision, threshold=SamplerChoice.threshold) == SamplerChoice():
+        how = replace(how, name="ddim", steps=d.steps, spacing="trailing")  # left unset: the student's own
+    elif (how.name, how.steps, how.spacing or "trailing", how.eta or 0.0) != ("ddim", d.steps, "trailing", 0.0):
+        raise UsageError(f"this model is distilled to sample in {d.steps} ddim steps; sample it without {{sampler}} "
+                         f"and {{steps}}, or with ddim and {d.steps} (not {how.name}, {how.steps})", "sampler", "steps")
+    if settings.guidance not in (SampleConfig.guidance, d.guidance):
+        raise UsageError(f"this model has guidance {d.guidance:g} distilled into it; sample it without {{guidance}}",
+                         "guidance")
+    return replace(settings, sampler=how, guidance=1.0)
 
 
 def guidance_for(labels: torch.Tensor | int | None, guidance: float) -> float:
@@ -179,6 +198,7 @@ class Denoiser:
                   threshold: Threshold = "clip") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The ε-model for a batch of `count` images of classes `labels` (None: no class asked)."""
         classes, net = self.config.model.class_names, self.net
+        clip_x0 = clip_x0 and self.config.distill is None  # a student's x̂_0 is the identity's, not an image's
         if classes:
             y = torch.full((count,), len(classes)) if labels is None else labels.long()
             net = guided(net, to_device(y, self.device), len(classes), guidance)

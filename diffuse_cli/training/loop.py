@@ -39,6 +39,7 @@ from .fid_watch import FidWatch
 from ..diffusion.schedule import NoiseSchedule
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
 from .memory import fit_batch
+from .distill import load_teacher, teacher_loss
 from .run_summary import choices_made, network_line, start_line
 from .sizing import Sizing
 from ..network.unet import UNet
@@ -200,6 +201,10 @@ class Learner:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         layout = memory_format(device, precision)
         model = UNet(config.model).to(device, memory_format=layout)
+        teacher = None
+        if config.distill is not None:  # the student starts as its teacher (resuming, as it was saved)
+            teacher = load_teacher(config, device).to(memory_format=layout)
+            model.load_state_dict(teacher.state_dict())
         model.checkpointing = options.checkpointing
         weights = sum(p.numel() * p.element_size() for p in model.parameters())  # already taken from what is free
         config, note = fit_batch(config, model, precision, options.checkpointing, world,
@@ -210,7 +215,7 @@ class Learner:
         # fp16's GradScaler and DDP's hooks do host work each step; checkpointing's recomputation reads the CUDA
         # generator's state, which a graph capture does not allow
         use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
-                     and precision != "fp16" and not options.checkpointing)
+                     and precision != "fp16" and not options.checkpointing and teacher is None)
         optimizer = make_optimizer(model, config.train, capturable=use_graph)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         net: torch.nn.Module = model
@@ -220,7 +225,8 @@ class Learner:
             net = torch.compile(net)
         io = StepTensors.allocate(config, config.train.batch_size // world.size, device, layout)
         take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule,
-                                      precision, io)
+                                      precision, io,
+                                      None if teacher is None else teacher_loss(config, teacher, schedule, precision))
         if use_graph:
             take_step = graphed_step(take_step, on_fallback=lambda why: log(Note(
                 f"CUDA graph capture failed ({why}); training on without it ({{cuda_graph=False}} skips the attempt)",

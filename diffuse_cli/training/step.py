@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,9 @@ from ..network.device import autocast
 from ..network.fast_ops import ema_update, step_unless
 from ..diffusion.objectives import diffusion_loss
 from ..diffusion.schedule import NoiseSchedule
+
+# (network, x0, t, ε, labels or None) -> the loss of a micro-batch
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def lr_at(step: int, tc: TrainConfig, progress: float | None) -> float:
@@ -83,8 +87,9 @@ class StepTensors:
 
 def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.Module,
                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: Config,
-                   schedule: NoiseSchedule, precision: str, io: StepTensors) -> None:
-    """One step on the micro-batches in io: forward, backward, clip, AdamW, EMA, all on the device.
+                   schedule: NoiseSchedule, precision: str, io: StepTensors, loss_fn: LossFn | None = None) -> None:
+    """One step on the micro-batches in io: forward, backward, clip, AdamW, EMA, all on the device. The loss is
+    the diffusion loss, or `loss_fn(net, x0, t, eps, labels)` (a distillation's).
 
     A step whose loss or gradient is not finite changes no weight and no optimizer moment, only
     the counters in io.bad."""
@@ -93,8 +98,10 @@ def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.M
     for micro in range(tc.grad_accum):
         defer_sync = micro < tc.grad_accum - 1 and hasattr(net, "no_sync")  # DDP: all-reduce once, at the end
         with (net.no_sync() if defer_sync else contextlib.nullcontext()), autocast(precision, io.x0[micro].device):
-            loss = diffusion_loss(net, config.diffusion.objective, schedule, io.x0[micro], io.t[micro],
-                                  io.eps[micro], tc.min_snr_gamma, None if io.labels is None else io.labels[micro])
+            labels = None if io.labels is None else io.labels[micro]
+            loss = (diffusion_loss(net, config.diffusion.objective, schedule, io.x0[micro], io.t[micro],
+                                   io.eps[micro], tc.min_snr_gamma, labels) if loss_fn is None
+                    else loss_fn(net, io.x0[micro], io.t[micro], io.eps[micro], labels))
         scaler.scale(loss / tc.grad_accum).backward()
         loss_step += loss.detach() / tc.grad_accum
 

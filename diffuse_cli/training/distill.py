@@ -1,0 +1,48 @@
+"""A distillation run: the training loop with a teacher's loss (diffusion/distillation.py) in place of the diffusion
+loss. The student starts as the teacher's weights and learns to take in one DDIM step what the teacher takes in
+several (teacher_steps / steps of them), guided as asked where the model has classes, so that it samples in
+`steps` network calls. Everything else is a training run's: the run folder, resume, --max-time, Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.distillation import distill_loss
+from ..diffusion.schedule import NoiseSchedule
+from ..errors import CheckpointError
+from ..formats.checkpoint import load_model
+from .step import LossFn
+
+
+def load_teacher(config: Config, device: torch.device) -> torch.nn.Module:
+    """The teacher's network (its EMA weights, in eval mode) on `device`, from the file the run records."""
+    path = Path(config.distill.teacher)
+    if not path.exists():
+        raise CheckpointError(f"{path}: the teacher of this distillation is not there any more; put it back to resume")
+    net, saved, _ = load_model(path, device)
+    if saved.model != config.model or saved.diffusion != config.diffusion:
+        raise CheckpointError(f"{path} is not the model this run distills (its network or forward process differs)")
+    return net.eval().requires_grad_(False)
+
+
+def teacher_loss(config: Config, teacher: torch.nn.Module, schedule: NoiseSchedule, precision: str) -> LossFn:
+    """The student's loss against `teacher` (diffusion/distillation.distill_loss), guided by the run's guidance for a
+    conditional model's classes (its "no class" label is not guided)."""
+    d = config.distill
+    denoiser = Denoiser(teacher, Config(config.preset, config.model, config.diffusion, config.train), precision)
+
+    def loss(net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             labels: torch.Tensor | None) -> torch.Tensor:
+        def student(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+            return net(x, steps) if labels is None else net(x, steps, labels)
+
+        def guided(rows: torch.Tensor):
+            return denoiser.eps_model(len(rows), None if labels is None else labels[rows], d.guidance)
+
+        return distill_loss(student, guided, config.diffusion.objective, schedule, x0, t, eps, d.steps,
+                            d.teacher_steps)
+    return loss

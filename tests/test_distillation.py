@@ -1,0 +1,133 @@
+"""Distillation (docs/distillation.md): the identity a student is trained to, on data whose ε is known exactly, and a
+distilled run as a user meets it. All on the CPU in float64 (the identity) or fp32 (the runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffuse_cli as diffuse
+from diffuse_cli.diffusion.distillation import distill_loss, grids, student_target
+from diffuse_cli.diffusion.objectives import target
+from diffuse_cli.diffusion.samplers import ddim
+from diffuse_cli.diffusion.schedule import NoiseSchedule
+from diffuse_cli.errors import ConfigError, RunError, UsageError
+
+from .conftest import assert_clean_error
+from .toy import mixture_2d
+
+SCHEDULE = NoiseSchedule.make("cosine", 1000)
+TINY = dict(preset="tiny", batch_size=8, device="cpu", precision="fp32")
+
+
+def eps_of(x0: torch.Tensor, z: torch.Tensor, ab: torch.Tensor):
+    """The ε-model that makes x0 the prediction at z (x0 = (z - σ ε)/α)."""
+    return lambda x, t: (z - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("j", [0, 1, 3])  # the first step, a middle one, the last (into the clean image)
+def test_one_student_step_to_the_target_lands_where_the_teachers_steps_land(j):
+    """Salimans & Ho's eq. 8 for 4 teacher steps in one: DDIM from z_t with x̃ lands on the teacher's z_s exactly."""
+    teacher = mixture_2d().eps_model(SCHEDULE)
+    student, fine = grids(SCHEDULE, 4, 16)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(j), dtype=torch.float64)
+    z = SCHEDULE.q_sample(mixture_2d().sample(64, torch.Generator().manual_seed(9)), student[j].expand(64), z)
+    end = student[j + 1] if j + 1 < 4 else None
+    z_to = ddim(teacher, z, SCHEDULE, fine[4 * j:4 * j + 4], end=end)
+    ab = SCHEDULE.alpha_bar_at(student[j:j + 1]).double()
+    ab_to = SCHEDULE.alpha_bar_at(end[None]).double() if end is not None else torch.ones(1, dtype=torch.float64)
+    x_tilde = student_target(z, z_to, ab, ab_to)
+    one_step = ddim(eps_of(x_tilde, z, ab), z, SCHEDULE, student[j:j + 1], end=end)
+    assert torch.allclose(one_step, z_to, atol=1e-10, rtol=0)
+    own = ddim(teacher, z, SCHEDULE, student[j:j + 1], end=end)  # the teacher's one step lands elsewhere
+    assert (own - z_to).abs().max() > 1e-3
+
+
+def test_the_loss_of_a_student_that_takes_the_teachers_steps_is_zero():
+    """distill_loss draws each image's student step from t, runs the teacher from there and converts x̃ to the
+    objective: a student that runs the same teacher steps itself and answers in v scores 0, and one that answers
+    with the teacher's own one-step v does not."""
+    teacher = mixture_2d().eps_model(SCHEDULE)
+    student_steps, fine = grids(SCHEDULE, 2, 8)
+    x0 = mixture_2d().sample(32, torch.Generator().manual_seed(1))
+    t = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def perfect(z: torch.Tensor, t_from: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(z)
+        for row in range(len(z)):
+            j = int((student_steps == t_from[row]).nonzero())
+            end = student_steps[j + 1] if j + 1 < 2 else None
+            z_to = ddim(teacher, z[row:row + 1], SCHEDULE, fine[4 * j:4 * j + 4], end=end)
+            ab = SCHEDULE.alpha_bar_at(t_from[row:row + 1]).double()
+            ab_to = SCHEDULE.alpha_bar_at(end[None]).double() if end is not None else torch.ones(1, dtype=torch.float64)
+            x_tilde = student_target(z[row:row + 1], z_to, ab, ab_to)
+            eps_tilde = (z[row:row + 1] - ab.sqrt() * x_tilde) / (1 - ab).sqrt()
+            out[row] = target("v", SCHEDULE, x_tilde, t_from[row:row + 1], eps_tilde)[0]
+        return out
+
+    def one_step(z: torch.Tensor, t_from: torch.Tensor) -> torch.Tensor:
+        e = teacher(z, t_from)
+        x_hat = SCHEDULE.predict_x0(z, t_from, e)
+        return target("v", SCHEDULE, x_hat, t_from, e)
+
+    loss = lambda student: distill_loss(student, lambda rows: teacher, "v", SCHEDULE, x0, t, eps, 2, 8)  # noqa: E731
+    assert loss(perfect) < 1e-12 and loss(one_step) > 1e-4  # float64: rounding, against a real error
+
+
+def test_the_student_and_teacher_steps_must_fall_on_each_other():
+    assert [len(g) for g in grids(SCHEDULE, 3, 18)] == [3, 18]
+    for steps, teacher_steps in ((3, 16), (4, 4)):
+        with pytest.raises(ConfigError, match="multiple"):
+            grids(SCHEDULE, steps, teacher_steps)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    diffuse.train(None, out=run, steps=20, image_size=8, **TINY)
+    return run
+
+
+def test_a_distilled_run_samples_in_its_steps_and_refuses_other_samplers(teacher_run, tmp_path):
+    """The student's checkpoint says it is distilled and for how many steps; sample takes them by default, one
+    network call a step, and refuses a sampler, step count or guidance that does not fit it."""
+    student = diffuse.distill(teacher_run, tmp_path / "student", steps=2, train_steps=6, **TINY)
+    loaded = diffuse.load(tmp_path / "student", "cpu")
+    assert loaded.config == student.config and loaded.config.distill.steps == 2
+    assert loaded.config.distill.teacher == str((teacher_run / "model.safetensors").resolve())
+    assert loaded.config.model == diffuse.load(teacher_run, "cpu").config.model
+    calls = []
+    images = loaded.sample(3, batch_size=3, progress=lambda done, total: calls.append((done, total)))
+    assert images.shape == (3, 3, 8, 8) and calls[-1] == (2, 2)
+    assert torch.equal(images, loaded.sample(3, batch_size=3, sampler="ddim", steps=2))  # the same, asked for
+    for asked in ({"sampler": "heun"}, {"steps": 25, "sampler": "ddim"}):
+        with pytest.raises(UsageError, match="distilled to sample in 2 ddim steps"):
+            loaded.sample(2, **asked)
+    with pytest.raises(UsageError, match="guidance 1 distilled into it"):
+        loaded.sample(2, guidance=3.0)
+
+
+def test_a_stopped_distillation_resumes_to_the_same_weights(teacher_run, tmp_path):
+    whole = diffuse.distill(teacher_run, tmp_path / "whole", steps=2, train_steps=8, save_every=4, **TINY)
+    stopped = diffuse.distill(teacher_run, tmp_path / "part", steps=2, train_steps=8, save_every=4,
+                              hooks=diffuse.Hooks(should_stop=lambda step: step == 4), **TINY)
+    assert stopped.training.step == 4
+    resumed = diffuse.distill(teacher_run, tmp_path / "part", resume=True, **TINY)
+    assert resumed.training.step == 8
+    for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, run_cli, monkeypatch):
+    from diffuse_cli.training.runs import claim
+
+    monkeypatch.chdir(tmp_path)
+    assert_clean_error(run_cli("distill", tmp_path / "nothere"), "nothere")
+    assert_clean_error(run_cli("distill", teacher_run, "--steps", "3", "--teacher-steps", "16"), "multiple")
+    with claim(teacher_run), pytest.raises(RunError, match="still training"):
+        diffuse.distill(teacher_run, tmp_path / "s", **TINY)
+    diffuse.distill(teacher_run, tmp_path / "s", steps=4, train_steps=1, **TINY)
+    assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "2"), "already distilled, to 4 steps")
+    assert_clean_error(run_cli("distill", teacher_run, "--out", tmp_path / "s"), "already holds a model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing else written
