@@ -119,8 +119,7 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
     if resume:
         if out is None:
             raise UsageError("resume=True needs out, the distillation's run folder")
-        return train(None if (folder := runs.data_of_run(Path(out))) is None else folder, out, resume=True,
-                     hooks=hooks, **settings)
+        return train(None, out, resume=True, hooks=hooks, **settings)  # on the images its run records
     teacher = resolve_checkpoint(run)
     config, _ = read_metadata(teacher)
     if config.distill is not None:
