@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--n", type=int, default=500, help="samples each row scores and times")
     args = parser.parse_args()
-    print(machine_line(), flush=True)
+    print(machine_line("cpu"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         reference = tmp / "reference"

@@ -33,7 +33,8 @@ from diffuse_cli.network.fast_ops import ema_update
 from diffuse_cli.formats.files import MODEL_FILE, STATE_FILE
 from diffuse_cli.diffusion.schedule import NoiseSchedule
 from diffuse_cli.training.step import StepTensors, ema_decay, lr_at, optimizer_step
-from diffuse_cli.training.loop import Hooks, NonFiniteLoss, Options, batch_indices, train
+from diffuse_cli.training.batches import batch_indices
+from diffuse_cli.training.loop import Hooks, NonFiniteLoss, Options, train
 from diffuse_cli.network.unet import UNet
 
 CONFIG = Config(preset="tiny", model=model_config("tiny", image_size=8),
