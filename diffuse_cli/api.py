@@ -105,8 +105,9 @@ DISTILL_STEPS = 800
 def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teacher_steps: int | None = None,
             guidance: float = 1.0, resume: bool = False, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
     """A student of the model in `run` (a run folder or a model file) that samples in `steps` DDIM network calls
-    what the teacher draws in `teacher_steps` (default: 4 in each step, at least 16 in all), guided by `guidance` where the model
-    has classes; trained on the teacher's images (its run's folder, or the built-in shapes) into the run folder
+    what the teacher draws in `teacher_steps` (default: 4 in each step, at least 16 in all), guided by `guidance`
+    where the model has classes; trained on the teacher's images (its run's folder, or the built-in shapes) into
+    the run folder
     `out` (default: beside the teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
     and TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
     training's steps as train_steps (steps are the student's); without train_steps or max_time, DISTILL_STEPS.
@@ -253,7 +254,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
     sizing = None
-    if preset is None and base is None and not resume and fit_steps and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if preset is None and base is None and not resume and fit_steps and alone:
         from .config import split_fields
         from .training.sizing import size_for_budget, with_preset
 
@@ -270,7 +272,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                       fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
                       checkpointing=o.checkpointing, sizing=sizing,
                       chosen=frozenset(settings) | given_by_data,
-                      **({} if config.distill is None else {"grid_sampler": "ddim", "grid_steps": config.distill.steps}))
+                      **({} if config.distill is None else
+                         {"grid_sampler": "ddim", "grid_steps": config.distill.steps}))
     fresh = run is not None and not run.exists()
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
