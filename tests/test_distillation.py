@@ -131,3 +131,11 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, 
     assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "2"), "already distilled, to 4 steps")
     assert_clean_error(run_cli("distill", teacher_run, "--out", tmp_path / "s"), "already holds a model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing else written
+
+
+def test_a_timed_distillation_ends_on_its_budget_with_its_checkpoint_and_grid(teacher_run, tmp_path):
+    """--max-time as in train: stopped by the time, with the last checkpoint and grid inside it (its closing is
+    timed by one network call of the student, which no sampler check may refuse)."""
+    student = diffuse.distill(teacher_run, tmp_path / "timed", steps=2, max_time=6.0, **TINY)
+    assert student.training.stopped_by == "time" and diffuse.load(tmp_path / "timed", "cpu").config.distill.steps == 2
+    assert (tmp_path / "timed" / "samples" / f"step_{student.training.step:06d}.png").exists()
