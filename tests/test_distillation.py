@@ -71,7 +71,8 @@ def test_the_loss_of_a_student_that_takes_the_teachers_steps_is_zero():
         x_hat = SCHEDULE.predict_x0(z, t_from, e)
         return target("v", SCHEDULE, x_hat, t_from, e)
 
-    loss = lambda student: distill_loss(student, lambda rows: teacher, "v", SCHEDULE, x0, t, eps, 2, 8)  # noqa: E731
+    loss = lambda student: distill_loss(student, lambda rows: teacher, "v", SCHEDULE, x0, t, eps,
+                                                (student_steps, fine))  # noqa: E731
     assert loss(perfect) < 1e-12 and loss(one_step) > 1e-4  # float64: rounding, against a real error
 
 

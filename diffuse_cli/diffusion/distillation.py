@@ -62,12 +62,14 @@ def teacher_points(teacher: Callable[[torch.Tensor], EpsModel], z: torch.Tensor,
 
 def distill_loss(student: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  teacher: Callable[[torch.Tensor], EpsModel], objective: Objective, schedule: NoiseSchedule,
-                 x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, steps: int, teacher_steps: int) -> torch.Tensor:
+                 x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                 grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The student's loss on a batch: each image noised to the student's step j = t·steps/T (t uniform in [0, T):
     every step equally often), the teacher's steps from there to step j + 1, and the MSE of the student's output
-    against x̃ in its objective (which weighs x̃'s error as the objective does: v by SNR + 1)."""
-    student_steps, fine = grids(schedule, steps, teacher_steps)
-    j = (t.cpu() * steps).div(schedule.timesteps, rounding_mode="floor")
+    against x̃ in its objective (which weighs x̃'s error as the objective does: v by SNR + 1). grid: grids(), made
+    once for a run."""
+    student_steps, fine = grid
+    j = (t.cpu() * len(student_steps)).div(schedule.timesteps, rounding_mode="floor")
     t_from = student_steps[j].to(t.device)
     z = schedule.q_sample(x0, t_from, eps)
     z_to = teacher_points(teacher, z, j, schedule, student_steps, fine)

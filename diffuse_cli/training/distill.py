@@ -5,13 +5,14 @@ several (teacher_steps / steps of them), guided as asked where the model has cla
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..diffusion.denoiser import Denoiser
-from ..diffusion.distillation import distill_loss
+from ..diffusion.distillation import distill_loss, grids
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import CheckpointError
 from ..formats.checkpoint import load_model
@@ -33,7 +34,8 @@ def teacher_loss(config: Config, teacher: torch.nn.Module, schedule: NoiseSchedu
     """The student's loss against `teacher` (diffusion/distillation.distill_loss), guided by the run's guidance for a
     conditional model's classes (its "no class" label is not guided)."""
     d = config.distill
-    denoiser = Denoiser(teacher, Config(config.preset, config.model, config.diffusion, config.train), precision)
+    denoiser = Denoiser(teacher, replace(config, distill=None), precision)  # sampled as the teacher it is
+    grid = grids(schedule, d.steps, d.teacher_steps)
 
     def loss(net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
              labels: torch.Tensor | None) -> torch.Tensor:
@@ -43,6 +45,5 @@ def teacher_loss(config: Config, teacher: torch.nn.Module, schedule: NoiseSchedu
         def guided(rows: torch.Tensor):
             return denoiser.eps_model(len(rows), None if labels is None else labels[rows], d.guidance)
 
-        return distill_loss(student, guided, config.diffusion.objective, schedule, x0, t, eps, d.steps,
-                            d.teacher_steps)
+        return distill_loss(student, guided, config.diffusion.objective, schedule, x0, t, eps, grid)
     return loss
