@@ -7,7 +7,7 @@ It is loaded on first use, so that `diffuse --help` does not wait for torch.
 from .version import __version__
 
 # The API's names, listed once: api.py's __all__ is this list.
-_API = ("Model", "TrainedModel", "load", "train", "distill", "TrainOptions", "Hooks", "inspect", "prepare_device",
+_API = ("Model", "TrainedModel", "load", "train", "distill", "posthoc_ema", "EmaChoice", "TrainOptions", "Hooks", "inspect", "prepare_device",
         "set_threads", "run_folder", "launch_plan", "SampleConfig", "SamplerChoice", "SampleHooks", "SampleRun", "sample_folder_name",
         "noise", "write_noise", "explore", "explorer_path", "write_explorer", "interpolate",
         "interpolation_folder_name", "import_diffusers", "export_diffusers", "evaluate", "EvalSettings", "Evaluation",

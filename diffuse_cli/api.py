@@ -28,6 +28,7 @@ import torch
 
 from . import _API
 from .api_convert import export_diffusers, import_diffusers  # noqa: F401 (the API)
+from .api_ema import EmaChoice, posthoc_ema  # noqa: F401 (the API)
 from .api_eval import EvalSettings, Evaluation, evaluate  # noqa: F401 (the API)
 from .api_images import (explore, explorer_path, interpolate, interpolation_folder_name, noise,  # noqa: F401
                          write_explorer, write_noise)
@@ -106,7 +107,7 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
             guidance: float = 1.0, resume: bool = False, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
     """A student of the model in `run` (a run folder or a model file) that samples in `steps` DDIM network calls
     what the teacher draws in `teacher_steps` (default: 4 in each step, at least 16 in all), guided by `guidance`
-    where the model has classes; trained on the teacher's images (its run's folder, or the built-in shapes) into
+    where the model has classes (a distilled teacher: its own steps and guidance, and fewer steps); trained on the teacher's images (its run's folder, or the built-in shapes) into
     the run folder
     `out` (default: beside the teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
     and TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
@@ -123,9 +124,15 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
         return train(None, out, resume=True, hooks=hooks, **settings)  # on the images its run records
     teacher = resolve_checkpoint(run)
     config, _ = read_metadata(teacher)
-    if config.distill is not None:
-        raise UsageError(f"{teacher} is already distilled, to {config.distill.steps} steps; distill its teacher "
-                         f"({config.distill.teacher}) to fewer steps instead")
+    if (had := config.distill) is not None:  # a round of progressive distillation: the student is the teacher
+        if steps >= had.steps:
+            raise UsageError(f"{teacher} is distilled to {had.steps} steps; a student of it takes fewer, not "
+                             f"{steps} (or distill its teacher, {had.teacher})", "steps")
+        if teacher_steps not in (None, had.steps) or guidance not in (1.0, had.guidance):
+            raise UsageError(f"{teacher} is distilled to {had.steps} steps with guidance {had.guidance:g}, which its "
+                             "students learn from; leave out {teacher_steps} and {guidance}", "teacher_steps",
+                             "guidance")
+        teacher_steps, guidance = had.steps, had.guidance
     if teacher_steps is None:  # at least 4 of the teacher's in each of the student's, and 16 in all
         teacher_steps = steps * max(4, -(-16 // max(steps, 1)))
     require_positive(steps=steps, teacher_steps=teacher_steps)
@@ -180,7 +187,7 @@ class TrainOptions:
 
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
           resume: bool = False, preset: str | None = None, hooks: Hooks = Hooks(), base: Config | None = None,
-          **settings: Any) -> TrainedModel:
+          start_from: PathLike | None = None, **settings: Any) -> TrainedModel:
     """Train a model and return it (its EMA weights).
 
     data: a folder of images, a uint8 (N, C, H, W) tensor, or None for the built-in shapes. out: the run
@@ -188,7 +195,10 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     the run there. settings: any field of ModelConfig, DiffusionConfig or TrainConfig by name (image_size,
     objective, batch_size, steps, lr, hflip, ...), and of TrainOptions, how the call runs (max_time, device,
     save_every, ...). base: the config to start from instead of a preset's (distill() gives its teacher's);
-    then only TrainConfig's settings apply."""
+    then only TrainConfig's settings apply. start_from: a model (a run folder or a model file, one `import_diffusers`
+    wrote too) whose weights the run starts from, with its network and forward process, on data of its size; a
+    new optimizer, EMA and learning-rate schedule (EDM's transfer); a class embedding is added (zero: the model
+    starts as it was) where the data has classes the model had not."""
     how = {f.name for f in fields(TrainOptions)}
     o = TrainOptions(**{k: settings.pop(k) for k in list(settings) if k in how})
     max_time, device, started = o.max_time, o.device, o.started
@@ -209,16 +219,14 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         if data is None and (folder := runs.data_of_run(run)) is not None:
             hooks.log(f"resuming, on its data: {folder}")
         config = runs.config_for_run(run, preset, settings)
-    elif base is not None:
-        from .config import split_fields
-
-        model_settings, diffusion_settings, train_settings = split_fields(settings)
-        if model_settings or diffusion_settings:
-            raise UsageError(f"{sorted({**model_settings, **diffusion_settings})[0]} is the model's: this run keeps "
-                             "the network and forward process it starts from")
-        config = replace(base, train=validate_train(replace(base.train, **train_settings)))
     else:
-        config = make_config(preset, builtin=data is None, **{**_tensor_shape(data), **settings})
+        if start_from is not None:
+            if preset is not None or base is not None:
+                raise UsageError("{preset} and {start_from} both name the network; the run from a model keeps its own",
+                                 "preset", "start_from")
+            base, initial, had = starting_weights(start_from)
+        config = with_settings(base, settings) if base is not None else \
+            make_config(preset, builtin=data is None, **{**_tensor_shape(data), **settings})
     if folder is not None and run is not None and Path(folder).is_dir() and \
             run.resolve().is_relative_to(Path(folder).resolve()):
         raise UsageError(f"the run folder {run} is inside the data folder {folder}: its sample grids would become "
@@ -238,7 +246,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     if isinstance(data, ImageData):
         data_set = data
     else:
-        auto_channels = folder is not None and not resume and "channels" not in settings
+        auto_channels = folder is not None and not resume and base is None and "channels" not in settings
         hooks.stage("reading the images" if folder is not None else "drawing the built-in shapes")
         data_set = data_module.load_data(folder, config.model.image_size, None if auto_channels else config.model.channels,
                                          progress=hooks.decoding,
@@ -248,14 +256,21 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     if data_set.image_size != config.model.image_size:
         raise DataError(f"the images are {data_set.image_size}x{data_set.image_size}, and the model is "
                         f"{config.model.image_size}x{config.model.image_size}")
+    if data_set.channels != config.model.channels and start_from is not None and not resume:
+        raise DataError(f"the images have {data_set.channels} channel(s) and the model {start_from} has "
+                        f"{config.model.channels}")
     if data_set.channels != config.model.channels:  # 1 where every image is grayscale (the summary says so)
         config = replace(config, model=replace(config.model, channels=data_set.channels))
     config, data_set = with_classes(config, data_set, resume)
+    if start_from is not None:
+        initial = with_class_embedding(initial, had, config, hooks.log)
+        hooks.log(f"starting from {resolve_checkpoint(start_from)}: its weights, with a new optimizer, EMA and "
+                  "learning-rate schedule")
     for note in data_set.notes(from_folder=folder is not None):
         hooks.log(note)
     sizing = None
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if preset is None and base is None and not resume and fit_steps and alone:
+    if preset is None and base is None and not resume and fit_steps and alone:  # --from: the model's own size
         from .config import split_fields
         from .training.sizing import size_for_budget, with_preset
 
@@ -271,6 +286,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
                       eval_every=o.eval_every, eval_n=o.eval_n, max_time=seconds, started=started,
                       fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
                       checkpointing=o.checkpointing, sizing=sizing,
+                      initial_weights=initial if start_from is not None and not resume else None,
                       chosen=frozenset(settings) | given_by_data,
                       **({} if config.distill is None else
                          {"grid_sampler": "ddim", "grid_steps": config.distill.steps}))
@@ -293,6 +309,50 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         raise
     info = {"step": result.step, "data": data_set.source, "data_size": len(data_set)}
     return TrainedModel(result.ema.eval(), result.config, info, None if run is None else run / MODEL_FILE, result)
+
+
+def with_settings(base: Config, settings: dict[str, Any]) -> Config:
+    """base with the optimisation's settings; the network's and the forward process's are refused."""
+    from .config import split_fields
+
+    model_settings, diffusion_settings, train_settings = split_fields(settings)
+    if model_settings or diffusion_settings:
+        raise UsageError(f"{{{sorted({**model_settings, **diffusion_settings})[0]}}} is the model's: this run keeps "
+                         "the network and forward process it starts from", *model_settings, *diffusion_settings)
+    return replace(base, train=validate_train(replace(base.train, **train_settings)))
+
+
+def starting_weights(source: PathLike) -> tuple[Config, dict[str, torch.Tensor], tuple[str, ...]]:
+    """(the config a run from this model starts with, its weights, its classes): its network and forward process,
+    the default optimisation, and no classes yet (with_classes gives the data's)."""
+    from .config import TrainConfig
+
+    net, config, _ = load_model(resolve_checkpoint(source))
+    if config.distill is not None:
+        raise UsageError(f"{source} is a distilled student; start from its teacher ({config.distill.teacher})")
+    return Config(preset=config.preset, model=replace(config.model, class_names=()), diffusion=config.diffusion,
+                  train=TrainConfig()), net.state_dict(), config.model.class_names
+
+
+def with_class_embedding(weights: dict[str, torch.Tensor], had: tuple[str, ...], config: Config,
+                         log: Any) -> dict[str, torch.Tensor]:
+    """The starting weights for the run's classes: the model's class embedding where its classes (`had`) are the
+    data's; else none (the data has no classes) or a new one, zero, so that the network starts as the model was."""
+    has = config.model.class_names
+    if had == has:
+        return weights
+    weights = {k: v for k, v in weights.items() if not k.startswith("class_emb.")}
+    if has:
+        from .network.unet import UNet
+
+        with torch.device("meta"):
+            shape = UNet(config.model).class_emb.weight.shape
+        weights["class_emb.weight"] = torch.zeros(shape)
+        log(f"note: a new class embedding for the data's {len(has)} classes" +
+            (f" (the model's were {', '.join(had)})" if had else ""))
+    else:
+        log("note: the data has no classes: the model's class embedding is left out")
+    return weights
 
 
 @dataclass

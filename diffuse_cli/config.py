@@ -89,6 +89,9 @@ class TrainConfig:
     grad_accum: int = 1
     ema_max_decay: float = 0.9999
     ema_power: float = 2 / 3  # EMA warm-up of Karras et al.: decay = 1 - (1 + step)^-power
+    # Post-hoc EMA (training/posthoc_ema.py): the lengths σ_rel of the power-function averages whose snapshots the
+    # run keeps, from which `diffuse ema` rebuilds the EMA of any length after training. (): none kept.
+    posthoc_ema: tuple[float, ...] = (0.05, 0.10)
     min_snr_gamma: float = 5.0  # 0 turns min-SNR-γ weighting off
     classes: ClassesMode = "auto"  # auto: a data folder's subfolders are classes (a conditional model); off: ignore them
     # A conditional model sees "no class" instead of the label this often, so that one network also
@@ -175,6 +178,8 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"ema-max-decay must be in [0, 1), not {cfg.ema_max_decay}")
     if not 0 <= cfg.class_dropout < 1:
         raise ConfigError(f"class-dropout must be in [0, 1), not {cfg.class_dropout}")
+    if not all(0 < s < (1 / 12) ** 0.5 for s in cfg.posthoc_ema) or len(set(cfg.posthoc_ema)) != len(cfg.posthoc_ema):
+        raise ConfigError(f"posthoc-ema lengths must be distinct and between 0 and 0.288, not {list(cfg.posthoc_ema)}")
     return cfg
 
 

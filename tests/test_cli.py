@@ -29,7 +29,8 @@ def commands():
 
 def test_every_command_has_help_with_examples_and_is_in_the_readme(run_cli):
     readme = README.read_text()
-    assert set(commands()) == {"train", "distill", "sample", "noise", "explore", "interpolate", "inspect", "import", "export", "eval"}
+    assert set(commands()) == {"train", "distill", "ema", "sample", "noise", "explore", "interpolate", "inspect", "import",
+                               "export", "eval"}
     for name in commands():
         result = run_cli(name, "--help")
         assert result.code == 0 and "Examples" in result.out, name

@@ -129,9 +129,36 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, 
     with claim(teacher_run), pytest.raises(RunError, match="still training"):
         diffuse.distill(teacher_run, tmp_path / "s", **TINY)
     diffuse.distill(teacher_run, tmp_path / "s", steps=4, train_steps=1, **TINY)
-    assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "2"), "already distilled, to 4 steps")
+    assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "4"), "distilled to 4 steps; a student of it "
+                       "takes fewer, not 4")
+    assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "2", "--teacher-steps", "8"),
+                       "leave out --teacher-steps and --guidance")
     assert_clean_error(run_cli("distill", teacher_run, "--out", tmp_path / "s"), "already holds a model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing else written
+
+
+def test_a_student_distilled_again_learns_from_the_students_own_steps(teacher_run, tmp_path, monkeypatch):
+    """A round of progressive distillation: a 4-step student is the teacher of a 2-step one, which learns where two
+    of the 4-step student's own DDIM steps (unclipped, unguided: its guidance is in its weights) land."""
+    from diffuse_cli.diffusion import denoiser as denoiser_module
+
+    first = diffuse.distill(teacher_run, tmp_path / "four", steps=4, train_steps=2, **TINY)
+    asked = []
+    real = denoiser_module.Denoiser.eps_model
+
+    def eps_model(self, count, labels=None, guidance=1.0, clip_x0=True, threshold="clip"):
+        asked.append((self.config.distill, guidance))
+        return real(self, count, labels, guidance, clip_x0, threshold)
+
+    monkeypatch.setattr(denoiser_module.Denoiser, "eps_model", eps_model)
+    second = diffuse.distill(tmp_path / "four", tmp_path / "two", steps=2, train_steps=2, **TINY)
+    d = second.config.distill
+    assert (d.steps, d.teacher_steps, d.guidance) == (2, 4, first.config.distill.guidance)
+    assert d.teacher == str((tmp_path / "four" / "model.safetensors").resolve())
+    assert asked and all(teacher == first.config.distill and g == 1.0 for teacher, g in asked[:2])
+    calls = []
+    diffuse.load(tmp_path / "two", "cpu").sample(2, progress=lambda done, total: calls.append(total))
+    assert calls[-1] == 2
 
 
 def test_a_timed_distillation_ends_on_its_budget_with_its_checkpoint_and_grid(teacher_run, tmp_path):

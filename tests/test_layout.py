@@ -62,7 +62,7 @@ def test_the_graph_holds_lazy_imports_too():
 # The layers, top to bottom (docs/development.md): an import points down this list, or within its own layer.
 LAYERS = (
     ("cli", "__main__"),
-    ("api", "api_convert", "api_eval", "api_images", "api_sample", "api_settings", "__init__"),
+    ("api", "api_convert", "api_ema", "api_eval", "api_images", "api_sample", "api_settings", "__init__"),
     ("training",),
     ("evaluation",),
     ("model",),

@@ -17,6 +17,7 @@ from ..api_settings import INTERPOLATE_STEPS, DiffusionConfig, SampleConfig, par
 from . import options as opt
 from .convert import COMMANDS as CONVERT_COMMANDS
 from .evaluate import COMMANDS as EVAL_COMMANDS
+from .ema import COMMANDS as EMA_COMMANDS
 from .console import (Interrupted, TrainDisplay, err, interrupted_says, out, process_started, progress_bar,
                       styled)
 from ..errors import DiffuseError, UsageError, out_of_memory
@@ -37,14 +38,16 @@ def use_device(name: str, threads: int | None = None) -> None:
 @app.command(epilog="Examples:\n\n  diffuse train                          # built-in shapes, default settings\n\n"
              "  diffuse train ./photos --image-size 64 --max-time 2h\n\n"
              "  diffuse train --resume auto --out checkpoints/mine   # continue a stopped run\n\n"
-             "  diffuse train ./photos --devices 4     # four processes (DDP) on this machine")
+             "  diffuse train ./photos --devices 4     # four processes (DDP) on this machine\n\n"
+             "  diffuse train ./photos --from checkpoints/shapes-run   # fine-tune a trained model")
 def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt.Channels = None,
           model: opt.Preset = None, schedule: opt.ScheduleOpt = None, objective: opt.ObjectiveOpt = None,
           timesteps: opt.Timesteps = None, dropout: opt.Dropout = None, batch_size: opt.BatchSize = None,
           steps: opt.TrainSteps = None, max_time: opt.MaxTime = None, lr: opt.Lr = None,
           lr_schedule: opt.LrScheduleOpt = None, warmup: opt.Warmup = None, grad_accum: opt.GradAccum = None,
           grad_clip: opt.GradClip = None, min_snr_gamma: opt.MinSnrGamma = None, ema_max_decay: opt.EmaMaxDecay = None,
-          hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False, classes: opt.ClassesOpt = None,
+          start_from: opt.StartFrom = None, posthoc_ema: opt.PosthocEma = None, hflip: opt.Hflip = None, no_hflip: opt.NoHflip = False,
+          classes: opt.ClassesOpt = None,
           class_dropout: opt.ClassDropout = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, eval_every: opt.EvalEvery = None, eval_n: opt.EvalN = 1000,
@@ -64,6 +67,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                      lr_schedule=lr_schedule, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
                      min_snr_gamma=min_snr_gamma, ema_max_decay=ema_max_decay, precision=precision, seed=seed,
                      classes=classes, class_dropout=class_dropout)
+    if posthoc_ema is not None:
+        settings["posthoc_ema"] = opt.parse_lengths(posthoc_ema)
     if hflip is not None or no_hflip:  # 'auto' is None, and is still a choice made (on resume: probe again)
         settings["hflip"] = opt.parse_hflip("off" if no_hflip else hflip)
     seconds = parse_duration(max_time) if max_time else None
@@ -73,7 +78,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     from .. import api
 
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
-    sized = model is None and seconds is not None and steps is None  # the preset is chosen for the time (sizing.py)
+    sized = (model is None and seconds is not None and steps is None  # the preset is chosen for the time (sizing.py)
+             and start_from is None)
     run, resuming = api.run_folder(out_dir, resume, folder, model or ("" if sized else "small"), confirm)
     started = process_started()  # --max-time is the whole command's
     display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0, started=started)
@@ -85,7 +91,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                             cache=False if no_cache else cache_dir or True,
                             save_every=save_every, sample_every=sample_every,
                             eval_every=eval_every, eval_n=eval_n,
-                            hooks=display.hooks(), started=started, **settings)
+                            hooks=display.hooks(), started=started, start_from=start_from, **settings)
     result = trained.training
     if result.stopped_by == "signal":
         display.log(f"stopped at step {result.step}; checkpoint saved. Resume with: diffuse train --resume {run}"
@@ -239,7 +245,7 @@ def inspect(path: opt.CheckpointPath, as_json: opt.AsJson = False) -> None:
     out.print(checkpoint_table(facts, config))
 
 
-for name, examples, command in CONVERT_COMMANDS + EVAL_COMMANDS:  # `import`, `export` and `eval`
+for name, examples, command in CONVERT_COMMANDS + EVAL_COMMANDS + EMA_COMMANDS:  # import, export, eval, ema
     app.command(name, epilog=examples)(command)
 
 

@@ -223,7 +223,9 @@ def checkpoint_table(facts: dict, config) -> Table:
     table.add_column(style="bold")
     table.add_column()
     m, d, step = config.model, config.diffusion, facts.get("step")
-    rows = [("kind", "weights to sample with (EMA)" if facts["format"] == "diffuse/model" else f"resume state ({Path(facts['file']).name})"),
+    ema = f"post-hoc EMA, length {facts['ema_length']:g}" if "ema_length" in facts else "EMA"
+    rows = [("kind", f"weights to sample with ({ema})" if facts["format"] == "diffuse/model"
+             else f"resume state ({Path(facts['file']).name})"),
             ("preset", config.preset), ("parameters", f"{facts.get('parameters', 0):,}"),
             ("steps trained", f"{step:,}" if isinstance(step, int) else "?"),
             ("images seen", f"{facts.get('images_seen', 0):,}"),

@@ -82,6 +82,15 @@ GradAccum = Annotated[Optional[int], typer.Option(help=f"Micro-batches per optim
 GradClip = Annotated[Optional[float], typer.Option(help=f"Clip the gradient norm (0: off).{default(T.grad_clip)}")]
 MinSnrGamma = Annotated[Optional[float], typer.Option(help=f"Min-SNR-γ loss weighting (0: off).{default(T.min_snr_gamma)}")]
 EmaMaxDecay = Annotated[Optional[float], typer.Option(help=f"Upper bound of the EMA decay.{default(T.ema_max_decay)}")]
+StartFrom = Annotated[Optional[Path], typer.Option("--from", help="Start from this model's weights (a run folder or "
+                                                  "a model file, an imported diffusers model too): its network and "
+                                                  "noise schedule, a new optimizer, EMA and learning-rate schedule; "
+                                                  "the images are read at its size.", show_default=False)]
+PosthocEma = Annotated[Optional[str], typer.Option("--posthoc-ema", help="Lengths (σ_rel) of the averages kept for "
+                                                   "post-hoc EMA, comma-separated, or off: a few snapshots in "
+                                                   "<run>/ema/, from which `diffuse ema` rebuilds the EMA of any "
+                                                   "length after training. \\[default: 0.05,0.10]",
+                                                   show_default=False)]
 Hflip = Annotated[Optional[str], typer.Option("--hflip", help="Mirror training images left-right at random: auto "
                                               "(unless a quick probe finds the data has a handedness, as text and "
                                               "digits do), on or off. --hflip alone is on, --no-hflip off. "
@@ -112,6 +121,16 @@ Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP throu
 HFLIP = {"auto": None, "on": True, "off": False}
 
 
+def parse_lengths(words: str) -> tuple[float, ...]:
+    """--posthoc-ema's lengths: '0.05,0.1' -> (0.05, 0.1); 'off' -> ()."""
+    if words.strip() == "off":
+        return ()
+    try:
+        return tuple(float(w) for w in words.split(","))
+    except ValueError:
+        raise UsageError(f"--posthoc-ema takes lengths such as 0.05,0.10, or off; not {words!r}") from None
+
+
 def parse_hflip(word: str) -> bool | None:
     if word not in HFLIP:
         raise UsageError(f"unknown hflip {word!r}; choose one of: {', '.join(HFLIP)}")
@@ -119,7 +138,7 @@ def parse_hflip(word: str) -> bool | None:
 
 
 # Settings whose flag is not "--" + their name with dashes (errors name settings: errors.DiffuseError).
-FLAGS = {"n": "-n", "cuda_graph=False": "--no-cuda-graph", "classes='off'": "--classes off", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model"}
+FLAGS = {"n": "-n", "cuda_graph=False": "--no-cuda-graph", "classes='off'": "--classes off", "classes": "--class", "class_name": "--class", "name": "--sampler", "out": "--out", "preset": "--model", "start_from": "--from"}
 
 
 def flag(setting: str) -> str:

@@ -13,7 +13,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -32,7 +32,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # the safetensors format's dtypes
 
 
-def _encode(tensors: dict[str, torch.Tensor], fmt: str, config: Config, info: dict[str, Any]) -> bytes:
+def encode(tensors: dict[str, torch.Tensor], fmt: str, config: Config, info: dict[str, Any]) -> bytes:
     metadata = {"format": fmt, "format_version": str(FORMAT_VERSION), "diffuse_version": __version__,
                 "config": config_to_json(config), "info": json.dumps(info, sort_keys=True)}
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
@@ -160,7 +160,7 @@ def _header_shapes(header: dict[str, Any], prefix: str = "") -> dict[str, list[i
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, config: Config, info: dict[str, Any]) -> None:
     """Write the sampling weights and their config atomically."""
-    atomic_write_bytes(path, _encode(model.state_dict(), MODEL_FORMAT, config, info))
+    atomic_write_bytes(path, encode(model.state_dict(), MODEL_FORMAT, config, info))
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -179,35 +179,43 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
 
 
 def save_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, config: Config, info: dict[str, Any]) -> None:
-    """Write everything resuming needs (weights, EMA, optimizer) atomically."""
+                        optimizer: torch.optim.Optimizer, config: Config, info: dict[str, Any],
+                        averages: Sequence[torch.nn.Module] = ()) -> None:
+    """Write everything resuming needs (weights, EMA, optimizer, post-hoc EMA's averages) atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    for i, average in enumerate(averages):
+        tensors |= {f"average{i}.{k}": v for k, v in average.state_dict().items()}
     opt = optimizer.state_dict()
     for i, state in opt["state"].items():
         tensors |= {f"optim.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
     groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()} for group in opt["param_groups"]]
     info = {**info, "param_groups": groups}
-    atomic_write_bytes(path, _encode(tensors, STATE_FORMAT, config, info))
+    atomic_write_bytes(path, encode(tensors, STATE_FORMAT, config, info))
 
 
 def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load weights, EMA and optimizer state in place; return the info dict (step and so on)."""
+                        optimizer: torch.optim.Optimizer, averages: Sequence[torch.nn.Module] = ()) -> dict[str, Any]:
+    """Load weights, EMA, optimizer state and post-hoc EMA's averages in place; return the info dict (step and so
+    on), with "averages": False where the state holds none (written before post-hoc EMA, or without it)."""
     path = Path(path)
     header = read_header(path)
     _, info = read_metadata(path, STATE_FORMAT, header)
-    for name, module in (("model", model), ("ema", ema)):
+    modules = {"model": model, "ema": ema} | {f"average{i}": a for i, a in enumerate(averages)}
+    info["averages"] = bool(averages) and any(k.startswith("average0.") for k in header)
+    if not info["averages"]:
+        modules = {k: m for k, m in modules.items() if not k.startswith("average")}
+    for name, module in modules.items():
         _check_shapes(path, {k: v.shape for k, v in module.state_dict().items()}, _header_shapes(header, f"{name}."))
     tensors = _load_tensors(path)
     _check_finite(path, tensors)
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"optim": {}} | {name: {} for name in modules}
     for key, value in tensors.items():
         head, _, rest = key.partition(".")
-        if head not in parts:
+        if head not in parts and not (head.startswith("average") and not info["averages"]):
             raise CheckpointError(f"{path}: unexpected tensor {key!r}")
-        parts[head][rest] = value
-    for name, module in (("model", model), ("ema", ema)):
+        parts.setdefault(head, {})[rest] = value
+    for name, module in modules.items():
         module.load_state_dict(parts[name])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in parts["optim"].items():

@@ -5,7 +5,6 @@ several (teacher_steps / steps of them), guided as asked where the model has cla
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,22 +18,26 @@ from ..formats.checkpoint import load_model
 from .step import LossFn
 
 
-def load_teacher(config: Config, device: torch.device) -> torch.nn.Module:
-    """The teacher's network (its EMA weights, in eval mode) on `device`, from the file the run records."""
+def load_teacher(config: Config, device: torch.device) -> tuple[torch.nn.Module, Config]:
+    """The teacher's network (its EMA weights, in eval mode) on `device`, from the file the run records, and its
+    config (a distilled teacher's says so: it is sampled as the student it is)."""
     path = Path(config.distill.teacher)
     if not path.exists():
         raise CheckpointError(f"{path}: the teacher of this distillation is not there any more; put it back to resume")
     net, saved, _ = load_model(path, device)
     if saved.model != config.model or saved.diffusion != config.diffusion:
         raise CheckpointError(f"{path} is not the model this run distills (its network or forward process differs)")
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), saved
 
 
-def teacher_loss(config: Config, teacher: torch.nn.Module, schedule: NoiseSchedule, precision: str) -> LossFn:
+def teacher_loss(config: Config, teacher: torch.nn.Module, teacher_config: Config, schedule: NoiseSchedule,
+                 precision: str) -> LossFn:
     """The student's loss against `teacher` (diffusion/distillation.distill_loss), guided by the run's guidance for a
-    conditional model's classes (its "no class" label is not guided)."""
+    conditional model's classes (its "no class" label is not guided); a distilled teacher has its guidance in its
+    weights, and is sampled unclipped, as a student is."""
     d = config.distill
-    denoiser = Denoiser(teacher, replace(config, distill=None), precision)  # sampled as the teacher it is
+    denoiser = Denoiser(teacher, teacher_config, precision)  # sampled as the teacher it is
+    guidance = 1.0 if teacher_config.distill is not None else d.guidance
     grid = grids(schedule, d.steps, d.teacher_steps)
 
     def loss(net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
@@ -43,7 +46,7 @@ def teacher_loss(config: Config, teacher: torch.nn.Module, schedule: NoiseSchedu
             return net(x, steps) if labels is None else net(x, steps, labels)
 
         def guided(rows: torch.Tensor):
-            return denoiser.eps_model(len(rows), None if labels is None else labels[rows], d.guidance)
+            return denoiser.eps_model(len(rows), None if labels is None else labels[rows], guidance)
 
         return distill_loss(student, guided, config.diffusion.objective, schedule, x0, t, eps, grid)
     return loss

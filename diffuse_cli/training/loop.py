@@ -36,6 +36,7 @@ from .mirror import MirrorVerdict, known_verdict, probe_data
 from .run_folder import RunFolder, check_writable
 from .fid_watch import FidWatch
 from ..diffusion.schedule import NoiseSchedule
+from . import posthoc_ema
 from .step import StepTensors, ema_decay, lr_at, make_optimizer, optimizer_step, set_lr
 from .memory import fit_batch
 from .distill import load_teacher, teacher_loss
@@ -73,6 +74,7 @@ class Options:
     grid_steps: int = SamplerChoice.steps
     chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
     sizing: Sizing | None = None  # the preset chosen for the time budget, and why (sizing.py), where it was
+    initial_weights: dict[str, torch.Tensor] | None = None  # train --from: the weights a new run starts from
 
 
 @dataclass
@@ -124,6 +126,8 @@ class Learner:
     io: StepTensors
     take_step: Callable[[], None]
     uses_graph: bool
+    averages: list[torch.nn.Module] = field(default_factory=list)  # post-hoc EMA's, one a config.train.posthoc_ema
+    gammas: list[float] = field(default_factory=list)  # their power functions' exponents
 
     @classmethod
     def build(cls, config: Config, options: Options, world: distributed.World, device: torch.device,
@@ -131,10 +135,13 @@ class Learner:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         layout = memory_format(device, precision)
         model = UNet(config.model).to(device, memory_format=layout)
-        teacher = None
+        teacher = teacher_config = None
         if config.distill is not None:  # the student starts as its teacher (resuming, as it was saved)
-            teacher = load_teacher(config, device).to(memory_format=layout)
+            teacher, teacher_config = load_teacher(config, device)
+            teacher = teacher.to(memory_format=layout)
             model.load_state_dict(teacher.state_dict())
+        elif options.initial_weights is not None:
+            model.load_state_dict(options.initial_weights)
         model.checkpointing = options.checkpointing
         weights = sum(p.numel() * p.element_size() for p in model.parameters())  # already taken from what is free
         config, note = fit_batch(config, model, precision, options.checkpointing, world,
@@ -142,6 +149,7 @@ class Learner:
         if note:
             log(note)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
+        averages = [copy.deepcopy(ema) for _ in config.train.posthoc_ema]
         # fp16's GradScaler and DDP's hooks do host work each step; checkpointing's recomputation reads the CUDA
         # generator's state, which a graph capture does not allow
         use_graph = (options.cuda_graph and device.type == "cuda" and world.size == 1 and not options.compile
@@ -156,16 +164,23 @@ class Learner:
         io = StepTensors.allocate(config, config.train.batch_size // world.size, device, layout)
         take_step = functools.partial(optimizer_step, net, model, ema, optimizer, scaler, config, schedule,
                                       precision, io,
-                                      None if teacher is None else teacher_loss(config, teacher, schedule, precision))
+                                      None if teacher is None else teacher_loss(config, teacher, teacher_config, schedule,
+                                                                                 precision),
+                                      averages)
         if use_graph:
             take_step = graphed_step(take_step, on_fallback=lambda why: log(Note(
                 f"CUDA graph capture failed ({why}); training on without it ({{cuda_graph=False}} skips the attempt)",
                 "cuda_graph=False")))
-        return cls(config, model, ema, optimizer, scaler, io, take_step, use_graph)
+        return cls(config, model, ema, optimizer, scaler, io, take_step, use_graph, averages,
+                   [posthoc_ema.gamma_of(s) for s in config.train.posthoc_ema])
 
     def resume(self, path: Path) -> dict[str, Any]:
-        """Load the weights, EMA, optimizer and loss scale saved at `path`; returns the saved facts."""
-        info = load_training_state(path, self.model, self.ema, self.optimizer)
+        """Load the weights, EMA, optimizer, post-hoc EMA's averages and loss scale saved at `path`; returns the
+        saved facts. A state without the averages (saved before there were any) keeps none from here on."""
+        info = load_training_state(path, self.model, self.ema, self.optimizer, self.averages)
+        if self.averages and not info["averages"]:
+            self.averages.clear()
+            self.config = replace(self.config, train=replace(self.config.train, posthoc_ema=()))
         if self.scaler.is_enabled() and "grad_scaler" in info:  # else its scale starts over, and overflows cost steps
             self.scaler.load_state_dict(info["grad_scaler"])
         return info
@@ -175,6 +190,8 @@ class Learner:
         lr = lr_at(step, config.train, budget.progress(step, config.train.warmup, elapsed))
         set_lr(self.optimizer, lr)
         self.io.ema_weight.fill_(1 - ema_decay(step, config.train))
+        if self.averages:
+            self.io.average_weights.copy_(torch.tensor([1 - posthoc_ema.beta(step + 1, g) for g in self.gammas]))
         self.take_step()
         return lr
 
@@ -264,7 +281,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     step = 0
     if options.resume:
         info = learner.resume(run_dir / STATE_FILE)
-        step = info["step"]
+        step, config, tc = info["step"], learner.config, learner.config.train
         hooks.log(f"resumed from {run_dir / STATE_FILE} at step {step}")
         if info.get("data_size", len(data)) != len(data):  # the order of the images from here on differs too
             hooks.log(f"note: the data now holds {len(data)} images, {info['data_size']} when the run was saved; "
@@ -317,6 +334,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
                     save(step)
                     last_written["save"] = time.monotonic()
                 budget.reserve = folder.closing_seconds(config, options.grid_sampler, options.grid_steps, precision)
+        if learner.averages and step % posthoc_ema.snapshot_spacing(step) == 0:
+            folder.snapshot(step, config)
         if not budget.done(step) and due(step, options.save_every, last_written["save"]):
             save(step)
             last_written["save"] = time.monotonic()
@@ -331,6 +350,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
     if step > start_step or (run_dir is not None and not (run_dir / MODEL_FILE).exists()):
         hooks.stage("saving the checkpoint")
         save(step)
+        if learner.averages and step % posthoc_ema.snapshot_spacing(step):
+            folder.snapshot(step, config)  # the step a reconstruction is of
         if stopped_by != "signal":
             hooks.stage("drawing the last grid of samples")
             folder.grid(step, config, options.grid_sampler, options.grid_steps, precision, hooks.log, stop_asked)

@@ -22,6 +22,8 @@ from ..network.unet import count_parameters
 from . import distributed
 from .fid_watch import FidWatch
 from .plots import loss_plot
+from .posthoc_ema import kept_snapshots
+from ..formats.snapshots import list_snapshots, save_snapshot
 
 GRID_IMAGES = 16
 
@@ -94,12 +96,22 @@ class RunFolder:
         began, learner, info = time.monotonic(), self.learner, self.facts(step, config)
         # The training state keeps the data folder's absolute path (for --resume) and fp16's loss scale.
         resume_info = {**info, "grad_scaler": learner.scaler.state_dict()} if learner.scaler.is_enabled() else info
-        save_training_state(self.path / STATE_FILE, learner.model, learner.ema, learner.optimizer, config, resume_info)
+        save_training_state(self.path / STATE_FILE, learner.model, learner.ema, learner.optimizer, config, resume_info,
+                            learner.averages)
         save_model(self.path / MODEL_FILE, learner.ema, config,
                    {**info, "data": Path(self.data.source).name or self.data.source})
         write_metrics(self.path / "metrics.jsonl", self.unsaved, step)
         self.unsaved.clear()
         self.save_seconds = time.monotonic() - began
+
+    def snapshot(self, step: int, config: Config) -> None:
+        """ema/step_N.safetensors: post-hoc EMA's averages now; then the snapshots the run no longer keeps go."""
+        if self.path is None or not self.world.is_main:
+            return
+        save_snapshot(self.path, step, self.learner.averages, config, self.facts(step, config))
+        found = list_snapshots(self.path)
+        for old in set(found) - set(kept_snapshots(list(found), step)):
+            found[old].unlink(missing_ok=True)
 
     def grid(self, step: int, config: Config, sampler: str, steps: int, precision: str,
              log: Callable[[str], None], stop: Callable[[], bool] = lambda: False) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -72,6 +72,7 @@ class StepTensors:
     loss_sum: torch.Tensor    # (): summed loss of the finite steps since the last log
     bad: torch.Tensor         # (3,): non-finite steps: the current run, the longest run and the total since the last log
     labels: list[torch.Tensor] | None = None  # per micro-batch: class indices, (local batch,); None: unconditional
+    average_weights: torch.Tensor | None = None  # (averages,): 1 - each post-hoc EMA average's decay this step
 
     @classmethod
     def allocate(cls, config: Config, batch: int, device: torch.device, layout: torch.memory_format) -> "StepTensors":
@@ -82,14 +83,16 @@ class StepTensors:
         steps = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
         return cls([image() for _ in range(k)], [steps() for _ in range(k)],
                    [image() for _ in range(k)], torch.zeros((), device=device), torch.zeros((), device=device),
-                   torch.zeros(3, device=device), [steps() for _ in range(k)] if m.class_names else None)
+                   torch.zeros(3, device=device), [steps() for _ in range(k)] if m.class_names else None,
+                   torch.zeros(len(config.train.posthoc_ema), device=device))
 
 
 def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.Module,
                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: Config,
-                   schedule: NoiseSchedule, precision: str, io: StepTensors, loss_fn: LossFn | None = None) -> None:
-    """One step on the micro-batches in io: forward, backward, clip, AdamW, EMA, all on the device. The loss is
-    the diffusion loss, or `loss_fn(net, x0, t, eps, labels)` (a distillation's).
+                   schedule: NoiseSchedule, precision: str, io: StepTensors, loss_fn: LossFn | None = None,
+                   averages: Sequence[torch.nn.Module] = ()) -> None:
+    """One step on the micro-batches in io: forward, backward, clip, AdamW, EMA and post-hoc EMA's `averages`, all
+    on the device. The loss is the diffusion loss, or `loss_fn(net, x0, t, eps, labels)` (a distillation's).
 
     A step whose loss or gradient is not finite changes no weight and no optimizer moment, only
     the counters in io.bad."""
@@ -116,6 +119,8 @@ def optimizer_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.M
         step_unless(optimizer, ~finite)
     optimizer.zero_grad(set_to_none=True)
     ema_update(ema, model, io.ema_weight * finite)
+    for i, average in enumerate(averages):  # a skipped step left the weights as they were: they are averaged in
+        ema_update(average, model, io.average_weights[i])
     io.loss_sum.add_(torch.where(finite, loss_step, 0.0))
     count_bad(io.bad, ~finite)
 
