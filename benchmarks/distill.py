@@ -5,6 +5,10 @@ counts (the baseline a user would otherwise take), with each one's wall time for
     pip install -e '.[eval]'
     python benchmarks/distill.py                                       # tiny, 16 px, 3m teacher, 2m students: 4, 2
     python benchmarks/distill.py --preset small --teacher-time 10m --distill-time 5m --steps 4 2 1 --n 1000
+    python benchmarks/distill.py --data photos --image-size 32 ...    # crops of photographs (photos.py)
+
+The samples are scored against the training images: the built-in shapes drawn afresh (`--n` of them), or the
+folder of `--n` photograph crops the teacher trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
+from photos import crops  # noqa: E402
 
 import diffuse_cli as diffuse  # noqa: E402
 from diffuse_cli.images.shapes import render_shapes  # noqa: E402
@@ -34,6 +39,7 @@ def scored(model, folder: Path, reference: Path, n: int, **settings) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["shapes", "photos"], default="shapes")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--teacher-time", default="3m")
@@ -45,11 +51,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         reference = tmp / "reference"
-        diffuse.save_images(render_shapes(args.n, args.image_size, seed=12345), reference)
+        data = None  # the built-in shapes
+        if args.data == "photos":
+            data = reference = tmp / "photos"
+            diffuse.save_images(crops(args.n, args.image_size), data)
+        else:
+            diffuse.save_images(render_shapes(args.n, args.image_size, seed=12345), reference)
         start = time.perf_counter()
-        teacher = diffuse.train(None, out=tmp / "teacher", preset=args.preset, image_size=args.image_size,
+        teacher = diffuse.train(data, out=tmp / "teacher", preset=args.preset, image_size=args.image_size,
                                 max_time=args.teacher_time)
-        print(f"teacher: {args.preset} at {args.image_size} px, {teacher.training.step} steps in "
+        print(f"teacher: {args.data}, {args.preset} at {args.image_size} px, {teacher.training.step} steps in "
               f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
         rows = [("teacher, default sampler", 25, *scored(teacher, tmp / "t25", reference, args.n))]
         for steps in args.steps:
