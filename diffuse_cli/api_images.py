@@ -142,8 +142,8 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
                 class_name: str | None = None, progress: Callable[[int, int], None] | None = None,
                 out: PathLike | None = None) -> torch.Tensor:
     """uint8 (frames, C, H, W) from a to b: two images inverted to noise by DDIM (η = 0), or two seeds' noises,
-    interpolated spherically and sampled back by DDIM on the same `steps`; on a conditional model, of class
-    `class_name` (None: no class). With `out`, also written there (save_strip; the folder checked first)."""
+    interpolated spherically and sampled back by DDIM on the same `steps` (a distilled student: its own); on a
+    conditional model, of class `class_name` (None: no class). With `out`, also written there (save_strip; the folder checked first)."""
     from .images.outputs import check_folder, save_strip
 
     folder = None if out is None else check_folder(Path(out))
@@ -155,6 +155,11 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
         raise UsageError("give two images, or {seeds} A B, to interpolate between", "seeds")
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
+    if (d := model.config.distill) is not None:  # a student walks its own grid, the only one it learnt
+        if steps not in (INTERPOLATE_STEPS, d.steps):
+            raise UsageError(f"this model is distilled to {d.steps} ddim steps; interpolate it without {{steps}}",
+                             "steps")
+        steps = d.steps
     SamplerChoice("ddim", steps).check(model.config.diffusion.timesteps)
     label = None if class_name is None else class_labels(model.config, (class_name,), 1)
     m, denoiser = model.config.model, Denoiser(model.net, model.config, hooks=SampleHooks(progress=progress))

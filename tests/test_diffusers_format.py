@@ -4,6 +4,7 @@ cannot be downloaded here), with random weights in every layer, so that no mappi
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -246,3 +247,35 @@ def test_a_model_whose_attention_level_never_occurs_exports_and_imports_back(tmp
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
     with torch.no_grad():
         torch.testing.assert_close(back.net(x, t), model.net(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_a_distilled_student_exports_as_a_ddim_pipeline_that_samples_as_diffuse_does(tmp_path, image_folder):
+    """A student samples by DDIM at its trailing steps, into the clean image, x̂_0 unclipped: the folder names
+    DDIMPipeline and a DDIMScheduler set so, and its steps from one x_T land where ours do (fp32, CPU)."""
+    from diffuse_cli.diffusion.denoiser import Denoiser
+    from diffuse_cli.diffusion.samplers import ddim, spaced_timesteps
+
+    shape = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=32)
+    diffuse.train(image_folder, tmp_path / "teacher", steps=2, batch_size=4, warmup=1, precision="fp32", image_size=16,
+                  channels=3, **shape)  # a folder: a distillation trains on its teacher's images
+    student = diffuse.distill(tmp_path / "teacher", tmp_path / "student", steps=2, train_steps=2, batch_size=4,
+                              precision="fp32", device="cpu")
+    folder = diffuse.export_diffusers(student, tmp_path / "out")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    pipeline = diffusers.DDIMPipeline.from_pretrained(folder)
+    pipeline.scheduler.set_timesteps(2)
+    schedule = NoiseSchedule.make("cosine", 1000)
+    steps = spaced_timesteps(schedule, 2, "trailing")
+    assert pipeline.scheduler.timesteps.tolist() == steps.tolist()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    theirs = x.clone()
+    with torch.no_grad():
+        for t in pipeline.scheduler.timesteps:
+            theirs = pipeline.scheduler.step(pipeline.unet(theirs, t).sample, t, theirs, eta=0.0).prev_sample
+        ours = ddim(Denoiser(student.net.cpu(), student.config, "fp32").eps_model(2), x, schedule, steps)
+    # Ours takes the v-network's x̂_0 to ε̂ and back (the samplers' one contract is ε); at ᾱ_999 = 2.4e-9 that trip
+    # multiplies float32's rounding of ε̂ by 1/α = 2e4: about 1e-3, an eighth of one uint8 level of the image.
+    assert (ours - theirs).abs().max() < 3e-3, (ours - theirs).abs().max()
+    clipped = ddim(Denoiser(student.net.cpu(), replace(student.config, distill=None), "fp32").eps_model(2), x,
+                   schedule, steps)
+    assert (clipped - theirs).abs().max() > 10 * (ours - theirs).abs().max()  # a clipping sampler would not agree

@@ -107,6 +107,11 @@ def test_a_distilled_run_samples_in_its_steps_and_refuses_other_samplers(teacher
             loaded.sample(2, **asked)
     with pytest.raises(UsageError, match="guidance 1 distilled into it"):
         loaded.sample(2, guidance=3.0)
+    totals = []  # interpolation walks the student's own 2 steps
+    frames = diffuse.interpolate(loaded, seeds=(1, 2), frames=3, progress=lambda done, total: totals.append(total))
+    assert frames.shape == (3, 3, 8, 8) and set(totals) == {2 * -(-3 // loaded.sampling_batch(3))}
+    with pytest.raises(UsageError, match="distilled to 2 ddim steps; interpolate it without steps"):
+        diffuse.interpolate(loaded, seeds=(1, 2), steps=50)
 
 
 def test_a_stopped_distillation_resumes_to_the_same_weights(teacher_run, tmp_path):

@@ -45,7 +45,11 @@ def export(run: Run, folder: ExportOut) -> None:
     names = model.config.model.class_names
     conditional = f"; class-conditional: pass class_labels (0..{len(names) - 1}: {', '.join(names)}; {len(names)}: " \
                   "no class) to the UNet, which DDPMPipeline does not" if names else ""
-    out.print(f"wrote {folder}/ (model_index.json, unet/, scheduler/) from {model.path}{conditional}", highlight=False)
+    d = model.config.distill
+    student = (f"; a distilled student: DDIMPipeline.from_pretrained('{folder}')(num_inference_steps={d.steps}, "
+               "eta=0) samples it as diffuse does") if d is not None else ""
+    out.print(f"wrote {folder}/ (model_index.json, unet/, scheduler/) from {model.path}{conditional}{student}",
+              highlight=False)
 
 
 # (name, examples, function): what cli.py registers.

@@ -358,14 +358,21 @@ def _preset_of(cfg: ModelConfig) -> str:
 
 
 def write_folder(net: torch.nn.Module, config: Config, info: dict[str, Any], folder: str | os.PathLike) -> Path:
-    """Write a diffusers pipeline folder that DDPMPipeline.from_pretrained loads; each file atomically."""
+    """Write a diffusers pipeline folder that DDPMPipeline.from_pretrained loads (a distilled student: DDIMPipeline,
+    sampled with num_inference_steps = its steps and eta 0); each file atomically."""
     folder = Path(folder)
     unet_cfg, sched_cfg = unet_config_of(config.model), scheduler_config_of(config.diffusion)  # refuse before writing
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"{folder} exists and is not an empty folder; name a new one")
     tensors = to_diffusers({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.model)
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    pipeline, scheduler = "DDPMPipeline", "DDPMScheduler"
+    if config.distill is not None:  # a student samples by DDIM at its trailing steps, into the clean image, unclipped
+        pipeline, scheduler = "DDIMPipeline", "DDIMScheduler"
+        sched_cfg = {k: v for k, v in sched_cfg.items() if k != "variance_type"}
+        sched_cfg |= {"_class_name": scheduler, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+                      "timestep_spacing": "trailing"}
+    index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
+             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", scheduler]}
     with atomic_folder(folder) as partial:  # never a half folder that diffusers would load
         (partial / "unet").mkdir()
         (partial / "scheduler").mkdir()
