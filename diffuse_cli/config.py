@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from .errors import ConfigError, UsageError
 
 Schedule = Literal["linear", "cosine", "sigmoid"]
-Objective = Literal["eps", "x0", "v"]
+Objective = Literal["eps", "x0", "v", "edm"]  # edm: Karras et al. 2022's preconditioning (diffusion/objectives.py)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LRSchedule = Literal["constant", "cosine"]
 SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "heun"]  # once

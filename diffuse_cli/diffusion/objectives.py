@@ -1,4 +1,20 @@
-"""What the network predicts (ε, x_0 or v), the training loss, and the ε-model samplers use."""
+"""What the network predicts (ε, x_0, v, or EDM's preconditioned F), the training loss, and the ε-model samplers use.
+
+EDM (Karras et al. 2022, Table 1) in this module's VP terms, x_t = α_t x_0 + s_t ε (α² = ᾱ, s² = 1 − ᾱ), whose
+VE form x_t / α_t = x_0 + σ_t ε has EDM's noise level σ_t = s_t / α_t (schedule.sigmas):
+
+| EDM                                  | here                                                              |
+|--------------------------------------|-------------------------------------------------------------------|
+| c_in(σ) = 1 / sqrt(σ² + σ_d²)        | the network sees c_in · x_t / α_t: unit variance at every step      |
+| c_skip(σ) = σ_d² / (σ² + σ_d²)       | x̂_0 = c_skip · x_t / α_t + c_out · F                               |
+| c_out(σ) = σ σ_d / sqrt(σ² + σ_d²)   | F's target: (x_0 − c_skip (x_0 + σ ε)) / c_out                      |
+| λ(σ) = 1 / c_out²                    | the loss on F unweighted (min-SNR-γ does not apply)                 |
+| ln σ ~ N(P_mean, P_std²)             | training's steps: the step nearest each σ drawn (training_steps)    |
+| c_noise = ¼ ln σ                     | the step t itself, which the network embeds as it does for every objective |
+
+v-prediction is the same preconditioning with σ_d = 1 (F = −v): EDM's σ_d = 0.5, the spread of images in [-1, 1],
+makes the network's input and output unit-variance at every noise level.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +30,30 @@ Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> th
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> ε̂: what every sampler takes
 
 
+SIGMA_DATA = 0.5  # EDM's σ_d: the standard deviation of images in [-1, 1]
+P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal distribution of training noise levels
+
+
+def edm_coefficients(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(c_skip, c_out, c_in, σ_t, α_t) at steps t, in float64, shaped to broadcast against `like`: EDM's Table 1."""
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    sigma = schedule.gather("sigmas", t).to(like.device).double().view(shape)
+    d2 = sigma ** 2 + SIGMA_DATA ** 2
+    return SIGMA_DATA ** 2 / d2, sigma * SIGMA_DATA / d2.sqrt(), d2.rsqrt(), sigma, (1 + sigma ** 2).rsqrt()
+
+
+def preconditioned(net: Callable[..., torch.Tensor], objective: Objective,
+                   schedule: NoiseSchedule) -> Callable[..., torch.Tensor]:
+    """The network as it is called at x_t: for edm on c_in · x_t / α_t; as it is for the other objectives."""
+    if objective != "edm":
+        return net
+
+    def scaled(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        _, _, c_in, _, alpha = edm_coefficients(schedule, t, x)
+        return net(x * (c_in / alpha).to(x.dtype), t, *labels)
+    return scaled
+
+
 def target(objective: Objective, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
            eps: torch.Tensor) -> torch.Tensor:
     """The regression target for x_t = q_sample(x0, t, eps)."""
@@ -23,7 +63,20 @@ def target(objective: Objective, schedule: NoiseSchedule, x0: torch.Tensor, t: t
         return x0
     if objective == "v":
         return schedule.v_target(x0, t, eps)
-    raise ConfigError(f"unknown objective {objective!r}; choose eps, x0 or v")
+    if objective == "edm":
+        c_skip, c_out, _, sigma, _ = edm_coefficients(schedule, t, x0)
+        return ((x0 - c_skip * (x0 + sigma * eps)) / c_out).to(x0.dtype)
+    raise ConfigError(f"unknown objective {objective!r}; choose eps, x0, v or edm")
+
+
+def training_steps(objective: Objective, schedule: NoiseSchedule, n: int, generator: torch.Generator,
+                   device: torch.device | str) -> torch.Tensor:
+    """The steps a training batch is noised to: uniform over the schedule, or for edm the step nearest each σ of
+    EDM's log-normal p_train (ln σ ~ N(P_MEAN, P_STD²))."""
+    if objective != "edm":
+        return torch.randint(0, schedule.timesteps, (n,), generator=generator, device=device)
+    ln_sigma = P_MEAN + P_STD * torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+    return schedule.sigma_to_t(ln_sigma.exp().cpu()).round().long().clamp(0, schedule.timesteps - 1).to(device)
 
 
 def loss_weight(objective: Objective, schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
@@ -31,7 +84,7 @@ def loss_weight(objective: Objective, schedule: NoiseSchedule, t: torch.Tensor, 
 
     The x_0-space weight min(SNR, γ) becomes min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v.
     """
-    if min_snr_gamma <= 0:
+    if min_snr_gamma <= 0 or objective == "edm":  # EDM's λ(σ) leaves F's loss unweighted
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     snr = schedule.gather("snr", t)
     clipped = snr.clamp(max=min_snr_gamma)
@@ -45,6 +98,7 @@ def diffusion_loss(net: Network, objective: Objective, schedule: NoiseSchedule, 
     """Weighted MSE between the network's output and the objective's target (Ho et al.'s L_simple for ε, γ = 0);
     `labels`: the class of each image, for a conditional network."""
     x_t = schedule.q_sample(x0, t, eps)
+    net = preconditioned(net, objective, schedule)
     out = (net(x_t, t) if labels is None else net(x_t, t, labels)).float()
     per_sample = (out - target(objective, schedule, x0, t, eps)).square().flatten(1).mean(1)
     return (loss_weight(objective, schedule, t, min_snr_gamma) * per_sample).mean()
@@ -79,9 +133,14 @@ def as_eps_model(net: Network, schedule: NoiseSchedule, objective: Objective, cl
                  dynamic: bool = False) -> EpsModel:
     """Adapt a network of any objective to the samplers' (x_t, t) -> ε̂; clip_x0 keeps x̂_0 in [-1, 1]
     (`dynamic`: by dynamic thresholding, for strong guidance)."""
+    net = preconditioned(net, objective, schedule)
+
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = net(x, t).float()
-        if objective == "eps":
+        if objective == "edm":
+            c_skip, c_out, _, _, alpha = edm_coefficients(schedule, t, x)
+            x0 = (c_skip * x / alpha + c_out * out).to(out.dtype)
+        elif objective == "eps":
             eps = out
             if not clip_x0:
                 return eps

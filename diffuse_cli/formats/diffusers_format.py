@@ -237,7 +237,11 @@ def scheduler_betas(s: dict[str, Any], T: int) -> torch.Tensor:
 
 
 def scheduler_config_of(d: DiffusionConfig) -> dict[str, Any]:
-    """Our DiffusionConfig as DDPMScheduler's config: named where diffusers has our schedule, else its betas."""
+    """Our DiffusionConfig as DDPMScheduler's config: named where diffusers has our schedule, else its betas; a
+    model trained with EDM's preconditioning (whose input diffusers' pipelines do not scale) is refused."""
+    if d.objective == "edm":
+        raise UsageError("this model is trained with EDM's preconditioning (objective edm), which no diffusers "
+                         "scheduler applies; it is not exported")
     scale = 1000 / d.timesteps
     schedule = {"linear": {"beta_schedule": "linear", "beta_start": scale * 1e-4, "beta_end": scale * 0.02},
                 "cosine": {"beta_schedule": "squaredcos_cap_v2"}}.get(d.schedule) or \

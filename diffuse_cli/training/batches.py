@@ -8,6 +8,7 @@ import torch
 
 from . import distributed
 from ..config import Config
+from ..diffusion.objectives import training_steps
 from ..diffusion.pixels import to_model
 from ..diffusion.schedule import NoiseSchedule
 from ..images.data import ImageData, ReadAhead
@@ -61,7 +62,7 @@ class Batches:
         tc, m = self.config.train, self.config.model
         for micro in range(tc.grad_accum):
             g = torch.Generator(self.device).manual_seed(mix_seed(tc.seed, 2, step, micro))
-            t = torch.randint(0, self.schedule.timesteps, (tc.batch_size,), generator=g, device=self.device)
+            t = training_steps(self.config.diffusion.objective, self.schedule, tc.batch_size, g, self.device)
             eps = torch.randn((tc.batch_size, m.channels, m.image_size, m.image_size), generator=g, device=self.device)
             flip = torch.rand(tc.batch_size, generator=g, device=self.device) < (0.5 if tc.hflip else 0.0)
             idx = batch_indices(step, micro, self.config, self.n, self.perms)[self.mine]

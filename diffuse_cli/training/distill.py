@@ -12,6 +12,7 @@ import torch
 from ..config import Config
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.distillation import distill_loss, grids
+from ..diffusion.objectives import preconditioned
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import CheckpointError
 from ..formats.checkpoint import load_model
@@ -42,8 +43,10 @@ def teacher_loss(config: Config, teacher: torch.nn.Module, teacher_config: Confi
 
     def loss(net: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
              labels: torch.Tensor | None) -> torch.Tensor:
+        called = preconditioned(net, config.diffusion.objective, schedule)
+
         def student(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-            return net(x, steps) if labels is None else net(x, steps, labels)
+            return called(x, steps) if labels is None else called(x, steps, labels)
 
         def guided(rows: torch.Tensor):
             return denoiser.eps_model(len(rows), None if labels is None else labels[rows], guidance)
