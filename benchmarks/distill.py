@@ -54,7 +54,7 @@ def main() -> None:
         data = None  # the built-in shapes
         if args.data == "photos":
             data = reference = tmp / "photos"
-            diffuse.save_images(crops(args.n, args.image_size), data)
+            diffuse.save_images(crops(args.n, args.image_size), data, grid=False)  # no grid among the training images
         else:
             diffuse.save_images(render_shapes(args.n, args.image_size, seed=12345), reference)
         start = time.perf_counter()

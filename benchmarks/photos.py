@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     import diffuse_cli as diffuse
 
-    diffuse.save_images(crops(args.n, args.size, args.seed), args.out)
+    diffuse.save_images(crops(args.n, args.size, args.seed), args.out, grid=False)
     print(f"{args.n} crops of {len(PHOTOGRAPHS)} photographs, {args.size} px: {args.out}")
 
 

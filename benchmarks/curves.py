@@ -1,0 +1,138 @@
+"""FID against minutes: recipes trained by `diffuse train --max-time B` for each budget on each data set, each run
+scored by `diffuse eval RUN -n N --json` (FID, KID, precision, recall against the images it trained on). Each
+point is appended to a JSON-lines file as it is measured, so an interrupted study resumes where it stopped; the
+curves are drawn into a PNG, one panel a data set.
+
+    pip install -e '.[eval,bench]'
+    python benchmarks/curves.py                                  # shapes, 2 5 10 20 minutes, default and edm
+    python benchmarks/curves.py --data shapes photos --budgets 2m 5m 10m --recipes default edm --image-size 16
+    python benchmarks/curves.py --plot-only --results curves.jsonl --png docs/curves.png
+
+The data sets: the built-in shapes, and crops of scikit-image's photographs (photos.py), written once as a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+# Each recipe is the flags it adds to `diffuse train`: the default is today's, whatever it is.
+RECIPES = {
+    "default": [],
+    "edm": ["--objective", "edm"],
+    "eps": ["--objective", "eps", "--min-snr-gamma", "0"],  # Ho et al.'s loss, for scale
+}
+COLOURS = [(25, 70, 160), (210, 110, 20), (40, 150, 70), (170, 40, 130)]
+
+
+def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path]) -> dict:
+    run = root / f"{data}-{recipe}-{budget}"
+    train = ["diffuse", "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
+             "--image-size", str(size), "--out", str(run), "--posthoc-ema", "off", *RECIPES[recipe]]
+    trained = subprocess.run(train, capture_output=True, text=True)
+    if trained.returncode:
+        raise SystemExit(f"{' '.join(train)} failed:\n{trained.stderr[-2000:]}")
+    import diffuse_cli as diffuse
+
+    steps = diffuse.inspect(run)[0]["step"]
+    scores = json.loads(subprocess.run(["diffuse", "eval", str(run), "-n", str(n), "--json"], check=True,
+                                       capture_output=True, text=True).stdout)
+    return {"data": data, "budget": budget, "recipe": recipe, "image_size": size, "steps": steps, "n": n,
+            "fid": scores["fid"], "kid_mean": scores["kid"]["mean"], "precision": scores["precision"],
+            "recall": scores["recall"]}
+
+
+def minutes(budget: str) -> float:
+    from diffuse_cli.api_settings import parse_duration
+
+    return parse_duration(budget) / 60
+
+
+def plot(points: list[dict], png: Path) -> None:
+    """One panel a data set: FID (log scale) against minutes, one line a recipe."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    from diffuse_cli.images.pictures import default_font
+
+    sets = sorted({p["data"] for p in points})
+    recipes = sorted({p["recipe"] for p in points}, key=lambda r: list(RECIPES).index(r) if r in RECIPES else 99)
+    w, h, left, bottom, top = 420, 300, 60, 40, 28
+    image = Image.new("RGB", (w * len(sets), h), "white")
+    draw, font = ImageDraw.Draw(image), default_font(13)
+    for k, data in enumerate(sets):
+        mine = [p for p in points if p["data"] == data]
+        xs, ys = [minutes(p["budget"]) for p in mine], [p["fid"] for p in mine]
+        x_hi, y_lo, y_hi = max(xs) * 1.05, math.log(min(ys) * 0.9), math.log(max(ys) * 1.1)
+        fx = lambda x: k * w + left + (w - left - 16) * x / x_hi  # noqa: E731
+        fy = lambda y: top + (h - top - bottom) * (y_hi - math.log(y)) / (y_hi - y_lo)  # noqa: E731
+        draw.text((k * w + left, 6), f"{data}: FID of {mine[0]['n']} samples", fill=(40, 40, 40), font=font)
+        for x in sorted(set(xs)):
+            draw.line([(fx(x), top), (fx(x), h - bottom)], fill=(230, 230, 230))
+            draw.text((fx(x) - 8, h - bottom + 6), f"{x:g}m", fill=(40, 40, 40), font=font)
+        for y in sorted({round(v, -1) or v for v in ys}):
+            draw.text((k * w + 8, fy(y) - 7), f"{y:.0f}", fill=(40, 40, 40), font=font)
+        for i, recipe in enumerate(recipes):
+            line = sorted((minutes(p["budget"]), p["fid"]) for p in mine if p["recipe"] == recipe)
+            colour = COLOURS[i % len(COLOURS)]
+            if len(line) > 1:
+                draw.line([(fx(x), fy(y)) for x, y in line], fill=colour, width=2)
+            for x, y in line:
+                draw.ellipse([fx(x) - 3, fy(y) - 3, fx(x) + 3, fy(y) + 3], fill=colour)
+            draw.text((k * w + w - 110, top + 4 + 16 * i), recipe, fill=colour, font=font)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    image.save(png)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", default=["shapes"], choices=["shapes", "photos"])
+    parser.add_argument("--budgets", nargs="+", default=["2m", "5m", "10m", "20m"])
+    parser.add_argument("--recipes", nargs="+", default=["default", "edm"], choices=list(RECIPES))
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("-n", type=int, default=1000, help="samples each FID is of")
+    parser.add_argument("--results", type=Path, default=Path("curves.jsonl"))
+    parser.add_argument("--png", type=Path, default=Path("curves.png"))
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    done = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    if not args.plot_only:
+        print(machine_line("cpu"), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            root, folders = Path(tmp), {}
+            if "photos" in args.data:
+                import diffuse_cli as diffuse
+                from photos import crops
+
+                folders["photos"] = root / "photos"
+                diffuse.save_images(crops(2000, args.image_size), folders["photos"], grid=False)
+            for data in args.data:
+                for budget in args.budgets:
+                    for recipe in args.recipes:
+                        key = (data, budget, recipe, args.image_size, args.n)
+                        if any((p["data"], p["budget"], p["recipe"], p["image_size"], p["n"]) == key for p in done):
+                            continue
+                        point = measure(data, budget, recipe, args.image_size, args.n, root, folders)
+                        print(json.dumps(point), flush=True)
+                        done.append(point)
+                        with args.results.open("a") as f:
+                            f.write(json.dumps(point) + "\n")
+    print(f"\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
+    for p in done:
+        print(f"| {p['data']} | {p['budget']} | {p['recipe']} | {p['steps']} | {p['fid']:.1f} | {p['kid_mean']:.4f} "
+              f"| {p['precision']:.3f} | {p['recall']:.3f} |")
+    if done:
+        plot(done, args.png)
+        print(f"curves: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
