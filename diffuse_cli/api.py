@@ -107,9 +107,9 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
             guidance: float = 1.0, resume: bool = False, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
     """A student of the model in `run` (a run folder or a model file) that samples in `steps` DDIM network calls
     what the teacher draws in `teacher_steps` (default: 4 in each step, at least 16 in all), guided by `guidance`
-    where the model has classes (a distilled teacher: its own steps and guidance, and fewer steps); trained on the teacher's images (its run's folder, or the built-in shapes) into
-    the run folder
-    `out` (default: beside the teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
+    where the model has classes (a distilled teacher: its own steps and guidance, and fewer steps); trained on the
+    teacher's images (its run's folder, or the built-in shapes) into the run folder `out` (default: beside the
+    teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
     and TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
     training's steps as train_steps (steps are the student's); without train_steps or max_time, DISTILL_STEPS.
     `diffuse sample` then draws with the student's own steps."""
@@ -224,7 +224,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
             if preset is not None or base is not None:
                 raise UsageError("{preset} and {start_from} both name the network; the run from a model keeps its own",
                                  "preset", "start_from")
-            base, initial, had = starting_weights(start_from)
+            from .training.transfer import starting_weights
+
+            base, initial, had = starting_weights(resolve_checkpoint(start_from))
         config = with_settings(base, settings) if base is not None else \
             make_config(preset, builtin=data is None, **{**_tensor_shape(data), **settings})
     if folder is not None and run is not None and Path(folder).is_dir() and \
@@ -262,7 +264,9 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     if data_set.channels != config.model.channels:  # 1 where every image is grayscale (the summary says so)
         config = replace(config, model=replace(config.model, channels=data_set.channels))
     config, data_set = with_classes(config, data_set, resume)
-    if start_from is not None:
+    if start_from is not None and not resume:
+        from .training.transfer import with_class_embedding
+
         initial = with_class_embedding(initial, had, config, hooks.log)
         hooks.log(f"starting from {resolve_checkpoint(start_from)}: its weights, with a new optimizer, EMA and "
                   "learning-rate schedule")
@@ -320,39 +324,6 @@ def with_settings(base: Config, settings: dict[str, Any]) -> Config:
         raise UsageError(f"{{{sorted({**model_settings, **diffusion_settings})[0]}}} is the model's: this run keeps "
                          "the network and forward process it starts from", *model_settings, *diffusion_settings)
     return replace(base, train=validate_train(replace(base.train, **train_settings)))
-
-
-def starting_weights(source: PathLike) -> tuple[Config, dict[str, torch.Tensor], tuple[str, ...]]:
-    """(the config a run from this model starts with, its weights, its classes): its network and forward process,
-    the default optimisation, and no classes yet (with_classes gives the data's)."""
-    from .config import TrainConfig
-
-    net, config, _ = load_model(resolve_checkpoint(source))
-    if config.distill is not None:
-        raise UsageError(f"{source} is a distilled student; start from its teacher ({config.distill.teacher})")
-    return Config(preset=config.preset, model=replace(config.model, class_names=()), diffusion=config.diffusion,
-                  train=TrainConfig()), net.state_dict(), config.model.class_names
-
-
-def with_class_embedding(weights: dict[str, torch.Tensor], had: tuple[str, ...], config: Config,
-                         log: Any) -> dict[str, torch.Tensor]:
-    """The starting weights for the run's classes: the model's class embedding where its classes (`had`) are the
-    data's; else none (the data has no classes) or a new one, zero, so that the network starts as the model was."""
-    has = config.model.class_names
-    if had == has:
-        return weights
-    weights = {k: v for k, v in weights.items() if not k.startswith("class_emb.")}
-    if has:
-        from .network.unet import UNet
-
-        with torch.device("meta"):
-            shape = UNet(config.model).class_emb.weight.shape
-        weights["class_emb.weight"] = torch.zeros(shape)
-        log(f"note: a new class embedding for the data's {len(has)} classes" +
-            (f" (the model's were {', '.join(had)})" if had else ""))
-    else:
-        log("note: the data has no classes: the model's class embedding is left out")
-    return weights
 
 
 @dataclass

@@ -181,7 +181,7 @@ def test_best_keeps_the_length_of_the_lowest_fid(run, monkeypatch, tmp_path):
     from diffuse_cli.training import fid_watch
 
     def fake_fid(self, net, config, precision, log=None, progress=None):
-        return float(next(net.parameters()).sum()), False
+        return float(next(net.parameters()).detach().sum()), False
 
     monkeypatch.setattr(fid_watch.FidWatch, "__call__", fake_fid)
     chosen = api_ema.posthoc_ema(run, "best", tmp_path / "best", n=8)

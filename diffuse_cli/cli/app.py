@@ -80,7 +80,10 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
     confirm = (lambda q: typer.confirm(q, default=True, err=True)) if sys.stdin.isatty() else None
     sized = (model is None and seconds is not None and steps is None  # the preset is chosen for the time (sizing.py)
              and start_from is None)
-    run, resuming = api.run_folder(out_dir, resume, folder, model or ("" if sized else "small"), confirm)
+    named = model or ("" if sized else "small")
+    if start_from is not None:  # the run is named for the model it starts from
+        named = "from-" + (start_from if start_from.is_dir() else start_from.parent).name
+    run, resuming = api.run_folder(out_dir, resume, folder, named, confirm)
     started = process_started()  # --max-time is the whole command's
     display = TrainDisplay(seconds, enabled=int(os.environ.get("RANK", "0")) == 0, started=started)
     display.log(f"run folder {run}" + (" (resuming)" if resuming else
