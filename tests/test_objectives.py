@@ -128,6 +128,7 @@ def test_an_edm_model_trains_samples_and_is_not_exported(tmp_path):
                           channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=32)
     assert all(math.isfinite(r["loss"]) for r in model.training.records)
     assert model.sample(2, steps=3).shape == (2, 3, 16, 16)
+    assert model.sample(2, steps=3, spacing="karras").shape == (2, 3, 16, 16)  # fractional steps
     with pytest.raises(UsageError, match="EDM's preconditioning"):
         diffuse.export_diffusers(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

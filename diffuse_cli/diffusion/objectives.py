@@ -35,9 +35,10 @@ P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal distribution of training noise lev
 
 
 def edm_coefficients(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(c_skip, c_out, c_in, σ_t, α_t) at steps t, in float64, shaped to broadcast against `like`: EDM's Table 1."""
+    """(c_skip, c_out, c_in, σ_t, α_t) at steps t (fractional too, as the σ-spaced samplers take them), in float64,
+    shaped to broadcast against `like`: EDM's Table 1."""
     shape = (-1,) + (1,) * (like.ndim - 1)
-    sigma = schedule.gather("sigmas", t).to(like.device).double().view(shape)
+    sigma = schedule.sigma_at(t).to(like.device).double().view(shape)
     d2 = sigma ** 2 + SIGMA_DATA ** 2
     return SIGMA_DATA ** 2 / d2, sigma * SIGMA_DATA / d2.sqrt(), d2.rsqrt(), sigma, (1 + sigma ** 2).rsqrt()
 
