@@ -10,40 +10,18 @@ photographs' colours, textures and edges, which the built-in shapes are not.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-PHOTOGRAPHS = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
-               "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg"]
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/photos.py: the crops the tests take too
+from tests.photos import PHOTOGRAPHS, skimage_crops  # noqa: E402
 
 
 def crops(n: int, size: int, seed: int = 0, scale: tuple[float, float] = (0.15, 0.6)) -> torch.Tensor:
     """(n, 3, size, size) uint8: random square crops, each a `scale` fraction of its photograph's shorter side."""
-    import skimage
-    from PIL import Image
-
-    folder = Path(skimage.__file__).parent / "data"
-    photos = [Image.open(folder / name).convert("RGB") for name in PHOTOGRAPHS]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        side = int(min(im.size) * rng.uniform(*scale))
-        x, y = rng.integers(0, im.width - side + 1), rng.integers(0, im.height - side + 1)
-        crop = np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BICUBIC))
-        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
-    return torch.from_numpy(np.stack(out).copy()).permute(0, 3, 1, 2).contiguous()
-
-
-def data_set(name: str, n: int, size: int, seed: int) -> torch.Tensor:
-    """The benchmarks' two data sets by name: "shapes" (the built-in set) or "photos" (crops above)."""
-    if name == "photos":
-        return crops(n, size, seed)
-    from diffuse_cli.images.shapes import render_shapes
-
-    return render_shapes(n, size, seed=seed)
+    return skimage_crops(PHOTOGRAPHS, n, scale, seed, flip=True, size=size)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +10,7 @@ from PIL import Image
 from diffuse_cli.training.mirror import ACCURACY_MIN, probe_mirroring
 from diffuse_cli.images.shapes import render_shapes
 
+from . import photos
 from .glyphs import render_glyphs
 
 from .conftest import assert_clean_error
@@ -42,38 +42,16 @@ def stripes(n: int = 2000, size: int = 32, seed: int = 2) -> torch.Tensor:
     return wave[:, None].expand(-1, 3, -1, -1).round().to(torch.uint8)
 
 
-def skimage_crops(names: list[str], n: int, scale: tuple[float, float], seed: int = 0, flip: bool = True,
-                  size: int = 32) -> torch.Tensor:
-    """Random square crops of scikit-image's sample photographs, each mirrored with probability 1/2 when `flip`.
-
-    Crops of a few photographs overlap: unmirrored, a probe could learn the photographs themselves (the
-    astronaut's flag is on the left) and tell their mirror images apart by memory. Mirroring half of the
-    crops keeps every statistic of real photographs and leaves nothing to remember: a set that is its own
-    mirror image, as a folder of many different photographs is."""
-    skimage = pytest.importorskip("skimage")
-    folder = Path(skimage.__file__).parent / "data"
-    photos = [Image.open(folder / name).convert("RGB") for name in names]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        side = int(min(im.size) * rng.uniform(*scale))
-        x, y = rng.integers(0, im.width - side + 1), rng.integers(0, im.height - side + 1)
-        crop = np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BICUBIC))
-        out.append(crop[:, ::-1] if flip and rng.random() < 0.5 else crop)
-    return torch.from_numpy(np.stack(out).copy()).permute(0, 3, 1, 2).contiguous()
-
-
-PHOTOGRAPHS = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
-               "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg"]
-TEXT = ["page.png", "text.png"]
+def skimage_crops(*args, **kwargs) -> torch.Tensor:
+    pytest.importorskip("skimage")
+    return photos.skimage_crops(*args, **kwargs)
 
 
 @pytest.mark.parametrize("name, images", [
     ("the built-in shapes", lambda: render_shapes(3000, 16)),
     ("symmetric objects", symmetric_objects),
     ("mirror-symmetric textures", stripes),
-    ("real photographs", lambda: skimage_crops(PHOTOGRAPHS, 3000, (0.15, 0.6))),
+    ("real photographs", lambda: skimage_crops(photos.PHOTOGRAPHS, 3000, (0.15, 0.6))),
     ("a handful of images", lambda: render_glyphs(12, 16)),  # too few to tell: mirrored, as before
 ])
 def test_data_that_is_its_own_mirror_image_is_mirrored(name, images):
@@ -86,7 +64,7 @@ def test_data_that_is_its_own_mirror_image_is_mirrored(name, images):
     ("rendered characters", lambda: render_glyphs(3000, 32)),
     ("small rendered characters", lambda: render_glyphs(3000, 16, seed=1)),
     ("digits", lambda: render_glyphs(2000, 24, seed=2, chars="0123456789")),
-    ("printed text", lambda: skimage_crops(TEXT, 2000, (0.08, 0.25), flip=False)),
+    ("printed text", lambda: skimage_crops(photos.TEXT, 2000, (0.08, 0.25), flip=False)),
 ])
 def test_data_with_a_handedness_is_not_mirrored(name, images):
     verdict = probe_mirroring(images())
