@@ -190,8 +190,8 @@ class Learner:
         lr = lr_at(step, config.train, budget.progress(step, config.train.warmup, elapsed))
         set_lr(self.optimizer, lr)
         self.io.ema_weight.fill_(1 - ema_decay(step, config.train))
-        if self.averages:
-            self.io.average_weights.copy_(torch.tensor([1 - posthoc_ema.beta(step + 1, g) for g in self.gammas]))
+        for i, gamma in enumerate(self.gammas[:len(self.averages)]):  # fill_: no host-to-device copy to wait for
+            self.io.average_weights[i].fill_(1 - posthoc_ema.beta(step + 1, gamma))
         self.take_step()
         return lr
 
