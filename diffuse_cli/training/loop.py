@@ -336,6 +336,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
                 budget.reserve = folder.closing_seconds(config, options.grid_sampler, options.grid_steps, precision)
         if learner.averages and step % posthoc_ema.snapshot_spacing(step) == 0:
             folder.snapshot(step, config)
+            if budget.reserve:  # the last snapshot is part of the closing, too
+                budget.reserve = folder.closing_seconds(config, options.grid_sampler, options.grid_steps, precision)
         if not budget.done(step) and due(step, options.save_every, last_written["save"]):
             save(step)
             last_written["save"] = time.monotonic()

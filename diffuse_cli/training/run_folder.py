@@ -52,6 +52,8 @@ class RunFolder:
     history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
     fid: FidWatch | None = None  # with --eval-every
     save_seconds: float | None = None  # how long the last checkpoint took to write
+    snapshot_seconds: float | None = None  # and the last post-hoc EMA snapshot
+    call_seconds: float | None = None  # one network call of a grid's batch, timed once (closing_seconds)
 
     def start(self, step: int) -> None:
         """On resume: the records written before `step` (a resumed run keeps its loss curve and its best FID)."""
@@ -108,10 +110,12 @@ class RunFolder:
         """ema/step_N.safetensors: post-hoc EMA's averages now; then the snapshots the run no longer keeps go."""
         if self.path is None or not self.world.is_main:
             return
+        began = time.monotonic()
         save_snapshot(self.path, step, self.learner.averages, config, self.facts(step, config))
         found = list_snapshots(self.path)
         for old in set(found) - set(kept_snapshots(list(found), step)):
             found[old].unlink(missing_ok=True)
+        self.snapshot_seconds = time.monotonic() - began
 
     def grid(self, step: int, config: Config, sampler: str, steps: int, precision: str,
              log: Callable[[str], None], stop: Callable[[], bool] = lambda: False) -> None:
@@ -133,17 +137,19 @@ class RunFolder:
 
 
     def closing_seconds(self, config: Config, sampler: str, steps: int, precision: str) -> float:
-        """How long the last checkpoint and grid are expected to take: the grid's network calls at the time of one,
-        timed now (1 call of the grid's batch), and the last checkpoint's writing time."""
+        """How long the last checkpoint and grid are expected to take: the grid's network calls at the time of one
+        (1 call of the grid's batch, timed the first time), and the last checkpoint's and snapshot's writing times."""
         if self.path is None or not self.world.is_main:
             return 0.0
         from ..diffusion.sampling import SamplerChoice
 
-        began = time.monotonic()  # one call of the network, whatever it was trained for (a student, too)
-        generate(self.learner.ema, replace(config, distill=None), GRID_IMAGES, sampler="ddim", steps=1, seed=0,
-                 precision=precision)
-        call = time.monotonic() - began
-        return call * SamplerChoice(sampler, steps).nfe() + (self.save_seconds or 0.0)
+        if self.call_seconds is None:
+            began = time.monotonic()  # one call of the network, whatever it was trained for (a student, too)
+            generate(self.learner.ema, replace(config, distill=None), GRID_IMAGES, sampler="ddim", steps=1, seed=0,
+                     precision=precision)
+            self.call_seconds = time.monotonic() - began
+        return (self.call_seconds * SamplerChoice(sampler, steps).nfe() + (self.save_seconds or 0.0)
+                + (self.snapshot_seconds or 0.0))
 
 
 def check_writable(folder: Path) -> None:
