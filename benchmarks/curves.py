@@ -125,7 +125,7 @@ def main() -> None:
                         done.append(point)
                         with args.results.open("a") as f:
                             f.write(json.dumps(point) + "\n")
-    print(f"\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
+    print("\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
     for p in done:
         print(f"| {p['data']} | {p['budget']} | {p['recipe']} | {p['steps']} | {p['fid']:.1f} | {p['kid_mean']:.4f} "
               f"| {p['precision']:.3f} | {p['recall']:.3f} |")

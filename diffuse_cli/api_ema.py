@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import RunError, UsageError
-from .formats.checkpoint import read_metadata, save_model
+from .formats.checkpoint import read_metadata
 from .formats.files import MODEL_FILE, STATE_FILE
 from .model import Model, PathLike
 from .network.device import pick_device, resolve_precision
@@ -53,6 +53,8 @@ def posthoc_ema(run: PathLike, length: float | str = 0.05, out: PathLike | None 
         check_length(each)
     if n < 1:
         raise UsageError(f"{{n}} must be at least 1, not {n}", "n")
+    if out is not None:
+        nothing_at(Path(out))  # said before any scoring
     snaps = phema.Snapshots(run)
     torch_device = pick_device(device)
     net = UNet(snaps.config.model).to(torch_device).eval().requires_grad_(False)
@@ -78,14 +80,19 @@ def posthoc_ema(run: PathLike, length: float | str = 0.05, out: PathLike | None 
         length = min(scores, key=scores.get)
     net.load_state_dict(snaps.rebuild(length))
     out = Path(out) if out is not None else run.parent / f"{run.name}-ema-{length:.3f}"
-    if (out / MODEL_FILE).exists():
-        raise RunError(f"{out / MODEL_FILE} is there already; name another folder with {{out}}", "out")
+    nothing_at(out)
     info = read_metadata(run / MODEL_FILE)[1] if (run / MODEL_FILE).exists() else dict(snaps.info)
     info |= {"step": snaps.step, "weights": f"post-hoc EMA, σ_rel {length:g}", "ema_length": length,
              **({"ema_fids": {f"{k:g}": v for k, v in scores.items()}} if scores else {})}
     model = Model(net, snaps.config, info)
     model.save(out / MODEL_FILE)
     return EmaChoice(model, length, snaps.step, scores, trained)
+
+
+def nothing_at(out: Path) -> None:
+    """Refuse a folder that holds a model already: nothing a user has is written over."""
+    if (out / MODEL_FILE).exists():
+        raise RunError(f"{out / MODEL_FILE} is there already; name another folder with {{out}}", "out")
 
 
 def check_length(length: float) -> None:
