@@ -32,7 +32,7 @@ def scored(model, folder: Path, reference: Path, n: int, **settings) -> tuple[fl
     start = time.perf_counter()
     images = model.sample(n, batch_size=min(n, 256), **settings)
     seconds = time.perf_counter() - start
-    diffuse.save_images(images, folder)
+    diffuse.save_images(images, folder, grid=False)  # a grid.png would be scored as one more image
     s = diffuse.evaluate(folder, reference).scores
     return seconds, s.fid, s.kid_mean
 
@@ -56,7 +56,7 @@ def main() -> None:
             data = reference = tmp / "photos"
             diffuse.save_images(crops(args.n, args.image_size), data, grid=False)  # no grid among the training images
         else:
-            diffuse.save_images(render_shapes(args.n, args.image_size, seed=12345), reference)
+            diffuse.save_images(render_shapes(args.n, args.image_size, seed=12345), reference, grid=False)
         start = time.perf_counter()
         teacher = diffuse.train(data, out=tmp / "teacher", preset=args.preset, image_size=args.image_size,
                                 max_time=args.teacher_time)
