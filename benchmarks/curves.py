@@ -42,7 +42,8 @@ def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, 
     import diffuse_cli as diffuse
 
     steps = diffuse.inspect(run)[0]["step"]
-    scores = json.loads(subprocess.run(["diffuse", "eval", str(run), "-n", str(n), "--json"], check=True,
+    scores = json.loads(subprocess.run(["diffuse", "eval", str(run), "-n", str(n), "--json",
+                                        "--copies", str(run / "copies.png")], check=True,
                                        capture_output=True, text=True).stdout)
     return {"data": data, "budget": budget, "recipe": recipe, "image_size": size, "steps": steps, "n": n,
             "fid": scores["fid"], "kid_mean": scores["kid"]["mean"], "precision": scores["precision"],
