@@ -28,7 +28,7 @@ import torch
 
 from . import _API
 from .api_convert import export_diffusers, import_diffusers  # noqa: F401 (the API)
-from .api_ema import EmaChoice, posthoc_ema  # noqa: F401 (the API)
+from .api_ema import EmaChoice, check_eval_ema, posthoc_ema  # noqa: F401 (the API)
 from .api_eval import EvalSettings, Evaluation, evaluate  # noqa: F401 (the API)
 from .api_images import (explore, explorer_path, interpolate, interpolation_folder_name, noise,  # noqa: F401
                          write_explorer, write_noise)
@@ -170,7 +170,9 @@ class TrainOptions:
     (training/memory.py). cache: keep a folder's decoded images in the cache folder (True: $DIFFUSE_CACHE, else
     ~/.cache/diffuse; a path; False: never), which later runs read without decoding (images/cache.py).
     eval_every: FID of eval_n samples every that many steps (metrics.jsonl, loss.png, and the best weights as
-    model_best.safetensors; needs the [eval] extra). save_every, sample_every: None for the default intervals."""
+    model_best.safetensors; needs the [eval] extra); eval_ema: post-hoc EMA lengths each of those FIDs scores
+    instead of the run's EMA, rebuilt at that step (the best length's weights kept). save_every, sample_every: None
+    for the default intervals."""
 
     max_time: float | str | None = None
     started: float | None = None
@@ -183,6 +185,7 @@ class TrainOptions:
     sample_every: int | None = None
     eval_every: int | None = None
     eval_n: int = 1000
+    eval_ema: tuple[float, ...] = ()
 
 
 def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike | None = None, *,
@@ -244,6 +247,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
         from .evaluation.inception import network_file
 
         network_file()  # the [eval] extra missing is said before any work
+    if o.eval_ema:
+        check_eval_ema(o, config, run)
 
     if isinstance(data, ImageData):
         data_set = data
@@ -287,7 +292,7 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
     options = Options(device=torch_device, save_every=o.save_every, sample_every=o.sample_every,
-                      eval_every=o.eval_every, eval_n=o.eval_n, max_time=seconds, started=started,
+                      eval_every=o.eval_every, eval_n=o.eval_n, eval_ema=tuple(o.eval_ema), max_time=seconds, started=started,
                       fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
                       checkpointing=o.checkpointing, sizing=sizing,
                       initial_weights=initial if start_from is not None and not resume else None,

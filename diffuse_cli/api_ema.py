@@ -101,3 +101,17 @@ def check_length(length: float) -> None:
     if not 0 < length < SIGMA_REL_MAX:
         raise UsageError(f"{{length}} is a share of the training between 0 and {SIGMA_REL_MAX:.3f} (0.05 to 0.2 is "
                          f"usual), not {length}", "length")
+
+
+def check_eval_ema(options, config, run: Path | None) -> None:
+    """train(eval_ema=...)'s lengths, refused in one line before any work where the run cannot score them."""
+    if options.eval_every is None:
+        raise UsageError("{eval_ema} picks the post-hoc EMA lengths each {eval_every} FID scores; give {eval_every} "
+                         "too", "eval_ema", "eval_every")
+    for each in options.eval_ema:
+        check_length(each)
+    if not config.train.posthoc_ema:
+        raise UsageError("{eval_ema} rebuilds each length from the run's post-hoc EMA snapshots, which "
+                         "{posthoc_ema} off does not keep", "eval_ema", "posthoc_ema")
+    if run is None:
+        raise UsageError("{eval_ema} reads the snapshots in the run folder; give {out}", "eval_ema", "out")

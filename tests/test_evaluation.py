@@ -353,3 +353,53 @@ def test_eval_every_without_the_network_stops_before_any_work(tmp_path, monkeypa
     with pytest.raises(UsageError, match="pip install"):
         diffuse.train(render_shapes(4, 16), out=tmp_path / "run", preset="tiny", steps=2, eval_every=1)
     assert not (tmp_path / "run").exists()
+
+
+@needs_network
+def test_eval_every_scores_each_post_hoc_ema_length_rebuilt_at_that_step(tmp_path):
+    """--eval-ema: at each FID step, the post-hoc EMA of each length is rebuilt from the snapshots and scored; the
+    record keeps every length's FID and the best, model_best.safetensors the best length's weights (CPU, fp32)."""
+    import diffuse_cli as diffuse
+
+    from diffuse_cli.formats.checkpoint import load_model
+    from diffuse_cli.images.data import ImageData
+    from diffuse_cli.images.shapes import render_shapes
+    from diffuse_cli.training.fid_watch import FidWatch
+    from diffuse_cli.training.posthoc_ema import Snapshots
+    from diffuse_cli.training.run_folder import read_metrics
+
+    images = render_shapes(8, 16, seed=1)
+    diffuse.train(images, out=tmp_path / "run", preset="tiny", steps=4, batch_size=4, eval_every=2, eval_n=4,
+                  eval_ema=(0.05, 0.2), precision="fp32", device="cpu")
+    fids = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4]
+    for r in fids:
+        assert set(r["fid_by_length"]) == {"0.05", "0.2"} and r["fid"] == min(r["fid_by_length"].values())
+        assert r["fid_by_length"][f"{r['ema_length']:g}"] == r["fid"]
+    last = fids[-1]  # step 4's snapshot is the run's last, so its lengths can be rebuilt and scored again here
+    snaps, net = Snapshots(tmp_path / "run"), load_model(tmp_path / "run" / "model.safetensors", "cpu")[0]
+    watch = FidWatch(ImageData.from_tensor(images), 4, torch.device("cpu"))
+    for length in (0.05, 0.2):
+        net.load_state_dict(snaps.rebuild(length))
+        assert watch(net.eval(), snaps.config, "fp32")[0] == pytest.approx(last["fid_by_length"][f"{length:g}"],
+                                                                           rel=1e-6)
+    best = diffuse.inspect(tmp_path / "run" / "model_best.safetensors")[0]
+    overall = min(fids, key=lambda r: r["fid"])
+    assert best["fid"] == overall["fid"] and best["ema_length"] == overall["ema_length"] and \
+        best["step"] == overall["step"]
+
+
+@pytest.mark.parametrize("settings, says", [({"eval_ema": (0.1,)}, "eval_every"),
+                                            ({"eval_ema": (0.5,), "eval_every": 1}, "between 0 and"),
+                                            ({"eval_ema": (0.1,), "eval_every": 1, "posthoc_ema": ()}, "off"),
+                                            ({"eval_ema": (0.1,), "eval_every": 1, "out": None}, "run folder")])
+def test_eval_ema_that_cannot_be_scored_is_refused_before_any_work(tmp_path, settings, says):
+    import diffuse_cli as diffuse
+
+    from diffuse_cli.errors import UsageError
+    from diffuse_cli.images.shapes import render_shapes
+
+    settings = {"out": tmp_path / "run", **settings}
+    with pytest.raises(UsageError, match=says):
+        diffuse.train(render_shapes(4, 16), preset="tiny", steps=2, device="cpu", **settings)
+    assert not (tmp_path / "run").exists()

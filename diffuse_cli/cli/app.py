@@ -51,7 +51,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
           class_dropout: opt.ClassDropout = None, precision: opt.TrainPrecision = None, seed: opt.Seed = None,
           out_dir: opt.RunOut = None, resume: opt.Resume = None, save_every: opt.SaveEvery = None,
           sample_every: opt.SampleEvery = None, eval_every: opt.EvalEvery = None, eval_n: opt.EvalN = 1000,
-          device: opt.Device = "auto", compile: opt.Compile = False,
+          eval_ema: opt.EvalEma = None, device: opt.Device = "auto", compile: opt.Compile = False,
           cuda_graph: opt.CudaGraph = True, checkpointing: opt.Checkpointing = False,
           cache_dir: opt.DataCache = None, no_cache: opt.NoCache = False, devices: opt.Devices = 1,
           threads: opt.Threads = None) -> None:
@@ -94,6 +94,7 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
                             cache=False if no_cache else cache_dir or True,
                             save_every=save_every, sample_every=sample_every,
                             eval_every=eval_every, eval_n=eval_n,
+                            eval_ema=opt.parse_lengths(eval_ema, "--eval-ema") if eval_ema else (),
                             hooks=display.hooks(), started=started, start_from=start_from, **settings)
     result = trained.training
     if result.stopped_by == "signal":

@@ -105,6 +105,11 @@ EvalEvery = Annotated[Optional[int], typer.Option(help="FID of --eval-n samples 
                                                   "training images: in metrics.jsonl and loss.png, and the best "
                                                   "weights kept as model_best.safetensors (needs the [eval] extra). "
                                                   "\\[default: off]", show_default=False)]
+EvalEma = Annotated[Optional[str], typer.Option("--eval-ema", help="Score post-hoc EMAs of these lengths (σ_rel, "
+                                                "comma-separated, e.g. 0.05,0.1,0.2) at each --eval-every FID "
+                                                "instead of the run's EMA, rebuilt at that step from the snapshots; "
+                                                "the best length's weights are kept as model_best.safetensors.",
+                                                show_default=False)]
 EvalN = Annotated[int, typer.Option(help="Samples each --eval-every FID is of (at most the data set's size).")]
 SampleEvery = Annotated[Optional[int], typer.Option(help="Write samples/step_N.png every N steps (and at the end). "
                                                     "\\[default: every 500 steps, at most once a minute]")]
@@ -121,14 +126,14 @@ Devices = Annotated[int, typer.Option(help="Processes on this machine (DDP throu
 HFLIP = {"auto": None, "on": True, "off": False}
 
 
-def parse_lengths(words: str) -> tuple[float, ...]:
-    """--posthoc-ema's lengths: '0.05,0.1' -> (0.05, 0.1); 'off' -> ()."""
+def parse_lengths(words: str, flag: str = "--posthoc-ema") -> tuple[float, ...]:
+    """--posthoc-ema's (or --eval-ema's) lengths: '0.05,0.1' -> (0.05, 0.1); 'off' -> ()."""
     if words.strip() == "off":
         return ()
     try:
         return tuple(float(w) for w in words.split(","))
     except ValueError:
-        raise UsageError(f"--posthoc-ema takes lengths such as 0.05,0.10, or off; not {words!r}") from None
+        raise UsageError(f"{flag} takes lengths such as 0.05,0.10, or off; not {words!r}") from None
 
 
 def parse_hflip(word: str) -> bool | None:

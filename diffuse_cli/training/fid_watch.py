@@ -1,5 +1,6 @@
-"""`train --eval-every N`: FID during training, of `eval_n` samples from the EMA weights against as many of the
-training images (evaluation/), so that a run can say when it got better and keep its best weights."""
+"""`train --eval-every N`: FID during training, of `eval_n` samples from the EMA weights (or, with --eval-ema, from
+post-hoc EMAs of the lengths asked) against as many of the training images (evaluation/), so that a run can say when
+it got better and keep its best weights."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ class FidWatch:
     """FID of eval_n samples (the default sampler, a seed of their own) against eval_n training images, evenly
     spaced through the data set; the reference's features are computed once and cached on disk."""
 
-    def __init__(self, data: ImageData, eval_n: int, device: torch.device):
+    def __init__(self, data: ImageData, eval_n: int, device: torch.device, lengths: tuple[float, ...] = ()):
         self.data, self.device = data, device
+        self.lengths = lengths  # post-hoc EMA lengths to score instead of the run's EMA (RunFolder.evaluate)
         self.n = min(eval_n, len(data))
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
         self.best: float | None = None

@@ -70,6 +70,7 @@ class Options:
     checkpointing: bool = False  # recompute each residual block's activations in the backward (memory.py)
     eval_every: int | None = None  # FID every this many steps (fid_watch.py); None: never
     eval_n: int = 1000  # samples (and training images) each FID is of
+    eval_ema: tuple[float, ...] = ()  # post-hoc EMA lengths each FID scores instead of the EMA (the best kept)
     grid_sampler: str = SamplerChoice.name
     grid_steps: int = SamplerChoice.steps
     chosen: frozenset[str] = frozenset()  # the settings the user gave: the start-of-run summary names the others
@@ -288,7 +289,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
                       "training goes on with the images as they are now")
     batches = Batches(data, config, schedule, world, device)
     folder = RunFolder(run_dir, data, learner, world,
-                       fid=FidWatch(data, options.eval_n, device) if options.eval_every else None)
+                       fid=FidWatch(data, options.eval_n, device, options.eval_ema) if options.eval_every else None)
     folder.start(step)
     budget = Budget.for_run(tc, options.max_time, options.fit_steps, options.resume, run_dir, started)
     cpu = threads.share() if device.type == "cpu" else None

@@ -3,6 +3,7 @@ the sample grids and loss.png, and with --eval-every, FID and the best weights. 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from ..network.unet import count_parameters
 from . import distributed
 from .fid_watch import FidWatch
 from .plots import loss_plot
-from .posthoc_ema import kept_snapshots
+from .posthoc_ema import Snapshots, kept_snapshots
 from ..formats.snapshots import list_snapshots, save_snapshot
 
 GRID_IMAGES = 16
@@ -64,21 +65,39 @@ class RunFolder:
 
     def evaluate(self, step: int, config: Config, precision: str, log: Callable[[str], None],
                  stop: Callable[[], bool] = lambda: False) -> None:
-        """FID now: a record in metrics.jsonl and loss.png, and model_best.safetensors when it is the best yet; none
-        if `stop()` says so while the samples are drawn."""
+        """FID now, of the EMA weights or, with the watch's post-hoc EMA lengths, of each length rebuilt at this step:
+        a record in metrics.jsonl and loss.png, and model_best.safetensors when one is the best yet; none if `stop()`
+        says so while the samples are drawn."""
         if self.fid is None or not self.world.is_main:
             return
-        try:
-            fid, best = self.fid(self.learner.ema, config, precision, log, cancelled_by(stop))
-        except Cancelled:
-            return
-        self.record({"step": step, "fid": fid, "fid_samples": self.fid.n})
-        log(f"step {step}: FID {fid:.2f} of {self.fid.n} samples" + (" (the best yet)" if best else
-                                                                     f" (best {self.fid.best:.2f})"))
-        if best and self.path is not None:
-            save_model(self.path / BEST_MODEL_FILE, self.learner.ema, config,
-                       {**self.facts(step, config), "data": Path(self.data.source).name or self.data.source,
-                        "fid": fid, "fid_samples": self.fid.n})
+        candidates = [(None, self.learner.ema)]
+        if self.fid.lengths and self.path is not None:
+            if step not in list_snapshots(self.path):
+                self.snapshot(step, config)  # the reconstruction is of the newest snapshot's step
+            snaps, net = Snapshots(self.path), copy.deepcopy(self.learner.ema)
+            candidates = [(length, net) for length in self.fid.lengths]
+        fids: dict[float | None, float] = {}
+        for length, net in candidates:
+            if length is not None:
+                net.load_state_dict(snaps.rebuild(length))
+            try:
+                fids[length], best = self.fid(net, config, precision, log, cancelled_by(stop))
+            except Cancelled:
+                return
+            if best and self.path is not None:
+                save_model(self.path / BEST_MODEL_FILE, net, config,
+                           {**self.facts(step, config), "data": Path(self.data.source).name or self.data.source,
+                            "fid": fids[length], "fid_samples": self.fid.n,
+                            **({} if length is None else {"weights": f"post-hoc EMA, σ_rel {length:g}",
+                                                          "ema_length": length})})
+        chosen = min(fids, key=fids.get)
+        by_length = {} if chosen is None else {"ema_length": chosen, "fid_by_length": {f"{k:g}": v for k, v in
+                                                                                        fids.items()}}
+        self.record({"step": step, "fid": fids[chosen], "fid_samples": self.fid.n, **by_length})
+        said = "" if chosen is None else f" at σ_rel {chosen:g} (" + ", ".join(
+            f"{k:g}: {v:.2f}" for k, v in fids.items()) + ")"
+        log(f"step {step}: FID {fids[chosen]:.2f} of {self.fid.n} samples{said}" + (
+            " (the best yet)" if fids[chosen] <= self.fid.best else f" (best {self.fid.best:.2f})"))
 
     def record(self, record: dict[str, Any]) -> None:
         self.unsaved.append(record)
