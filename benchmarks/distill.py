@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--n", type=int, default=500, help="samples each row scores and times")
     parser.add_argument("--progressive", action="store_true", help="each student from the one before")
-    parser.add_argument("--lr", type=float, help="the students' learning rate (default: the teacher's)")
-    parser.add_argument("--warmup", type=int, help="the students' warm-up steps (default: the teacher's)")
+    parser.add_argument("--lr", type=float, help="the students' learning rate (default: distill's own)")
+    parser.add_argument("--warmup", type=int, help="the students' warm-up steps (default: distill's own)")
     parser.add_argument("--work", type=Path, help="keep runs, samples and rows.jsonl here (default: a temporary "
                         "folder)")
     parser.add_argument("--teacher", type=Path, help="a trained teacher run to distill instead of training one")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffuse_cli as diffuse
+from diffuse_cli.api import DISTILL_LR, DISTILL_WARMUP
 from diffuse_cli.diffusion.distillation import distill_loss, grids, student_target
 from diffuse_cli.diffusion.objectives import target
 from diffuse_cli.diffusion.samplers import ddim
@@ -98,6 +99,9 @@ def test_a_distilled_run_samples_in_its_steps_and_refuses_other_samplers(teacher
     assert loaded.config == student.config and loaded.config.distill.steps == 2
     assert loaded.config.distill.teacher == str((teacher_run / "model.safetensors").resolve())
     assert loaded.config.model == diffuse.load(teacher_run, "cpu").config.model
+    assert (loaded.config.train.lr, loaded.config.train.warmup) == (DISTILL_LR, DISTILL_WARMUP)  # tuned, not trained
+    given = diffuse.distill(teacher_run, tmp_path / "given", steps=2, train_steps=1, lr=3e-4, warmup=2, **TINY)
+    assert (given.config.train.lr, given.config.train.warmup) == (3e-4, 2)
     calls = []
     images = loaded.sample(3, batch_size=3, progress=lambda done, total: calls.append((done, total)))
     assert images.shape == (3, 3, 8, 8) and calls[-1] == (2, 2)

@@ -110,7 +110,8 @@ def train(data: opt.Data = None, image_size: opt.ImageSize = None, channels: opt
              "  diffuse distill checkpoints/run --resume --out checkpoints/run-distilled-4steps")
 def distill(run: opt.DistillRun, steps: opt.DistillSteps = 4, teacher_steps: opt.TeacherSteps = None,
             guidance: opt.DistillGuidance = 1.0, train_steps: opt.DistillTrainSteps = None, max_time: opt.MaxTime = None,
-            batch_size: opt.BatchSize = None, lr: opt.Lr = None, out_dir: opt.DistillOut = None,
+            batch_size: opt.BatchSize = None, lr: opt.DistillLr = None, warmup: opt.DistillWarmup = None,
+            out_dir: opt.DistillOut = None,
             resume: opt.DistillResume = False, device: opt.Device = "auto", threads: opt.Threads = None) -> None:
     """Distill a trained model into a student that samples in a few steps; writes a run folder like train's."""
     seconds = parse_duration(max_time) if max_time else None
@@ -124,7 +125,7 @@ def distill(run: opt.DistillRun, steps: opt.DistillSteps = 4, teacher_steps: opt
     with display, interrupted_says(lambda: "interrupted before the first step; nothing was written"):
         trained = api.distill(run, out_dir, steps=steps, teacher_steps=teacher_steps, guidance=guidance, resume=resume,
                               hooks=display.hooks(), max_time=seconds, device=device, started=started,
-                              **opt.given(train_steps=train_steps, batch_size=batch_size, lr=lr))
+                              **opt.given(train_steps=train_steps, batch_size=batch_size, lr=lr, warmup=warmup))
     result, folder = trained.training, trained.training.run_dir
     if result.stopped_by == "signal":
         display.log(f"stopped at step {result.step}; checkpoint saved. Resume with: diffuse distill {run} --resume "

@@ -262,6 +262,11 @@ DistillGuidance = Annotated[float, typer.Option("--guidance", min=0.0, help="A c
                                                 "distilled into the student (one network call a step).")]
 DistillTrainSteps = Annotated[Optional[int], typer.Option(help="Optimizer steps of the distillation. \\[default: "
                                                           "800; with --max-time, fitted to the time]")]
+DistillLr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the distillation (AdamW): "
+                                                  "the student starts as the teacher, so a tenth of training's. "
+                                                  "\\[default: 0.0001]", show_default=False)]
+DistillWarmup = Annotated[Optional[int], typer.Option(help="Linear LR warm-up steps of the distillation. "
+                                                      "\\[default: 10]", show_default=False)]
 DistillOut = Annotated[Optional[Path], typer.Option("--out", help="The student's run folder. \\[default: "
                                                     "<run>-distilled-<steps>steps beside the teacher's]")]
 DistillResume = Annotated[bool, typer.Option("--resume", help="Continue the distillation in --out.")]
