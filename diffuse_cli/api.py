@@ -28,7 +28,8 @@ import torch
 
 from . import _API
 from .api_convert import export_diffusers, import_diffusers  # noqa: F401 (the API)
-from .api_ema import EmaChoice, check_eval_ema, posthoc_ema  # noqa: F401 (the API)
+from .api_ema import EmaChoice, posthoc_ema  # noqa: F401 (the API)
+from .api_ema import check_eval_ema
 from .api_eval import EvalSettings, Evaluation, evaluate  # noqa: F401 (the API)
 from .api_images import (explore, explorer_path, interpolate, interpolation_folder_name, noise,  # noqa: F401
                          write_explorer, write_noise)
@@ -297,8 +298,8 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     # Not choices made for the user: the shape of images in memory, and the built-in shapes' colour.
     given_by_data = {"channels"} | ({"image_size"} if isinstance(data, ImageData) else set()) if folder is None else set()
     options = Options(device=torch_device, save_every=o.save_every, sample_every=o.sample_every,
-                      eval_every=o.eval_every, eval_n=o.eval_n, eval_ema=tuple(o.eval_ema), max_time=seconds, started=started,
-                      fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
+                      eval_every=o.eval_every, eval_n=o.eval_n, eval_ema=tuple(o.eval_ema), max_time=seconds,
+                      started=started, fit_steps=fit_steps, resume=resume, compile=o.compile, cuda_graph=o.cuda_graph,
                       checkpointing=o.checkpointing, sizing=sizing,
                       initial_weights=initial if start_from is not None and not resume else None,
                       chosen=frozenset(settings) | given_by_data,
