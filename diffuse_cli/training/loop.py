@@ -350,6 +350,8 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
 
     if step > report.last[1]:  # stopped between log points: the last steps get their record too
         config = report.report(step, lr, config)
+    if budget.fitting and stopped_by == "time":  # the run is complete where its time ended, fitted yet or not
+        config = replace(config, train=replace(config.train, steps=step))
     if step > start_step or (run_dir is not None and not (run_dir / MODEL_FILE).exists()):
         hooks.stage("saving the checkpoint")
         save(step)
