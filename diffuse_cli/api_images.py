@@ -96,9 +96,11 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
 
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
-    from .diffusion.denoiser import class_labels
+    from .diffusion.denoiser import class_labels, for_student
 
     label = None if class_name is None else int(class_labels(model.config, (class_name,), 1)[0])
+    if model.config.distill is not None:  # its guidance is in its weights; another is refused as sample refuses it
+        guidance = for_student(model.config, SampleConfig(guidance=guidance)).guidance
     x = _explore_image(model, image, seed) if not isinstance(image, torch.Tensor) else image
     m = model.config.model
     if tuple(x.shape) != (m.channels, m.image_size, m.image_size):

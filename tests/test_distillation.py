@@ -8,11 +8,15 @@ import torch
 
 import diffuse_cli as diffuse
 from diffuse_cli.api import DISTILL_LR, DISTILL_WARMUP
+from diffuse_cli.diffusion.denoiser import Denoiser, SampleHooks
 from diffuse_cli.diffusion.distillation import distill_loss, grids, student_target
+from diffuse_cli.diffusion.pixels import to_model, to_uint8
 from diffuse_cli.diffusion.objectives import target
-from diffuse_cli.diffusion.samplers import ddim
+from diffuse_cli.diffusion.samplers import ddim, spaced_timesteps
+from diffuse_cli.diffusion.slider import explore_frames
 from diffuse_cli.diffusion.schedule import NoiseSchedule
 from diffuse_cli.errors import ConfigError, RunError, UsageError
+from diffuse_cli.images.data import load_builtin
 
 from .conftest import assert_clean_error
 from .toy import mixture_2d
@@ -117,6 +121,32 @@ def test_a_distilled_run_samples_in_its_steps_and_refuses_other_samplers(teacher
     with pytest.raises(UsageError, match="distilled to 2 ddim steps; interpolate it without steps"):
         diffuse.interpolate(loaded, seeds=(1, 2), steps=50)
 
+
+
+def test_the_time_slider_walks_a_student_on_its_own_steps(teacher_run, tmp_path):
+    """A 2-step student explored (CPU, fp32): its walk back is its own 2 DDIM steps from the static, each frame
+    showing where the walk stood at or above the frame's k, and a restoration from k is one step to the student's
+    next grid point below and its steps from there: one network call a step, none hidden."""
+    student = diffuse.distill(teacher_run, tmp_path / "student", steps=2, train_steps=6, **TINY)
+    image, T = load_builtin(8, n=1).images[0], student.config.diffusion.timesteps
+    steps = []
+    frames = explore_frames(student.net, student.config, image, frames=11, seed=4,
+                            hooks=SampleHooks(callback=lambda i, x_t, x0_hat: steps.append(i)))
+    schedule = NoiseSchedule.make(student.config.diffusion.schedule, T)
+    grid = spaced_timesteps(schedule, 2, "trailing")
+    assert grid.tolist() == [999, 499]
+    restoring = [1 + int((grid < k - 1).sum()) for k in frames.ks[1:]]  # from k = 100 .. 500: 1, from 600 up: 2
+    assert restoring == [1] * 5 + [2] * 5 and steps == [i for n in restoring for i in range(n)]  # (the walk's own
+    # steps the slider hears itself)
+    eps = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(4))
+    static = schedule.q_sample(to_model(image)[None], torch.tensor([T - 1]), eps)
+    own = Denoiser(student.net, student.config).walk(static, grid)
+    assert torch.equal(frames.walk[0], to_uint8(own)[0])  # the image it ends on: the student's own walk
+    for i, k in enumerate(frames.ks[1:], start=1):  # where it stood: the static down to k = 501, x_500 below
+        assert torch.equal(frames.walk[i], frames.walk[-1] if k > 500 else frames.walk[1]), k
+    assert not torch.equal(frames.walk[1], frames.walk[-1])
+    with pytest.raises(UsageError, match="guidance 1 distilled into it"):
+        diffuse.explore(student, image, frames=3, guidance=3.0)
 
 def test_a_stopped_distillation_resumes_to_the_same_weights(teacher_run, tmp_path):
     whole = diffuse.distill(teacher_run, tmp_path / "whole", steps=2, train_steps=8, save_every=4, **TINY)
