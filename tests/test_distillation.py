@@ -122,7 +122,6 @@ def test_a_distilled_run_samples_in_its_steps_and_refuses_other_samplers(teacher
         diffuse.interpolate(loaded, seeds=(1, 2), steps=50)
 
 
-
 def test_the_time_slider_walks_a_student_on_its_own_steps(teacher_run, tmp_path):
     """A 2-step student explored (CPU, fp32): its walk back is its own 2 DDIM steps from the static, each frame
     showing where the walk stood at or above the frame's k, and a restoration from k is one step to the student's
@@ -136,8 +135,8 @@ def test_the_time_slider_walks_a_student_on_its_own_steps(teacher_run, tmp_path)
     grid = spaced_timesteps(schedule, 2, "trailing")
     assert grid.tolist() == [999, 499]
     restoring = [1 + int((grid < k - 1).sum()) for k in frames.ks[1:]]  # from k = 100 .. 500: 1, from 600 up: 2
-    assert restoring == [1] * 5 + [2] * 5 and steps == [i for n in restoring for i in range(n)]  # (the walk's own
-    # steps the slider hears itself)
+    # the hooks hear the restorations' steps (the walk's, the slider hears itself)
+    assert restoring == [1] * 5 + [2] * 5 and steps == [i for n in restoring for i in range(n)]
     eps = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(4))
     static = schedule.q_sample(to_model(image)[None], torch.tensor([T - 1]), eps)
     own = Denoiser(student.net, student.config).walk(static, grid)
@@ -147,6 +146,7 @@ def test_the_time_slider_walks_a_student_on_its_own_steps(teacher_run, tmp_path)
     assert not torch.equal(frames.walk[1], frames.walk[-1])
     with pytest.raises(UsageError, match="guidance 1 distilled into it"):
         diffuse.explore(student, image, frames=3, guidance=3.0)
+
 
 def test_a_stopped_distillation_resumes_to_the_same_weights(teacher_run, tmp_path):
     whole = diffuse.distill(teacher_run, tmp_path / "whole", steps=2, train_steps=8, save_every=4, **TINY)
