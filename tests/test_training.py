@@ -99,7 +99,7 @@ def test_a_time_that_ends_before_the_first_fit_records_the_steps_the_run_took(tm
     ended = train(config, DATA, tmp_path, replace(OPTIONS, max_time=2.0, fit_steps=True))
     saved = load_model(tmp_path / MODEL_FILE)[1]
     assert ended.stopped_by == "time" and ended.records[-1]["steps"] is None  # never fitted
-    assert saved.train.steps == ended.step and ended.records[-1]["lr"] < 0.102 * config.train.lr
+    assert saved.train.steps == ended.step and ended.records[-1]["lr"] < 0.15 * config.train.lr  # decayed with the time
     logs = []
     again = train(saved, DATA, tmp_path, replace(OPTIONS, resume=True), Hooks(log=logs.append))
     assert again.step == ended.step and "is already at step" in " ".join(map(str, logs))
