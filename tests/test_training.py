@@ -96,7 +96,7 @@ def test_a_time_that_ends_before_the_first_fit_records_the_steps_the_run_took(tm
     resume without a budget finds nothing left rather than being refused as unfitted."""
     monkeypatch.setattr(budget_module, "FIT_AT", 10**9)  # no fit in this budget, on any machine
     config = replace(CONFIG, train=replace(CONFIG.train, steps=10**6))
-    ended = train(config, DATA, tmp_path, replace(OPTIONS, max_time=2.0, fit_steps=True))
+    ended = train(config, DATA, tmp_path, replace(OPTIONS, max_time=4.0, fit_steps=True))  # past any cold start
     saved = load_model(tmp_path / MODEL_FILE)[1]
     assert ended.stopped_by == "time" and ended.records[-1]["steps"] is None  # never fitted
     assert saved.train.steps == ended.step and ended.records[-1]["lr"] < 0.15 * config.train.lr  # decayed with the time
