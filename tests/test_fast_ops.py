@@ -77,24 +77,32 @@ def test_conv3x3_in_float32_is_the_convolution_to_winograds_rounding_in_its_layo
 
 
 def test_winograd_is_taken_only_where_it_pays(monkeypatch):
-    """An AVX2 CPU in fp32: the wide layers of a training step, fewer in sampling; never narrow or small layers,
-    never under autocast, never on an AVX-512 CPU (its oneDNN is faster), whatever the shapes."""
+    """An AVX2 CPU in fp32: the wider layers of a training step, fewer in sampling; never narrow or 4x4 layers in
+    training, never the image's own 3 channels, never under autocast, never on an AVX-512 CPU (its oneDNN is
+    faster), whatever the shapes."""
     from diffuse_cli.network import device
 
     monkeypatch.setattr(fast_ops, "WINOGRAD", None)
     avx2, avx512 = device.CpuKernels("AVX2", "ALL", False), device.CpuKernels("AVX512", "ALL", True)
     monkeypatch.setattr(device, "cpu_kernels", lambda: avx2)
-    wide, narrow, trained = torch.zeros(1, 128, 16, 16), torch.zeros(1, 48, 16, 16), torch.zeros(128, 128, 3, 3)
-    weight = trained.clone().requires_grad_()
-    assert fast_ops.winograd_pays(wide, weight)  # a training step's 128 channels in and out at 16x16
-    assert not fast_ops.winograd_pays(narrow, torch.zeros(48, 48, 3, 3, requires_grad=True))
-    assert not fast_ops.winograd_pays(torch.zeros(1, 128, 4, 4), weight)  # 4x4: one block
-    assert fast_ops.winograd_pays(wide, trained)  # sampling: 256 channels in and out at 16x16
-    assert not fast_ops.winograd_pays(torch.zeros(1, 128, 8, 8), trained)  # ... not at 8x8
+
+    def pays(c_in: int, c_out: int, side: int, training: bool) -> bool:
+        weight = torch.zeros(c_out, c_in, 3, 3, requires_grad=training)
+        return fast_ops.winograd_pays(torch.zeros(1, c_in, side, side), weight)
+
+    # training: the harmonic mean of the channels times the side, at least 768, from 8x8 up
+    assert pays(48, 48, 16, True) and pays(32, 32, 32, True) and pays(96, 96, 8, True)
+    assert pays(144, 48, 32, True)  # `small`'s widest skip-concatenation into 48 channels
+    assert not pays(48, 48, 8, True) and not pays(16, 16, 32, True)
+    assert not pays(3, 48, 32, True) and not pays(48, 3, 32, True)  # the image's own channels
+    assert not pays(256, 256, 4, True)  # 4x4: one block an image
+    # sampling: at least 96 channels, and their mean times the side at least 1024, from 4x4 up
+    assert pays(96, 96, 16, False) and pays(256, 256, 4, False)
+    assert not pays(64, 64, 32, False) and not pays(96, 96, 8, False) and not pays(128, 128, 2, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fast_ops.winograd_pays(wide, weight)
+        assert not pays(128, 128, 16, True)
     monkeypatch.setattr(device, "cpu_kernels", lambda: avx512)
-    assert not fast_ops.winograd_pays(wide, weight)
+    assert not pays(128, 128, 16, True)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
