@@ -90,15 +90,15 @@ def test_winograd_is_taken_only_where_it_pays(monkeypatch):
         weight = torch.zeros(c_out, c_in, 3, 3, requires_grad=training)
         return fast_ops.winograd_pays(torch.zeros(1, c_in, side, side), weight)
 
-    # training: the harmonic mean of the channels times the side, at least 768, from 8x8 up
-    assert pays(48, 48, 16, True) and pays(32, 32, 32, True) and pays(96, 96, 8, True)
+    # training: the harmonic mean of the channels at least 48, times the side at least 1024, from 8x8 up
+    assert pays(48, 48, 32, True) and pays(64, 64, 16, True) and pays(128, 128, 8, True)
     assert pays(144, 48, 32, True)  # `small`'s widest skip-concatenation into 48 channels
-    assert not pays(48, 48, 8, True) and not pays(16, 16, 32, True)
+    assert not pays(48, 48, 16, True) and not pays(32, 32, 32, True) and not pays(96, 96, 8, True)
     assert not pays(3, 48, 32, True) and not pays(48, 3, 32, True)  # the image's own channels
     assert not pays(256, 256, 4, True)  # 4x4: one block an image
-    # sampling: at least 96 channels, and their mean times the side at least 1024, from 4x4 up
-    assert pays(96, 96, 16, False) and pays(256, 256, 4, False)
-    assert not pays(64, 64, 32, False) and not pays(96, 96, 8, False) and not pays(128, 128, 2, False)
+    # sampling: at least 96 channels, and their mean times the side at least 512, from 4x4 up
+    assert pays(96, 96, 16, False) and pays(96, 96, 8, False) and pays(128, 128, 4, False)
+    assert not pays(64, 64, 32, False) and not pays(96, 96, 4, False) and not pays(128, 128, 2, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not pays(128, 128, 16, True)
     monkeypatch.setattr(device, "cpu_kernels", lambda: avx512)

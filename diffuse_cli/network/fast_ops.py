@@ -69,9 +69,9 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     oneDNN convolutions run below half the speed of its matrix products and whose backward costs over twice their
     forward, in float32. The transforms cost in proportion to the channels in (the tiles) and out (the blocks),
     the products saved to their product, so what decides is the channels' harmonic mean c = 2·in·out/(in + out)
-    times the side: where there is a backward, c·side ≥ 768 from 8x8 up (48 channels at 16x16, 24 at 32x32);
-    where there is none (sampling, the filters kept), c ≥ 96 and c·side ≥ 1024 from 4x4 up. With fewer, the
-    transforms cost more than they save; at 4x4 with a backward, one block an image does. Never under autocast
+    times the side: where there is a backward, c ≥ 48 and c·side ≥ 1024 from 8x8 up (64 channels at 16x16, 128
+    at 8x8); where there is none (sampling, the filters kept), c ≥ 96 and c·side ≥ 512 from 4x4 up. With fewer,
+    the transforms cost more than they save; at 4x4 with a backward, one block an image does. Never under autocast
     (bf16's rounding would grow by the transforms' constants), on a GPU or compiled."""
     if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or x.ndim != 4):
@@ -85,8 +85,8 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     c_out, c_in = weight.shape[:2]
     c, side = 2 * c_in * c_out / (c_in + c_out), min(x.shape[-2:])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return side >= 8 and c * side >= 768
-    return side >= 4 and c >= 96 and c * side >= 1024
+        return side >= 8 and c >= 48 and c * side >= 1024
+    return side >= 4 and c >= 96 and c * side >= 512
 
 
 # None: winograd_pays decides; True or False: always or never (benchmarks/forms.py compares the two, in one process)
