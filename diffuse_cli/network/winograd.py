@@ -90,9 +90,15 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     transform_filter(weight) made beforehand (a network whose weights do not change between calls)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _Conv3x3.apply(x, weight, bias)
+    return _convolve(x, weight, bias, filters)[0]
+
+
+def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              filters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution without autograd, and the transformed tiles V it made on the way."""
     v, t1, t2 = _tiles(x)
     y = _blocks(torch.bmm(v, transform_filter(weight) if filters is None else filters), tuple(x.shape), t1, t2)
-    return y if bias is None else y + bias[:, None, None]
+    return (y if bias is None else y + bias[:, None, None]), v
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -102,11 +108,10 @@ class _Conv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        v, t1, t2 = _tiles(x)
-        y = _blocks(torch.bmm(v, transform_filter(weight)), tuple(x.shape), t1, t2)
+        y, v = _convolve(x, weight, bias)
         ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)
         ctx.shape, ctx.has_bias = tuple(x.shape), bias is not None
-        return y if bias is None else y + bias[:, None, None]
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
