@@ -1,4 +1,4 @@
-"""Our forms of three computations against torch's or the textbook's, inside whole training steps.
+"""Our forms of four computations against torch's or the textbook's, inside whole training steps.
 
 - `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
   `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
@@ -10,6 +10,9 @@
 - `winograd`: the residual blocks' 3x3 convolutions by Winograd's F(4x4, 3x3) in matrix products
   (`fast_ops.conv3x3`, where `winograd_pays`: on a CPU without AVX-512, in fp32, from 192 channels in and
   out) against oneDNN's direct convolutions (F.conv2d) everywhere.
+- `transforms`: Winograd's tile transforms as numba's one-pass kernels (`winograd_kernels.py`, and the rule
+  that follows them) against the same transforms in torch's matrix products (`winograd.KERNELS = False`, and
+  its rule); on a CPU where neither takes Winograd the two are the same step.
 
 This trains two copies of a preset side by side, one with each form, alternating their steps in
 one process (this machine's speed drifts by 10-20% over minutes, which alternation cancels), and
@@ -20,6 +23,7 @@ replayed as a CUDA graph).
     python benchmarks/forms.py --presets small --batches 16 --precisions bf16
     python benchmarks/forms.py --change dropout --presets ddpm-cifar10 --batches 16
     python benchmarks/forms.py --change winograd --batches 16 --isa avx2   # an AVX-512 machine, as AVX2 runs
+    python benchmarks/forms.py --change transforms --presets small ddpm-cifar10 --batches 16 --precisions fp32
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, machine_line, parse_grid, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
-from diffuse_cli.network import unet  # noqa: E402
+from diffuse_cli.network import unet, winograd  # noqa: E402
 from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 
@@ -47,7 +51,22 @@ CHANGES = {
                    "textbook"),
     "dropout": (unet.Dropout, lambda m: lambda x: F.dropout(x, m.p, m.training), "torch"),
     "winograd": (unet.Conv3x3, lambda m: lambda x: F.conv2d(x, m.weight, m.bias, padding=1), "oneDNN"),
+    "transforms": (None, None, "torch"),  # a switch of the whole step, forward and backward: switched() below
 }
+
+
+def switched(change: str, name: str, step):
+    """The step as the form `name` runs it, where a change is a global switch rather than a module's forward."""
+    if change != "transforms":
+        return step
+
+    def run() -> None:
+        winograd.KERNELS = False if name == "torch" else None
+        try:
+            step()
+        finally:
+            winograd.KERNELS = None
+    return run
 
 
 def compare(change: str, preset: str, batch: int, precision: str, dev: torch.device, rounds: int) -> dict[str, float]:
@@ -56,11 +75,11 @@ def compare(change: str, preset: str, batch: int, precision: str, dev: torch.dev
     steps = {}
     for name in (other, "ours"):
         model, net, x0, t, eps, _ = contestant("ours", preset, batch, precision, dev, our_runtime=True)
-        if name == other:
+        if name == other and kind is not None:
             for module in model.modules():
                 if isinstance(module, kind):
                     module.forward = other_forward(module)
-        steps[name] = train_step_fn(model, net, x0, t, eps, precision)
+        steps[name] = switched(change, name, train_step_fn(model, net, x0, t, eps, precision))
         for _ in range(WARMUP_STEPS):
             steps[name]()
     sync = synchronizer(dev)

@@ -76,11 +76,40 @@ def test_conv3x3_in_float32_is_the_convolution_to_winograds_rounding_in_its_layo
             torch.testing.assert_close(ours, theirs, atol=2e-5 * theirs.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (3, 5, 7, 9), (2, 6, 13, 4), (1, 3, 1, 2)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compiled_transforms_compute_what_the_torch_form_does(shape, layout, with_bias, monkeypatch):
+    """CPU, float32: numba's one-pass transforms (winograd_kernels.py) against winograd.py's matrix products, each
+    output and gradient within F(4x4, 3x3)'s float32 rounding of the other (1e-5 of the largest; a wrong coefficient
+    would be off by a whole term), for images in whole blocks of 4 and not, either memory format, and the sampling
+    path with its filters kept."""
+    from diffuse_cli.network import winograd
+
+    assert winograd.compiled_transforms()  # numba is a dependency: were it missing, this would compare torch to torch
+    torch.manual_seed(0)
+    x = torch.randn(*shape).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(7, shape[1], 3, 3, requires_grad=True)
+    bias = torch.randn(7, requires_grad=True) if with_bias else None
+    grad = torch.randn(shape[0], 7, *shape[2:])
+    results = {}
+    for kernels in (False, None):
+        monkeypatch.setattr(winograd, "KERNELS", kernels)
+        out = winograd.conv3x3(x, weight, bias)
+        inputs = (x, weight) + ((bias,) if with_bias else ())
+        with torch.no_grad():
+            kept = winograd.conv3x3(x, weight, bias, winograd.transform_filter(weight))
+        results[kernels] = (out, kept, *torch.autograd.grad(out, inputs, grad))
+    for ours, theirs in zip(results[None], results[False]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+    assert results[None][0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_winograd_is_taken_only_where_it_pays(monkeypatch):
-    """An AVX2 CPU in fp32: the wider layers of a training step, fewer in sampling; never narrow or 4x4 layers in
-    training, never the image's own 3 channels, never under autocast, never on an AVX-512 CPU (its oneDNN is
-    faster), whatever the shapes."""
-    from diffuse_cli.network import device
+    """An AVX2 CPU in fp32: the wider layers of a training step, fewer in sampling, fewer again where the
+    transforms are torch's (numba missing); never narrow or 4x4 layers in training, never the image's own 3
+    channels, never under autocast, never on an AVX-512 CPU (its oneDNN is faster), whatever the shapes."""
+    from diffuse_cli.network import device, winograd
 
     monkeypatch.setattr(fast_ops, "WINOGRAD", None)
     avx2, avx512 = device.CpuKernels("AVX2", "ALL", False), device.CpuKernels("AVX512", "ALL", True)
@@ -90,19 +119,28 @@ def test_winograd_is_taken_only_where_it_pays(monkeypatch):
         weight = torch.zeros(c_out, c_in, 3, 3, requires_grad=training)
         return fast_ops.winograd_pays(torch.zeros(1, c_in, side, side), weight)
 
-    # training: the harmonic mean of the channels at least 48, times the side at least 1024, from 8x8 up
+    # numba's transforms. Training: the harmonic mean of the channels at least 40, from 8x8 up
+    assert pays(48, 48, 32, True) and pays(48, 48, 16, True) and pays(64, 64, 8, True) and pays(144, 48, 8, True)
+    assert not pays(32, 32, 32, True) and not pays(32, 48, 16, True)  # c = 38.4
+    assert not pays(3, 48, 32, True) and not pays(48, 3, 32, True)  # the image's own channels
+    assert not pays(256, 256, 4, True)  # 4x4: one block an image
+    # sampling: at least 32 channels, from 4x4 up
+    assert pays(32, 32, 32, False) and pays(48, 48, 4, False) and pays(96, 48, 16, False)
+    assert not pays(16, 16, 32, False) and not pays(128, 128, 2, False) and not pays(3, 48, 32, False)
+    # torch's transforms. Training: c at least 48, times the side at least 1024, from 8x8 up
+    monkeypatch.setattr(winograd, "KERNELS", False)
     assert pays(48, 48, 32, True) and pays(64, 64, 16, True) and pays(128, 128, 8, True)
     assert pays(144, 48, 32, True)  # `small`'s widest skip-concatenation into 48 channels
     assert not pays(48, 48, 16, True) and not pays(32, 32, 32, True) and not pays(96, 96, 8, True)
-    assert not pays(3, 48, 32, True) and not pays(48, 3, 32, True)  # the image's own channels
-    assert not pays(256, 256, 4, True)  # 4x4: one block an image
+    assert not pays(256, 256, 4, True)
     # sampling: at least 96 channels, and their mean times the side at least 512, from 4x4 up
     assert pays(96, 96, 16, False) and pays(96, 96, 8, False) and pays(128, 128, 4, False)
     assert not pays(64, 64, 32, False) and not pays(96, 96, 4, False) and not pays(128, 128, 2, False)
+    monkeypatch.setattr(winograd, "KERNELS", None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not pays(128, 128, 16, True)
     monkeypatch.setattr(device, "cpu_kernels", lambda: avx512)
-    assert not pays(128, 128, 16, True)
+    assert not pays(128, 128, 16, True) and not pays(128, 128, 16, False)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -69,10 +69,12 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     oneDNN convolutions run below half the speed of its matrix products and whose backward costs over twice their
     forward, in float32. The transforms cost in proportion to the channels in (the tiles) and out (the blocks),
     the products saved to their product, so what decides is the channels' harmonic mean c = 2·in·out/(in + out)
-    times the side: where there is a backward, c ≥ 48 and c·side ≥ 1024 from 8x8 up (64 channels at 16x16, 128
-    at 8x8); where there is none (sampling, the filters kept), c ≥ 96 and c·side ≥ 512 from 4x4 up. With fewer,
-    the transforms cost more than they save; at 4x4 with a backward, one block an image does. Never under autocast
-    (bf16's rounding would grow by the transforms' constants), on a GPU or compiled."""
+    and the side. With numba's one-pass transforms (winograd_kernels.py): where there is a backward, c ≥ 40 from
+    8x8 up; where there is none (sampling, the filters kept), c ≥ 32 from 4x4 up. With torch's transforms (numba
+    missing), which cost three times as much: c ≥ 48 and c·side ≥ 1024 from 8x8 up with a backward, c ≥ 96 and
+    c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they save; at 4x4 with a
+    backward, one block an image does. Never under autocast (bf16's rounding would grow by the transforms'
+    constants), on a GPU or compiled."""
     if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or x.ndim != 4):
         return False
@@ -84,7 +86,12 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     c_out, c_in = weight.shape[:2]
     c, side = 2 * c_in * c_out / (c_in + c_out), min(x.shape[-2:])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    from .winograd import compiled_transforms
+
+    if compiled_transforms():
+        return side >= 8 and c >= 40 if backward else side >= 4 and c >= 32
+    if backward:
         return side >= 8 and c >= 48 and c * side >= 1024
     return side >= 4 and c >= 96 and c * side >= 512
 

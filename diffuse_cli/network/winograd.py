@@ -20,6 +20,11 @@ tile's rows and one along its columns (`_separable`: 432 multiplications a 6x6 t
 is the same algorithm's chain rule: dM = (Aᵀ ⊗ Aᵀ)ᵀ dY, dU = Vᵀ dM, dV = dM Uᵀ, then each transform transposed (the
 input's tiles summed where they overlap).
 
+In float32 on the CPU the four tile transforms (input, output and their transposes in the backward) run as
+numba's compiled kernels (winograd_kernels.py: one pass over memory each, where the products with the 1-D matrix
+and the copies around them take four); the products with the filters stay torch's bmm. Without numba, in float64
+(the tests' numerical checks) and where `KERNELS` is False, the torch form below runs.
+
 Rounding: in float32 the outputs are within ~1e-5 of the largest (tests/test_fast_ops.py), where a direct
 convolution's are within ~1e-6; the transforms' constants (up to 8 and 1/24) amplify it, as in every F(4x4, 3x3).
 Which convolutions take this path, and why, is fast_ops.conv3x3's to say.
@@ -53,7 +58,7 @@ def _separable(name: str, flat: torch.Tensor, transposed: bool = False) -> torch
     Kronecker square would take r·m times as many multiplications as each."""
     matrix = _matrix(name, flat.dtype, flat.device, transposed)
     m, r = matrix.shape
-    rows = (matrix @ flat.view(r, -1)).view(m, r, -1)  # the patch's rows transformed: (m, r, R)
+    rows = (matrix @ flat.reshape(r, -1)).view(m, r, -1)  # the patch's rows transformed: (m, r, R)
     return torch.matmul(matrix, rows).view(m * m, -1)  # then each of them along its columns
 
 
@@ -69,19 +74,79 @@ def _tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     blocks: (36, N·T1·T2, C), and the tiles T1, T2 down and across."""
     n, c, h, w = x.shape
     t1, t2 = -(-h // OUT), -(-w // OUT)
+    kernels = _kernels(x)
+    if kernels is not None:
+        v = x.new_empty(TILE * TILE, n * t1 * t2, c)
+        kernels("input_tiles", _nhwc(x), v.numpy(), t1, t2)
+        return v, t1, t2
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + OUT * t2 - w, 1, 1 + OUT * t1 - h))  # (N, H', W', C)
     tiles = padded.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (N, T1, T2, C, 6, 6), a view
     d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(TILE * TILE, -1)  # the one gathering copy
     return _separable("input", d).view(TILE * TILE, n * t1 * t2, c), t1, t2
 
 
-def _blocks(m: torch.Tensor, shape: tuple[int, int, int, int], t1: int, t2: int) -> torch.Tensor:
-    """Y = Aᵀ M A for every tile, laid out as (N, C_out, H, W) in channels_last memory."""
+def _blocks(m: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int, int], t1: int,
+            t2: int) -> torch.Tensor:
+    """Y = Aᵀ M A (+ bias) for every tile, laid out as (N, C_out, H, W) in channels_last memory."""
     n, _, h, w = shape
     c_out = m.shape[-1]
+    kernels = _kernels(m)
+    if kernels is not None:
+        y = m.new_empty(n, h, w, c_out)
+        no_bias = m.new_empty(0)
+        kernels("output_blocks", m.numpy(), _flat(no_bias if bias is None else bias), y.numpy(), t1, t2)
+        return y.permute(0, 3, 1, 2)
     y = _separable("output", m.reshape(TILE * TILE, -1)).view(OUT, OUT, n, t1, t2, c_out)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, OUT * t1, OUT * t2, c_out)[:, :h, :w]
-    return y.permute(0, 3, 1, 2)
+    y = y.permute(0, 3, 1, 2)
+    return y if bias is None else y + bias[:, None, None]
+
+
+def _kernels(x: torch.Tensor):
+    """run(kernel, *arrays) for one of winograd_kernels' transforms (numba's compiled ones), for a float32 CPU tensor
+    where numba is installed; else None (the torch form)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not compiled_transforms():
+        return None
+    return _run
+
+
+def _run(kernel: str, *arrays) -> None:
+    """A compiled transform on as many threads as torch has at the moment (threads.py may have lowered them). numba
+    shares torch's OpenMP runtime, and starting its threads resets that runtime's count: torch's is put back."""
+    import numba
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    getattr(_compiled(), kernel)(*arrays)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def compiled_transforms() -> bool:
+    """Whether the float32 transforms run as numba's compiled kernels (fast_ops.winograd_pays' rule follows)."""
+    return KERNELS is not False and _compiled() is not None
+
+
+@functools.cache
+def _compiled():
+    try:
+        from . import winograd_kernels
+    except ImportError:  # numba is not installed, or not for this numpy
+        return None
+    return winograd_kernels
+
+
+# None: numba's kernels where they can run; False: always the torch form (the tests compare the two)
+KERNELS: bool | None = None
+
+
+def _nhwc(x: torch.Tensor):
+    """x (N, C, H, W) as an (N, H, W, C) numpy array of its memory, copied only if x is not channels_last."""
+    return x.detach().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _flat(x: torch.Tensor):
+    return x.detach().contiguous().numpy()
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -97,8 +162,8 @@ def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               filters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The convolution without autograd, and the transformed tiles V it made on the way."""
     v, t1, t2 = _tiles(x)
-    y = _blocks(torch.bmm(v, transform_filter(weight) if filters is None else filters), tuple(x.shape), t1, t2)
-    return (y if bias is None else y + bias[:, None, None]), v
+    y = _blocks(torch.bmm(v, transform_filter(weight) if filters is None else filters), bias, tuple(x.shape), t1, t2)
+    return y, v
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -120,18 +185,42 @@ class _Conv3x3(torch.autograd.Function):
         n, c_in, h, w = ctx.shape
         c_out = u.shape[-1]
         t1, t2 = -(-h // OUT), -(-w // OUT)
-        dyh = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, OUT * t2 - w, 0, OUT * t1 - h))  # (N, 4·T1, 4·T2, C_out)
-        blocks = dyh.reshape(n, t1, OUT, t2, OUT, c_out).permute(2, 4, 0, 1, 3, 5).reshape(OUT * OUT, -1)
-        dm = _separable("output", blocks, transposed=True).view(TILE * TILE, -1, c_out)  # (36, tiles, C_out)
+        dm = _block_gradients(dy, t1, t2)  # (36, tiles, C_out)
         dx = dw = None
         if ctx.needs_input_grad[1]:
             du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, -1)  # (36, C_in·C_out)
             dw = _separable("filter", du, transposed=True).view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
         if ctx.needs_input_grad[0]:
-            dd = _separable("input", torch.bmm(dm, u.transpose(1, 2)).view(TILE * TILE, -1), transposed=True)
-            dx = _untile(dd.view(TILE, TILE, n, t1, t2, c_in), h, w)
-        db = dyh.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            dx = _tile_gradients(torch.bmm(dm, u.transpose(1, 2)), ctx.shape, t1, t2)
+        db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+def _block_gradients(dy: torch.Tensor, t1: int, t2: int) -> torch.Tensor:
+    """The output transform's transpose, dM = (Aᵀ ⊗ Aᵀ)ᵀ dY for every 4x4 block of dy (N, C, H, W), zeros beyond
+    its edge: (36, N·T1·T2, C)."""
+    n, c, h, w = dy.shape
+    kernels = _kernels(dy)
+    if kernels is not None:
+        dm = dy.new_empty(TILE * TILE, n * t1 * t2, c)
+        kernels("output_blocks_transposed", _nhwc(dy), dm.numpy(), t1, t2)
+        return dm
+    dyh = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, OUT * t2 - w, 0, OUT * t1 - h))  # (N, 4·T1, 4·T2, C)
+    blocks = dyh.reshape(n, t1, OUT, t2, OUT, c).permute(2, 4, 0, 1, 3, 5).reshape(OUT * OUT, -1)
+    return _separable("output", blocks, transposed=True).view(TILE * TILE, -1, c)
+
+
+def _tile_gradients(dv: torch.Tensor, shape: tuple[int, int, int, int], t1: int, t2: int) -> torch.Tensor:
+    """The input transform's transpose: dV (36, N·T1·T2, C) -> the gradient of the input (N, C, H, W), each tile's
+    share summed where tiles overlap, in channels_last memory."""
+    n, c, h, w = shape
+    kernels = _kernels(dv)
+    if kernels is not None:
+        dx = dv.new_zeros(n, h, w, c)
+        kernels("input_tiles_transposed", dv.numpy(), dx.numpy(), t1, t2)
+        return dx.permute(0, 3, 1, 2)
+    dd = _separable("input", dv.reshape(TILE * TILE, -1), transposed=True)
+    return _untile(dd.view(TILE, TILE, n, t1, t2, c), h, w)
 
 
 def _untile(dd: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""winograd.py's four tile transforms, each one pass over memory (numba), where torch's matrix products take four.
+
+In torch operators the transforms of F(4x4, 3x3) are a padding copy, a gathering copy of the 6x6 tiles and two
+products with the 1-D matrix, each a pass over 2.25x the layer's input; a product with a 6x6 matrix does no more
+than a few additions an element, so each pass runs at the speed of memory, and together they took a third of
+Winograd's time on a 2-core AVX2 CPU (docs/speed.md). Here each transform reads its input once and writes its output
+once: a tile's 6x6 points of every channel are gathered into a small buffer (zeros beyond the image: the
+convolution's padding), transformed there along its rows and then its columns, and written out, the loops over the
+channels innermost so that they run in SIMD. The output transform adds the bias and writes the NHWC image itself;
+the backward's transposed input transform adds each tile's gradient into the image where tiles overlap.
+
+Tensors are float32, their memory laid out as the names say (NHWC: a channels_last image's permute(0, 2, 3, 1));
+tiles are numbered image by image, row by row: tile = (n·T1 + i)·T2 + j for the tile whose top-left input point is
+(4i − 1, 4j − 1). The formulas are the rows of winograd.py's BT and AT (input: V = Bᵀ d B; output: Y = Aᵀ M A) and
+their transposes; tests/test_fast_ops.py holds each kernel to winograd.py's torch form.
+
+Compiled on first use and cached on disk by numba (its own cache, beside this file or in the user's cache folder),
+so a later process loads them in a fraction of a second. Work is split over tile rows (images in the backward's
+scatter), on as many threads as torch is using at the moment of the call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# float32 constants: an integer one would promote the arithmetic to float64
+K2, K4, K5, K8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
+OPTIONS = dict(parallel=True, fastmath=True, cache=True, boundscheck=False, nogil=True)
+
+
+@njit(**OPTIONS)
+def input_tiles(x, v, t1, t2):
+    """V = Bᵀ d B: x (N, H, W, C) -> v (36, N·T1·T2, C), zero-padded by one and up to whole tiles."""
+    n_images, h, w, channels = x.shape
+    for row in prange(n_images * t1):
+        n, i0 = row // t1, (row % t1) * 4 - 1
+        d = np.empty((6, 6, channels), dtype=np.float32)
+        r = np.empty((6, 6, channels), dtype=np.float32)
+        for tj in range(t2):
+            j0 = tj * 4 - 1
+            for a in range(6):  # the tile, zeros where it overhangs the image (a contiguous copy beats
+                for b in range(6):  # reading the image in place with the padding masked)
+                    if 0 <= i0 + a < h and 0 <= j0 + b < w:
+                        for c in range(channels):
+                            d[a, b, c] = x[n, i0 + a, j0 + b, c]
+                    else:
+                        for c in range(channels):
+                            d[a, b, c] = 0.0
+            for b in range(6):  # along the tile's columns: r = Bᵀ d
+                for c in range(channels):
+                    d0, d1, d2, d3, d4, d5 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c]
+                    r[0, b, c] = K4 * d0 - K5 * d2 + d4
+                    r[1, b, c] = -K4 * (d1 + d2) + d3 + d4
+                    r[2, b, c] = K4 * (d1 - d2) + d4 - d3
+                    r[3, b, c] = K2 * (d3 - d1) + d4 - d2
+                    r[4, b, c] = K2 * (d1 - d3) + d4 - d2
+                    r[5, b, c] = K4 * d1 - K5 * d3 + d5
+            tile = row * t2 + tj
+            for a in range(6):  # then along its rows: V = r B
+                for c in range(channels):
+                    d0, d1, d2, d3, d4, d5 = r[a, 0, c], r[a, 1, c], r[a, 2, c], r[a, 3, c], r[a, 4, c], r[a, 5, c]
+                    v[a * 6, tile, c] = K4 * d0 - K5 * d2 + d4
+                    v[a * 6 + 1, tile, c] = -K4 * (d1 + d2) + d3 + d4
+                    v[a * 6 + 2, tile, c] = K4 * (d1 - d2) + d4 - d3
+                    v[a * 6 + 3, tile, c] = K2 * (d3 - d1) + d4 - d2
+                    v[a * 6 + 4, tile, c] = K2 * (d1 - d3) + d4 - d2
+                    v[a * 6 + 5, tile, c] = K4 * d1 - K5 * d3 + d5
+
+
+@njit(**OPTIONS)
+def output_blocks(m, bias, y, t1, t2):
+    """Y = Aᵀ M A + bias: m (36, N·T1·T2, C) -> y (N, H, W, C), the blocks cut at the image's edge. bias: (C,), or
+    (0,) for none."""
+    n_images, h, w, channels = y.shape
+    has_bias = bias.shape[0] > 0
+    for row in prange(n_images * t1):
+        n, i0 = row // t1, (row % t1) * 4
+        r = np.empty((4, 6, channels), dtype=np.float32)
+        for tj in range(t2):
+            j0, tile = tj * 4, row * t2 + tj
+            for b in range(6):  # along the tile's columns: r = Aᵀ M
+                for c in range(channels):
+                    m0, m1, m2 = m[b, tile, c], m[6 + b, tile, c], m[12 + b, tile, c]
+                    m3, m4, m5 = m[18 + b, tile, c], m[24 + b, tile, c], m[30 + b, tile, c]
+                    r[0, b, c] = m0 + m1 + m2 + m3 + m4
+                    r[1, b, c] = m1 - m2 + K2 * (m3 - m4)
+                    r[2, b, c] = m1 + m2 + K4 * (m3 + m4)
+                    r[3, b, c] = m1 - m2 + K8 * (m3 - m4) + m5
+            for a in range(4):  # then along its rows: Y = r A
+                if i0 + a >= h:
+                    break
+                for c in range(channels):
+                    m0, m1, m2, m3, m4, m5 = r[a, 0, c], r[a, 1, c], r[a, 2, c], r[a, 3, c], r[a, 4, c], r[a, 5, c]
+                    b0 = bias[c] if has_bias else np.float32(0.0)
+                    o0 = m0 + m1 + m2 + m3 + m4 + b0
+                    o1 = m1 - m2 + K2 * (m3 - m4) + b0
+                    o2 = m1 + m2 + K4 * (m3 + m4) + b0
+                    o3 = m1 - m2 + K8 * (m3 - m4) + m5 + b0
+                    if j0 + 3 < w:
+                        y[n, i0 + a, j0, c] = o0
+                        y[n, i0 + a, j0 + 1, c] = o1
+                        y[n, i0 + a, j0 + 2, c] = o2
+                        y[n, i0 + a, j0 + 3, c] = o3
+                    else:
+                        outs = (o0, o1, o2, o3)
+                        for k in range(w - j0):
+                            y[n, i0 + a, j0 + k, c] = outs[k]
+
+
+@njit(**OPTIONS)
+def output_blocks_transposed(dy, dm, t1, t2):
+    """The output transform's transpose, dM = A dY Aᵀ: dy (N, H, W, C) -> dm (36, N·T1·T2, C), zeros beyond the
+    image's edge."""
+    n_images, h, w, channels = dy.shape
+    for row in prange(n_images * t1):
+        n, i0 = row // t1, (row % t1) * 4
+        g = np.empty((4, 4, channels), dtype=np.float32)
+        r = np.empty((6, 4, channels), dtype=np.float32)
+        for tj in range(t2):
+            j0, tile = tj * 4, row * t2 + tj
+            for a in range(4):
+                for b in range(4):
+                    if i0 + a < h and j0 + b < w:
+                        for c in range(channels):
+                            g[a, b, c] = dy[n, i0 + a, j0 + b, c]
+                    else:
+                        for c in range(channels):
+                            g[a, b, c] = 0.0
+            for b in range(4):  # along the block's columns: r = A g
+                for c in range(channels):
+                    y0, y1, y2, y3 = g[0, b, c], g[1, b, c], g[2, b, c], g[3, b, c]
+                    r[0, b, c] = y0
+                    r[1, b, c] = y0 + y1 + y2 + y3
+                    r[2, b, c] = y0 - y1 + y2 - y3
+                    r[3, b, c] = y0 + K2 * y1 + K4 * y2 + K8 * y3
+                    r[4, b, c] = y0 - K2 * y1 + K4 * y2 - K8 * y3
+                    r[5, b, c] = y3
+            for a in range(6):  # then along its rows: dM = r Aᵀ
+                for c in range(channels):
+                    y0, y1, y2, y3 = r[a, 0, c], r[a, 1, c], r[a, 2, c], r[a, 3, c]
+                    dm[a * 6, tile, c] = y0
+                    dm[a * 6 + 1, tile, c] = y0 + y1 + y2 + y3
+                    dm[a * 6 + 2, tile, c] = y0 - y1 + y2 - y3
+                    dm[a * 6 + 3, tile, c] = y0 + K2 * y1 + K4 * y2 + K8 * y3
+                    dm[a * 6 + 4, tile, c] = y0 - K2 * y1 + K4 * y2 - K8 * y3
+                    dm[a * 6 + 5, tile, c] = y3
+
+
+@njit(**OPTIONS)
+def input_tiles_transposed(dv, dx, t1, t2):
+    """The input transform's transpose, summed where tiles overlap: dv (36, N·T1·T2, C) -> dx (N, H, W, C), which
+    must hold zeros. An image's tiles overlap each other, so the images are split over the threads, not the rows."""
+    n_images, h, w, channels = dx.shape
+    for n in prange(n_images):
+        r = np.empty((6, 6, channels), dtype=np.float32)
+        e = np.empty((6, 6, channels), dtype=np.float32)
+        for ti in range(t1):
+            i0 = ti * 4 - 1
+            for tj in range(t2):
+                j0, tile = tj * 4 - 1, (n * t1 + ti) * t2 + tj
+                for a in range(6):  # along the tile's rows: r = dV Bᵀ
+                    for c in range(channels):
+                        v0, v1, v2 = dv[a * 6, tile, c], dv[a * 6 + 1, tile, c], dv[a * 6 + 2, tile, c]
+                        v3, v4, v5 = dv[a * 6 + 3, tile, c], dv[a * 6 + 4, tile, c], dv[a * 6 + 5, tile, c]
+                        r[a, 0, c] = K4 * v0
+                        r[a, 1, c] = -K4 * v1 + K4 * v2 - K2 * v3 + K2 * v4 + K4 * v5
+                        r[a, 2, c] = -K5 * v0 - K4 * v1 - K4 * v2 - v3 - v4
+                        r[a, 3, c] = v1 - v2 + K2 * v3 - K2 * v4 - K5 * v5
+                        r[a, 4, c] = v0 + v1 + v2 + v3 + v4
+                        r[a, 5, c] = v5
+                for b in range(6):  # then along its columns: e = B r
+                    for c in range(channels):
+                        v0, v1, v2, v3, v4, v5 = r[0, b, c], r[1, b, c], r[2, b, c], r[3, b, c], r[4, b, c], r[5, b, c]
+                        e[0, b, c] = K4 * v0
+                        e[1, b, c] = -K4 * v1 + K4 * v2 - K2 * v3 + K2 * v4 + K4 * v5
+                        e[2, b, c] = -K5 * v0 - K4 * v1 - K4 * v2 - v3 - v4
+                        e[3, b, c] = v1 - v2 + K2 * v3 - K2 * v4 - K5 * v5
+                        e[4, b, c] = v0 + v1 + v2 + v3 + v4
+                        e[5, b, c] = v5
+                for a in range(6):
+                    if 0 <= i0 + a < h:
+                        for b in range(6):
+                            if 0 <= j0 + b < w:
+                                for c in range(channels):
+                                    dx[n, i0 + a, j0 + b, c] += e[a, b, c]
