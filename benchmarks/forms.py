@@ -1,4 +1,4 @@
-"""Our forms of four computations against torch's or the textbook's, inside whole training steps.
+"""Our forms of five computations against torch's or the textbook's, inside whole training steps.
 
 - `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
   `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
@@ -13,6 +13,9 @@
 - `transforms`: Winograd's tile transforms as numba's one-pass kernels (`winograd_kernels.py`, and the rule
   that follows them) against the same transforms in torch's matrix products (`winograd.KERNELS = False`, and
   its rule); on a CPU where neither takes Winograd the two are the same step.
+- `norm`: GroupNorm (and the SiLU after it) on channels_last images by numba's two passes (`norm_kernels.py`,
+  where `fast_ops.norm_pays`: float32 on the CPU) against torch's GroupNorm and SiLU (`fast_ops.NORM_KERNELS =
+  False`).
 
 This trains two copies of a preset side by side, one with each form, alternating their steps in
 one process (this machine's speed drifts by 10-20% over minutes, which alternation cancels), and
@@ -24,6 +27,7 @@ replayed as a CUDA graph).
     python benchmarks/forms.py --change dropout --presets ddpm-cifar10 --batches 16
     python benchmarks/forms.py --change winograd --batches 16 --isa avx2   # an AVX-512 machine, as AVX2 runs
     python benchmarks/forms.py --change transforms --presets small ddpm-cifar10 --batches 16 --precisions fp32
+    python benchmarks/forms.py --change norm --presets small ddpm-cifar10 --batches 16 --precisions fp32
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import grid_parser, machine_line, parse_grid, synchronizer, train_step_fn, upsample_then_conv  # noqa: E402
 from train_speed import WARMUP_STEPS, contestant  # noqa: E402
 
-from diffuse_cli.network import unet, winograd  # noqa: E402
+from diffuse_cli.network import fast_ops, unet, winograd  # noqa: E402
 from diffuse_cli.presets import model_config  # noqa: E402
 from diffuse_cli.network.fast_ops import keep_cpu_memory  # noqa: E402
 
@@ -52,20 +56,25 @@ CHANGES = {
     "dropout": (unet.Dropout, lambda m: lambda x: F.dropout(x, m.p, m.training), "torch"),
     "winograd": (unet.Conv3x3, lambda m: lambda x: F.conv2d(x, m.weight, m.bias, padding=1), "oneDNN"),
     "transforms": (None, None, "torch"),  # a switch of the whole step, forward and backward: switched() below
+    "norm": (None, None, "torch"),
 }
+
+# change -> (the module, its switch, the other form's setting): global switches, read in the backward too
+SWITCHES = {"transforms": (winograd, "KERNELS", False), "norm": (fast_ops, "NORM_KERNELS", False)}
 
 
 def switched(change: str, name: str, step):
     """The step as the form `name` runs it, where a change is a global switch rather than a module's forward."""
-    if change != "transforms":
+    if change not in SWITCHES:
         return step
+    module, switch, other = SWITCHES[change]
 
     def run() -> None:
-        winograd.KERNELS = False if name == "torch" else None
+        setattr(module, switch, other if name != "ours" else None)
         try:
             step()
         finally:
-            winograd.KERNELS = None
+            setattr(module, switch, None)
     return run
 
 

@@ -105,6 +105,32 @@ def test_compiled_transforms_compute_what_the_torch_form_does(shape, layout, wit
     assert results[None][0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 96, 8, 8), 32), ((1, 48, 7, 5), 16), ((3, 8, 16, 16), 1),
+                                          ((2, 12, 1, 3), 4)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_kernels_compute_torchs_group_norm_and_its_gradient(shape, groups, silu):
+    """CPU, float32, channels_last: norm_kernels.py's GroupNorm (and SiLU) against F.group_norm (and F.silu) in
+    float64, output and the gradients of input, weight and bias within 1e-5 of the largest, for images of one
+    position to 256, whole groups of one channel to twelve; and taken only where norm_pays says."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, shape[1])
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(shape) * 3 + 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert fast_ops.norm_pays(x, norm) and not fast_ops.norm_pays(x.contiguous(), norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_ops.norm_pays(x, norm)
+    out = fast_ops.group_norm(x, norm, silu)
+    params = (x, norm.weight, norm.bias)
+    doubles = [p.detach().double().requires_grad_() for p in params]
+    expected = F.group_norm(doubles[0], groups, doubles[1], doubles[2], norm.eps)
+    expected = F.silu(expected) if silu else expected
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    grad = torch.randn(shape)
+    for ours, theirs in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, doubles, grad.double())):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+
+
 def test_winograd_is_taken_only_where_it_pays(monkeypatch):
     """An AVX2 CPU in fp32: the wider layers of a training step, fewer in sampling, fewer again where the
     transforms are torch's (numba missing); never narrow or 4x4 layers in training, never the image's own 3

@@ -116,6 +116,84 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
+    """GroupNorm, and the SiLU after it where `silu`. Plain: F.silu(norm(x)) if silu else norm(x).
+
+    torch's CPU GroupNorm on channels_last memory below 1,024 positions reads each group's few channels at a
+    stride of all of them, at 3-5x the time of the same norm on contiguous memory; in float32 on the CPU, where
+    numba is installed (norm_pays), norm_kernels.py's two passes take it instead (GroupNormSiLU).
+    Elsewhere (GPUs, autocast, contiguous memory, compiled) torch's own."""
+    if not norm_pays(x, norm):
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.silu(y) if silu else y
+    return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+
+
+def norm_pays(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
+    """Whether group_norm takes norm_kernels: a float32 channels_last image on the CPU, where numba is installed.
+    Measured at `small`'s shapes (`python benchmarks/forms.py --change norm`, docs/speed.md): with the SiLU, in
+    sampling 1.7-2.8x as fast below 32x32 and level at it, and in training level to 1.7x."""
+    if (NORM_KERNELS is False or x.device.type != "cpu" or x.dtype != torch.float32 or x.ndim != 4
+            or not norm.affine or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
+        return False
+    from . import compiled
+
+    return compiled.kernels("norm_kernels") is not None
+
+
+# None: norm_pays decides; False: torch's GroupNorm always (the tests and benchmarks/forms.py compare the two)
+NORM_KERNELS: bool | None = None
+
+
+class GroupNormSiLU(torch.autograd.Function):
+    """norm_kernels' GroupNorm, then torch's SiLU where asked. It keeps the norm's input and each group's mean and
+    1/std, and recomputes the norm's output in the backward where the SiLU's gradient needs it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                silu: bool) -> torch.Tensor:
+        y, mean, rstd = _group_norm(x, weight, bias, groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.silu, ctx.eps = silu, eps
+        return F.silu(y, inplace=True) if silu else y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from . import compiled
+
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dz = dy
+        if ctx.silu:
+            dz = torch.ops.aten.silu_backward(dy, _group_norm(x, weight, bias, mean.shape[1], ctx.eps)[0])
+        n, c, h, w = x.shape
+        dx = x.new_empty(n, h, w, c)
+        dweight, dbias = x.new_empty(n, c), x.new_empty(n, c)
+        compiled.run(compiled.kernels("norm_kernels").backward, _positions(dz), _positions(x), compiled.numpy(weight),
+                     mean.numpy(), rstd.numpy(), dx.view(n, h * w, c).numpy(), dweight.numpy(), dbias.numpy())
+        return dx.permute(0, 3, 1, 2), dweight.sum(0), dbias.sum(0), None, None, None
+
+
+def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
+    """norm_kernels.forward: the normalised x in channels_last memory, and each group's mean and 1/std (N, G)."""
+    from . import compiled
+
+    n, c, h, w = x.shape
+    y = x.new_empty(n, h, w, c)
+    mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
+    compiled.run(compiled.kernels("norm_kernels").forward, _positions(x), compiled.numpy(weight), compiled.numpy(bias),
+                 groups, eps, y.view(n, h * w, c).numpy(), mean.numpy(), rstd.numpy())
+    return y.permute(0, 3, 1, 2), mean, rstd
+
+
+def _positions(x: torch.Tensor):
+    """An image batch (N, C, H, W) as the (N, H·W, C) numpy array of its channels_last memory (a copy if it is not)."""
+    from . import compiled
+
+    n, c, h, w = x.shape
+    return compiled.numpy(x.permute(0, 2, 3, 1)).reshape(n, h * w, c)
+
+
 # Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its
 # flash kernel; above it the flash kernel wins, and it never holds the (positions x positions) scores.
 CPU_MATH_POSITIONS = 64

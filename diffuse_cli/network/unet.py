@@ -27,7 +27,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, s
     return torch.cat([args.cos(), args.sin()] if cos_first else [args.sin(), args.cos()], dim=1)
 
 
-def group_norm(channels: int, min_per_group: int = 1, eps: float = 1e-5) -> nn.GroupNorm:
+def group_norm(channels: int, min_per_group: int = 1, eps: float = 1e-5) -> GroupNorm:
     """GroupNorm with up to 32 groups (Ho et al.), halved until each holds at least min_per_group channels.
 
     A group of one channel subtracts that channel's mean, and with it the per-channel bias that the
@@ -35,7 +35,15 @@ def group_norm(channels: int, min_per_group: int = 1, eps: float = 1e-5) -> nn.G
     groups = math.gcd(32, channels)
     while groups > 1 and channels // groups < min_per_group:
         groups //= 2
-    return nn.GroupNorm(groups, channels, eps)
+    return GroupNorm(groups, channels, eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, computed by fast_ops.group_norm; `silu=True` applies a SiLU after it, in the same pass where
+    the kernels run."""
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        return fast_ops.group_norm(x, self, silu)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -86,9 +94,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
         return self.skip(x) + h
 
 

@@ -37,6 +37,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import compiled
+
 BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
       (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -94,7 +96,7 @@ def _blocks(m: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, i
     if kernels is not None:
         y = m.new_empty(n, h, w, c_out)
         no_bias = m.new_empty(0)
-        kernels("output_blocks", m.numpy(), _flat(no_bias if bias is None else bias), y.numpy(), t1, t2)
+        kernels("output_blocks", m.numpy(), compiled.numpy(no_bias if bias is None else bias), y.numpy(), t1, t2)
         return y.permute(0, 3, 1, 2)
     y = _separable("output", m.reshape(TILE * TILE, -1)).view(OUT, OUT, n, t1, t2, c_out)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, OUT * t1, OUT * t2, c_out)[:, :h, :w]
@@ -107,33 +109,12 @@ def _kernels(x: torch.Tensor):
     where numba is installed; else None (the torch form)."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or not compiled_transforms():
         return None
-    return _run
-
-
-def _run(kernel: str, *arrays) -> None:
-    """A compiled transform on as many threads as torch has at the moment (threads.py may have lowered them). numba
-    shares torch's OpenMP runtime, and starting its threads resets that runtime's count: torch's is put back."""
-    import numba
-
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    getattr(_compiled(), kernel)(*arrays)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    return lambda kernel, *arrays: compiled.run(getattr(compiled.kernels("winograd_kernels"), kernel), *arrays)
 
 
 def compiled_transforms() -> bool:
     """Whether the float32 transforms run as numba's compiled kernels (fast_ops.winograd_pays' rule follows)."""
-    return KERNELS is not False and _compiled() is not None
-
-
-@functools.cache
-def _compiled():
-    try:
-        from . import winograd_kernels
-    except ImportError:  # numba is not installed, or not for this numpy
-        return None
-    return winograd_kernels
+    return KERNELS is not False and compiled.kernels("winograd_kernels") is not None
 
 
 # None: numba's kernels where they can run; False: always the torch form (the tests compare the two)
@@ -142,11 +123,7 @@ KERNELS: bool | None = None
 
 def _nhwc(x: torch.Tensor):
     """x (N, C, H, W) as an (N, H, W, C) numpy array of its memory, copied only if x is not channels_last."""
-    return x.detach().permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def _flat(x: torch.Tensor):
-    return x.detach().contiguous().numpy()
+    return compiled.numpy(x.permute(0, 2, 3, 1))
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

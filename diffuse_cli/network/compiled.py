@@ -1,0 +1,41 @@
+"""Running numba's compiled CPU kernels (winograd_kernels.py, norm_kernels.py) beside torch.
+
+numba compiles each kernel on its first call and keeps it in its own on-disk cache, so a later process loads it in
+a fraction of a second. The kernels run in numba's threads, as many as torch is using at the moment of the call
+(network/threads.py may have lowered torch's for a busy machine). Where numba is missing, or cannot load for this
+numpy, `kernels()` is None and the callers take their torch form.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+
+@functools.cache
+def kernels(name: str) -> ModuleType | None:
+    """The kernel module diffuse_cli.network.<name>, or None where numba cannot load."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        return None
+
+
+def run(kernel, *arrays) -> None:
+    """kernel(*arrays) on torch's current number of threads. numba shares torch's OpenMP runtime, and starting its
+    threads resets that runtime's count: torch's is put back."""
+    import numba
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    kernel(*arrays)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def numpy(x: torch.Tensor):
+    """x's memory as a numpy array (copied only if x is not contiguous), outside autograd."""
+    return x.detach().contiguous().numpy()
