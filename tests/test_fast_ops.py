@@ -111,7 +111,8 @@ def test_compiled_transforms_compute_what_the_torch_form_does(shape, layout, wit
 def test_group_norm_kernels_compute_torchs_group_norm_and_its_gradient(shape, groups, silu):
     """CPU, float32, channels_last: norm_kernels.py's GroupNorm (and SiLU) against F.group_norm (and F.silu) in
     float64, output and the gradients of input, weight and bias within 1e-5 of the largest, for images of one
-    position to 256, whole groups of one channel to twelve; and taken only where norm_pays says."""
+    position to 256, whole groups of one channel to twelve, with and without autograd; and taken only where
+    norm_pays says."""
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(groups, shape[1])
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
@@ -126,6 +127,8 @@ def test_group_norm_kernels_compute_torchs_group_norm_and_its_gradient(shape, gr
     expected = F.silu(expected) if silu else expected
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.double(), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    with torch.no_grad():  # sampling's path, outside autograd
+        torch.testing.assert_close(fast_ops.group_norm(x, norm, silu), out, atol=0, rtol=0)
     grad = torch.randn(shape)
     for ours, theirs in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, doubles, grad.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)

@@ -126,7 +126,10 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
     if not norm_pays(x, norm):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y) if silu else y
-    return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad):
+        return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    y = _group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps)[0]  # sampling: no autograd to record
+    return F.silu(y, inplace=True) if silu else y
 
 
 def norm_pays(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
