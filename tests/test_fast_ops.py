@@ -153,9 +153,10 @@ def test_winograd_is_taken_only_where_it_pays(monkeypatch):
     assert not pays(32, 32, 32, True) and not pays(32, 48, 16, True)  # c = 38.4
     assert not pays(3, 48, 32, True) and not pays(48, 3, 32, True)  # the image's own channels
     assert not pays(256, 256, 4, True)  # 4x4: one block an image
-    # sampling: at least 32 channels, from 4x4 up
-    assert pays(32, 32, 32, False) and pays(48, 48, 4, False) and pays(96, 48, 16, False)
-    assert not pays(16, 16, 32, False) and not pays(128, 128, 2, False) and not pays(3, 48, 32, False)
+    # sampling: at least 32 channels, times the side at least 256, from 4x4 up
+    assert pays(32, 32, 32, False) and pays(32, 32, 8, False) and pays(64, 64, 4, False) and pays(96, 48, 16, False)
+    assert not pays(16, 16, 32, False) and not pays(48, 48, 4, False) and not pays(128, 128, 2, False)
+    assert not pays(3, 48, 32, False)
     # torch's transforms. Training: c at least 48, times the side at least 1024, from 8x8 up
     monkeypatch.setattr(winograd, "KERNELS", False)
     assert pays(48, 48, 32, True) and pays(64, 64, 16, True) and pays(128, 128, 8, True)

@@ -70,9 +70,9 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     forward, in float32. The transforms cost in proportion to the channels in (the tiles) and out (the blocks),
     the products saved to their product, so what decides is the channels' harmonic mean c = 2·in·out/(in + out)
     and the side. With numba's one-pass transforms (winograd_kernels.py): where there is a backward, c ≥ 40 from
-    8x8 up; where there is none (sampling, the filters kept), c ≥ 32 from 4x4 up. With torch's transforms (numba
-    missing), which cost three times as much: c ≥ 48 and c·side ≥ 1024 from 8x8 up with a backward, c ≥ 96 and
-    c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they save; at 4x4 with a
+    8x8 up; where there is none (sampling, the filters kept), c ≥ 32 and c·side ≥ 256 from 4x4 up. With torch's
+    transforms (numba missing), which cost three times as much: c ≥ 48 and c·side ≥ 1024 from 8x8 up with a
+    backward, c ≥ 96 and c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they save; at 4x4 with a
     backward, one block an image does. Never under autocast (bf16's rounding would grow by the transforms'
     constants), on a GPU or compiled."""
     if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
@@ -90,7 +90,7 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from .winograd import compiled_transforms
 
     if compiled_transforms():
-        return side >= 8 and c >= 40 if backward else side >= 4 and c >= 32
+        return side >= 8 and c >= 40 if backward else side >= 4 and c >= 32 and c * side >= 256
     if backward:
         return side >= 8 and c >= 48 and c * side >= 1024
     return side >= 4 and c >= 96 and c * side >= 512
