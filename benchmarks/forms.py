@@ -8,8 +8,8 @@
   four 16-bit uniforms from each 64-bit draw (the same distribution, up to p rounded to 16 bits).
   Only presets with dropout (`ddpm-cifar10`, `base`) have any; on a GPU both are F.dropout.
 - `winograd`: the residual blocks' 3x3 convolutions by Winograd's F(4x4, 3x3) in matrix products
-  (`fast_ops.conv3x3`, where `winograd_pays`: on a CPU without AVX-512, in fp32, from 192 channels in and
-  out) against oneDNN's direct convolutions (F.conv2d) everywhere.
+  (`fast_ops.conv3x3`, where `winograd_pays`: on a CPU without AVX-512, in fp32, where the layer's channels
+  and side make it pay) against oneDNN's direct convolutions (F.conv2d) everywhere.
 - `transforms`: Winograd's tile transforms as numba's one-pass kernels (`winograd_kernels.py`, and the rule
   that follows them) against the same transforms in torch's matrix products (`winograd.KERNELS = False`, and
   its rule); on a CPU where neither takes Winograd the two are the same step.

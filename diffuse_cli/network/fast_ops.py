@@ -72,9 +72,9 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     and the side. With numba's one-pass transforms (winograd_kernels.py): where there is a backward, c ≥ 40 from
     8x8 up; where there is none (sampling, the filters kept), c ≥ 32 and c·side ≥ 256 from 4x4 up. With torch's
     transforms (numba missing), which cost three times as much: c ≥ 48 and c·side ≥ 1024 from 8x8 up with a
-    backward, c ≥ 96 and c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they save; at 4x4 with a
-    backward, one block an image does. Never under autocast (bf16's rounding would grow by the transforms'
-    constants), on a GPU or compiled."""
+    backward, c ≥ 96 and c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they
+    save; at 4x4 with a backward, one block an image does. Never under autocast (bf16's rounding would grow by the
+    transforms' constants), on a GPU or compiled."""
     if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or x.ndim != 4):
         return False
@@ -120,7 +120,7 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
     """GroupNorm, and the SiLU after it where `silu`. Plain: F.silu(norm(x)) if silu else norm(x).
 
     torch's CPU GroupNorm on channels_last memory below 1,024 positions reads each group's few channels at a
-    stride of all of them, at 3-5x the time of the same norm on contiguous memory; in float32 on the CPU, where
+    stride of all of them, at 3-8x the time of the same norm on contiguous memory; in float32 on the CPU, where
     numba is installed (norm_pays), norm_kernels.py's two passes take it instead (GroupNormSiLU).
     Elsewhere (GPUs, autocast, contiguous memory, compiled) torch's own."""
     if not norm_pays(x, norm):

@@ -39,8 +39,8 @@ def group_norm(channels: int, min_per_group: int = 1, eps: float = 1e-5) -> Grou
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, computed by fast_ops.group_norm; `silu=True` applies a SiLU after it, in the same pass where
-    the kernels run."""
+    """nn.GroupNorm, computed by fast_ops.group_norm (numba's kernels on a float32 channels_last CPU image);
+    `silu=True` applies a SiLU after it."""
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         return fast_ops.group_norm(x, self, silu)
