@@ -39,3 +39,8 @@ def run(kernel, *arrays) -> None:
 def numpy(x: torch.Tensor):
     """x's memory as a numpy array (copied only if x is not contiguous), outside autograd."""
     return x.detach().contiguous().numpy()
+
+
+def nhwc(x: torch.Tensor):
+    """An image batch (N, C, H, W) as the (N, H, W, C) numpy array of its channels_last memory (a copy if it is not)."""
+    return numpy(x.permute(0, 2, 3, 1))

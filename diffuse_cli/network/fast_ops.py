@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import compiled
+
 
 # -- the U-Net -------------------------------------------------------------------------------
 def uniform16_like(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +142,6 @@ def norm_pays(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
             or not norm.affine or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
             or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
         return False
-    from . import compiled
-
     return compiled.kernels("norm_kernels") is not None
 
 
@@ -163,8 +163,6 @@ class GroupNormSiLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        from . import compiled
-
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dz = dy
         if ctx.silu:
@@ -179,8 +177,6 @@ class GroupNormSiLU(torch.autograd.Function):
 
 def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
     """norm_kernels.forward: the normalised x in channels_last memory, and each group's mean and 1/std (N, G)."""
-    from . import compiled
-
     n, c, h, w = x.shape
     y = x.new_empty(n, h, w, c)
     mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
@@ -190,11 +186,9 @@ def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
 
 
 def _positions(x: torch.Tensor):
-    """An image batch (N, C, H, W) as the (N, H·W, C) numpy array of its channels_last memory (a copy if it is not)."""
-    from . import compiled
-
+    """An image batch (N, C, H, W) as the (N, H·W, C) numpy array of its channels_last memory."""
     n, c, h, w = x.shape
-    return compiled.numpy(x.permute(0, 2, 3, 1)).reshape(n, h * w, c)
+    return compiled.nhwc(x).reshape(n, h * w, c)
 
 
 # Up to this many positions (8x8: `small`'s layer at 32x32) the CPU's math path on strided views beats its

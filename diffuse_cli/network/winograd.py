@@ -79,7 +79,7 @@ def _tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     kernels = _kernels(x)
     if kernels is not None:
         v = x.new_empty(TILE * TILE, n * t1 * t2, c)
-        kernels("input_tiles", _nhwc(x), v.numpy(), t1, t2)
+        kernels("input_tiles", compiled.nhwc(x), v.numpy(), t1, t2)
         return v, t1, t2
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + OUT * t2 - w, 1, 1 + OUT * t1 - h))  # (N, H', W', C)
     tiles = padded.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (N, T1, T2, C, 6, 6), a view
@@ -119,11 +119,6 @@ def compiled_transforms() -> bool:
 
 # None: numba's kernels where they can run; False: always the torch form (the tests compare the two)
 KERNELS: bool | None = None
-
-
-def _nhwc(x: torch.Tensor):
-    """x (N, C, H, W) as an (N, H, W, C) numpy array of its memory, copied only if x is not channels_last."""
-    return compiled.numpy(x.permute(0, 2, 3, 1))
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -180,7 +175,7 @@ def _block_gradients(dy: torch.Tensor, t1: int, t2: int) -> torch.Tensor:
     kernels = _kernels(dy)
     if kernels is not None:
         dm = dy.new_empty(TILE * TILE, n * t1 * t2, c)
-        kernels("output_blocks_transposed", _nhwc(dy), dm.numpy(), t1, t2)
+        kernels("output_blocks_transposed", compiled.nhwc(dy), dm.numpy(), t1, t2)
         return dm
     dyh = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, OUT * t2 - w, 0, OUT * t1 - h))  # (N, 4·T1, 4·T2, C)
     blocks = dyh.reshape(n, t1, OUT, t2, OUT, c).permute(2, 4, 0, 1, 3, 5).reshape(OUT * OUT, -1)
