@@ -17,6 +17,7 @@ from .evaluation.features import (BUILTIN_REFERENCE, COPY_SIZE, KID_SUBSET_SIZE,
                                   resized, score, tensor_features)
 from .evaluation.inception import Precision, Resize
 from .formats.files import MODEL_FILE, STATE_FILE
+from .diffusion.sampling import SampleConfig
 from .model import Model, PathLike
 from .network.device import pick_device
 
@@ -37,7 +38,8 @@ class Evaluation:
 class EvalSettings:
     """How evaluate() scores: n samples to draw from a run (None: the reference's size, at most 10,000), where to
     keep them (out; None: a temporary folder), the resize to the FID network's input, its precision, the device,
-    the reference features' cache folder (None: the default) and the seed of KID's subsets."""
+    the reference features' cache folder (None: the default), the seed of KID's subsets, and how a run's samples
+    are drawn (sample: sampler, steps and the rest as Model.sample takes them; None: the model's default)."""
 
     n: int | None = None
     out: PathLike | None = None
@@ -46,6 +48,7 @@ class EvalSettings:
     device: str = "auto"
     cache: PathLike | None = None
     seed: int = 0
+    sample: SampleConfig | None = None
 
     def check(self) -> EvalSettings:
         for name, value, choices in (("resize", self.resize, Resize), ("precision", self.precision, Precision)):
@@ -62,7 +65,7 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *,
     """Score `samples` against `reference`: FID, KID, precision/recall and copies (scores.py).
 
     samples: a folder of images, or a run (a run folder, a model.safetensors, or a Model) to draw n samples from
-    first with its default sampler into `out`. reference: a folder of images (default for a run: its training
+    first into `out`, with its default sampler unless `sample` says otherwise. reference: a folder of images (default for a run: its training
     folder, or the built-in shapes it trained on). settings: EvalSettings' fields by name (n, out, resize,
     precision, device, cache, seed). progress(stage, done, total) reports each stage: "sampling", "samples",
     "reference"."""
@@ -83,6 +86,9 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *,
         model = Model(*load_model(checkpoint, pick_device(device)), checkpoint)
     if model is None and n is not None:
         raise UsageError("{n} applies to a run, which draws that many samples to score; a folder is scored whole", "n")
+    if model is None and s.sample is not None:
+        raise UsageError("{name} applies to a run, whose samples it draws; a folder's images are scored as they are",
+                         "name")
     sample_files = image_files(path, "samples") if model is None else None
     ref_images, ref_folder, ref_words = _reference(model, reference)
     ref_files = None if ref_folder is None else image_files(ref_folder, "reference")
@@ -98,7 +104,7 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *,
 
             count = n or min(10_000, len(ref_files) if ref_files is not None else len(ref_images))
             folder = Path(out) if out is not None else Path(scratch) / "samples"
-            run = SampleRun(model, count, folder=folder)
+            run = SampleRun(model, count, s.sample or SampleConfig(), folder=folder)
             run.run(SampleHooks(progress=stage("sampling"), log=log))
             sample_files = sorted(f for f in folder.glob("*.png") if f.stem.split("-")[0].isdigit())  # not grid.png
         sample_feats = image_features(read_images(sample_files), resize, run_device, progress=stage("samples"),

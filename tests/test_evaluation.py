@@ -299,6 +299,26 @@ def test_eval_prints_exactly_the_documented_json_and_counts_a_copied_training_im
     assert (tmp_path / "pairs.png").exists()
 
 
+@needs_network
+def test_eval_of_a_run_draws_its_samples_with_the_sampler_named(tmp_path, run_cli):
+    """`--sampler ddim --steps 3`: the images scored are exactly Model.sample's with those settings (CPU, fp32), and
+    not the default sampler's."""
+    import diffuse_cli as diffuse
+    from diffuse_cli.images.decode import read_image
+    from diffuse_cli.images.shapes import render_shapes
+
+    write_images(tmp_path / "shapes", render_shapes(8, 16, seed=1))
+    diffuse.train(tmp_path / "shapes", out=tmp_path / "run", preset="tiny", steps=2, batch_size=4, device="cpu")
+    result = run_cli("eval", tmp_path / "run", "-n", "3", "--sampler", "ddim", "--steps", "3", "--out",
+                     tmp_path / "drawn", "--cache-dir", tmp_path / "cache", "--copies", tmp_path / "pairs.png",
+                     "--device", "cpu")
+    assert result.code == 0, result
+    drawn = torch.stack([read_image(f) for f in sorted((tmp_path / "drawn").glob("[0-9]*.png"))])
+    model = diffuse.load(tmp_path / "run", device="cpu")
+    assert torch.equal(drawn, model.sample(3, sampler="ddim", steps=3))
+    assert not torch.equal(drawn, model.sample(3))
+
+
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, run_cli, monkeypatch):
     from diffuse_cli.images.shapes import render_shapes
 
@@ -308,7 +328,9 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, run_cli
     cases = [(["nope", "two"], "no such"), (["one", "two"], "at least 2"), (["two", "one"], "at least 2"),
              (["two"], "name the reference"), (["two", "two", "--resize", "bilinear"], "--resize"),
              (["two", "two", "--precision", "fp8"], "--precision"), (["two", "two", "--copies", "c.jpg"], "PNG"),
-             (["two", "two", "-n", "5"], "-n applies to a run")]
+             (["two", "two", "-n", "5"], "-n applies to a run"),
+             (["two", "two", "--sampler", "ddim"], "--sampler applies to a run"),
+             (["two", "two", "--sampler", "euler"], "unknown sampler"), (["two", "two", "--steps", "0"], "--steps")]
     real = importlib.metadata.distribution
 
     def without_the_extra(name):

@@ -39,13 +39,15 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where ref
 
 def eval_(samples: Samples, reference: Reference = None, n: Count = None, out_dir: EvalOut = None,
           resize: ResizeOpt = "tf", precision: EvalPrecision = "fp32", copies: Copies = Path("copies.png"),
-          as_json: AsJson = False,
+          as_json: AsJson = False, sampler: opt.Sampler = None, steps: opt.SampleSteps = None,
           cache_dir: CacheDir = None, device: opt.Device = "auto", threads: opt.Threads = None) -> None:
     """Score samples against a reference: FID, KID, precision/recall, and copies of the training set."""
     from .. import api
 
     if copies.is_dir() or copies.suffix.lower() != ".png":
         raise UsageError(f"--copies {copies}: diffuse eval writes a PNG there; name it e.g. copies.png")
+    sampling = opt.given(sampler=sampler, steps=steps)
+    sample = api.SampleConfig.of(**sampling).check(n=n) if sampling else None  # a run's samples: its default else
     api.prepare_device(device, threads)
     stages = {"sampling": "sampling", "samples": "scoring the samples", "reference": "scoring the reference"}
     with progress_bar() as bar:
@@ -57,7 +59,7 @@ def eval_(samples: Samples, reference: Reference = None, n: Count = None, out_di
             bar.update(tasks[stage], completed=done, total=total)
 
         said = api.evaluate(samples, reference, n=n, out=out_dir, resize=resize, precision=precision, device=device,
-                            cache=cache_dir,
+                            cache=cache_dir, sample=sample,
                             progress=progress, log=lambda m: bar.console.print(styled(m), highlight=False, soft_wrap=True))
     api.save_png(said.copies_png, copies, api.grid_upscale(said.copies_png.shape[-1] // 2))
     s = said.scores
@@ -88,5 +90,6 @@ def eval_(samples: Samples, reference: Reference = None, n: Count = None, out_di
 COMMANDS = [
     ("eval", "Examples:\n\n  diffuse eval samples/ photos/              # two folders of images\n\n"
              "  diffuse eval checkpoints/<run> -n 1000     # sample from the run, score against its data\n\n"
+             "  diffuse eval checkpoints/<run> -n 1000 --sampler dpm++2m --steps 10   # another sampler's FID\n\n"
              "  diffuse eval samples/ photos/ --json --resize clean", eval_),
 ]
