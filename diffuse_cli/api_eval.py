@@ -10,6 +10,7 @@ from typing import Callable, get_args
 
 import torch
 
+from .diffusion.sampling import SampleConfig
 from .errors import DataError, UsageError
 from .evaluation import inception
 from .evaluation.features import (BUILTIN_REFERENCE, COPY_SIZE, KID_SUBSET_SIZE, Scores, copies_picture,
@@ -17,7 +18,6 @@ from .evaluation.features import (BUILTIN_REFERENCE, COPY_SIZE, KID_SUBSET_SIZE,
                                   resized, score, tensor_features)
 from .evaluation.inception import Precision, Resize
 from .formats.files import MODEL_FILE, STATE_FILE
-from .diffusion.sampling import SampleConfig
 from .model import Model, PathLike
 from .network.device import pick_device
 
@@ -65,10 +65,10 @@ def evaluate(samples: PathLike | Model, reference: PathLike | None = None, *,
     """Score `samples` against `reference`: FID, KID, precision/recall and copies (scores.py).
 
     samples: a folder of images, or a run (a run folder, a model.safetensors, or a Model) to draw n samples from
-    first into `out`, with its default sampler unless `sample` says otherwise. reference: a folder of images (default for a run: its training
-    folder, or the built-in shapes it trained on). settings: EvalSettings' fields by name (n, out, resize,
-    precision, device, cache, seed). progress(stage, done, total) reports each stage: "sampling", "samples",
-    "reference"."""
+    first into `out`, with its default sampler unless `sample` names another. reference: a folder of images
+    (default for a run: its training folder, or the built-in shapes it trained on). settings: EvalSettings' fields
+    by name (n, out, resize, precision, device, cache, seed, sample). progress(stage, done, total) reports each
+    stage: "sampling", "samples", "reference"."""
     if unknown := sorted(settings.keys() - {f.name for f in fields(EvalSettings)}):
         raise UsageError(f"unknown evaluation setting {unknown[0]!r}; the settings are: "
                          f"{', '.join(f.name for f in fields(EvalSettings))}")

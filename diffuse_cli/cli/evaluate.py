@@ -47,7 +47,7 @@ def eval_(samples: Samples, reference: Reference = None, n: Count = None, out_di
     if copies.is_dir() or copies.suffix.lower() != ".png":
         raise UsageError(f"--copies {copies}: diffuse eval writes a PNG there; name it e.g. copies.png")
     sampling = opt.given(sampler=sampler, steps=steps)
-    sample = api.SampleConfig.of(**sampling).check(n=n) if sampling else None  # a run's samples: its default else
+    sample = api.SampleConfig.of(**sampling).check(n=n) if sampling else None  # None: the run's default
     api.prepare_device(device, threads)
     stages = {"sampling": "sampling", "samples": "scoring the samples", "reference": "scoring the reference"}
     with progress_bar() as bar:
