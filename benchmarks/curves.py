@@ -6,6 +6,7 @@ curves are drawn into a PNG, one panel a data set.
     pip install -e '.[eval,bench]'
     python benchmarks/curves.py                                  # shapes, 2 5 10 20 minutes, default and edm
     python benchmarks/curves.py --data shapes photos --budgets 2m 5m 10m --recipes default edm --image-size 16
+    python benchmarks/curves.py --data shapes photos --budgets 2m 5m --recipes default finetune --pretrain 5m
     python benchmarks/curves.py --plot-only --results curves.jsonl --png docs/curves.png
 
 The data sets: the built-in shapes, and crops of scikit-image's photographs (photos.py), written once as a folder.
@@ -32,17 +33,33 @@ RECIPES = {
     "warmup20": ["--warmup", "20"],  # a fifth of the default's warm-up: a short run spends less of it ramping up
     "batch16-lr2e-3": ["--batch-size", "16", "--lr", "2e-3"],  # more steps, each larger
     "tiny": ["--model", "tiny"],  # the narrow network whatever the budget: about 3x the steps of `small`
+    # the default started (`--from`) from the default trained --pretrain long on the other data set: its network
+    # and schedule, so the budget does not choose the preset; the pre-training's minutes are not counted
+    "finetune": [],
 }
+OTHER = {"shapes": "photos", "photos": "shapes"}
 COLOURS = [(25, 70, 160), (210, 110, 20), (40, 150, 70), (170, 40, 130)]
 
 
-def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path]) -> dict:
-    run = root / f"{data}-{recipe}-{budget}"
-    train = ["diffuse", "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
-             "--image-size", str(size), "--out", str(run), "--posthoc-ema", "off", *RECIPES[recipe]]
-    trained = subprocess.run(train, capture_output=True, text=True)
+def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str]) -> Path:
+    """`diffuse train` of `data` for `budget` into `run` with `flags`; exits with its error where it fails."""
+    command = ["diffuse", "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
+               "--out", str(run), "--posthoc-ema", "off", *flags]
+    trained = subprocess.run(command, capture_output=True, text=True)
     if trained.returncode:
-        raise SystemExit(f"{' '.join(train)} failed:\n{trained.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{trained.stderr[-2000:]}")
+    return run
+
+
+def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path],
+            pretrain: str) -> dict:
+    run, start, extra = root / f"{data}-{recipe}-{budget}", ["--image-size", str(size)], {}
+    if recipe == "finetune":  # the pre-trained model is made once a study and read at its own size
+        source = root / f"{OTHER[data]}-default-{pretrain}"
+        if not (source / "model.safetensors").exists():
+            train(OTHER[data], pretrain, source, folders, ["--image-size", str(size)])
+        start, extra = ["--from", str(source)], {"pretrain": pretrain}
+    train(data, budget, run, folders, start + RECIPES[recipe])
     import diffuse_cli as diffuse
 
     steps = diffuse.inspect(run)[0]["step"]
@@ -51,7 +68,7 @@ def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, 
                                        capture_output=True, text=True).stdout)
     return {"data": data, "budget": budget, "recipe": recipe, "image_size": size, "steps": steps, "n": n,
             "fid": scores["fid"], "kid_mean": scores["kid"]["mean"], "precision": scores["precision"],
-            "recall": scores["recall"]}
+            "recall": scores["recall"], **extra}
 
 
 def minutes(budget: str) -> float:
@@ -106,6 +123,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="samples each FID is of")
     parser.add_argument("--results", type=Path, default=Path("curves.jsonl"))
     parser.add_argument("--png", type=Path, default=Path("curves.png"))
+    parser.add_argument("--pretrain", default="5m", help="the finetune recipe's training on the other data set")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     done = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
@@ -113,7 +131,7 @@ def main() -> None:
         print(machine_line("cpu"), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             root, folders = Path(tmp), {}
-            if "photos" in args.data:
+            if "photos" in args.data or "finetune" in args.recipes:
                 import diffuse_cli as diffuse
                 from photos import crops
 
@@ -122,10 +140,12 @@ def main() -> None:
             for data in args.data:
                 for budget in args.budgets:
                     for recipe in args.recipes:
-                        key = (data, budget, recipe, args.image_size, args.n)
-                        if any((p["data"], p["budget"], p["recipe"], p["image_size"], p["n"]) == key for p in done):
+                        pretrain = args.pretrain if recipe == "finetune" else None
+                        key = (data, budget, recipe, args.image_size, args.n, pretrain)
+                        if any((p["data"], p["budget"], p["recipe"], p["image_size"], p["n"], p.get("pretrain"))
+                               == key for p in done):
                             continue
-                        point = measure(data, budget, recipe, args.image_size, args.n, root, folders)
+                        point = measure(data, budget, recipe, args.image_size, args.n, root, folders, args.pretrain)
                         print(json.dumps(point), flush=True)
                         done.append(point)
                         with args.results.open("a") as f:
