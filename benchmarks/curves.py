@@ -151,9 +151,10 @@ def main() -> None:
                         with args.results.open("a") as f:
                             f.write(json.dumps(point) + "\n")
     print("\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
-    for p in done:
+    for p in done:  # a point measured elsewhere may lack precision and recall: null
+        pr = " | ".join("—" if p.get(k) is None else f"{p[k]:.3f}" for k in ("precision", "recall"))
         print(f"| {p['data']} | {p['budget']} | {p['recipe']} | {p['steps']} | {p['fid']:.1f} | {p['kid_mean']:.4f} "
-              f"| {p['precision']:.3f} | {p['recall']:.3f} |")
+              f"| {pr} |")
     if done:
         plot(done, args.png)
         print(f"curves: {args.png}")
