@@ -41,14 +41,13 @@ OTHER = {"shapes": "photos", "photos": "shapes"}
 COLOURS = [(25, 70, 160), (210, 110, 20), (40, 150, 70), (170, 40, 130)]
 
 
-def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str]) -> Path:
+def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str]) -> None:
     """`diffuse train` of `data` for `budget` into `run` with `flags`; exits with its error where it fails."""
     command = ["diffuse", "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
                "--out", str(run), "--posthoc-ema", "off", *flags]
     trained = subprocess.run(command, capture_output=True, text=True)
     if trained.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{trained.stderr[-2000:]}")
-    return run
 
 
 def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path],
