@@ -76,6 +76,44 @@ def test_conv3x3_in_float32_is_the_convolution_to_winograds_rounding_in_its_layo
             torch.testing.assert_close(ours, theirs, atol=2e-5 * theirs.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 8, 8), (3, 40, 7, 9)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv3x3_adds_each_images_shift_and_the_residual(shape, layout, with_bias, monkeypatch):
+    """CPU, float32: conv3x3(x, ..., shift, residual) is the float64 convolution + shift[:, :, None, None] +
+    residual (each alone, or both) to Winograd's rounding, whichever way it runs: Winograd with the sums in numba's
+    output transform (sampling, filters kept or not) or after autograd's convolution (training), or oneDNN's; the
+    gradients of the shift and residual are the output's."""
+    from diffuse_cli.network import winograd
+
+    assert winograd.compiled_transforms()
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    weight = torch.randn(c, c, 3, 3) / 20
+    bias = torch.randn(c) if with_bias else None
+    shift, residual = torch.randn(n, c), torch.randn(shape).contiguous(memory_format=layout) * 3
+    conv = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    for s, r in ((shift, residual), (shift, None), (None, residual)):
+        expected = conv + (0 if s is None else s.double()[:, :, None, None]) + (0 if r is None else r.double())
+        scale = expected.abs().max().item()
+        for forced in (True, False):
+            monkeypatch.setattr(fast_ops, "WINOGRAD", forced)
+            with torch.no_grad():
+                outs = [fast_ops.conv3x3(x, weight, bias, None, s, r),
+                        fast_ops.conv3x3(x, weight, bias, lambda: winograd.transform_filter(weight), s, r)]
+            grads = [t.clone().requires_grad_() if t is not None else None for t in (s, r)]
+            outs.append(fast_ops.conv3x3(x, weight, bias, None, *grads))
+            for out in outs:
+                assert out.is_contiguous(memory_format=layout)
+                torch.testing.assert_close(out.double(), expected, atol=2e-5 * scale, rtol=0)
+            dy = torch.randn(shape)
+            got = torch.autograd.grad(outs[-1], [t for t in grads if t is not None], dy)
+            wanted = [dy.sum((2, 3)) if t is s else dy for t in (s, r) if t is not None]
+            for ours, theirs in zip(got, wanted):
+                torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 8), (3, 5, 7, 9), (2, 6, 13, 4), (1, 3, 1, 2)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -133,6 +171,28 @@ def test_group_norm_kernels_compute_torchs_group_norm_and_its_gradient(shape, gr
     wanted = torch.autograd.grad(expected, doubles, grad.double())
     for ours, theirs in zip(torch.autograd.grad(out, params, grad), wanted):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0)
+
+
+def test_the_kernels_silu_is_torchs_across_float32s_range():
+    """CPU, float32: norm_kernels.silu (its exp made of a polynomial and the exponent's bits) against F.silu in
+    float64, within 2e-6 relative to each value, from −100 (where σ underflows) past +88 (where exp(−z) would);
+    and −0 for the tail too small to hold."""
+    norm_kernels = pytest.importorskip("diffuse_cli.network.norm_kernels")
+    numba = pytest.importorskip("numba")
+    z = torch.cat([torch.linspace(-100, 100, 200_001), torch.tensor([-87.5, -87.0, 0.0, 1e-30, -1e-30, 88.5])])
+    kernel = norm_kernels.silu
+
+    @numba.njit
+    def each(z, out):
+        for i in range(z.shape[0]):
+            out[i] = kernel(z[i])
+
+    out = torch.empty_like(z)
+    each(z.numpy(), out.numpy())
+    expected = F.silu(z.double())
+    tiny = expected.abs() < 1e-30  # below float32's normal range: σ underflows to zero either way
+    assert (out[tiny].abs() < 1e-30).all()
+    torch.testing.assert_close(out[~tiny].double(), expected[~tiny], rtol=2e-6, atol=0)
 
 
 def test_winograd_is_taken_only_where_it_pays(monkeypatch):

@@ -103,18 +103,22 @@ WINOGRAD: bool | None = None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            filters: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """A 3x3 convolution of stride 1, padded by one. Plain: F.conv2d(x, weight, bias, padding=1).
+            filters: Callable[[], torch.Tensor] | None = None, shift: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3x3 convolution of stride 1, padded by one, plus each image's shift (N, C_out) and a residual where given.
+    Plain: winograd.plus(F.conv2d(x, weight, bias, padding=1), shift, residual).
 
     Where winograd_pays, by F(4x4, 3x3): 36 products where the direct form takes 144 for each 4x4 block of
-    outputs and input channel, in matrix products; the output comes back in x's memory format. `filters()`: the
-    weight's Winograd transform, kept by the caller for a weight that does not change (sampling), else None."""
-    if not winograd_pays(x, weight):
-        return F.conv2d(x, weight, bias, padding=1)
+    outputs and input channel, in matrix products, and in sampling the shift and residual added in its output
+    transform rather than in two more passes over the output; the output comes back in x's memory format.
+    `filters()`: the weight's Winograd transform, kept by the caller for a weight that does not change (sampling),
+    else None."""
     from . import winograd
 
+    if not winograd_pays(x, weight):
+        return winograd.plus(F.conv2d(x, weight, bias, padding=1), shift, residual)
     kept = filters() if filters is not None and not torch.is_grad_enabled() else None
-    y = winograd.conv3x3(x, weight, bias, kept)  # channels_last
+    y = winograd.conv3x3(x, weight, bias, kept, shift, residual)  # channels_last
     return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
@@ -130,8 +134,7 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
         return F.silu(y) if silu else y
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad):
         return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
-    y = _group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps)[0]  # sampling: no autograd to record
-    return F.silu(y, inplace=True) if silu else y
+    return _group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)[0]  # sampling: nothing to record
 
 
 def norm_pays(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
@@ -150,16 +153,16 @@ NORM_KERNELS: bool | None = None
 
 
 class GroupNormSiLU(torch.autograd.Function):
-    """norm_kernels' GroupNorm, then torch's SiLU where asked. It keeps the norm's input and each group's mean and
-    1/std, and recomputes the norm's output in the backward where the SiLU's gradient needs it."""
+    """norm_kernels' GroupNorm, and its SiLU where asked. It keeps the norm's input and each group's mean and 1/std,
+    and recomputes the norm's output in the backward where the SiLU's gradient needs it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                 silu: bool) -> torch.Tensor:
-        y, mean, rstd = _group_norm(x, weight, bias, groups, eps)
+        y, mean, rstd = _group_norm(x, weight, bias, groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.silu, ctx.eps = silu, eps
-        return F.silu(y, inplace=True) if silu else y
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -175,13 +178,15 @@ class GroupNormSiLU(torch.autograd.Function):
         return dx.permute(0, 3, 1, 2), dweight.sum(0), dbias.sum(0), None, None, None
 
 
-def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
-    """norm_kernels.forward: the normalised x in channels_last memory, and each group's mean and 1/std (N, G)."""
+def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                silu: bool = False):
+    """norm_kernels.forward: the normalised x (its SiLU where `silu`) in channels_last memory, and each group's mean
+    and 1/std (N, G)."""
     n, c, h, w = x.shape
     y = x.new_empty(n, h, w, c)
     mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
     compiled.run(compiled.kernels("norm_kernels").forward, _positions(x), compiled.numpy(weight), compiled.numpy(bias),
-                 groups, eps, y.view(n, h * w, c).numpy(), mean.numpy(), rstd.numpy())
+                 groups, eps, y.view(n, h * w, c).numpy(), mean.numpy(), rstd.numpy(), silu)
     return y.permute(0, 3, 1, 2), mean, rstd
 
 

@@ -4,9 +4,12 @@ torch's CPU GroupNorm on channels_last memory splits its work by (image, group) 
 thread reads a group's few channels at a stride of all of them: at 16x16 and 8x8 it took 4-8x the time of the same
 norm on contiguous memory (docs/speed.md). Here each image's channels are summed along its positions with the
 channels innermost (SIMD over the contiguous NHWC rows), the group statistics taken from those sums, and the
-normalised, scaled and shifted image written in a second pass. The backward sums dz and dz·x per channel in one
-pass and writes dx in a second. (A SiLU fused in would cost more than its own pass: numba's exp does not run in
-SIMD without Intel's SVML, so fast_ops.group_norm leaves it to torch.)
+normalised, scaled and shifted image written in a second pass, with the SiLU after it where asked. The backward
+sums dz and dz·x per channel in one pass and writes dx in a second.
+
+numba's `exp` runs one element at a time without Intel's SVML, so the SiLU's exp is written out (`silu`): Cephes'
+expf, a degree-7 polynomial on [−ln2/2, ln2/2] times 2^k, the power of two made from its exponent bits, which the
+compiler vectorises with the rest of the pass.
 
 Tensors are float32, laid out (N, P, C): an image's P = H·W positions of C channels each (a channels_last image's
 permute(0, 2, 3, 1)). Sums are taken in float64, so the variance E[x²] − E[x]² keeps float32's precision. Work is
@@ -17,13 +20,45 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 OPTIONS = dict(parallel=True, fastmath=True, cache=True, boundscheck=False, nogil=True)
 
+# Cephes expf: exp(u) = 2^k · exp(r), k = round(u / ln2), r = u − k·ln2 (ln2 in two parts, so r is exact), and
+# exp(r) = 1 + r + r²·P(r); float32 constants, so nothing is promoted to float64
+LOG2E, LN2_HI, LN2_LO = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_P = tuple(np.float32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                      1.6666665459e-1, 5.0000001201e-1))
+EXP_MIN, EXP_MAX = np.float32(-87.0), np.float32(88.0)  # exp stays a normal float32 between them
+ONE, HALF = np.float32(1.0), np.float32(0.5)
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, i):
+    """The float32 whose bits are the int32 i (a reinterpretation, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", fastmath=True)
+def silu(z):
+    """z·σ(z) = z / (1 + exp(−z)) in float32, within a few units in the last place of torch's F.silu."""
+    u = min(max(-z, EXP_MIN), EXP_MAX)
+    k = np.floor(u * LOG2E + HALF)
+    r = u - k * LN2_HI - k * LN2_LO
+    p = EXP_P[0]
+    for coefficient in EXP_P[1:]:
+        p = p * r + coefficient
+    power = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k, as the exponent's bits
+    return z / (ONE + (p * r * r + r + ONE) * power)
+
 
 @njit(**OPTIONS)
-def forward(x, weight, bias, groups, eps, y, mean, rstd):
-    """y = GroupNorm(x): x, y (N, P, C); weight, bias (C,); each group's mean and 1/std written to mean, rstd (N, G)."""
+def forward(x, weight, bias, groups, eps, y, mean, rstd, with_silu):
+    """y = GroupNorm(x), then SiLU(y) where with_silu: x, y (N, P, C); weight, bias (C,); each group's mean and 1/std
+    written to mean, rstd (N, G)."""
     n_images, positions, channels = x.shape
     per_group = channels // groups
     count = positions * per_group
@@ -48,9 +83,14 @@ def forward(x, weight, bias, groups, eps, y, mean, rstd):
             for c in range(g * per_group, (g + 1) * per_group):
                 scale[c] = weight[c] * r
                 shift[c] = bias[c] - mu * weight[c] * r
-        for p in range(positions):
-            for c in range(channels):
-                y[n, p, c] = x[n, p, c] * scale[c] + shift[c]
+        if with_silu:
+            for p in range(positions):
+                for c in range(channels):
+                    y[n, p, c] = silu(x[n, p, c] * scale[c] + shift[c])
+        else:
+            for p in range(positions):
+                for c in range(channels):
+                    y[n, p, c] = x[n, p, c] * scale[c] + shift[c]
 
 
 @njit(**OPTIONS)

@@ -54,15 +54,18 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire. In sampling, the
-    weight's Winograd transform is made once and kept until the weight changes (its version or storage)."""
+    """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire (and see the shift and
+    residual a caller adds). In sampling, the weight's Winograd transform is made once and kept until the weight
+    changes (its version or storage)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
         self._kept: tuple[tuple[int, int], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_ops.conv3x3(x, self.weight, self.bias, self._filters)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution, + shift[:, :, None, None] (N, out) and then + residual where given."""
+        return fast_ops.conv3x3(x, self.weight, self.bias, self._filters, shift, residual)
 
     def _filters(self) -> torch.Tensor:
         from .winograd import transform_filter
@@ -94,10 +97,8 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
-        return self.skip(x) + h
+        h = self.conv1(self.norm1(x, silu=True), shift=self.emb(F.silu(emb)))
+        return self.conv2(self.dropout(self.norm2(h, silu=True)), residual=self.skip(x))
 
 
 class Attention(nn.Module):

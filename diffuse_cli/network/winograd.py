@@ -87,21 +87,30 @@ def _tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return _separable("input", d).view(TILE * TILE, n * t1 * t2, c), t1, t2
 
 
-def _blocks(m: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int, int], t1: int,
-            t2: int) -> torch.Tensor:
-    """Y = Aᵀ M A (+ bias) for every tile, laid out as (N, C_out, H, W) in channels_last memory."""
+def _blocks(m: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int, int], t1: int, t2: int,
+            shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = Aᵀ M A (+ bias) for every tile, laid out as (N, C_out, H, W) in channels_last memory; then + shift
+    (N, C_out), each image's own, and + residual (N, C_out, H, W) where given."""
     n, _, h, w = shape
     c_out = m.shape[-1]
     kernels = _kernels(m)
     if kernels is not None:
         y = m.new_empty(n, h, w, c_out)
-        no_bias = m.new_empty(0)
-        kernels("output_blocks", m.numpy(), compiled.numpy(no_bias if bias is None else bias), y.numpy(), t1, t2)
+        added = shift if bias is None else bias[None] if shift is None else shift + bias
+        added = m.new_empty(0, c_out) if added is None else added
+        kept = compiled.nhwc(residual) if residual is not None else compiled.numpy(m.new_empty(0, 0, 0, 0))
+        kernels("output_blocks", m.numpy(), compiled.numpy(added), kept, y.numpy(), t1, t2)
         return y.permute(0, 3, 1, 2)
     y = _separable("output", m.reshape(TILE * TILE, -1)).view(OUT, OUT, n, t1, t2, c_out)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, OUT * t1, OUT * t2, c_out)[:, :h, :w]
     y = y.permute(0, 3, 1, 2)
-    return y if bias is None else y + bias[:, None, None]
+    return plus(y if bias is None else y + bias[:, None, None], shift, residual)
+
+
+def plus(y: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """y + shift[:, :, None, None] (each image's per-channel shift), then residual + y, each where given."""
+    y = y if shift is None else y + shift[:, :, None, None]
+    return y if residual is None else residual + y
 
 
 def _kernels(x: torch.Tensor):
@@ -122,20 +131,24 @@ KERNELS: bool | None = None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            filters: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1), by F(4x4, 3x3); differentiable in x, weight and bias. `filters`:
-    transform_filter(weight) made beforehand (a network whose weights do not change between calls)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Conv3x3.apply(x, weight, bias)
-    return _convolve(x, weight, bias, filters)[0]
+            filters: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """plus(F.conv2d(x, weight, bias, padding=1), shift, residual), by F(4x4, 3x3); differentiable in x, weight and
+    bias. `filters`: transform_filter(weight) made beforehand (a network whose weights do not change between calls).
+    Outside autograd the shift and residual are added in the output transform, not in passes of their own."""
+    tensors = (x, weight, bias, shift, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return plus(_Conv3x3.apply(x, weight, bias), shift, residual)
+    return _convolve(x, weight, bias, filters, shift, residual)[0]
 
 
 def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              filters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The convolution without autograd, and the transformed tiles V it made on the way."""
+              filters: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution without autograd (plus shift and residual), and the transformed tiles V it made on the way."""
     v, t1, t2 = _tiles(x)
-    y = _blocks(torch.bmm(v, transform_filter(weight) if filters is None else filters), bias, tuple(x.shape), t1, t2)
-    return y, v
+    m = torch.bmm(v, transform_filter(weight) if filters is None else filters)
+    return _blocks(m, bias, tuple(x.shape), t1, t2, shift, residual), v
 
 
 class _Conv3x3(torch.autograd.Function):

@@ -6,8 +6,9 @@ than a few additions an element, so each pass runs at the speed of memory, and t
 Winograd's time on a 2-core AVX2 CPU (docs/speed.md). Here each transform reads its input once and writes its output
 once: a tile's 6x6 points of every channel are gathered into a small buffer (zeros beyond the image: the
 convolution's padding), transformed there along its rows and then its columns, and written out, the loops over the
-channels innermost so that they run in SIMD. The output transform adds the bias and writes the NHWC image itself;
-the backward's transposed input transform adds each tile's gradient into the image where tiles overlap.
+channels innermost so that they run in SIMD. The output transform adds the bias (in sampling also each image's
+shift and a residual, which the block would otherwise add in passes of their own) and writes the NHWC image
+itself; the backward's transposed input transform adds each tile's gradient into the image where tiles overlap.
 
 Tensors are float32, their memory laid out as the names say (NHWC: a channels_last image's permute(0, 2, 3, 1));
 tiles are numbered image by image, row by row: tile = (n·T1 + i)·T2 + j for the tile whose top-left input point is
@@ -69,43 +70,45 @@ def input_tiles(x, v, t1, t2):
 
 
 @njit(**OPTIONS)
-def output_blocks(m, bias, y, t1, t2):
-    """Y = Aᵀ M A + bias: m (36, N·T1·T2, C) -> y (N, H, W, C), the blocks cut at the image's edge. bias: (C,), or
-    (0,) for none."""
+def output_blocks(m, bias, residual, y, t1, t2):
+    """Y = Aᵀ M A + bias + residual: m (36, N·T1·T2, C) -> y (N, H, W, C), the blocks cut at the image's edge.
+    bias: (1, C) for every image, (N, C) for each its own, or (0, C) for none; residual: (N, H, W, C), or
+    (0, 0, 0, 0) for none."""
     n_images, h, w, channels = y.shape
-    has_bias = bias.shape[0] > 0
+    has_residual = residual.shape[0] > 0
     for row in prange(n_images * t1):
         n, i0 = row // t1, (row % t1) * 4
         r = np.empty((4, 6, channels), dtype=np.float32)
+        b = np.zeros(channels, dtype=np.float32)
+        if bias.shape[0] > 0:
+            b[:] = bias[n if bias.shape[0] > 1 else 0]
+        o = np.empty((4, channels), dtype=np.float32)
         for tj in range(t2):
             j0, tile = tj * 4, row * t2 + tj
-            for b in range(6):  # along the tile's columns: r = Aᵀ M
+            for k in range(6):  # along the tile's columns: r = Aᵀ M
                 for c in range(channels):
-                    m0, m1, m2 = m[b, tile, c], m[6 + b, tile, c], m[12 + b, tile, c]
-                    m3, m4, m5 = m[18 + b, tile, c], m[24 + b, tile, c], m[30 + b, tile, c]
-                    r[0, b, c] = m0 + m1 + m2 + m3 + m4
-                    r[1, b, c] = m1 - m2 + K2 * (m3 - m4)
-                    r[2, b, c] = m1 + m2 + K4 * (m3 + m4)
-                    r[3, b, c] = m1 - m2 + K8 * (m3 - m4) + m5
+                    m0, m1, m2 = m[k, tile, c], m[6 + k, tile, c], m[12 + k, tile, c]
+                    m3, m4, m5 = m[18 + k, tile, c], m[24 + k, tile, c], m[30 + k, tile, c]
+                    r[0, k, c] = m0 + m1 + m2 + m3 + m4
+                    r[1, k, c] = m1 - m2 + K2 * (m3 - m4)
+                    r[2, k, c] = m1 + m2 + K4 * (m3 + m4)
+                    r[3, k, c] = m1 - m2 + K8 * (m3 - m4) + m5
             for a in range(4):  # then along its rows: Y = r A
                 if i0 + a >= h:
                     break
                 for c in range(channels):
                     m0, m1, m2, m3, m4, m5 = r[a, 0, c], r[a, 1, c], r[a, 2, c], r[a, 3, c], r[a, 4, c], r[a, 5, c]
-                    b0 = bias[c] if has_bias else np.float32(0.0)
-                    o0 = m0 + m1 + m2 + m3 + m4 + b0
-                    o1 = m1 - m2 + K2 * (m3 - m4) + b0
-                    o2 = m1 + m2 + K4 * (m3 + m4) + b0
-                    o3 = m1 - m2 + K8 * (m3 - m4) + m5 + b0
-                    if j0 + 3 < w:
-                        y[n, i0 + a, j0, c] = o0
-                        y[n, i0 + a, j0 + 1, c] = o1
-                        y[n, i0 + a, j0 + 2, c] = o2
-                        y[n, i0 + a, j0 + 3, c] = o3
+                    o[0, c] = m0 + m1 + m2 + m3 + m4 + b[c]
+                    o[1, c] = m1 - m2 + K2 * (m3 - m4) + b[c]
+                    o[2, c] = m1 + m2 + K4 * (m3 + m4) + b[c]
+                    o[3, c] = m1 - m2 + K8 * (m3 - m4) + m5 + b[c]
+                for k in range(min(4, w - j0)):
+                    if has_residual:
+                        for c in range(channels):
+                            y[n, i0 + a, j0 + k, c] = o[k, c] + residual[n, i0 + a, j0 + k, c]
                     else:
-                        outs = (o0, o1, o2, o3)
-                        for k in range(w - j0):
-                            y[n, i0 + a, j0 + k, c] = outs[k]
+                        for c in range(channels):
+                            y[n, i0 + a, j0 + k, c] = o[k, c]
 
 
 @njit(**OPTIONS)
