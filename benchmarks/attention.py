@@ -1,9 +1,10 @@
 """One attention layer of a preset, forward and backward: SDPA's math path against its fused kernels.
 
 `diffuse` hands SDPA q, k and v with contiguous channels on GPUs, so that it may pick a fused
-kernel (flash, memory-efficient or cuDNN), and on the CPU above 8x8 positions; up to 8x8 the CPU
-keeps the strided views, which only the math path takes (`fast_ops.fused_attention_layout`). This
-measures that choice on this machine:
+kernel (flash, memory-efficient or cuDNN), and on the CPU above 8x8 positions where they are strided
+(contiguous NCHW memory); up to 8x8 the CPU keeps the strided views, which only the math path takes
+(`fast_ops.fused_attention_layout`). A channels_last image's q, k and v have contiguous channels
+as they come, and go to the flash kernel uncopied. This measures the choice for NCHW memory:
 
     strided   the views as the CPU gets them (math path)
     fused     contiguous q, k, v, SDPA's own pick among the fused kernels
@@ -58,7 +59,7 @@ def layer_seconds(preset: str, image_size: int, batch: int, precision: str, dev:
     attn = attn.to(dev)
     x = torch.randn(batch, *shape[1:], device=dev, requires_grad=True)
     contiguous, backends = VARIANTS[variant]
-    fast_ops.fused_attention_layout = lambda device, positions: contiguous  # noqa: E731  (this process only)
+    fast_ops.fused_attention_layout = lambda qkv: contiguous  # noqa: E731  (this process only)
 
     def run() -> None:
         with autocast(precision, dev), sdpa_kernel(backends):

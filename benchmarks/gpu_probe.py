@@ -138,7 +138,7 @@ def switches(changes: frozenset[str]):
     """The process-wide settings a variant changes, put back after it."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = "benchmark" in changes
-    patch = (mock.patch.object(fast_ops, "fused_attention_layout", lambda device, positions: False)
+    patch = (mock.patch.object(fast_ops, "fused_attention_layout", lambda qkv: False)
              if "no-attention-copy" in changes else contextlib.nullcontext())
     try:
         with patch:

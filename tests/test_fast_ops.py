@@ -262,15 +262,23 @@ def test_dropout_drops_each_element_with_probability_p_and_keeps_the_mean(layout
 
 
 @pytest.mark.parametrize("side", [4, 16])  # below and above CPU_MATH_POSITIONS
-def test_attention_computes_the_same_in_either_layout(side, monkeypatch):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_computes_the_same_in_either_layout(side, layout, monkeypatch):
+    """CPU, float32: the attention layer with q, k and v copied to contiguous channels or left as views gives the
+    same output, in the input's memory format; the CPU copies only strided channels above CPU_MATH_POSITIONS
+    (a channels_last qkv's views already go to the flash kernel)."""
     torch.manual_seed(0)
-    attn = Attention(64, head_channels=32)
+    attn = Attention(64, head_channels=32).to(memory_format=layout)
     torch.nn.init.normal_(attn.proj.weight, std=0.2)  # zero-initialised, it would hide the attention
-    x = torch.randn(2, 64, side, side)
+    x = torch.randn(2, 64, side, side).contiguous(memory_format=layout)
+    qkv = attn.qkv(x).reshape(2, 3, 2, 32, side * side).transpose(-1, -2)
+    strided = layout == torch.contiguous_format
+    assert fast_ops.fused_attention_layout(qkv) == (strided and side * side > fast_ops.CPU_MATH_POSITIONS)
     outputs = []
     for contiguous in (True, False):
-        monkeypatch.setattr(fast_ops, "fused_attention_layout", lambda device, positions: contiguous)
+        monkeypatch.setattr(fast_ops, "fused_attention_layout", lambda qkv: contiguous)
         outputs.append(attn(x))
+        assert outputs[-1].is_contiguous(memory_format=layout)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 

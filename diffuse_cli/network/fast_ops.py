@@ -201,15 +201,17 @@ def _positions(x: torch.Tensor):
 CPU_MATH_POSITIONS = 64
 
 
-def fused_attention_layout(device: torch.device, positions: int) -> bool:
-    """Whether attention copies q, k and v to contiguous channels, the layout SDPA's fused kernels need.
+def fused_attention_layout(qkv: torch.Tensor) -> bool:
+    """Whether attention copies q, k and v (B, 3, heads, positions, channels) to contiguous channels, the layout
+    SDPA's fused kernels need.
 
-    Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; the
-    strided views of the qkv convolution's output silently fall back to the math path, which
-    materialises every score. GPUs always take the copy; the CPU takes it above CPU_MATH_POSITIONS.
+    Flash, memory-efficient and cuDNN attention all require stride 1 in the last dimension; strided views there
+    silently fall back to the math path, which materialises every score. A channels_last image's qkv has its
+    channels contiguous already, and the CPU's flash kernel takes those views as they are. GPUs always take the
+    copy; the CPU takes it where the channels are strided (contiguous NCHW memory) and above CPU_MATH_POSITIONS.
     Either layout computes the same attention; only the kernel SDPA picks differs.
     """
-    return device.type != "cpu" or positions > CPU_MATH_POSITIONS
+    return qkv.device.type != "cpu" or (qkv.stride(-1) != 1 and qkv.shape[-2] > CPU_MATH_POSITIONS)
 
 
 # -- the optimizer step ----------------------------------------------------------------------

@@ -114,11 +114,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        if fast_ops.fused_attention_layout(x.device, H * W):  # same result, faster kernel
+        if fast_ops.fused_attention_layout(qkv):  # same result, faster kernel
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        if x.is_contiguous(memory_format=torch.channels_last):  # the heads' channels side by side, as x's are
+            h = h.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        else:
+            h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
 
