@@ -16,11 +16,15 @@
 - `norm`: GroupNorm (and the SiLU after it) on channels_last images by numba's two passes (`norm_kernels.py`,
   where `fast_ops.norm_pays`: float32 on the CPU) against torch's GroupNorm and SiLU (`fast_ops.NORM_KERNELS =
   False`).
+- `fusions`: the residual block with its SiLUs inside numba's GroupNorm pass and, outside autograd, the
+  embedding's shift and the residual added in Winograd's output transform (`unet.ResBlock`), against the same
+  kernels with torch's SiLU and additions each a pass of its own.
 
 This trains two copies of a preset side by side, one with each form, alternating their steps in
 one process (this machine's speed drifts by 10-20% over minutes, which alternation cancels), and
 prints the median step time of each and their ratio. Both take `diffuse train`'s step (on a GPU,
-replayed as a CUDA graph).
+replayed as a CUDA graph). `--sampling` times a sampling call instead: the network's forward without
+gradients, in eval mode, the filters kept.
 
     python benchmarks/forms.py                                  # upsampling: small and ddpm-cifar10, batch 16 and 64, fp32 and bf16
     python benchmarks/forms.py --presets small --batches 16 --precisions bf16
@@ -28,6 +32,7 @@ replayed as a CUDA graph).
     python benchmarks/forms.py --change winograd --batches 16 --isa avx2   # an AVX-512 machine, as AVX2 runs
     python benchmarks/forms.py --change transforms --presets small ddpm-cifar10 --batches 16 --precisions fp32
     python benchmarks/forms.py --change norm --presets small ddpm-cifar10 --batches 16 --precisions fp32
+    python benchmarks/forms.py --change fusions --sampling --presets small --batches 16 --precisions fp32 --rounds 80
 """
 
 from __future__ import annotations
@@ -57,10 +62,29 @@ CHANGES = {
     "winograd": (unet.Conv3x3, lambda m: lambda x: F.conv2d(x, m.weight, m.bias, padding=1), "oneDNN"),
     "transforms": (None, None, "torch"),  # a switch of the whole step, forward and backward: switched() below
     "norm": (None, None, "torch"),
+    "fusions": (unet.ResBlock, lambda m: lambda x, emb: unfused_block(m, x, emb), "unfused"),
 }
 
 # change -> (the module, its switch, the other form's setting): global switches, read in the backward too
 SWITCHES = {"transforms": (winograd, "KERNELS", False), "norm": (fast_ops, "NORM_KERNELS", False)}
+
+
+def unfused_block(block: unet.ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """unet.ResBlock's forward with its SiLUs, the embedding's shift and the residual each a pass of its own."""
+    h = block.conv1(F.silu(block.norm1(x), inplace=True))
+    h = h + block.emb(F.silu(emb))[:, :, None, None]
+    h = block.conv2(block.dropout(F.silu(block.norm2(h), inplace=True)))
+    return block.skip(x) + h
+
+
+def sampling_call_fn(model, net, x0: torch.Tensor, t: torch.Tensor):
+    """One sampling call: the network's forward without gradients, in eval mode."""
+    model.eval()
+
+    def call() -> None:
+        with torch.no_grad():
+            net(x0, t)
+    return call
 
 
 def switched(change: str, name: str, step):
@@ -78,8 +102,10 @@ def switched(change: str, name: str, step):
     return run
 
 
-def compare(change: str, preset: str, batch: int, precision: str, dev: torch.device, rounds: int) -> dict[str, float]:
-    """Median seconds of a training step in the other form and in ours, alternating."""
+def compare(change: str, preset: str, batch: int, precision: str, dev: torch.device, rounds: int,
+            sampling: bool = False) -> dict[str, float]:
+    """Median seconds of a training step (a sampling call where `sampling`) in the other form and in ours,
+    alternating."""
     kind, other_forward, other = CHANGES[change]
     steps = {}
     for name in (other, "ours"):
@@ -88,7 +114,8 @@ def compare(change: str, preset: str, batch: int, precision: str, dev: torch.dev
             for module in model.modules():
                 if isinstance(module, kind):
                     module.forward = other_forward(module)
-        steps[name] = switched(change, name, train_step_fn(model, net, x0, t, eps, precision))
+        step = sampling_call_fn(model, net, x0, t) if sampling else train_step_fn(model, net, x0, t, eps, precision)
+        steps[name] = switched(change, name, step)
         for _ in range(WARMUP_STEPS):
             steps[name]()
     sync = synchronizer(dev)
@@ -108,12 +135,15 @@ def main() -> None:
     parser.add_argument("--change", choices=list(CHANGES), default="upsampling")
     parser.add_argument("--rounds", type=int, default=None,
                         help="steps of each form (default: 15, 6 for ddpm-cifar10 on the CPU)")
+    parser.add_argument("--sampling", action="store_true",
+                        help="time a sampling call (the forward without gradients) instead of a training step")
     args = parse_grid(parser)
     dev = torch.device(args.device)
     if dev.type == "cpu":
         keep_cpu_memory()
     other = CHANGES[args.change][2]
-    print(f"{machine_line(args.device)}\n{args.change}: median step, ms")
+    what = "sampling call" if args.sampling else "step"
+    print(f"{machine_line(args.device)}\n{args.change}: median {what}, ms")
     print(f"{'preset':<14}{'batch':>6}{'prec':>6} | {other:>9}{'ours':>9}{'speed-up':>10}")
     for preset in args.presets:
         if args.change == "dropout" and model_config(preset).dropout == 0:
@@ -123,7 +153,7 @@ def main() -> None:
             for precision in args.precisions:
                 slow = preset == "ddpm-cifar10" and dev.type == "cpu"
                 ms = {k: v * 1e3 for k, v in compare(args.change, preset, batch, precision, dev,
-                                                     args.rounds or (6 if slow else 15)).items()}
+                                                     args.rounds or (6 if slow else 15), args.sampling).items()}
                 print(f"{preset:<14}{batch:>6}{precision:>6} | {ms[other]:>9.1f}{ms['ours']:>9.1f}"
                       f"{ms[other] / ms['ours']:>9.3f}x", flush=True)
 
