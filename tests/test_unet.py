@@ -195,3 +195,35 @@ def test_every_preset_hears_the_time_and_the_class(preset):
         old.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("class_emb")})
         with torch.no_grad():
             assert torch.allclose(old(x, torch.tensor([10])), old(x, torch.tensor([900])), atol=1e-5)
+
+
+def test_sampling_follows_the_weights_after_a_training_step_or_a_load(monkeypatch):
+    """CPU, float32, channels_last, Winograd forced on: sampling keeps each 3x3 convolution's Winograd filters and
+    each upsampling's transposed kernel between calls; after an in-place step of the weights, and after
+    load_state_dict, its output is a fresh network's of the same weights, exactly, and not the old one's."""
+    from diffuse_cli.network import fast_ops
+
+    monkeypatch.setattr(fast_ops, "WINOGRAD", True)
+    torch.manual_seed(0)
+    cfg = model_config("small", image_size=16)
+    net = UNet(cfg).to(memory_format=torch.channels_last).eval()
+    for p in net.parameters():  # zero-initialised layers would hide a stale transform
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([3, 700])
+
+    def fresh_output(state):
+        other = UNet(cfg).to(memory_format=torch.channels_last).eval()
+        other.load_state_dict(state)
+        return other(x, t)
+
+    with torch.no_grad():
+        before = net(x, t)
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # an optimizer's step: in place
+        stepped = net(x, t)
+        assert not torch.equal(stepped, before)
+        assert torch.equal(stepped, fresh_output(net.state_dict()))
+        state = {k: v + 0.01 for k, v in net.state_dict().items()}
+        net.load_state_dict(state)
+        assert torch.equal(net(x, t), fresh_output(state))

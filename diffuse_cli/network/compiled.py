@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from types import ModuleType
 
 import torch
@@ -26,14 +27,20 @@ def kernels(name: str) -> ModuleType | None:
 
 def run(kernel, *arrays) -> None:
     """kernel(*arrays) on torch's current number of threads. numba shares torch's OpenMP runtime, and starting its
-    threads resets that runtime's count: torch's is put back."""
-    import numba
-
+    threads resets that runtime's count: torch's is put back. numba's count is its calling thread's own, and is set
+    only when torch's has changed since that thread's last kernel (a network call runs dozens)."""
     threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if getattr(_numba_threads, "count", None) != threads:
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _numba_threads.count = threads
     kernel(*arrays)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+_numba_threads = threading.local()  # .count: torch's thread count when this thread last set numba's
 
 
 def numpy(x: torch.Tensor):

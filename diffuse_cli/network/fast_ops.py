@@ -54,15 +54,22 @@ def fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  kernel: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """A 3x3 convolution of the 2x nearest-upsampled x, as one transposed convolution of x (fold_taps).
     Plain: F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1).
 
     Each output pixel sees 2x2 input pixels, so it costs 16/36 of the FLOPs of the convolution at
-    the upsampled resolution, and the upsampled copy of x is never made.
+    the upsampled resolution, and the upsampled copy of x is never made. `kernel()`: transposed_kernel(weight),
+    kept by the caller for a weight that does not change (sampling), else None.
     """
-    kernel = fold_taps(fold_taps(weight, 2), 3)  # (out, in, 4, 4)
-    return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
+    kept = kernel() if kernel is not None and not torch.is_grad_enabled() else None
+    return F.conv_transpose2d(x, transposed_kernel(weight) if kept is None else kept, bias, stride=2, padding=1)
+
+
+def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The (in, out, 4, 4) kernel of upsample_conv's transposed convolution, from the 3x3 weight (out, in, 3, 3)."""
+    return fold_taps(fold_taps(weight, 2), 3).transpose(0, 1)
 
 
 def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:

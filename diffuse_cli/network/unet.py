@@ -53,27 +53,34 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+class KeptTransform:
+    """A weight's transform made once and kept until the weight changes (its version or storage): in sampling the
+    weights are constant, so each call reuses it."""
+
+    def __init__(self, make):
+        self.make, self.key, self.value = make, None, None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight._version, weight.data_ptr())
+        if self.key != key:
+            self.key, self.value = key, self.make(weight.detach())
+        return self.value
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(in, out, 3, padding=1), computed by fast_ops.conv3x3; its hooks still fire (and see the shift and
-    residual a caller adds). In sampling, the weight's Winograd transform is made once and kept until the weight
-    changes (its version or storage)."""
+    residual a caller adds). In sampling, the weight's Winograd transform is kept (KeptTransform)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
-        self._kept: tuple[tuple[int, int], torch.Tensor] | None = None
+        from .winograd import transform_filter
+
+        self._filters = KeptTransform(transform_filter)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution, + shift[:, :, None, None] (N, out) and then + residual where given."""
-        return fast_ops.conv3x3(x, self.weight, self.bias, self._filters, shift, residual)
-
-    def _filters(self) -> torch.Tensor:
-        from .winograd import transform_filter
-
-        key = (self.weight._version, self.weight.data_ptr())
-        if self._kept is None or self._kept[0] != key:
-            self._kept = key, transform_filter(self.weight.detach())
-        return self._kept[1]
+        return fast_ops.conv3x3(x, self.weight, self.bias, lambda: self._filters(self.weight), shift, residual)
 
 
 class Dropout(nn.Dropout):
@@ -137,10 +144,15 @@ class Downsample(nn.Module):
 
 
 class UpsampleConv(nn.Conv2d):
-    """nn.Conv2d (3x3) of the 2x nearest-upsampled input, computed by fast_ops.upsample_conv; its hooks still fire."""
+    """nn.Conv2d (3x3) of the 2x nearest-upsampled input, computed by fast_ops.upsample_conv; its hooks still fire.
+    In sampling, the transposed convolution's kernel is kept (KeptTransform)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kernel = KeptTransform(lambda weight: fast_ops.transposed_kernel(weight).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_ops.upsample_conv(x, self.weight, self.bias)
+        return fast_ops.upsample_conv(x, self.weight, self.bias, lambda: self._kernel(self.weight))
 
 
 class Upsample(nn.Module):
