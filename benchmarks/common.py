@@ -177,8 +177,9 @@ def machine_line(device: str) -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
 
 
-def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The U-Net's upsampling as drawn, and as diffusers computes it; ours is fast_ops.upsample_conv."""
+def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel=None) -> torch.Tensor:
+    """The U-Net's upsampling as drawn, and as diffusers computes it; ours is fast_ops.upsample_conv (whose kept
+    `kernel` this form has no use for)."""
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
