@@ -13,6 +13,12 @@ as they come, and go to the flash kernel uncopied. This measures the choice for 
     python benchmarks/attention.py                      # both presets' layers, batch 16 and 64, fp32 and bf16
     python benchmarks/attention.py --presets small --batches 16
     python benchmarks/attention.py --presets small --image-sizes 32 64 128 --batches 16   # larger layers
+
+`--channels-last` measures the layer on channels_last memory, as `diffuse` runs it on a CPU without
+AVX-512, whose q, k and v views have contiguous channels already: `views` (as they come, SDPA's own
+pick) against `copied` (made contiguous first); `--sampling` times the forward alone, without gradients.
+
+    python benchmarks/attention.py --presets small --image-sizes 64 --batches 16 --precisions fp32 --channels-last --sampling
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from diffuse_cli.network.device import autocast  # noqa: E402
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 VARIANTS = {"strided": (False, [SDPBackend.MATH]), "fused": (True, FUSED), "math": (True, [SDPBackend.MATH])}
+CHANNELS_LAST_VARIANTS = {"views": (False, FUSED + [SDPBackend.MATH]), "copied": (True, FUSED + [SDPBackend.MATH])}
 
 
 def first_attention(preset: str, image_size: int) -> tuple[unet.Attention, torch.Size]:
@@ -52,21 +59,24 @@ def first_attention(preset: str, image_size: int) -> tuple[unet.Attention, torch
 
 
 def layer_seconds(preset: str, image_size: int, batch: int, precision: str, dev: torch.device,
-                  variant: str) -> float | None:
-    """Median seconds of the preset's attention layer, forward and backward; None where no kernel takes it."""
+                  variant: str, channels_last: bool = False, sampling: bool = False) -> float | None:
+    """Median seconds of the preset's attention layer, forward and backward (the forward alone, without gradients,
+    where `sampling`); None where no kernel takes it."""
     torch.manual_seed(0)
     attn, shape = first_attention(preset, image_size)
-    attn = attn.to(dev)
-    x = torch.randn(batch, *shape[1:], device=dev, requires_grad=True)
-    contiguous, backends = VARIANTS[variant]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    attn = attn.to(dev, memory_format=layout)
+    x = torch.randn(batch, *shape[1:], device=dev).contiguous(memory_format=layout).requires_grad_(not sampling)
+    contiguous, backends = (CHANNELS_LAST_VARIANTS if channels_last else VARIANTS)[variant]
     fast_ops.fused_attention_layout = lambda qkv: contiguous  # noqa: E731  (this process only)
 
     def run() -> None:
-        with autocast(precision, dev), sdpa_kernel(backends):
+        with autocast(precision, dev), sdpa_kernel(backends), torch.set_grad_enabled(not sampling):
             y = attn(x)
-        y.float().sum().backward()
-        x.grad = None
-        attn.zero_grad(set_to_none=True)
+        if not sampling:
+            y.float().sum().backward()
+            x.grad = None
+            attn.zero_grad(set_to_none=True)
     try:
         run()
     except RuntimeError:  # "No available kernel": e.g. no fused CPU kernel for this dtype
@@ -78,15 +88,21 @@ def main() -> None:
     parser = grid_parser(__doc__)
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[32],
                         help="image sizes; the layer measured is at a quarter of the size (8x8 at 32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory: its views against copies, both to SDPA's own pick")
+    parser.add_argument("--sampling", action="store_true", help="the forward alone, without gradients")
     args = parse_grid(parser)
     dev = torch.device(args.device)
-    print(f"{machine_line(args.device)}; ms per layer, forward + backward")
-    print(f"{'preset':<13}{'image':>6}{'layer':>6}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in VARIANTS))
+    variants = CHANNELS_LAST_VARIANTS if args.channels_last else VARIANTS
+    what = "forward without gradients" if args.sampling else "forward + backward"
+    print(f"{machine_line(args.device)}; ms per layer, {what}" + (", channels_last" if args.channels_last else ""))
+    print(f"{'preset':<13}{'image':>6}{'layer':>6}{'batch':>6}{'prec':>6} | " + "".join(f"{v:>10}" for v in variants))
     for preset, size in ((p, s) for p in args.presets for s in args.image_sizes):
         layer = first_attention(preset, size)[1][-1]
         for batch in args.batches:
             for precision in args.precisions:
-                cells = [layer_seconds(preset, size, batch, precision, dev, v) for v in VARIANTS]
+                cells = [layer_seconds(preset, size, batch, precision, dev, v, args.channels_last, args.sampling)
+                         for v in variants]
                 print(f"{preset:<13}{size:>6}{layer:>6}{batch:>6}{precision:>6} | "
                       + "".join(f"{s * 1e3:>10.2f}" if s is not None else f"{'-':>10}" for s in cells), flush=True)
 
