@@ -70,10 +70,12 @@ SWITCHES = {"transforms": (winograd, "KERNELS", False), "norm": (fast_ops, "NORM
 
 
 def unfused_block(block: unet.ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """unet.ResBlock's forward with its SiLUs, the embedding's shift and the residual each a pass of its own."""
-    h = block.conv1(F.silu(block.norm1(x), inplace=True))
+    """unet.ResBlock's forward with its SiLUs, the embedding's shift and the residual each a pass of its own (the
+    SiLUs in place where no gradient is taken; autograd forbids it on the norm's output view)."""
+    inplace = not torch.is_grad_enabled()
+    h = block.conv1(F.silu(block.norm1(x), inplace=inplace))
     h = h + block.emb(F.silu(emb))[:, :, None, None]
-    h = block.conv2(block.dropout(F.silu(block.norm2(h), inplace=True)))
+    h = block.conv2(block.dropout(F.silu(block.norm2(h), inplace=inplace)))
     return block.skip(x) + h
 
 
