@@ -55,6 +55,28 @@ def test_model_round_trip_is_bit_exact(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed away
 
 
+def test_loading_a_class_conditional_model_loads_no_compiler(tmp_path):
+    """The shape check builds the network on the meta device: with classes, its embedding's random draw there would
+    run torch's Python reference and import torch._dynamo, seconds of every `diffuse sample`. A fresh process loads
+    the checkpoint without it, and the embedding round-trips."""
+    import subprocess
+    import sys
+
+    config = Config(preset="tiny", model=model_config("tiny", image_size=8, class_names=("a", "b")))
+    torch.manual_seed(0)
+    net = UNet(config.model)
+    save_model(tmp_path / MODEL_FILE, net, config, {"step": 1})
+    code = f"""
+import sys
+from diffuse_cli.formats.checkpoint import load_model
+model, config, info = load_model({str(tmp_path / MODEL_FILE)!r})
+print(model.class_emb.weight.sum().item(), "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) == pytest.approx(net.class_emb.weight.sum().item(), rel=1e-6)
+    assert out[1] == "False"
+
+
 def test_header_is_read_without_tensors(tmp_path):
     _, path = saved_model(tmp_path)
     config, info = read_metadata(path)

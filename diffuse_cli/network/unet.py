@@ -222,7 +222,14 @@ class UNet(nn.Module):
                                  zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
         # Made last, so that a conditional model's other weights start as the unconditional one's would. Not
         # zero: the residual branches start at zero, so a zero embedding would get no gradient for many steps.
-        self.class_emb = nn.Embedding(len(cfg.class_names) + 1, emb_ch) if cfg.class_names else None
+        # N(0, 1) as nn.Embedding draws it, but not on the meta device (a checkpoint's shape check), where torch's
+        # random draws run its Python reference and import its compiler: seconds of every load.
+        self.class_emb = None
+        if cfg.class_names:
+            rows = len(cfg.class_names) + 1
+            self.class_emb = nn.Embedding(rows, emb_ch, _weight=torch.empty(rows, emb_ch))
+            if not self.class_emb.weight.is_meta:
+                nn.init.normal_(self.class_emb.weight)
         # Recompute each residual block's activations in the backward instead of keeping them (training's
         # --checkpointing): the memory of one block instead of all, for one more forward of each block.
         self.checkpointing = False
