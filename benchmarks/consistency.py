@@ -8,8 +8,8 @@ run folder, progress, --max-time), with the loss below in place of the distillat
 multistep consistency sampling at each of --steps and scores 500 samples against --reference with `diffuse eval`'s
 FID and KID, as benchmarks/distill.py scores its rows (rows.jsonl beside the student).
 
-The loss (CD with the squared error, Song et al. 2023, Algorithm 2, the target network the student itself without
-gradients, as Song & Dhariwal 2023 found best): the teacher's DDIM grid of --teacher-steps trailing steps t_0 > t_1 >
+The loss (CD with the squared error, Song et al. 2023, Algorithm 2; the target network is the student itself without
+gradients, which Song & Dhariwal 2023 found best for consistency training): the teacher's DDIM grid of --teacher-steps trailing steps t_0 > t_1 >
 ... ; an image noised to z at t_n, one teacher DDIM step from z to t_{n+1} (to the clean image after the last), and
 the student's x̂_0 at (z, t_n) trained towards its own x̂_0 at the teacher's point, or towards that point itself
 after the last step (the boundary condition f(x, 0) = x). Every n equally often. The student's x̂_0 is its
@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
 import diffuse_cli as diffuse  # noqa: E402
+from diffuse_cli.diffusion.denoiser import Denoiser, random_classes  # noqa: E402
 from diffuse_cli.diffusion.objectives import as_eps_model  # noqa: E402
 from diffuse_cli.diffusion.samplers import spaced_timesteps  # noqa: E402
 from diffuse_cli.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffuse_cli.training import loop  # noqa: E402
-from diffuse_cli.diffusion.denoiser import Denoiser, random_classes  # noqa: E402
 
 
 def x0_model(net, objective: str, schedule: NoiseSchedule):
@@ -138,7 +138,7 @@ def main() -> None:
                                   **recipe)
         minutes = (time.perf_counter() - start) / 60
         name = f"consistency student ({student.training.step} steps, {minutes:.1f} min)"
-        print(f"{name}", flush=True)
+        print(name, flush=True)
     for steps in args.steps:
         began = time.perf_counter()
         images = consistency_sample(student, args.n, steps)
@@ -146,8 +146,7 @@ def main() -> None:
         folder = out.parent / f"{out.name}-consistency-samples-{steps}"
         diffuse.save_images(images, folder, grid=False)
         s = diffuse.evaluate(folder, args.reference).scores
-        row = dict(model=name, steps=steps,
-                   seconds=seconds, fid=s.fid, kid=s.kid_mean, n=args.n)
+        row = dict(model=name, steps=steps, seconds=seconds, fid=s.fid, kid=s.kid_mean, n=args.n)
         print(row, flush=True)
         with open(out.parent / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
