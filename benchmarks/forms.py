@@ -1,4 +1,4 @@
-"""Our forms of five computations against torch's or the textbook's, inside whole training steps.
+"""Our forms of the network's computations against torch's or the textbook's, inside whole training steps.
 
 - `upsampling`: the U-Net upsamples by a nearest-neighbour 2x enlargement and a 3x3 convolution.
   `diffuse` computes the two as one stride-2 transposed convolution of the unenlarged input
@@ -16,6 +16,9 @@
 - `norm`: GroupNorm (and the SiLU after it) on channels_last images by numba's two passes (`norm_kernels.py`,
   where `fast_ops.norm_pays`: float32 on the CPU) against torch's GroupNorm and SiLU (`fast_ops.NORM_KERNELS =
   False`).
+- `enlarged`: in training, where Winograd pays, the upsampling as the enlargement convolved by `fast_ops.conv3x3`
+  (`fast_ops.upsample_conv`) against the transposed convolution everywhere (`fast_ops.ENLARGE = False`); sampling
+  keeps the transposed convolution either way.
 - `fusions`: the residual block with its SiLUs inside numba's GroupNorm pass and, outside autograd, the
   embedding's shift and the residual added in Winograd's output transform (`unet.ResBlock`), against the same
   kernels with torch's SiLU and additions each a pass of its own.
@@ -32,6 +35,7 @@ gradients, in eval mode, the filters kept.
     python benchmarks/forms.py --change winograd --batches 16 --isa avx2   # an AVX-512 machine, as AVX2 runs
     python benchmarks/forms.py --change transforms --presets small ddpm-cifar10 --batches 16 --precisions fp32
     python benchmarks/forms.py --change norm --presets small ddpm-cifar10 --batches 16 --precisions fp32
+    python benchmarks/forms.py --change enlarged --presets small ddpm-cifar10 --batches 16 --precisions fp32
     python benchmarks/forms.py --change fusions --sampling --presets small --batches 16 --precisions fp32 --rounds 80
 """
 
@@ -62,11 +66,13 @@ CHANGES = {
     "winograd": (unet.Conv3x3, lambda m: lambda x: F.conv2d(x, m.weight, m.bias, padding=1), "oneDNN"),
     "transforms": (None, None, "torch"),  # a switch of the whole step, forward and backward: switched() below
     "norm": (None, None, "torch"),
+    "enlarged": (None, None, "transposed"),
     "fusions": (unet.ResBlock, lambda m: lambda x, emb: unfused_block(m, x, emb), "unfused"),
 }
 
 # change -> (the module, its switch, the other form's setting): global switches, read in the backward too
-SWITCHES = {"transforms": (winograd, "KERNELS", False), "norm": (fast_ops, "NORM_KERNELS", False)}
+SWITCHES = {"transforms": (winograd, "KERNELS", False), "norm": (fast_ops, "NORM_KERNELS", False),
+            "enlarged": (fast_ops, "ENLARGE", False)}
 
 
 def unfused_block(block: unet.ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,38 @@ def test_upsample_conv_is_a_convolution_of_the_upsampled_image(layout):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_in_training_enlarges_and_convolves_by_winograd_where_it_pays(layout, monkeypatch):
+    """CPU, float32, Winograd forced (as winograd_pays chooses it on an AVX2 CPU): with a gradient taken, the
+    upsampling is the enlarged image convolved by F(4x4, 3x3), not the transposed convolution, and its values and
+    gradients are the float64 plain form's to float32's Winograd rounding; the output keeps x's memory format."""
+    from diffuse_cli.network import fast_ops
+
+    monkeypatch.setattr(fast_ops, "WINOGRAD", True)
+    torch.manual_seed(0)
+    x64 = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    b64 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(F.interpolate(x64, scale_factor=2.0, mode="nearest"), w64, b64, padding=1)
+    grad = torch.randn_like(expected)
+    x, weight, bias = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+    x = x.detach().contiguous(memory_format=layout).requires_grad_()
+    transposed = torch.nn.functional.conv_transpose2d
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: pytest.fail("took the transposed convolution"))
+    out = upsample_conv(x, weight, bias)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, weight, bias), grad.float()),
+                            torch.autograd.grad(expected, (x64, w64, b64), grad)):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-3, rtol=1e-4)
+    monkeypatch.setattr(F, "conv_transpose2d", transposed)
+    monkeypatch.setattr(fast_ops, "conv3x3", lambda *a, **k: pytest.fail("enlarged"))
+    with torch.no_grad():  # sampling keeps the transposed convolution
+        torch.testing.assert_close(upsample_conv(x, weight, bias).double(), expected, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(fast_ops, "ENLARGE", False)  # and so does training where told to
+    torch.testing.assert_close(upsample_conv(x, weight, bias).double(), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 7, 5), (2, 4, 4, 12), (1, 2, 1, 3)])
 def test_winograd_is_a_3x3_convolution_and_so_is_its_gradient(shape):
     """F(4x4, 3x3) in float64 computes the convolution to rounding, whole blocks of 4 or not, and its backward is the

@@ -62,9 +62,22 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Each output pixel sees 2x2 input pixels, so it costs 16/36 of the FLOPs of the convolution at
     the upsampled resolution, and the upsampled copy of x is never made. `kernel()`: transposed_kernel(weight),
     kept by the caller for a weight that does not change (sampling), else None.
+
+    Where a gradient is taken and Winograd pays at the upsampled size (winograd_pays: a CPU without AVX-512, in
+    float32), the plain form runs instead, its convolution by conv3x3: oneDNN's backward of the transposed
+    convolution costs there about twice its forward, Winograd's about its forward, and its quarter of the
+    products outweighs the enlarged copy (`python benchmarks/forms.py --change enlarged`, docs/speed.md).
     """
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if training and ENLARGE is not False and winograd_pays(x, weight, upsampled=True):
+        return conv3x3(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias)
     kept = kernel() if kernel is not None and not torch.is_grad_enabled() else None
     return F.conv_transpose2d(x, transposed_kernel(weight) if kept is None else kept, bias, stride=2, padding=1)
+
+
+# None: upsample_conv enlarges and convolves by Winograd in training where it pays; False: always the transposed
+# convolution (benchmarks/forms.py compares the two, in one process)
+ENLARGE: bool | None = None
 
 
 def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +85,7 @@ def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
     return fold_taps(fold_taps(weight, 2), 3).transpose(0, 1)
 
 
-def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def winograd_pays(x: torch.Tensor, weight: torch.Tensor, upsampled: bool = False) -> bool:
     """Whether conv3x3 takes Winograd's F(4x4, 3x3) for this input and weight (winograd.py), by measurement
     layer by layer (`python benchmarks/winograd_layers.py`, docs/speed.md): on a CPU without AVX-512, whose
     oneDNN convolutions run below half the speed of its matrix products and whose backward costs over twice their
@@ -83,7 +96,7 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     transforms (numba missing), which cost three times as much: c ≥ 48 and c·side ≥ 1024 from 8x8 up with a
     backward, c ≥ 96 and c·side ≥ 512 from 4x4 up without. With fewer channels the transforms cost more than they
     save; at 4x4 with a backward, one block an image does. Never under autocast (bf16's rounding would grow by the
-    transforms' constants), on a GPU or compiled."""
+    transforms' constants), on a GPU or compiled. `upsampled`: for x enlarged 2x (upsample_conv), before it is."""
     if (WINOGRAD is False or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or x.ndim != 4):
         return False
@@ -94,7 +107,7 @@ def winograd_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if cpu_kernels().avx512:
         return False
     c_out, c_in = weight.shape[:2]
-    c, side = 2 * c_in * c_out / (c_in + c_out), min(x.shape[-2:])
+    c, side = 2 * c_in * c_out / (c_in + c_out), min(x.shape[-2:]) * (2 if upsampled else 1)
     backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     from .winograd import compiled_transforms
 
