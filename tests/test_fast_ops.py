@@ -46,8 +46,8 @@ def test_upsample_conv_in_training_enlarges_and_convolves_by_winograd_where_it_p
     b64 = torch.randn(4, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(F.interpolate(x64, scale_factor=2.0, mode="nearest"), w64, b64, padding=1)
     grad = torch.randn_like(expected)
-    x, weight, bias = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
-    x = x.detach().contiguous(memory_format=layout).requires_grad_()
+    x = x64.detach().float().contiguous(memory_format=layout).requires_grad_()
+    weight, bias = (t.detach().float().requires_grad_() for t in (w64, b64))
     transposed = torch.nn.functional.conv_transpose2d
     monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: pytest.fail("took the transposed convolution"))
     out = upsample_conv(x, weight, bias)
