@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from diffuse_cli.diffusion.pixels import to_model, to_uint8
 from diffuse_cli.images.data import (BUILTIN, DataError, _close_gaps, _decode_all, find_files, load_builtin, load_data,
@@ -73,6 +74,36 @@ def test_a_set_too_large_for_memory_is_decoded_on_demand(tmp_path, image_folder,
     (gray / "l.png").write_bytes(b"not a png any more")  # changed during training
     with pytest.raises(DataError, match="l.png: not an image; it decoded when training started"):
         lazy.batch(torch.arange(len(lazy)))
+
+
+class TorchCalls(TorchFunctionMode):
+    """Records the torch functions and tensor methods called on this thread while it is entered."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_batch_is_gathered_without_a_torch_operator(tmp_path, image_folder, monkeypatch):
+    # The read-ahead thread gathers the next step's batch; a torch operator there starts an OpenMP team of that
+    # thread's own whose idle threads spin on the step's cores. So a batch, mapped, in memory or decoded on demand,
+    # is gathered and stacked by numpy, and is what indexing the images gives.
+    load_folder(image_folder, 8, cache=tmp_path / "cache")
+    mapped = load_folder(image_folder, 8, cache=tmp_path / "cache")  # the second run maps the entry
+    kept = load_folder(image_folder, 8, cache=False)
+    monkeypatch.setattr("diffuse_cli.images.data.memory_available", lambda: 1000)
+    lazy = load_folder(image_folder, 8, cache=False)
+    assert mapped.mapped and kept.images is not None and lazy.images is None
+    picks = torch.tensor([3, 0, 3, len(kept) - 1])
+    for data in (mapped, kept, lazy):
+        with TorchCalls() as calls:
+            got = data.batch(picks)
+        assert calls.names <= {"numpy", "tolist"}, calls.names
+        assert got.dtype == torch.uint8 and torch.equal(got, kept.images[picks])
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4096])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from ..network.device import memory_available
@@ -120,10 +121,15 @@ class ImageData:
         return notes
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        """uint8 images at these indices, (B, C, H, W); from disk on decoder threads when not in memory."""
+        """uint8 images at these indices, (B, C, H, W); from disk on decoder threads when not in memory.
+
+        Gathered by numpy, not by a torch operator: this runs on the read-ahead thread, where a torch operator
+        starts an OpenMP team of that thread's own, whose idle threads then spin on the cores the training step
+        is using (a folder's run took 0.65x the steps of the same images in memory on a 2-core CPU)."""
         if self.images is not None:
-            return self.images[indices]
-        return torch.stack(list(_decoder_threads().map(self._decode_again, indices.tolist())))
+            return torch.from_numpy(self.images.numpy()[indices.numpy()])
+        return torch.from_numpy(np.stack([image.numpy() for image in
+                                          _decoder_threads().map(self._decode_again, indices.tolist())]))
 
     def _decode_again(self, i: int) -> torch.Tensor:
         result = _try_decode(self.paths[i], self.image_size, self.channels)
