@@ -7,17 +7,23 @@ curves are drawn into a PNG, one panel a data set.
     python benchmarks/curves.py                                  # shapes, 2 5 10 20 minutes, default and edm
     python benchmarks/curves.py --data shapes photos --budgets 2m 5m 10m --recipes default edm --image-size 16
     python benchmarks/curves.py --data shapes photos --budgets 2m 5m --recipes default finetune --pretrain 5m
+    python benchmarks/curves.py --data shapes photos --budgets 2m 5m 10m --recipes then default   # issue 50's ratio
     python benchmarks/curves.py --plot-only --results curves.jsonl --png docs/curves.png
 
 The data sets: the built-in shapes, and crops of scikit-image's photographs (photos.py), written once as a folder.
+The `then` recipe is the default of an earlier commit (`--then`, by default the one issues 47-51 were filed
+against), run from a git worktree of it with this environment's packages, so that a change of default is measured
+against what it replaced on the same machine the same day; every run is scored by today's `diffuse eval`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from common import machine_line  # noqa: E402
 # Each recipe is the flags it adds to `diffuse train`: the default is today's, whatever it is.
 RECIPES = {
     "default": [],
+    "then": [],  # the default of the commit --then names, run from a worktree of it
     "edm": ["--objective", "edm"],
     "eps": ["--objective", "eps", "--min-snr-gamma", "0"],  # Ho et al.'s loss, for scale
     "batch16": ["--batch-size", "16"],  # twice the steps in the time, each of half the images
@@ -41,24 +48,45 @@ OTHER = {"shapes": "photos", "photos": "shapes"}
 COLOURS = [(25, 70, 160), (210, 110, 20), (40, 150, 70), (170, 40, 130)]
 
 
-def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str]) -> None:
-    """`diffuse train` of `data` for `budget` into `run` with `flags`; exits with its error where it fails."""
-    command = ["diffuse", "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
-               "--out", str(run), "--posthoc-ema", "off", *flags]
-    trained = subprocess.run(command, capture_output=True, text=True)
+def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str],
+          source: Path | None = None) -> float:
+    """`diffuse train` of `data` for `budget` into `run` with `flags` (the code in `source` where given); the
+    command's wall time in seconds. Exits with its error where it fails."""
+    program, env = ["diffuse"], None
+    if source is not None:
+        program = [sys.executable, "-c", "from diffuse_cli.cli.app import main; main()"]
+        env = {**os.environ, "PYTHONPATH": str(source)}
+    command = [*program, "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
+               "--out", str(run), *flags]
+    began = time.perf_counter()
+    trained = subprocess.run(command, capture_output=True, text=True, env=env)
     if trained.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{trained.stderr[-2000:]}")
+    return time.perf_counter() - began
+
+
+def worktree(commit: str, root: Path) -> tuple[Path, str]:
+    """A checkout of `commit` under `root` (a detached git worktree of this repository) and its full hash."""
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", commit], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(root / "then"), sha], check=True,
+                   capture_output=True)
+    return root / "then", sha
 
 
 def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path],
-            pretrain: str) -> dict:
+            pretrain: str, then: tuple[Path, str] | None) -> dict:
     run, start, extra = root / f"{data}-{recipe}-{budget}", ["--image-size", str(size)], {}
     if recipe == "finetune":  # the pre-trained model is made once a study and read at its own size
         source = root / f"{OTHER[data]}-default-{pretrain}"
         if not (source / "model.safetensors").exists():
             train(OTHER[data], pretrain, source, folders, ["--image-size", str(size)])
         start, extra = ["--from", str(source)], {"pretrain": pretrain}
-    train(data, budget, run, folders, start + RECIPES[recipe])
+    source = None
+    if recipe == "then":
+        source, extra = then[0], {"commit": then[1][:7]}
+    wall = train(data, budget, run, folders, start + RECIPES[recipe], source)
     import diffuse_cli as diffuse
 
     steps = diffuse.inspect(run)[0]["step"]
@@ -67,7 +95,7 @@ def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, 
                                        capture_output=True, text=True).stdout)
     return {"data": data, "budget": budget, "recipe": recipe, "image_size": size, "steps": steps, "n": n,
             "fid": scores["fid"], "kid_mean": scores["kid"]["mean"], "precision": scores["precision"],
-            "recall": scores["recall"], **extra}
+            "recall": scores["recall"], "wall_s": round(wall, 1), **extra}
 
 
 def minutes(budget: str) -> float:
@@ -123,6 +151,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("curves.jsonl"))
     parser.add_argument("--png", type=Path, default=Path("curves.png"))
     parser.add_argument("--pretrain", default="5m", help="the finetune recipe's training on the other data set")
+    parser.add_argument("--then", default="1182672", help="the commit whose default the `then` recipe runs")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     done = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
@@ -130,25 +159,30 @@ def main() -> None:
         print(machine_line("cpu"), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             root, folders = Path(tmp), {}
+            then = worktree(args.then, root) if "then" in args.recipes else None
             if "photos" in args.data or "finetune" in args.recipes:
                 import diffuse_cli as diffuse
                 from photos import crops
 
                 folders["photos"] = root / "photos"
                 diffuse.save_images(crops(2000, args.image_size), folders["photos"], grid=False)
-            for data in args.data:
-                for budget in args.budgets:
+            for budget in args.budgets:  # each budget on every data set before the next: a study cut short
+                for data in args.data:     # still has whole rows
                     for recipe in args.recipes:
                         pretrain = args.pretrain if recipe == "finetune" else None
-                        key = (data, budget, recipe, args.image_size, args.n, pretrain)
-                        if any((p["data"], p["budget"], p["recipe"], p["image_size"], p["n"], p.get("pretrain"))
-                               == key for p in done):
+                        commit = then[1][:7] if recipe == "then" else None
+                        key = (data, budget, recipe, args.image_size, args.n, pretrain, commit)
+                        if any((p["data"], p["budget"], p["recipe"], p["image_size"], p["n"], p.get("pretrain"),
+                                p.get("commit")) == key for p in done):
                             continue
-                        point = measure(data, budget, recipe, args.image_size, args.n, root, folders, args.pretrain)
+                        point = measure(data, budget, recipe, args.image_size, args.n, root, folders, args.pretrain,
+                                        then)
                         print(json.dumps(point), flush=True)
                         done.append(point)
                         with args.results.open("a") as f:
                             f.write(json.dumps(point) + "\n")
+            if then is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(then[0])], cwd=Path(__file__).parent)
     print("\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
     for p in done:  # a point measured elsewhere may lack precision and recall: null
         pr = " | ".join("—" if p.get(k) is None else f"{p[k]:.3f}" for k in ("precision", "recall"))
