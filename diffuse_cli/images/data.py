@@ -125,7 +125,7 @@ class ImageData:
 
         Gathered by numpy, not by a torch operator: this runs on the read-ahead thread, where a torch operator
         starts an OpenMP team of that thread's own, whose idle threads then spin on the cores the training step
-        is using (a folder's run took 0.65x the steps of the same images in memory on a 2-core CPU)."""
+        is using (docs/speed.md measures what that cost)."""
         if self.images is not None:
             return torch.from_numpy(self.images.numpy()[indices.numpy()])
         return torch.from_numpy(np.stack([image.numpy() for image in
