@@ -19,6 +19,7 @@ against what it replaced on the same machine the same day; every run is scored b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
@@ -49,13 +51,13 @@ COLOURS = [(25, 70, 160), (210, 110, 20), (40, 150, 70), (170, 40, 130)]
 
 
 def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: list[str],
-          source: Path | None = None) -> float:
-    """`diffuse train` of `data` for `budget` into `run` with `flags` (the code in `source` where given); the
+          code: Path | None = None) -> float:
+    """`diffuse train` of `data` for `budget` into `run` with `flags` (the checkout in `code` where given); the
     command's wall time in seconds. Exits with its error where it fails."""
     program, env = ["diffuse"], None
-    if source is not None:
+    if code is not None:
         program = [sys.executable, "-c", "from diffuse_cli.cli.app import main; main()"]
-        env = {**os.environ, "PYTHONPATH": str(source)}
+        env = {**os.environ, "PYTHONPATH": str(code)}
     command = [*program, "train", *([str(folders[data])] if data != "shapes" else []), "--max-time", budget,
                "--out", str(run), *flags]
     began = time.perf_counter()
@@ -65,14 +67,19 @@ def train(data: str, budget: str, run: Path, folders: dict[str, Path], flags: li
     return time.perf_counter() - began
 
 
-def worktree(commit: str, root: Path) -> tuple[Path, str]:
-    """A checkout of `commit` under `root` (a detached git worktree of this repository) and its full hash."""
+@contextlib.contextmanager
+def worktree(commit: str, root: Path) -> Iterator[tuple[Path, str]]:
+    """A checkout of `commit` under `root` (a detached git worktree of this repository) and its full hash; the
+    worktree is removed on leaving, however the study ends."""
     repo = Path(__file__).resolve().parent.parent
     sha = subprocess.run(["git", "-C", str(repo), "rev-parse", commit], check=True, capture_output=True,
                          text=True).stdout.strip()
     subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(root / "then"), sha], check=True,
                    capture_output=True)
-    return root / "then", sha
+    try:
+        yield root / "then", sha
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(root / "then")])
 
 
 def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, folders: dict[str, Path],
@@ -83,10 +90,10 @@ def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, 
         if not (source / "model.safetensors").exists():
             train(OTHER[data], pretrain, source, folders, ["--image-size", str(size)])
         start, extra = ["--from", str(source)], {"pretrain": pretrain}
-    source = None
+    code = None  # this environment's diffuse
     if recipe == "then":
-        source, extra = then[0], {"commit": then[1][:7]}
-    wall = train(data, budget, run, folders, start + RECIPES[recipe], source)
+        code, extra = then[0], {"commit": then[1][:7]}
+    wall = train(data, budget, run, folders, start + RECIPES[recipe], code)
     import diffuse_cli as diffuse
 
     steps = diffuse.inspect(run)[0]["step"]
@@ -157,9 +164,9 @@ def main() -> None:
     done = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     if not args.plot_only:
         print(machine_line("cpu"), flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             root, folders = Path(tmp), {}
-            then = worktree(args.then, root) if "then" in args.recipes else None
+            then = stack.enter_context(worktree(args.then, root)) if "then" in args.recipes else None
             if "photos" in args.data or "finetune" in args.recipes:
                 import diffuse_cli as diffuse
                 from photos import crops
@@ -181,8 +188,6 @@ def main() -> None:
                         done.append(point)
                         with args.results.open("a") as f:
                             f.write(json.dumps(point) + "\n")
-            if then is not None:
-                subprocess.run(["git", "worktree", "remove", "--force", str(then[0])], cwd=Path(__file__).parent)
     print("\n| data | budget | recipe | steps | FID | KID | precision | recall |\n|---|---|---|---|---|---|---|---|")
     for p in done:  # a point measured elsewhere may lack precision and recall: null
         pr = " | ".join("—" if p.get(k) is None else f"{p[k]:.3f}" for k in ("precision", "recall"))
