@@ -118,9 +118,11 @@ def plot(points: list[dict], png: Path) -> None:
     from PIL import Image, ImageDraw
 
     from diffuse_cli.images.pictures import default_font
+    from diffuse_cli.training.plots import label, log_ticks
 
     sets = sorted({p["data"] for p in points})
-    recipes = sorted({p["recipe"] for p in points}, key=lambda r: list(RECIPES).index(r) if r in RECIPES else 99)
+    first = list(dict.fromkeys(p["recipe"] for p in points))  # others (commits) in the file's order: fixed colours
+    recipes = sorted(first, key=lambda r: (list(RECIPES).index(r) if r in RECIPES else len(RECIPES), first.index(r)))
     w, h, left, bottom, top = 420, 300, 60, 40, 28
     image = Image.new("RGB", (w * len(sets), h), "white")
     draw, font = ImageDraw.Draw(image), default_font(13)
@@ -134,8 +136,8 @@ def plot(points: list[dict], png: Path) -> None:
         for x in sorted(set(xs)):
             draw.line([(fx(x), top), (fx(x), h - bottom)], fill=(230, 230, 230))
             draw.text((fx(x) - 8, h - bottom + 6), f"{x:g}m", fill=(40, 40, 40), font=font)
-        for y in sorted({round(v, -1) or v for v in ys}):
-            draw.text((k * w + 8, fy(y) - 7), f"{y:.0f}", fill=(40, 40, 40), font=font)
+        for y in log_ticks(y_lo / math.log(10), y_hi / math.log(10)):  # round values, not the points' own: those crowd
+            draw.text((k * w + 8, fy(y) - 7), label(y), fill=(40, 40, 40), font=font)
         for i, recipe in enumerate(recipes):
             line = sorted((minutes(p["budget"]), p["fid"]) for p in mine if p["recipe"] == recipe)
             colour = COLOURS[i % len(COLOURS)]
