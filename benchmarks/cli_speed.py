@@ -76,8 +76,8 @@ def main() -> None:
         for asked in args.precisions:
             precision = resolve_precision(asked, torch.device("cpu"))
             cli, ours, theirs = [], [], []
+            shape = args.preset, args.batch, args.image_size, asked
             for r in range(args.rounds):
-                shape = args.preset, args.batch, args.image_size, asked
                 cli.append((command_seconds(data, Path(tmp) / f"a{r}{asked}", *shape, many)
                             - command_seconds(data, Path(tmp) / f"b{r}{asked}", *shape, few)) / (many - few))
                 for impl, runs in (("ours", ours), ("diffusers", theirs)):
