@@ -331,7 +331,7 @@ def train(config: Config, data: ImageData, run_dir: str | Path | None, options: 
         if report.due(step):
             config = report.report(step, lr, config)
             if budget.seconds is not None and not budget.reserve and step - start_step >= LOG_EVERY:
-                if folder.save_seconds is None:  # a first checkpoint, timed: the last one will take as long
+                if folder.save_times.expected() is None:  # a first checkpoint, timed: the last one will take as long
                     save(step)
                     last_written["save"] = time.monotonic()
                 budget.reserve = folder.closing_seconds(config, options.grid_sampler, options.grid_steps, precision)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..diffusion.denoiser import SampleHooks, generate
-from ..diffusion.sampling import SampleConfig
+from ..diffusion.sampling import SampleConfig, SamplerChoice
 from ..formats.checkpoint import save_model, save_training_state
 from ..formats.files import BEST_MODEL_FILE, LOSS_PLOT, MODEL_FILE, STATE_FILE, atomic_write_bytes
 from ..images.data import ImageData
@@ -42,6 +44,21 @@ def cancelled_by(stop: Callable[[], bool]) -> Callable[[float, int], None]:
 
 
 @dataclass
+class Durations:
+    """How long one kind of closing work takes: the median of its last few timings, so that one stall (a busy disk's
+    fsync, a neighbour's burst) does not move a time budget's end by its whole length."""
+
+    seen: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+
+    def add(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+    def expected(self) -> float | None:
+        """None before the first timing."""
+        return statistics.median(self.seen) if self.seen else None
+
+
+@dataclass
 class RunFolder:
     """Checkpoints, metrics and sample grids in the run folder; with no folder (None), nothing is written."""
 
@@ -52,9 +69,11 @@ class RunFolder:
     unsaved: list[dict[str, Any]] = field(default_factory=list)  # log records not yet in metrics.jsonl
     history: list[dict[str, Any]] = field(default_factory=list)  # every log record of the run, for loss.png
     fid: FidWatch | None = None  # with --eval-every
-    save_seconds: float | None = None  # how long the last checkpoint took to write
-    snapshot_seconds: float | None = None  # and the last post-hoc EMA snapshot
-    call_seconds: float | None = None  # one network call of a grid's batch, timed once (closing_seconds)
+    # What the closing of a time budget takes (closing_seconds): writing a checkpoint, a post-hoc EMA snapshot, and
+    # a grid per network call (timed on its own once, then on every grid drawn)
+    save_times: Durations = field(default_factory=Durations)
+    snapshot_times: Durations = field(default_factory=Durations)
+    call_times: Durations = field(default_factory=Durations)
 
     def start(self, step: int) -> None:
         """On resume: the records written before `step` (a resumed run keeps its loss curve and its best FID)."""
@@ -123,7 +142,7 @@ class RunFolder:
                    {**info, "data": Path(self.data.source).name or self.data.source})
         write_metrics(self.path / "metrics.jsonl", self.unsaved, step)
         self.unsaved.clear()
-        self.save_seconds = time.monotonic() - began
+        self.save_times.add(time.monotonic() - began)
 
     def snapshot(self, step: int, config: Config) -> None:
         """ema/step_N.safetensors: post-hoc EMA's averages now; then the snapshots the run no longer keeps go."""
@@ -134,13 +153,14 @@ class RunFolder:
         found = list_snapshots(self.path)
         for old in set(found) - set(kept_snapshots(list(found), step)):
             found[old].unlink(missing_ok=True)
-        self.snapshot_seconds = time.monotonic() - began
+        self.snapshot_times.add(time.monotonic() - began)
 
     def grid(self, step: int, config: Config, sampler: str, steps: int, precision: str,
              log: Callable[[str], None], stop: Callable[[], bool] = lambda: False) -> None:
         """samples/step_N.png and loss.png; no grid if `stop()` says so while it is drawn."""
         if self.path is None or not self.world.is_main:
             return
+        began = time.monotonic()
         classes = len(config.model.class_names)  # a conditional model's grid: its classes in turn, row by row
         labels = torch.arange(GRID_IMAGES) * classes // GRID_IMAGES if classes else None
         try:
@@ -153,22 +173,22 @@ class RunFolder:
         save_png(make_grid(grid), self.path / "samples" / f"step_{step:06d}.png", grid_upscale(config.model.image_size))
         if self.history:
             save_image(loss_plot(self.history), self.path / LOSS_PLOT)
+        self.call_times.add((time.monotonic() - began) / SamplerChoice(sampler, steps).nfe())
 
 
     def closing_seconds(self, config: Config, sampler: str, steps: int, precision: str) -> float:
-        """How long the last checkpoint and grid are expected to take: the grid's network calls at the time of one
-        (1 call of the grid's batch, timed the first time), and the last checkpoint's and snapshot's writing times."""
+        """How long the last checkpoint and grid are expected to take: the grid's network calls at the time each took
+        lately (before the first grid, 1 call of the grid's batch, timed), and a checkpoint's and snapshot's writing
+        times."""
         if self.path is None or not self.world.is_main:
             return 0.0
-        from ..diffusion.sampling import SamplerChoice
-
-        if self.call_seconds is None:
+        if self.call_times.expected() is None:
             began = time.monotonic()  # one call of the network, whatever it was trained for (a student, too)
             generate(self.learner.ema, replace(config, distill=None), GRID_IMAGES, sampler="ddim", steps=1, seed=0,
                      precision=precision)
-            self.call_seconds = time.monotonic() - began
-        return (self.call_seconds * SamplerChoice(sampler, steps).nfe() + (self.save_seconds or 0.0)
-                + (self.snapshot_seconds or 0.0))
+            self.call_times.add(time.monotonic() - began)
+        return (self.call_times.expected() * SamplerChoice(sampler, steps).nfe() + (self.save_times.expected() or 0.0)
+                + (self.snapshot_times.expected() or 0.0))
 
 
 def check_writable(folder: Path) -> None:
