@@ -97,3 +97,33 @@ def test_cpu_kernels_are_what_torch_and_onednn_were_told(tmp_path):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["DEFAULT", "AVX2", "False", "fp32"]
+
+
+@pytest.mark.parametrize("capability, flags, cpu", [
+    ("AVX2", {"avx2", "avx512f"}, "haswell"),  # an AVX-512 machine run as AVX2 (benchmarks' --isa avx2)
+    ("AVX2", {"avx2"}, None),                   # a laptop: numba compiles for it as it is
+    ("DEFAULT", {"sse2", "avx2"}, "x86-64"),
+    ("AVX512", {"avx2", "avx512f"}, None)])
+def test_our_compiled_kernels_are_held_to_the_instructions_torchs_were(monkeypatch, capability, flags, cpu):
+    from diffuse_cli.network import device
+
+    monkeypatch.setattr(device, "cpu_kernels", lambda: device.CpuKernels(capability, "ALL", False))
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset(flags))
+    assert device.compiled_cpu.__wrapped__() == cpu
+
+
+def test_numba_is_told_the_capped_cpu_before_it_compiles(tmp_path):
+    """In a process started as benchmarks' --isa default starts one, numba compiles our kernels for x86-64 on any
+    x86 CPU with AVX2 (ATen's kernels there are its baseline's), and for this CPU where torch's are not capped."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    probe = ("from diffuse_cli.network import compiled; compiled.kernels('norm_kernels'); import numba; "
+             "print(numba.config.CPU_NAME)")
+    has_avx2 = "avx2" in open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else False
+    for env, wanted in (({"ATEN_CPU_CAPABILITY": "default"}, "x86-64" if has_avx2 else "None"), ({}, "None")):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CPU", "ATEN_CPU"))}
+        out = subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True,
+                             check=True).stdout
+        assert out.split()[-1] == wanted

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 import threading
 from types import ModuleType
 
@@ -19,10 +21,26 @@ import torch
 @functools.cache
 def kernels(name: str) -> ModuleType | None:
     """The kernel module diffuse_cli.network.<name>, or None where numba cannot load."""
+    _cap_to_torchs()
     try:
         return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
+
+
+@functools.cache
+def _cap_to_torchs() -> None:
+    """Where torch's CPU kernels were held below this machine's instructions (device.compiled_cpu), numba compiles
+    ours for the same (its on-disk cache keeps each CPU's code apart), unless NUMBA_CPU_NAME already says what."""
+    from .device import compiled_cpu
+
+    if (cpu := compiled_cpu()) is None or "NUMBA_CPU_NAME" in os.environ:
+        return
+    os.environ["NUMBA_CPU_NAME"], os.environ["NUMBA_CPU_FEATURES"] = cpu, ""  # read when numba loads
+    if "numba" in sys.modules:  # loaded already (by the caller's own code): its settings are told directly
+        from numba.core import config
+
+        config.CPU_NAME, config.CPU_FEATURES = cpu, ""
 
 
 def run(kernel, *arrays) -> None:

@@ -83,12 +83,32 @@ def cpu_kernels() -> CpuKernels:
     """This process's CpuKernels (read once: torch and oneDNN read their variables when they load)."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
     onednn_max = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        flags = []
+    flags = _cpu_flags()
     has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     return CpuKernels(capability, onednn_max, has_bf16 and capability.startswith("AVX512") and onednn_max in _ONEDNN_BF16)
+
+
+# For ATen's capabilities below AVX-512: LLVM's CPU of that instruction set, and a flag of a machine that has more
+_CAPPED_CPUS = {"AVX2": ("haswell", "avx512f"), "DEFAULT": ("x86-64", "avx2")}
+
+
+@functools.cache
+def compiled_cpu() -> str | None:
+    """The CPU our numba kernels (compiled.py) are to be compiled for, where torch's kernels were capped below this
+    machine's (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU): an LLVM CPU of that capability, so that an emulated
+    run's whole step runs the instructions a real such machine has, not only torch's part of it. None: this
+    machine's own, numba's default."""
+    name, more = _CAPPED_CPUS.get(cpu_kernels().capability, (None, None))
+    return name if more in _cpu_flags() else None
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (none where it cannot be read)."""
+    try:
+        return frozenset(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return frozenset()
 
 
 def cpu_has_bf16() -> bool:
