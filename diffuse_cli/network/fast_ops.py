@@ -173,8 +173,8 @@ NORM_KERNELS: bool | None = None
 
 
 class GroupNormSiLU(torch.autograd.Function):
-    """norm_kernels' GroupNorm, and its SiLU where asked. It keeps the norm's input and each group's mean and 1/std,
-    and recomputes the norm's output in the backward where the SiLU's gradient needs it."""
+    """norm_kernels' GroupNorm, and its SiLU where asked. It keeps the norm's input and each group's mean and 1/std;
+    the backward makes the norm's output again where the SiLU's gradient needs it, inside its first pass."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -187,14 +187,12 @@ class GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dz = dy
-        if ctx.silu:
-            dz = torch.ops.aten.silu_backward(dy, _group_norm(x, weight, bias, mean.shape[1], ctx.eps)[0])
         n, c, h, w = x.shape
         dx = x.new_empty(n, h, w, c)
         dweight, dbias = x.new_empty(n, c), x.new_empty(n, c)
-        compiled.run(compiled.kernels("norm_kernels").backward, _positions(dz), _positions(x), compiled.numpy(weight),
-                     mean.numpy(), rstd.numpy(), dx.view(n, h * w, c).numpy(), dweight.numpy(), dbias.numpy())
+        compiled.run(compiled.kernels("norm_kernels").backward, _positions(dy), _positions(x), compiled.numpy(weight),
+                     compiled.numpy(bias), mean.numpy(), rstd.numpy(), dx.view(n, h * w, c).numpy(), dweight.numpy(),
+                     dbias.numpy(), ctx.silu)
         return dx.permute(0, 3, 1, 2), dweight.sum(0), dbias.sum(0), None, None, None
 
 

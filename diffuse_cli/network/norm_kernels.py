@@ -43,8 +43,8 @@ def _int32_bits_as_float32(typingctx, i):
 
 
 @njit(inline="always", fastmath=True)
-def silu(z):
-    """z·σ(z) = z / (1 + exp(−z)) in float32, within a few units in the last place of torch's F.silu."""
+def _one_plus_exp_neg(z):
+    """1 + exp(−z) in float32 (exp clamped to float32's normal range)."""
     u = min(max(-z, EXP_MIN), EXP_MAX)
     k = np.floor(u * LOG2E + HALF)
     r = u - k * LN2_HI - k * LN2_LO
@@ -52,7 +52,20 @@ def silu(z):
     for coefficient in EXP_P[1:]:
         p = p * r + coefficient
     power = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k, as the exponent's bits
-    return z / (ONE + (p * r * r + r + ONE) * power)
+    return ONE + (p * r * r + r + ONE) * power
+
+
+@njit(inline="always", fastmath=True)
+def silu(z):
+    """z·σ(z) = z / (1 + exp(−z)) in float32, within a few units in the last place of torch's F.silu."""
+    return z / _one_plus_exp_neg(z)
+
+
+@njit(inline="always", fastmath=True)
+def silu_slope(z):
+    """d(z·σ(z))/dz = σ(z)·(1 + z·(1 − σ(z))), the SiLU's gradient, in float32."""
+    sigma = ONE / _one_plus_exp_neg(z)
+    return sigma * (ONE + z * (ONE - sigma))
 
 
 @njit(**OPTIONS)
@@ -94,8 +107,10 @@ def forward(x, weight, bias, groups, eps, y, mean, rstd, with_silu):
 
 
 @njit(**OPTIONS)
-def backward(dz, x, weight, mean, rstd, dx, dweight, dbias):
-    """dx (N, P, C), and each image's share of dweight and dbias (N, C), from dz, the gradient at the norm's output."""
+def backward(dz, x, weight, bias, mean, rstd, dx, dweight, dbias, with_silu):
+    """dx (N, P, C), and each image's share of dweight and dbias (N, C), from dz, the gradient at the norm's output,
+    or where with_silu at the SiLU's after it: then the norm's output is made again from x and the SiLU's gradient
+    taken in the first pass, its product with dz kept in dx until the second pass overwrites it."""
     n_images, positions, channels = x.shape
     groups = mean.shape[1]
     per_group = channels // groups
@@ -103,11 +118,27 @@ def backward(dz, x, weight, mean, rstd, dx, dweight, dbias):
     for n in prange(n_images):
         a = np.zeros(channels, dtype=np.float64)  # Σ_p dz
         b = np.zeros(channels, dtype=np.float64)  # Σ_p dz·x
-        for p in range(positions):
+        grad = dz[n]  # this image's gradient at the norm's output
+        if with_silu:
+            scale = np.empty(channels, dtype=np.float32)
+            shift = np.empty(channels, dtype=np.float32)
             for c in range(channels):
-                g = np.float64(dz[n, p, c])
-                a[c] += g
-                b[c] += g * x[n, p, c]
+                scale[c] = weight[c] * rstd[n, c // per_group]
+                shift[c] = bias[c] - mean[n, c // per_group] * scale[c]
+            for p in range(positions):  # a row's SiLU gradient first, in float32 alone, where it vectorises
+                for c in range(channels):
+                    dx[n, p, c] = dz[n, p, c] * silu_slope(x[n, p, c] * scale[c] + shift[c])
+                for c in range(channels):
+                    d = np.float64(dx[n, p, c])
+                    a[c] += d
+                    b[c] += d * x[n, p, c]
+            grad = dx[n]
+        else:
+            for p in range(positions):
+                for c in range(channels):
+                    d = np.float64(grad[p, c])
+                    a[c] += d
+                    b[c] += d * x[n, p, c]
         coef_dz = np.empty(channels, dtype=np.float32)
         coef_x = np.empty(channels, dtype=np.float32)
         coef_1 = np.empty(channels, dtype=np.float32)
@@ -126,4 +157,4 @@ def backward(dz, x, weight, mean, rstd, dx, dweight, dbias):
                 coef_1[c] = -r * m1 + mu * r * r * m2
         for p in range(positions):
             for c in range(channels):
-                dx[n, p, c] = dz[n, p, c] * coef_dz[c] + x[n, p, c] * coef_x[c] + coef_1[c]
+                dx[n, p, c] = grad[p, c] * coef_dz[c] + x[n, p, c] * coef_x[c] + coef_1[c]
