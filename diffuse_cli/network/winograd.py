@@ -20,9 +20,10 @@ tile's rows and one along its columns (`_separable`: 432 multiplications a 6x6 t
 is the same algorithm's chain rule: dM = (Aᵀ ⊗ Aᵀ)ᵀ dY, dU = Vᵀ dM, dV = dM Uᵀ, then each transform transposed (the
 input's tiles summed where they overlap).
 
-In float32 on the CPU the four tile transforms (input, output and their transposes in the backward) run as
-numba's compiled kernels (winograd_kernels.py: one pass over memory each, where the products with the 1-D matrix
-and the copies around them take four); the products with the filters stay torch's bmm. Without numba, in float64
+In float32 on the CPU the four tile transforms (input, output and their transposes in the backward) and the
+filter's and its transpose run as numba's compiled kernels (winograd_kernels.py: one pass over memory each, where
+the products with the 1-D matrix and the copies around them take four; a filter's has only 9 points, but training
+transforms every weight twice a step); the products with the filters stay torch's bmm. Without numba, in float64
 (the tests' numerical checks) and where `KERNELS` is False, the torch form below runs.
 
 Rounding: in float32 the outputs are within ~1e-5 of the largest (tests/test_fast_ops.py), where a direct
@@ -65,10 +66,29 @@ def _separable(name: str, flat: torch.Tensor, transposed: bool = False) -> torch
 
 
 def transform_filter(weight: torch.Tensor) -> torch.Tensor:
-    """U = G g Gᵀ for every filter: (C_out, C_in, 3, 3) -> (36, C_in, C_out)."""
+    """U = G g Gᵀ for every filter: (C_out, C_in, 3, 3) -> (36, C_in, C_out). The compiled kernel's is a transposed
+    view of (36, C_out, C_in) memory (the BLAS takes either)."""
     c_out, c_in = weight.shape[:2]
+    kernels = _kernels(weight)
+    if kernels is not None:
+        u = weight.new_empty(TILE * TILE, c_out, c_in)
+        kernels("filter_tiles", compiled.numpy(weight.permute(0, 2, 3, 1)), u.numpy())
+        return u.transpose(1, 2)
     flat = weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)
     return _separable("filter", flat).view(TILE * TILE, c_in, c_out)
+
+
+def _filter_gradient(v: torch.Tensor, dm: torch.Tensor, c_in: int, c_out: int) -> torch.Tensor:
+    """The weight's gradient from the tiles V and dM: dU = Vᵀ dM, then the filter transform's transpose; as a
+    channels_last weight (the compiled kernel's) or a view of (3, 3, C_in, C_out) memory (the torch form's)."""
+    kernels = _kernels(dm)
+    if kernels is not None:
+        du = torch.bmm(dm.transpose(1, 2), v)  # dUᵀ: (36, C_out, C_in), the kernel's layout of U
+        dw = dm.new_empty(c_out, 3, 3, c_in)
+        kernels("filter_tiles_transposed", du.numpy(), dw.numpy())
+        return dw.permute(0, 3, 1, 2)
+    du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, -1)  # (36, C_in·C_out)
+    return _separable("filter", du, transposed=True).view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
 
 
 def _tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -166,17 +186,15 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         v, weight = ctx.saved_tensors
-        u = transform_filter(weight)
         n, c_in, h, w = ctx.shape
-        c_out = u.shape[-1]
+        c_out = weight.shape[0]
         t1, t2 = -(-h // OUT), -(-w // OUT)
         dm = _block_gradients(dy, t1, t2)  # (36, tiles, C_out)
         dx = dw = None
         if ctx.needs_input_grad[1]:
-            du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, -1)  # (36, C_in·C_out)
-            dw = _separable("filter", du, transposed=True).view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+            dw = _filter_gradient(v, dm, c_in, c_out)
         if ctx.needs_input_grad[0]:
-            dx = _tile_gradients(torch.bmm(dm, u.transpose(1, 2)), ctx.shape, t1, t2)
+            dx = _tile_gradients(torch.bmm(dm, transform_filter(weight).transpose(1, 2)), ctx.shape, t1, t2)
         db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

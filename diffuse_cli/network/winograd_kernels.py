@@ -1,4 +1,5 @@
-"""winograd.py's four tile transforms, each one pass over memory (numba), where torch's matrix products take four.
+"""winograd.py's four tile transforms and the filters', each one pass over memory (numba), where torch's matrix
+products take four.
 
 In torch operators the transforms of F(4x4, 3x3) are a padding copy, a gathering copy of the 6x6 tiles and two
 products with the 1-D matrix, each a pass over 2.25x the layer's input; a product with a 6x6 matrix does no more
@@ -187,3 +188,56 @@ def input_tiles_transposed(dv, dx, t1, t2):
                             if 0 <= j0 + b < w:
                                 for c in range(channels):
                                     dx[n, i0 + a, j0 + b, c] += e[a, b, c]
+
+
+# G's entries, float32
+Q4, S6, T12, T24 = np.float32(1 / 4), np.float32(1 / 6), np.float32(1 / 12), np.float32(1 / 24)
+
+
+@njit(**OPTIONS)
+def filter_tiles(weight, u):
+    """U = G g Gᵀ: weight (C_out, 3, 3, C_in) (a channels_last weight's memory) -> u (36, C_out, C_in), each filter's
+    transform laid out with the input channels innermost, so that both sides are read and written in SIMD."""
+    c_out, _, _, c_in = weight.shape
+    for o in prange(c_out):
+        r = np.empty((6, 3, c_in), dtype=np.float32)
+        for j in range(3):  # along the filter's columns: r = G g
+            for c in range(c_in):
+                g0, g1, g2 = weight[o, 0, j, c], weight[o, 1, j, c], weight[o, 2, j, c]
+                r[0, j, c] = Q4 * g0
+                r[1, j, c] = -S6 * (g0 + g1 + g2)
+                r[2, j, c] = -S6 * (g0 - g1 + g2)
+                r[3, j, c] = T24 * g0 + T12 * g1 + S6 * g2
+                r[4, j, c] = T24 * g0 - T12 * g1 + S6 * g2
+                r[5, j, c] = g2
+        for a in range(6):  # then along its rows: U = r Gᵀ
+            for c in range(c_in):
+                g0, g1, g2 = r[a, 0, c], r[a, 1, c], r[a, 2, c]
+                u[a * 6, o, c] = Q4 * g0
+                u[a * 6 + 1, o, c] = -S6 * (g0 + g1 + g2)
+                u[a * 6 + 2, o, c] = -S6 * (g0 - g1 + g2)
+                u[a * 6 + 3, o, c] = T24 * g0 + T12 * g1 + S6 * g2
+                u[a * 6 + 4, o, c] = T24 * g0 - T12 * g1 + S6 * g2
+                u[a * 6 + 5, o, c] = g2
+
+
+@njit(**OPTIONS)
+def filter_tiles_transposed(du, dweight):
+    """The filter transform's transpose, dg = Gᵀ dU G: du (36, C_out, C_in) -> dweight (C_out, 3, 3, C_in), the
+    memory of a channels_last weight's gradient."""
+    _, c_out, c_in = du.shape
+    for o in prange(c_out):
+        s = np.empty((6, 3, c_in), dtype=np.float32)
+        for a in range(6):  # along the tile's rows: s = dU G
+            for c in range(c_in):
+                e0, e1, e2 = du[a * 6, o, c], du[a * 6 + 1, o, c], du[a * 6 + 2, o, c]
+                e3, e4, e5 = du[a * 6 + 3, o, c], du[a * 6 + 4, o, c], du[a * 6 + 5, o, c]
+                s[a, 0, c] = Q4 * e0 - S6 * (e1 + e2) + T24 * (e3 + e4)
+                s[a, 1, c] = S6 * (e2 - e1) + T12 * (e3 - e4)
+                s[a, 2, c] = S6 * (e3 + e4 - e1 - e2) + e5
+        for j in range(3):  # then along its columns: dg = Gᵀ s
+            for c in range(c_in):
+                e0, e1, e2, e3, e4, e5 = s[0, j, c], s[1, j, c], s[2, j, c], s[3, j, c], s[4, j, c], s[5, j, c]
+                dweight[o, 0, j, c] = Q4 * e0 - S6 * (e1 + e2) + T24 * (e3 + e4)
+                dweight[o, 1, j, c] = S6 * (e2 - e1) + T12 * (e3 - e4)
+                dweight[o, 2, j, c] = S6 * (e3 + e4 - e1 - e2) + e5
