@@ -81,6 +81,9 @@ def test_winograd_is_a_3x3_convolution_and_so_is_its_gradient(shape):
                             torch.autograd.grad(expected, (x, weight, bias), grad)):
         torch.testing.assert_close(ours, theirs, atol=1e-11, rtol=1e-11)
     assert torch.autograd.gradcheck(winograd.conv3x3, (x, weight, bias))
+    shift = torch.randn(shape[0], 6, dtype=torch.float64, requires_grad=True)  # each image's, and a residual
+    residual = torch.randn_like(expected, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: winograd.conv3x3(*a[:3], None, *a[3:]), (x, weight, bias, shift, residual))
     with torch.no_grad():  # the path sampling takes, with the filters transformed beforehand
         filters = winograd.transform_filter(weight)
         torch.testing.assert_close(winograd.conv3x3(x, weight, bias, filters), expected, atol=1e-12, rtol=1e-12)
@@ -161,12 +164,13 @@ def test_compiled_transforms_compute_what_the_torch_form_does(shape, layout, wit
     x = torch.randn(*shape).contiguous(memory_format=layout).requires_grad_()
     weight = torch.randn(7, shape[1], 3, 3, requires_grad=True)
     bias = torch.randn(7, requires_grad=True) if with_bias else None
+    shift = torch.randn(shape[0], 7, requires_grad=True)  # its gradient is read in the kernel that transforms dY
     grad = torch.randn(shape[0], 7, *shape[2:])
     results = {}
     for kernels in (False, None):
         monkeypatch.setattr(winograd, "KERNELS", kernels)
-        out = winograd.conv3x3(x, weight, bias)
-        inputs = (x, weight) + ((bias,) if with_bias else ())
+        out = winograd.conv3x3(x, weight, bias, None, shift)
+        inputs = (x, weight, shift) + ((bias,) if with_bias else ())
         with torch.no_grad():
             kept = winograd.conv3x3(x, weight, bias, winograd.transform_filter(weight))
         results[kernels] = (out, kept, *torch.autograd.grad(out, inputs, grad))

@@ -158,7 +158,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     Outside autograd the shift and residual are added in the output transform, not in passes of their own."""
     tensors = (x, weight, bias, shift, residual)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return plus(_Conv3x3.apply(x, weight, bias), shift, residual)
+        return _Conv3x3.apply(x, weight, bias, shift, residual)
     return _convolve(x, weight, bias, filters, shift, residual)[0]
 
 
@@ -172,15 +172,18 @@ def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 class _Conv3x3(torch.autograd.Function):
-    """conv3x3 with its backward. It keeps the transformed tiles V (2.25x the input) where the weight's gradient
-    needs them, rather than the input F.conv2d keeps, so the backward does not transform the input again; the
-    filters (4x the weight, a fraction of the activations) are transformed again."""
+    """conv3x3 with its backward, the shift and residual added in the output transform as in sampling. It keeps the
+    transformed tiles V (2.25x the input) where the weight's gradient needs them, rather than the input F.conv2d
+    keeps, so the backward does not transform the input again; the filters (4x the weight, a fraction of the
+    activations) are transformed again. The bias's and shift's gradients, sums of dY, are read in the pass that
+    transforms dY, and the residual's is dY itself."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y, v = _convolve(x, weight, bias)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor | None,
+                residual: torch.Tensor | None) -> torch.Tensor:
+        y, v = _convolve(x, weight, bias, None, shift, residual)
         ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)
-        ctx.shape, ctx.has_bias = tuple(x.shape), bias is not None
+        ctx.shape = tuple(x.shape)
         return y
 
     @staticmethod
@@ -189,28 +192,31 @@ class _Conv3x3(torch.autograd.Function):
         n, c_in, h, w = ctx.shape
         c_out = weight.shape[0]
         t1, t2 = -(-h // OUT), -(-w // OUT)
-        dm = _block_gradients(dy, t1, t2)  # (36, tiles, C_out)
+        wants = ctx.needs_input_grad
+        dm, sums = _block_gradients(dy, t1, t2, with_sums=wants[2] or wants[3])  # (36, tiles, C_out), (N, C_out)
         dx = dw = None
-        if ctx.needs_input_grad[1]:
+        if wants[1]:
             dw = _filter_gradient(v, dm, c_in, c_out)
-        if ctx.needs_input_grad[0]:
+        if wants[0]:
             dx = _tile_gradients(torch.bmm(dm, transform_filter(weight).transpose(1, 2)), ctx.shape, t1, t2)
-        db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return (dx, dw, sums.sum(0) if wants[2] else None, sums if wants[3] else None, dy if wants[4] else None)
 
 
-def _block_gradients(dy: torch.Tensor, t1: int, t2: int) -> torch.Tensor:
+def _block_gradients(dy: torch.Tensor, t1: int, t2: int,
+                     with_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output transform's transpose, dM = (Aᵀ ⊗ Aᵀ)ᵀ dY for every 4x4 block of dy (N, C, H, W), zeros beyond
-    its edge: (36, N·T1·T2, C)."""
+    its edge: (36, N·T1·T2, C); and, `with_sums`, each image's sum of dy over its positions (N, C), else None."""
     n, c, h, w = dy.shape
     kernels = _kernels(dy)
     if kernels is not None:
         dm = dy.new_empty(TILE * TILE, n * t1 * t2, c)
-        kernels("output_blocks_transposed", compiled.nhwc(dy), dm.numpy(), t1, t2)
-        return dm
+        rows = dy.new_empty(n * t1 if with_sums else 0, c)  # each row of blocks' sums
+        kernels("output_blocks_transposed", compiled.nhwc(dy), dm.numpy(), rows.numpy(), t1, t2)
+        return dm, rows.view(n, t1, c).sum(1) if with_sums else None
     dyh = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, OUT * t2 - w, 0, OUT * t1 - h))  # (N, 4·T1, 4·T2, C)
     blocks = dyh.reshape(n, t1, OUT, t2, OUT, c).permute(2, 4, 0, 1, 3, 5).reshape(OUT * OUT, -1)
-    return _separable("output", blocks, transposed=True).view(TILE * TILE, -1, c)
+    dm = _separable("output", blocks, transposed=True).view(TILE * TILE, -1, c)
+    return dm, dy.sum((2, 3)) if with_sums else None
 
 
 def _tile_gradients(dv: torch.Tensor, shape: tuple[int, int, int, int], t1: int, t2: int) -> torch.Tensor:
@@ -219,7 +225,7 @@ def _tile_gradients(dv: torch.Tensor, shape: tuple[int, int, int, int], t1: int,
     n, c, h, w = shape
     kernels = _kernels(dv)
     if kernels is not None:
-        dx = dv.new_zeros(n, h, w, c)
+        dx = dv.new_empty(n, h, w, c)
         kernels("input_tiles_transposed", dv.numpy(), dx.numpy(), t1, t2)
         return dx.permute(0, 3, 1, 2)
     dd = _separable("input", dv.reshape(TILE * TILE, -1), transposed=True)

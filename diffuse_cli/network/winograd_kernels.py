@@ -113,14 +113,17 @@ def output_blocks(m, bias, residual, y, t1, t2):
 
 
 @njit(**OPTIONS)
-def output_blocks_transposed(dy, dm, t1, t2):
+def output_blocks_transposed(dy, dm, sums, t1, t2):
     """The output transform's transpose, dM = A dY Aᵀ: dy (N, H, W, C) -> dm (36, N·T1·T2, C), zeros beyond the
-    image's edge."""
+    image's edge; and, where sums is (N·T1, C) rather than (0, C), each row of blocks' sum of dy over its positions
+    (the bias's and shift's gradients, read in the same pass)."""
     n_images, h, w, channels = dy.shape
+    has_sums = sums.shape[0] > 0
     for row in prange(n_images * t1):
         n, i0 = row // t1, (row % t1) * 4
         g = np.empty((4, 4, channels), dtype=np.float32)
         r = np.empty((6, 4, channels), dtype=np.float32)
+        total = np.zeros(channels, dtype=np.float32)
         for tj in range(t2):
             j0, tile = tj * 4, row * t2 + tj
             for a in range(4):
@@ -128,6 +131,9 @@ def output_blocks_transposed(dy, dm, t1, t2):
                     if i0 + a < h and j0 + b < w:
                         for c in range(channels):
                             g[a, b, c] = dy[n, i0 + a, j0 + b, c]
+                        if has_sums:
+                            for c in range(channels):
+                                total[c] += g[a, b, c]
                     else:
                         for c in range(channels):
                             g[a, b, c] = 0.0
@@ -149,14 +155,18 @@ def output_blocks_transposed(dy, dm, t1, t2):
                     dm[a * 6 + 3, tile, c] = y0 + K2 * y1 + K4 * y2 + K8 * y3
                     dm[a * 6 + 4, tile, c] = y0 - K2 * y1 + K4 * y2 - K8 * y3
                     dm[a * 6 + 5, tile, c] = y3
+        if has_sums:
+            sums[row] = total
 
 
 @njit(**OPTIONS)
 def input_tiles_transposed(dv, dx, t1, t2):
-    """The input transform's transpose, summed where tiles overlap: dv (36, N·T1·T2, C) -> dx (N, H, W, C), which
-    must hold zeros. An image's tiles overlap each other, so the images are split over the threads, not the rows."""
+    """The input transform's transpose, summed where tiles overlap: dv (36, N·T1·T2, C) -> dx (N, H, W, C). An
+    image's tiles overlap each other, so the images are split over the threads, not the rows; each thread zeroes its
+    image before adding into it, while the image is in its cache."""
     n_images, h, w, channels = dx.shape
     for n in prange(n_images):
+        dx[n] = 0.0
         r = np.empty((6, 6, channels), dtype=np.float32)
         e = np.empty((6, 6, channels), dtype=np.float32)
         for ti in range(t1):
