@@ -19,7 +19,7 @@ eager step with torch's default AdamW and malloc, as its example training script
     python benchmarks/train_speed.py --presets small --batches 16
     python benchmarks/train_speed.py --presets small --batches 64 --precisions bf16 --compile
     python benchmarks/train_speed.py --same-runtime      # networks alone
-    python benchmarks/train_speed.py --presets small --rounds 3   # median of 3 alternating runs each
+    python benchmarks/train_speed.py --presets small --rounds 3   # 3 pairs of runs, back to back; median ratio
     python benchmarks/train_speed.py --isa avx2 --batches 16 --rounds 3   # an AVX-512/AMX machine as AVX2 runs
 
 Without --precisions, bf16 rows are measured only where the CPU computes bf16 natively: elsewhere torch emulates
@@ -174,6 +174,19 @@ def in_fresh_process(*args, timeout: float) -> dict:
     return result
 
 
+def paired_ratios(ours: list[dict], theirs: list[dict]) -> tuple[float, float]:
+    """Ours over theirs in training images/s and in network calls/s: the median of the rounds' own ratios, each
+    round's two runs taken back to back. This machine's speed drifts by 10-20% over tens of seconds, and two runs
+    a few seconds apart share it more often than two medians over minutes do."""
+    pairs = [(a, b) for a, b in zip(ours, theirs) if "failed" not in a and "failed" not in b]
+
+    def median(values: list[float]) -> float:
+        values = sorted(values)
+        return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+    return (median([a["images_per_s"] / b["images_per_s"] for a, b in pairs]),
+            median([a["nfe_per_s"] / b["nfe_per_s"] for a, b in pairs]))
+
+
 def median_run(runs: list[dict]) -> dict:
     """The median of the runs that finished, or the first failure where none did."""
     done = sorted((r for r in runs if "failed" not in r), key=lambda r: r["images_per_s"])
@@ -185,7 +198,8 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our network (diffusers' stays eager)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="measure ours and diffusers this many times, alternating; report each one's median")
+                        help="measure ours and diffusers this many times, in pairs; report each one's median, "
+                        "and the median of the pairs' ratios")
     parser.add_argument("--same-runtime", action="store_true",
                         help="diffusers too gets our training step (fused AdamW, CUDA graph, malloc setting): "
                      "compares the networks alone")
@@ -211,15 +225,16 @@ def main() -> None:
         for batch in args.batches:
             for precision in args.precisions:
                 runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
-                for _ in range(args.rounds):
-                    runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
-                                                         args.compile, True, not args.no_cuda_graph,
-                                                         args.image_size, timeout=args.timeout))
-                    if not args.no_diffusers:
-                        runs["diffusers"].append(in_fresh_process("diffusers", preset, batch, precision, args.device,
-                                                                  False, args.same_runtime,
-                                                                  args.same_runtime and not args.no_cuda_graph,
-                                                                  args.image_size, timeout=args.timeout))
+                for r in range(args.rounds):  # each round's pair back to back, each tool first in turn
+                    for impl in ("ours", "diffusers")[::-1 if r % 2 else 1]:
+                        if impl == "ours":
+                            runs["ours"].append(in_fresh_process("ours", preset, batch, precision, args.device,
+                                                                 args.compile, True, not args.no_cuda_graph,
+                                                                 args.image_size, timeout=args.timeout))
+                        elif not args.no_diffusers:
+                            runs["diffusers"].append(in_fresh_process(
+                                "diffusers", preset, batch, precision, args.device, False, args.same_runtime,
+                                args.same_runtime and not args.no_cuda_graph, args.image_size, timeout=args.timeout))
                 row = f"{preset:<13}{batch:>6}{precision:>6} | "
                 mine = median_run(runs["ours"])
                 if "failed" in mine:
@@ -236,9 +251,9 @@ def main() -> None:
                         line += f"diffusers failed: {theirs['failed']}"
                     else:
                         baseline[(preset, batch, precision)] = theirs["images_per_s"]
+                        train, nfe = paired_ratios(runs["ours"], runs["diffusers"])
                         line += (f"{theirs['images_per_s']:>10.2f}{100 * theirs['share_of_peak']:>7.0f}%"
-                                 f"{theirs['nfe_per_s']:>8.2f}{ours['images_per_s'] / theirs['images_per_s']:>11.2f}x"
-                                 f"  NFE/s {ours['nfe_per_s'] / theirs['nfe_per_s']:.2f}x")
+                                 f"{theirs['nfe_per_s']:>8.2f}{train:>11.2f}x  NFE/s {nfe:.2f}x")
                 print(line, flush=True)
                 if precision == "bf16" and (preset, batch, "fp32") in baseline:
                     print(f"{'':<25} | ours bf16 / diffusers fp32: "
