@@ -123,7 +123,7 @@ def output_blocks_transposed(dy, dm, sums, t1, t2):
         n, i0 = row // t1, (row % t1) * 4
         g = np.empty((4, 4, channels), dtype=np.float32)
         r = np.empty((6, 4, channels), dtype=np.float32)
-        total = np.zeros(channels, dtype=np.float32)
+        total = np.zeros(channels, dtype=np.float64)  # float64, as torch's sum keeps float32's precision
         for tj in range(t2):
             j0, tile = tj * 4, row * t2 + tj
             for a in range(4):
@@ -133,7 +133,7 @@ def output_blocks_transposed(dy, dm, sums, t1, t2):
                             g[a, b, c] = dy[n, i0 + a, j0 + b, c]
                         if has_sums:
                             for c in range(channels):
-                                total[c] += g[a, b, c]
+                                total[c] += np.float64(g[a, b, c])
                     else:
                         for c in range(channels):
                             g[a, b, c] = 0.0
@@ -156,7 +156,8 @@ def output_blocks_transposed(dy, dm, sums, t1, t2):
                     dm[a * 6 + 4, tile, c] = y0 - K2 * y1 + K4 * y2 - K8 * y3
                     dm[a * 6 + 5, tile, c] = y3
         if has_sums:
-            sums[row] = total
+            for c in range(channels):
+                sums[row, c] = np.float32(total[c])
 
 
 @njit(**OPTIONS)
