@@ -129,8 +129,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     Plain: winograd.plus(F.conv2d(x, weight, bias, padding=1), shift, residual).
 
     Where winograd_pays, by F(4x4, 3x3): 36 products where the direct form takes 144 for each 4x4 block of
-    outputs and input channel, in matrix products, and in sampling the shift and residual added in its output
-    transform rather than in two more passes over the output; the output comes back in x's memory format.
+    outputs and input channel, in matrix products, and the shift and residual added in its output transform
+    rather than in two more passes over the output; the output comes back in x's memory format.
     `filters()`: the weight's Winograd transform, kept by the caller for a weight that does not change (sampling),
     else None."""
     from . import winograd

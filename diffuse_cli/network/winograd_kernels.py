@@ -7,9 +7,10 @@ than a few additions an element, so each pass runs at the speed of memory, and t
 Winograd's time on a 2-core AVX2 CPU (docs/speed.md). Here each transform reads its input once and writes its output
 once: a tile's 6x6 points of every channel are gathered into a small buffer (zeros beyond the image: the
 convolution's padding), transformed there along its rows and then its columns, and written out, the loops over the
-channels innermost so that they run in SIMD. The output transform adds the bias (in sampling also each image's
-shift and a residual, which the block would otherwise add in passes of their own) and writes the NHWC image
-itself; the backward's transposed input transform adds each tile's gradient into the image where tiles overlap.
+channels innermost so that they run in SIMD. The output transform adds the bias, each image's shift
+and a residual (which the block would otherwise add in passes of their own) and writes the NHWC image itself;
+the backward's transposed output transform sums dY for the bias's and shift's gradients as it reads it, and the
+transposed input transform adds each tile's gradient into the image where tiles overlap.
 
 Tensors are float32, their memory laid out as the names say (NHWC: a channels_last image's permute(0, 2, 3, 1));
 tiles are numbered image by image, row by row: tile = (n·T1 + i)·T2 + j for the tile whose top-left input point is
