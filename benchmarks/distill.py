@@ -8,6 +8,7 @@ counts (the baseline a user would otherwise take), with each one's wall time for
     python benchmarks/distill.py --data photos --image-size 32 ...    # crops of photographs (photos.py)
     python benchmarks/distill.py --work study --progressive --lr 1e-4 --warmup 10   # students in rounds, kept
     python benchmarks/distill.py --work study --teacher study/teacher --lr 1e-3   # the same teacher, another recipe
+    python benchmarks/distill.py --teacher study/teacher --teacher-steps 32 --steps 16 8 4 --progressive  # halving
 
 With --progressive each student is distilled from the one before (4 steps from the teacher, 2 from the 4-step
 student, ...), as Salimans & Ho halve the steps; otherwise each from the teacher. --work keeps the runs and the
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--n", type=int, default=500, help="samples each row scores and times")
     parser.add_argument("--progressive", action="store_true", help="each student from the one before")
+    parser.add_argument("--teacher-steps", type=int, help="the teacher's DDIM steps the first student learns from "
+                        "(default: distill's own, 4 in each student step; later rounds learn a student's own steps)")
     parser.add_argument("--lr", type=float, help="the students' learning rate (default: distill's own)")
     parser.add_argument("--warmup", type=int, help="the students' warm-up steps (default: distill's own)")
     parser.add_argument("--work", type=Path, help="keep runs, samples and rows.jsonl here (default: a temporary "
@@ -98,7 +101,9 @@ def main() -> None:
                 row(f"teacher, default sampler at {steps}", steps, teacher, f"t{steps}", steps=steps)
             start = time.perf_counter()
             out = tmp / f"s{steps}{tag}"
-            student = diffuse.distill(source, out, steps=steps, max_time=args.distill_time, **recipe)
+            first = source == teacher_run and args.teacher_steps is not None
+            student = diffuse.distill(source, out, steps=steps, max_time=args.distill_time, **recipe,
+                                      **({"teacher_steps": args.teacher_steps} if first else {}))
             minutes = (time.perf_counter() - start) / 60
             origin = f", from {source.name}" if args.progressive else ""
             row(f"student{tag} ({student.training.step} steps, {minutes:.1f} min{origin})", steps, student,
