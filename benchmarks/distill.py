@@ -101,9 +101,9 @@ def main() -> None:
                 row(f"teacher, default sampler at {steps}", steps, teacher, f"t{steps}", steps=steps)
             start = time.perf_counter()
             out = tmp / f"s{steps}{tag}"
-            first = source == teacher_run and args.teacher_steps is not None
+            first = source == teacher_run  # a student's rounds learn its own steps
             student = diffuse.distill(source, out, steps=steps, max_time=args.distill_time, **recipe,
-                                      **({"teacher_steps": args.teacher_steps} if first else {}))
+                                      teacher_steps=args.teacher_steps if first else None)
             minutes = (time.perf_counter() - start) / 60
             origin = f", from {source.name}" if args.progressive else ""
             row(f"student{tag} ({student.training.step} steps, {minutes:.1f} min{origin})", steps, student,

@@ -154,8 +154,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             filters: torch.Tensor | None = None, shift: torch.Tensor | None = None,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """plus(F.conv2d(x, weight, bias, padding=1), shift, residual), by F(4x4, 3x3); differentiable in x, weight, bias,
-    shift and residual. `filters`: transform_filter(weight) made beforehand (a network whose weights do not change between calls).
-    The shift and residual are added in the output transform, not in passes of their own."""
+    shift and residual. `filters`: transform_filter(weight) made beforehand (a network whose weights do not change
+    between calls). The shift and residual are added in the output transform, not in passes of their own."""
     tensors = (x, weight, bias, shift, residual)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _Conv3x3.apply(x, weight, bias, shift, residual)
