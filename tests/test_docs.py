@@ -23,6 +23,24 @@ def test_the_commands_page_is_the_help_as_it_is_now():
     assert page == reference(), "docs/commands.md is stale: python -m diffuse_cli.cli.reference > docs/commands.md"
 
 
+def test_no_help_text_loses_a_bracket_to_rich_markup():
+    """rich reads an unescaped [word] in help as a style tag and drops it ("needs the  extra"): every help text and
+    epilog must show, rendered as the terminal renders it, what it says with its escapes undone."""
+    from rich.text import Text
+
+    def texts(command: click.Command, path: str):
+        yield path, command.help or ""
+        yield path + " (examples)", command.epilog or ""
+        for param in command.params:
+            yield f"{path} {param.name}", getattr(param, "help", None) or ""
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from texts(sub, f"{path} {name}")
+
+    swallowed = [where for where, text in texts(typer.main.get_command(app), "diffuse")
+                 if Text.from_markup(text).plain != text.replace("\\[", "[")]
+    assert swallowed == []
+
+
 def command_lines(page: Path) -> list[str]:
     """Every `diffuse ...` line of the page's bash blocks, comments and prompts removed."""
     lines = []

@@ -103,7 +103,7 @@ SaveEvery = Annotated[Optional[int], typer.Option(help="Save the checkpoint ever
                                                   "\\[default: every 500 steps, at most once a minute]")]
 EvalEvery = Annotated[Optional[int], typer.Option(help="FID of --eval-n samples every N steps, against as many "
                                                   "training images: in metrics.jsonl and loss.png, and the best "
-                                                  "weights kept as model_best.safetensors (needs the [eval] extra). "
+                                                  "weights kept as model_best.safetensors (needs the \\[eval] extra). "
                                                   "\\[default: off]", show_default=False)]
 EvalEma = Annotated[Optional[str], typer.Option("--eval-ema", help="Score post-hoc EMAs of these lengths (σ_rel, "
                                                 "comma-separated, e.g. 0.05,0.1,0.2) at each --eval-every FID "
