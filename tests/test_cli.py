@@ -157,6 +157,17 @@ def test_inspect_table_and_json(trained, run_cli):
     assert json.loads(json.dumps(facts)) == data and config.model.image_size == 8 and config.preset == "tiny"
 
 
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path, run_cli, monkeypatch):
+    """Output is not read as rich markup: a folder named like a style tag, or a closing one, is a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run[v2]").mkdir()
+    photo = write_image(tmp_path / "run[v2]" / "photo[bold].png", size=(12, 12))
+    done = run_cli("noise", photo, "--t", "500", "--out", "run[v2]/noised[/b].png")
+    assert done.code == 0 and "run[v2]/noised[/b].png" in done.out, done
+    missing = run_cli("noise", "run[v2]/nope[red].png")
+    assert_clean_error(missing, "run[v2]/nope[red].png")
+
+
 def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     photo = write_image(tmp_path / "photo.png", size=(50, 30))

@@ -295,7 +295,7 @@ def main() -> None:
 
 
 def _exit_with(message: str, code: int) -> None:
-    from rich.markup import escape
+    from rich.text import Text
 
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     sys.exit(code)

@@ -23,9 +23,11 @@ from rich.text import Text
 from ..errors import worded
 from .options import flag
 
-# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns.
-out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()))
-err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()))
+# Without a terminal (a batch job's log file) lines are not wrapped at 80 columns. No markup: what is printed
+# holds the user's paths, and rich would read a folder named "run[v2]" as a style tag and drop it (or stop at a
+# "[/...]" it cannot close); styles are given as Text.
+out = Console(soft_wrap=not (sys.stdout and sys.stdout.isatty()), markup=False)
+err = Console(stderr=True, soft_wrap=not (sys.stderr and sys.stderr.isatty()), markup=False)
 
 
 class Interrupted(Exception):
@@ -201,7 +203,7 @@ def install_stop_handler(announce: bool = True) -> dict:
             os._exit(130)
         state["requested"] = True
         if announce:
-            err.print("\n[yellow]stopping: saving a checkpoint (Ctrl-C again to quit at once)[/]")
+            err.print(Text("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)", style="yellow"))
 
     # SIGUSR1: what Slurm's --signal sends ahead of a job's time limit
     signums = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
