@@ -1,7 +1,10 @@
 """Each command end to end on a tiny folder, and each bad input as one clear line."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,6 +169,15 @@ def test_paths_with_brackets_are_printed_as_they_are(tmp_path, run_cli, monkeypa
     assert done.code == 0 and "run[v2]/noised[/b].png" in done.out, done
     missing = run_cli("noise", "run[v2]/nope[red].png")
     assert_clean_error(missing, "run[v2]/nope[red].png")
+
+
+def test_a_terminal_that_cannot_show_greek_letters_gets_question_marks(tmp_path):
+    """train --help names σ_rel and γ; written to an ASCII stream they become '?', and the command succeeds."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    shown = subprocess.run([sys.executable, "-m", "diffuse_cli", "train", "--help"], capture_output=True, env=env,
+                           cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0, shown.stderr.decode("ascii", "replace")
+    assert b"Min-SNR-? loss weighting" in shown.stdout and shown.stderr == b""
 
 
 def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):

@@ -269,6 +269,11 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 def main() -> None:
     """Entry point: known failures become one line on stderr and a non-zero exit, never a traceback."""
     sys.argv = opt.bare_hflip(sys.argv)
+    for stream in (sys.stdout, sys.stderr):
+        # a terminal or log file in a legacy encoding (a Windows code page, Latin-1, ASCII) cannot show σ or γ:
+        # they are written as '?' rather than ending the command part way
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
