@@ -17,6 +17,7 @@ from rich.progress import Progress
 from diffuse_cli.cli import console
 from diffuse_cli.cli.app import app
 from diffuse_cli.cli.console import TimeLeftColumn
+from diffuse_cli.images.data import find_files
 from diffuse_cli.images.decode import decode_image
 from diffuse_cli.diffusion.samplers import SAMPLERS
 
@@ -178,6 +179,28 @@ def test_a_terminal_that_cannot_show_greek_letters_gets_question_marks(tmp_path)
                            cwd=tmp_path, timeout=120)
     assert shown.returncode == 0, shown.stderr.decode("ascii", "replace")
     assert b"Min-SNR-? loss weighting" in shown.stdout and shown.stderr == b""
+
+
+def test_what_diffuse_wrote_in_the_image_folder_is_not_taken_for_images(tmp_path, run_cli, monkeypatch):
+    """`cd photos; diffuse sample` puts samples/ in the data folder (train refuses a run folder there): the next run
+    trains on the two classes the user made, not on the samples as a third, and says what it left out; `diffuse
+    eval` of a folder of samples scores the samples, not their grid.png."""
+    root = tmp_path / "photos"
+    for i in range(3):
+        write_image(root / "cats" / f"{i}.png", seed=i)
+        write_image(root / "dogs" / f"{i}.png", seed=10 + i)
+    monkeypatch.chdir(root)
+    assert run_cli("train", ".", *TINY, "--steps", "2", "--out", "../first").code == 0
+    sampled = run_cli("sample", "--checkpoint", "../first", "-n", "2", "--steps", "2")
+    written = list((root / "samples").glob("*/grid.png"))
+    assert sampled.code == 0 and len(written) == 1, sampled
+    again = run_cli("train", ".", *TINY, "--steps", "1", "--out", "../second")
+    assert again.code == 0, again
+    said = " ".join(again.err.split())
+    assert "6 images at 8x8" in said and "classes 2: cats (3), dogs (3)" in said, said
+    assert f"left out what diffuse wrote there (runs, grids of samples), not training images: samples/" \
+           f"{written[0].parent.name}" in said, said
+    assert [p.name for p in find_files(written[0].parent)] == ["0000.png", "0001.png"]
 
 
 def test_noise_at_own_size_and_strip(tmp_path, run_cli, monkeypatch):

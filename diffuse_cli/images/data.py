@@ -21,6 +21,7 @@ import torch
 
 from ..network.device import memory_available
 from ..errors import DataError, Note
+from ..formats.files import MODEL_FILE, STATE_FILE
 from .cache import Entry, build_entry, entry_path, read_entry, stamps
 from .decode import _try_decode, is_grayscale
 from .shapes import SHAPES, render_shapes, shape_kinds
@@ -60,6 +61,7 @@ class ImageData:
     labels: torch.Tensor | None = None  # (N,) int64 class index of each image; -1: none (directly in the folder)
     mapped: bool = False  # images is a file mapped from the cache (cache.py): pages are read as batches touch them
     cache_note: str | None = None  # where the images came from, or why they are not cached
+    left_out: list[str] = field(default_factory=list)  # what diffuse wrote in the folder (find_files), relative to it
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, labels: torch.Tensor | None = None, classes: tuple[str, ...] = (),
@@ -109,6 +111,11 @@ class ImageData:
         if from_folder and n < FEW_IMAGES:
             notes.append(f"note: {n} image{'s' * (n != 1)} is few for a diffusion model (thousands are "
                          "usual); as training goes on its samples will copy them more and more closely")
+        if self.left_out:
+            more = len(self.left_out) - 4
+            listed = ", ".join(self.left_out[:4]) + (f" and {more} more" if more > 0 else "")
+            notes.append(f"note: left out what diffuse wrote there (runs, grids of samples), not training images: "
+                         f"{listed}")
         if self.cache_note:
             notes.append(self.cache_note)
         if self.images is None:
@@ -162,18 +169,36 @@ def _decoder_threads() -> ThreadPoolExecutor:
 
 
 # -- pixels <-> model space, in one place -----------------------------------------------------
-def find_files(root: Path) -> list[Path]:
-    """Every non-hidden file below root, sorted; follows symlinks but never loops."""
+# What diffuse writes beside the images it draws: pictures of them, not more of them.
+SAMPLE_PICTURES = ("grid.png", "strip.png", "strip.gif", "trajectory.png", "trajectory.gif")
+RUN_FILES = (MODEL_FILE, STATE_FILE)  # a folder holding one is a run's or a model's, whose PNGs are its grids
+
+
+def find_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
+    """Every non-hidden file below root, sorted; follows symlinks but never loops. What diffuse wrote is not taken
+    for images (each such path appended to `left_out`, when given): below root, a run folder and a folder of
+    samples or frames, whole; in root itself, when it is such a folder of samples, its grid and strips (its numbered
+    NNNN.png are the samples). With the default places, `cd photos; diffuse train .` would otherwise train a second
+    run on the first one's grids and take checkpoints/ and samples/ for classes, and `diffuse eval` of a folder of
+    samples would score its grid.png as one more sample."""
     seen: set[str] = set()
     found: list[Path] = []
+    left_out = [] if left_out is None else left_out
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
+        files = [f for f in files if not f.startswith(".")]
+        ours = [f for f in files if f in SAMPLE_PICTURES] if any(f.startswith("0000") for f in files) else []
+        if Path(folder) != root and (ours or any(f in files for f in RUN_FILES)):
+            dirs[:] = []
+            left_out.append(Path(folder))
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in files if not f.startswith(".")]
+        left_out += [Path(folder) / f for f in sorted(ours)]
+        found += [Path(folder) / f for f in files if f not in ours]
     return sorted(found)
 
 
@@ -201,7 +226,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
-    files = [root] if root.is_file() else find_files(root)
+    left_out: list[Path] = []
+    files = [root] if root.is_file() else find_files(root, left_out)
     if share and not share.same(_fingerprint(root, files)):  # else their shares would not fit together
         raise DataError(f"{root}: the processes of this run see different files there; every machine must see "
                         "the same folder")
@@ -216,6 +242,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
             data = _image_data(root, files, size, channels, entry.kept, entry.reasons, entry.short_side,
                                entry.grayscale)
             data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.note
+            data.left_out = [str(p.relative_to(root)) for p in left_out]
             return data
         why_not = f"note: the decoded images are not cached: {entry}"
     rank, count = (share.rank, share.size) if share else (0, 1)
@@ -250,6 +277,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
     data = _image_data(root, files, size, channels, kept.tolist(), reasons, short_side[kept].tolist(),
                        grayscale[kept].bool().tolist())
     data.cache_note = why_not
+    data.left_out = [str(p.relative_to(root)) for p in left_out]
     if in_memory:
         _close_gaps(images, kept)
         data.images = images[:len(kept), :data.channels].contiguous()  # a view unless grayscale was found
