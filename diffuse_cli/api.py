@@ -35,7 +35,7 @@ from .api_images import (explore, explorer_path, interpolate, interpolation_fold
                          write_explorer, write_noise)
 from .api_sample import SampleRun, sample_folder_name  # noqa: F401 (the API)
 from .api_settings import parse_duration, require_positive
-from .config import Config, DistillConfig, validate_train
+from .config import Config, DistillConfig, check_guidance, validate_train
 from .diffusion.denoiser import SampleHooks  # noqa: F401 (the API)
 from .diffusion.sampling import SampleConfig, SamplerChoice  # noqa: F401 (the API)
 from .errors import DataError, DiffuseError, DiskFull, RunError, TrainingFailed, UsageError, out_of_memory
@@ -141,8 +141,7 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
     if teacher_steps is None:  # at least 4 of the teacher's in each of the student's, and 16 in all
         teacher_steps = steps * max(4, -(-16 // max(steps, 1)))
     require_positive(steps=steps, teacher_steps=teacher_steps)
-    if guidance < 0:
-        raise UsageError(f"{{guidance}} must be at least 0, not {guidance}", "guidance")
+    check_guidance(guidance)
     from .diffusion.distillation import grids
     from .diffusion.schedule import NoiseSchedule
 
@@ -246,10 +245,10 @@ def train(data: PathLike | torch.Tensor | ImageData | None = None, out: PathLike
     Budget.for_run(config.train, seconds, fit_steps, resume, run)  # refuse an unfitted resume before decoding
     resolve_precision(config.train.precision, torch_device)  # fp16 on the CPU is refused before any work
     require_positive(save_every=o.save_every, sample_every=o.sample_every)
+    if o.eval_n < 2:
+        raise UsageError(f"{{eval_n}} must be at least 2, not {o.eval_n}", "eval_n")
     if o.eval_every is not None:
-        if o.eval_every < 1 or o.eval_n < 2:
-            raise UsageError(f"{{eval_every}} must be at least 1 and {{eval_n}} at least 2, not {o.eval_every} and "
-                             f"{o.eval_n}", "eval_every", "eval_n")
+        require_positive(eval_every=o.eval_every)
         from .evaluation.inception import network_file
 
         network_file()  # the [eval] extra missing is said before any work

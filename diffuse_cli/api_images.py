@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .config import DiffusionConfig, Schedule, check_choice
+from .config import DiffusionConfig, Schedule, check_choice, check_guidance, check_seed
 from .diffusion.pixels import to_model, to_uint8
 from .errors import DataError, UsageError, Words
 from .formats.files import atomic_folder, atomic_write_bytes
@@ -41,6 +41,7 @@ def noise(image: PathLike | torch.Tensor, t: list[int] | int, schedule: Schedule
         raise UsageError(f"{{image_size}} must be at least 1, not {image_size}", "image_size")
     if max_side < 0:
         raise UsageError(f"{{max_side}} must be 0 (never shrink) or more, not {max_side}", "max_side")
+    check_seed(seed)
     if isinstance(image, torch.Tensor):
         x0 = to_model(image)[None]
     else:
@@ -96,6 +97,8 @@ def explore(model: Model, image: PathLike | torch.Tensor | None = None, frames: 
 
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
+    check_guidance(guidance)
+    check_seed(seed)
     from .diffusion.denoiser import class_labels, for_student
 
     label = None if class_name is None else int(class_labels(model.config, (class_name,), 1)[0])
@@ -155,6 +158,8 @@ def interpolate(model: Model, a: PathLike | torch.Tensor | None = None, b: PathL
 
     if (seeds is None) == (a is None or b is None) or (seeds is not None and (a is not None or b is not None)):
         raise UsageError("give two images, or {seeds} A B, to interpolate between", "seeds")
+    for seed in seeds or ():
+        check_seed(seed, "seeds")
     if frames < 2:
         raise UsageError(f"{{frames}} must be at least 2, not {frames}", "frames")
     if (d := model.config.distill) is not None:  # a student walks its own grid, the only one it learnt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -167,6 +168,10 @@ def validate_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
 
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     """Check the optimisation settings; return cfg unchanged."""
+    for f in fields(cfg):  # nan passes every comparison below, and an infinite rate trains nothing
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
     for name in ("batch_size", "steps", "grad_accum", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
@@ -202,6 +207,24 @@ def require_positive(**settings: int | None) -> None:
     for name, value in settings.items():
         if value is not None and value < 1:
             raise UsageError(f"{{{name}}} must be at least 1, not {value}", name)
+
+
+SEED_MAX = 2**32 - 1  # numpy's range, which other tools' seeds keep to; torch's generators take any of these
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Refuse a seed outside 0 .. SEED_MAX (torch overflows far beyond it, and only after a run folder is made);
+    return it."""
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"{{{name}}} must be from 0 to {SEED_MAX:,}, not {seed}", name)
+    return seed
+
+
+def check_guidance(guidance: float) -> float:
+    """Refuse a classifier-free guidance weight below 0 or not finite (nan and inf draw images of nan); return it."""
+    if not 0 <= guidance < math.inf:
+        raise UsageError(f"{{guidance}} must be at least 0, and finite, not {guidance}", "guidance")
+    return guidance
 
 
 def check_steps(steps: int, timesteps: int) -> int:

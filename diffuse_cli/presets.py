@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import (CHOICES, Config, DiffusionConfig, ModelConfig, TrainConfig, check_choice, split_fields,
+from .config import (CHOICES, Config, DiffusionConfig, ModelConfig, TrainConfig, check_choice, check_seed, split_fields,
                      validate_diffusion, validate_model, validate_train)
 from .errors import ConfigError
 
@@ -90,6 +90,7 @@ def make_config(preset: str | None = None, builtin: bool = False, **fields: Any)
     name (image_size=64, objective="eps", lr=2e-4); image_size defaults to BUILTIN_IMAGE_SIZE for the
     built-in shapes. Every value is checked."""
     model, diffusion, train = split_fields(fields)
+    check_seed(train.get("seed", 0))  # a new run's only: a run that began with another seed still resumes
     preset = preset or Config.preset
     for name, literal in CHOICES.items():
         if name in fields:

@@ -281,6 +281,16 @@ BAD_INPUTS = {
     "t too large": (["noise", "x.png", "--t", "1001"], ["outside [0, 1000]"]),
     "t negative": (["noise", "x.png", "--t", "-1"], ["outside"]),
     "inspect missing": (["inspect", "nope.safetensors"], ["no such file"]),
+    # nan passes every comparison, inf every lower bound: each float is held to being finite
+    "infinite lr": (["train", "--lr", "inf"], ["lr must be a finite number, not inf"]),
+    "nan grad-clip": (["train", "--grad-clip", "nan"], ["grad-clip must be a finite number, not nan"]),
+    "nan min-snr": (["train", "--min-snr-gamma", "nan"], ["min-snr-gamma must be a finite number"]),
+    "nan guidance": (["sample", "--guidance", "nan"], ["--guidance must be at least 0, and finite, not nan"]),
+    "infinite eta": (["sample", "--sampler", "ddim", "--eta", "inf"], ["--eta must be at least 0, and finite"]),
+    "seed beyond 2^32": (["train", "--seed", "99999999999999999999"], ["--seed must be from 0 to 4,294,967,295"]),
+    "negative seed": (["sample", "--seed", "-1"], ["--seed must be from 0 to 4,294,967,295, not -1"]),
+    "eval-n without eval-every": (["train", "--eval-n", "1"], ["--eval-n must be at least 2, not 1"]),
+    "noise with zero timesteps": (["noise", "x.png", "--timesteps", "0"], ["--timesteps must be at least 2, not 0"]),
 }
 
 
@@ -303,6 +313,14 @@ def test_out_paths_that_name_the_wrong_kind_of_thing(trained, run_cli, tmp_path)
     assert_clean_error(run_cli("noise", photo, "--out", "x.jpg"), "written as a PNG", "x.png")
     assert_clean_error(run_cli("noise", photo, "--out", run), "is a folder", "noise.png")
     assert not list(run.glob(".*.tmp"))
+
+
+def test_explore_and_interpolate_refuse_what_sample_refuses(trained, run_cli):
+    run, _ = trained
+    assert_clean_error(run_cli("explore", "--checkpoint", run, "--guidance", "-1"), "--guidance must be at least 0")
+    assert_clean_error(run_cli("interpolate", "--checkpoint", run, "--seeds", "1", "-2"),
+                       "--seeds must be from 0 to 4,294,967,295, not -2")
+    assert not Path("explore.html").exists() and not Path("samples").exists()  # the run's fixture is in the cwd
 
 
 def test_train_given_a_folders_files_names_the_folder(run_cli, image_folder, monkeypatch):

@@ -177,7 +177,8 @@ def noise(image: opt.Image, t: opt.Steps = [500], schedule: opt.ScheduleOpt = No
           max_side: opt.MaxSide = 1024) -> None:
     """Show what the forward process q(x_t | x_0) does to an image, at its own size or a training size."""
     target = out_path or Path(f"{image.stem}_t{'-'.join(map(str, t))}.png")
-    schedule, timesteps = schedule or DiffusionConfig.schedule, timesteps or DiffusionConfig.timesteps
+    schedule = schedule or DiffusionConfig.schedule
+    timesteps = DiffusionConfig.timesteps if timesteps is None else timesteps  # 0 is refused, not the default
     from .. import api
 
     said = api.write_noise(image, t, target, schedule, timesteps, seed, image_size, max_side)

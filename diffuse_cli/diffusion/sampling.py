@@ -8,10 +8,12 @@ top of this module: the CLI's help reads the defaults from here, and answers at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import Precision, SamplerName, Spacing, Threshold, Variance, check_choice, check_steps, require_positive
+from ..config import (Precision, SamplerName, Spacing, Threshold, Variance, check_choice, check_guidance, check_seed,
+                      check_steps, require_positive)
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -55,8 +57,8 @@ class SamplerChoice:
         for name in self.options().keys() - set(info.options):
             takers = [s for s, other in SAMPLERS.items() if name in other.options]
             raise UsageError(f"{{{name}}} does not apply to {self.name}; it applies to {', '.join(takers)}", name)
-        if self.eta is not None and self.eta < 0:
-            raise UsageError("{eta} must be at least 0", "eta")
+        if self.eta is not None and not 0 <= self.eta < math.inf:
+            raise UsageError(f"{{eta}} must be at least 0, and finite, not {self.eta}", "eta")
         if self.name == "ddim" and self.eta is not None and self.eta > 1:
             raise UsageError(f"{{eta}} {self.eta} is above 1: ddim's step has no room for more noise than DDPM's "
                              "(eta 1)", "eta")
@@ -134,6 +136,6 @@ class SampleConfig:
                              f"{self.strength}", "strength")
         if self.resample_jumps is not None and self.resample_jumps < 0:
             raise UsageError(f"{{resample_jumps}} must be at least 0, not {self.resample_jumps}", "resample_jumps")
-        if self.guidance < 0:
-            raise UsageError(f"{{guidance}} must be at least 0, not {self.guidance}", "guidance")
+        check_guidance(self.guidance)
+        check_seed(self.seed)
         return self
