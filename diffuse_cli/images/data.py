@@ -240,9 +240,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
             where, root, files, now, size, decode_as, (r for _, r in _decode_all(files, size, decode_as)), progress)
         if isinstance(entry, Entry):
             data = _image_data(root, files, size, channels, entry.kept, entry.reasons, entry.short_side,
-                               entry.grayscale)
+                               entry.grayscale, left_out)
             data.images, data.mapped, data.cache_note = entry.images[:, :data.channels], True, entry.note
-            data.left_out = [str(p.relative_to(root)) for p in left_out]
             return data
         why_not = f"note: the decoded images are not cached: {entry}"
     rank, count = (share.rank, share.size) if share else (0, 1)
@@ -275,9 +274,8 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
         reasons = share.merge(reasons)
     kept = decoded.nonzero()[:, 0]
     data = _image_data(root, files, size, channels, kept.tolist(), reasons, short_side[kept].tolist(),
-                       grayscale[kept].bool().tolist())
+                       grayscale[kept].bool().tolist(), left_out)
     data.cache_note = why_not
-    data.left_out = [str(p.relative_to(root)) for p in left_out]
     if in_memory:
         _close_gaps(images, kept)
         data.images = images[:len(kept), :data.channels].contiguous()  # a view unless grayscale was found
@@ -285,9 +283,11 @@ def load_folder(root: str | os.PathLike, size: int, channels: int | None = 3,
 
 
 def _image_data(root: Path, files: list[Path], size: int, channels: int | None, kept: list[int],
-                reasons: dict[int, str], short_side: list[int], grayscale: list[bool]) -> ImageData:
+                reasons: dict[int, str], short_side: list[int], grayscale: list[bool],
+                left_out: list[Path]) -> ImageData:
     """The folder's ImageData, its images still to be attached: the files kept, those skipped and why, the
-    channels (None: 1 when every kept image is grayscale), the images enlarged, the classes."""
+    channels (None: 1 when every kept image is grayscale), the images enlarged, the classes, and what
+    diffuse wrote there (find_files's `left_out`)."""
     skipped = [(str(files[i]), reasons[i]) for i in sorted(reasons)]
     if not kept:
         what = "no files"
@@ -301,7 +301,8 @@ def _image_data(root: Path, files: list[Path], size: int, channels: int | None, 
     paths = [files[i] for i in kept]
     classes, labels = folder_classes(root, paths)
     return ImageData(str(root.resolve()), size, channels, paths=paths, skipped=skipped,
-                     upscaled=[s for s in short_side if s < size], classes=classes, labels=labels)
+                     upscaled=[s for s in short_side if s < size], classes=classes, labels=labels,
+                     left_out=[str(p.relative_to(root)) for p in left_out])
 
 
 def folder_classes(root: Path, paths: list[Path]) -> tuple[tuple[str, ...], torch.Tensor | None]:
