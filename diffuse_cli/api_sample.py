@@ -78,7 +78,8 @@ class SampleRun:
         if self.edit is not None:
             lines.append(self.edit_line())
         names = dict.fromkeys(self.classes or [])
-        classes = f" ({self.n} of each of {', '.join(names)}, guidance {s.guidance:g})" if names else ""
+        drawn = f"all {next(iter(names))}" if len(names) == 1 else f"{self.n} of each of {', '.join(names)}"
+        classes = f" ({drawn}, guidance {s.guidance:g})" if names else ""
         lines.append(f"wrote {total} image{'s' * (total != 1)}{classes} and {self.grid} to {self.folder}/"
                      + (" (+ trajectory.png, trajectory.gif)" if self.trajectory else ""))
         return lines

@@ -171,6 +171,8 @@ def test_train_on_subfolders_learns_their_classes_and_sample_draws_them_by_name(
     assert drawn.code == 0 and "each on the batch twice over (guidance)" in drawn.out, drawn
     assert sorted(p.name for p in (tmp_path / "drawn").glob("0*.png")) == ["0000-dog.png", "0001-dog.png",
                                                                            "0002-cat.png", "0003-cat.png"]
+    one = run_cli("sample", "--checkpoint", "run", "--class", "fox", "-n", "2", "--steps", "2", "--out", "one")
+    assert one.code == 0 and "wrote 2 images (all fox, guidance 1) and grid.png (one row) to one/" in one.out, one
     every = run_cli("sample", "--checkpoint", "run", "--class", "all", "-n", "3", "--steps", "2", "--out", "all")
     assert every.code == 0 and "a row of each class" in every.out
     side = (3 * (8 + 2) + 2) * 8  # 3 rows (one a class) of 3 images of 8 pixels, 2 between, all enlarged 8x

@@ -101,8 +101,12 @@ class SampleFolder:
             rows = torch.cat([self.heads[:len(rows), None], rows], 1)
         grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1])
         save_png(grid, self.folder / "grid.png", grid_upscale(images.shape[-1]))
-        what = "a row of each class" if self.heads is None else "a row for each init, the init first"
-        return f"grid.png ({what}{f', the first {columns} of each' if columns < self.row else ''})"
+        if self.heads is not None:
+            what = "a row for each init, the init first"
+        else:
+            what = "a row of each class" if len(rows) > 1 else "one row"
+        first = f", the first {columns}{' of each' if len(rows) > 1 else ''}" if columns < self.row else ""
+        return f"grid.png ({what}{first})"
 
 
 class Trajectory:
