@@ -159,6 +159,8 @@ def test_cli_imports_samples_inspects_and_exports_and_refuses_what_it_cannot_rep
     assert "imported from" in inspected.out and "ddpm-small" in inspected.out, inspected
     assert run_cli("export", "checkpoints/ddpm-small", "exported").code == 0
     assert (tmp_path / "exported" / "unet" / WEIGHTS).is_file() and (tmp_path / "exported" / OURS).is_file()
+    assert run_cli("export", "checkpoints/ddpm-small", "--out", "as-option").code == 0  # as import takes its folder
+    assert (tmp_path / "as-option" / "unet" / WEIGHTS).is_file()
 
     bin_only = tmp_path / "bin-only"
     (bin_only / "unet").mkdir(parents=True)
@@ -186,7 +188,9 @@ def test_cli_imports_samples_inspects_and_exports_and_refuses_what_it_cannot_rep
                         (["import", "nowhere"], ["no such folder"]),
                         (["import", "ddpm-small"], ["already holds a model"]),
                         (["export", "checkpoints/small", "small-out"], ["GroupNorm", "32"]),
-                        (["export", "checkpoints/ddpm-small", "exported"], ["not an empty folder"])):
+                        (["export", "checkpoints/ddpm-small", "exported"], ["not an empty folder"]),
+                        (["export", "checkpoints/ddpm-small"], ["give the diffusers folder to write"]),
+                        (["export", "checkpoints/ddpm-small", "a", "--out", "b"], ["two folders to write"])):
         before = sorted(str(p) for p in tmp_path.rglob("*"))
         result = run_cli(*args)
         assert result.code == 2, (args, result)

@@ -20,7 +20,10 @@ ImportOut = Annotated[Optional[Path], typer.Option("--out", help="The run folder
                                                    "\\[default: checkpoints/<folder name>]")]
 Run = Annotated[Path, typer.Argument(help="A run folder or model.safetensors (a folder of runs: the newest).",
                                      show_default=False)]
-ExportOut = Annotated[Path, typer.Argument(help="The diffusers folder to write (new, or empty).", show_default=False)]
+ExportFolder = Annotated[Optional[Path], typer.Argument(help="The diffusers folder to write (new, or empty).",
+                                                        show_default=False)]
+ExportOut = Annotated[Optional[Path], typer.Option("--out", help="The same folder as an option, as import takes its "
+                                                   "own.", show_default=False)]
 
 
 def import_(folder: Folder, out_dir: ImportOut = None, device: opt.Device = "auto") -> None:
@@ -36,10 +39,16 @@ def import_(folder: Folder, out_dir: ImportOut = None, device: opt.Device = "aut
               f"{model.path}", highlight=False)
 
 
-def export(run: Run, folder: ExportOut) -> None:
+def export(run: Run, folder: ExportFolder = None, out_dir: ExportOut = None) -> None:
     """Write a run's model as a diffusers folder that DDPMPipeline.from_pretrained loads, with no code of ours."""
     from .. import api
+    from ..errors import UsageError
 
+    if folder is not None and out_dir is not None and folder != out_dir:
+        raise UsageError(f"two folders to write, {folder} and --out {out_dir}: give one")
+    folder = folder if folder is not None else out_dir
+    if folder is None:
+        raise UsageError("give the diffusers folder to write: diffuse export RUN FOLDER (or --out FOLDER)")
     model = api.load(run, "cpu")
     api.export_diffusers(model, folder)
     names = model.config.model.class_names
