@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="samples each row scores and times")
     parser.add_argument("--progressive", action="store_true", help="each student from the one before")
     parser.add_argument("--teacher-steps", type=int, help="the teacher's DDIM steps the first student learns from "
-                        "(default: distill's own, 4 in each student step; later rounds learn a student's own steps)")
+                        "(default: distill's own, 16 in each student step; later rounds learn a student's own steps)")
     parser.add_argument("--lr", type=float, help="the students' learning rate (default: distill's own)")
     parser.add_argument("--warmup", type=int, help="the students' warm-up steps (default: distill's own)")
     parser.add_argument("--work", type=Path, help="keep runs, samples and rows.jsonl here (default: a temporary "

@@ -182,6 +182,7 @@ def test_a_student_distilled_again_learns_from_the_students_own_steps(teacher_ru
     from diffuse_cli.diffusion import denoiser as denoiser_module
 
     first = diffuse.distill(teacher_run, tmp_path / "four", steps=4, train_steps=2, **TINY)
+    assert first.config.distill.teacher_steps == 64  # 16 teacher steps in each of its own (docs/distillation.md)
     asked = []
     real = denoiser_module.Denoiser.eps_model
 
