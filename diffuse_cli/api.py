@@ -110,11 +110,11 @@ DISTILL_LR, DISTILL_WARMUP = 1e-4, 10
 def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teacher_steps: int | None = None,
             guidance: float = 1.0, resume: bool = False, hooks: Hooks = Hooks(), **settings: Any) -> TrainedModel:
     """A student of the model in `run` (a run folder or a model file) that samples in `steps` DDIM network calls
-    what the teacher draws in `teacher_steps` (default: 16 in each step, at least 64 in all), guided by `guidance`
-    where the model has classes (a distilled teacher: its own steps and guidance, and fewer steps); trained on the
-    teacher's images (its run's folder, or the built-in shapes) into the run folder `out` (default: beside the
-    teacher's, named for the steps; resume=True continues it). settings: TrainConfig's
-    and TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
+    what the teacher draws in `teacher_steps` (default: 16 in each step, at least 64, at most the schedule's),
+    guided by `guidance` where the model has classes (a distilled teacher: its own steps and guidance, and fewer
+    steps); trained on the teacher's images (its run's folder, or the built-in shapes) into the run folder `out`
+    (default: beside the teacher's, named for the steps; resume=True continues it). settings: TrainConfig's and
+    TrainOptions' fields by name (max_time, batch_size, lr, device, ...), as train() takes them, but the
     training's steps as train_steps (steps are the student's); without train_steps or max_time, DISTILL_STEPS; lr and
     warmup default to DISTILL_LR and DISTILL_WARMUP.
     `diffuse sample` then draws with the student's own steps."""
@@ -138,9 +138,18 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
                              "students learn from; leave out {teacher_steps} and {guidance}", "teacher_steps",
                              "guidance")
         teacher_steps, guidance = had.steps, had.guidance
+    require_positive(steps=steps)
+    timesteps = config.diffusion.timesteps
+    if 2 * steps > timesteps:
+        raise UsageError(f"a student of {steps} steps leaves its teacher no finer ones on the model's {timesteps} "
+                         f"diffusion steps: {{steps}} takes at most {timesteps // 2}", "steps")
     if teacher_steps is None:  # 16 of the teacher's in each of the student's, at least 64 in all: a 4-step student
-        teacher_steps = steps * max(16, -(-64 // max(steps, 1)))  # learns far better than from 16 (docs/distillation.md)
-    require_positive(steps=steps, teacher_steps=teacher_steps)
+        teacher_steps = steps * max(16, -(-64 // steps))  # learns far better than from 16 (docs/distillation.md);
+        teacher_steps = min(teacher_steps, timesteps // steps * steps)  # and no more than the schedule holds
+    require_positive(teacher_steps=teacher_steps)
+    if teacher_steps > timesteps:
+        raise UsageError(f"{{teacher_steps}} {teacher_steps} is more than the model's {timesteps} diffusion steps",
+                         "teacher_steps")
     check_guidance(guidance)
     from .diffusion.distillation import grids
     from .diffusion.schedule import NoiseSchedule

@@ -165,6 +165,9 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert_clean_error(run_cli("distill", tmp_path / "nothere"), "nothere")
     assert_clean_error(run_cli("distill", teacher_run, "--steps", "3", "--teacher-steps", "16"), "multiple")
+    assert_clean_error(run_cli("distill", teacher_run, "--steps", "1000"), "--steps takes at most 500")
+    assert_clean_error(run_cli("distill", teacher_run, "--teacher-steps", "2000"), "--teacher-steps 2000 is more "
+                       "than the model's 1000 diffusion steps")
     with claim(teacher_run), pytest.raises(RunError, match="still training"):
         diffuse.distill(teacher_run, tmp_path / "s", **TINY)
     diffuse.distill(teacher_run, tmp_path / "s", steps=4, train_steps=1, **TINY)
@@ -174,6 +177,12 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, 
                        "leave out --teacher-steps and --guidance")
     assert_clean_error(run_cli("distill", teacher_run, "--out", tmp_path / "s"), "already holds a model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing else written
+
+
+def test_the_default_teacher_steps_stay_within_the_schedule(teacher_run, tmp_path):
+    """16 teacher steps in each of a 100-step student's would be 1,600 on a 1,000-step schedule: it takes all 1,000."""
+    student = diffuse.distill(teacher_run, tmp_path / "s", steps=100, train_steps=1, **TINY)
+    assert (student.config.distill.steps, student.config.distill.teacher_steps) == (100, 1000)
 
 
 def test_a_student_distilled_again_learns_from_the_students_own_steps(teacher_run, tmp_path, monkeypatch):

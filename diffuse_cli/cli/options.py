@@ -257,7 +257,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 DistillRun = Annotated[Path, typer.Argument(help="The trained run (or model.safetensors) to distill.", show_default=False)]
 DistillSteps = Annotated[int, typer.Option("--steps", min=1, help="Network calls a sample takes with the student.")]
 TeacherSteps = Annotated[Optional[int], typer.Option(help="The teacher's DDIM steps the student learns to take "
-                                                    "at once, a multiple of --steps. \\[default: 16 in each student step, at least 64]")]
+                                                    "at once, a multiple of --steps. \\[default: 16 in each student step, at least "
+                                                    "64, at most the diffusion steps]")]
 DistillGuidance = Annotated[float, typer.Option("--guidance", min=0.0, help="A conditional model's guidance weight, "
                                                 "distilled into the student (one network call a step).")]
 DistillTrainSteps = Annotated[Optional[int], typer.Option(help="Optimizer steps of the distillation. \\[default: "
