@@ -133,6 +133,10 @@ def distill(run: PathLike, out: PathLike | None = None, *, steps: int = 4, teach
         if steps >= had.steps:
             raise UsageError(f"{teacher} is distilled to {had.steps} steps; a student of it takes fewer, not "
                              f"{steps} (or distill its teacher, {had.teacher})", "steps")
+        if had.steps % steps:  # each of the student's steps takes a whole number of its teacher's
+            fits = ", ".join(str(k) for k in range(had.steps - 1, 0, -1) if had.steps % k == 0)
+            raise UsageError(f"{teacher} is distilled to {had.steps} steps; a student of it takes a number of steps "
+                             f"that divides them ({fits}), not {steps}", "steps")
         if teacher_steps not in (None, had.steps) or guidance not in (1.0, had.guidance):
             raise UsageError(f"{teacher} is distilled to {had.steps} steps with guidance {had.guidance:g}, which its "
                              "students learn from; leave out {teacher_steps} and {guidance}", "teacher_steps",

@@ -173,6 +173,8 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(teacher_run, tmp_path, 
     diffuse.distill(teacher_run, tmp_path / "s", steps=4, train_steps=1, **TINY)
     assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "4"), "distilled to 4 steps; a student of it "
                        "takes fewer, not 4")
+    assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "3"), "takes a number of steps that divides "
+                       "them (2, 1), not 3")
     assert_clean_error(run_cli("distill", tmp_path / "s", "--steps", "2", "--teacher-steps", "8"),
                        "leave out --teacher-steps and --guidance")
     assert_clean_error(run_cli("distill", teacher_run, "--out", tmp_path / "s"), "already holds a model")
