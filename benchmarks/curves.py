@@ -13,7 +13,8 @@ curves are drawn into a PNG, one panel a data set.
 The data sets: the built-in shapes, and crops of scikit-image's photographs (photos.py), written once as a folder.
 The `then` recipe is the default of an earlier commit (`--then`, by default the one issues 47-51 were filed
 against), run from a git worktree of it with this environment's packages, so that a change of default is measured
-against what it replaced on the same machine the same day; every run is scored by today's `diffuse eval`.
+against what it replaced on the same machine the same day; every run is scored by today's `diffuse eval`, `then`
+with the default sampler it had (dpm++3m-sde at 25 steps).
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def measure(data: str, budget: str, recipe: str, size: int, n: int, root: Path, 
     import diffuse_cli as diffuse
 
     steps = diffuse.inspect(run)[0]["step"]
-    scores = json.loads(subprocess.run(["diffuse", "eval", str(run), "-n", str(n), "--json",
+    # `then` is scored with its own default sampler, which every commit had until 2026-12-07: the default it was
+    # is the one a user of it sampled with.
+    sampler = ["--sampler", "dpm++3m-sde", "--steps", "25"] if recipe == "then" else []
+    scores = json.loads(subprocess.run(["diffuse", "eval", str(run), "-n", str(n), "--json", *sampler,
                                         "--copies", str(run / "copies.png")], check=True,
                                        capture_output=True, text=True).stdout)
     return {"data": data, "budget": budget, "recipe": recipe, "image_size": size, "steps": steps, "n": n,

@@ -93,7 +93,7 @@ def test_sample_on_the_cpu_lowers_a_batch_that_would_not_fit_and_draws_the_same_
 def test_sample_uses_the_newest_checkpoint_and_is_reproducible(trained, run_cli, tmp_path):
     first = run_cli("sample", "-n", "3", "--steps", "5", "--out", "a", "--batch-size", "2")
     assert first.code == 0, first
-    assert "dpm++3m-sde, 5 steps, 5 network calls" in first.out
+    assert "ddim, 5 steps, 5 network calls" in first.out
     second = run_cli("sample", "-n", "3", "--steps", "5", "--out", "b", "--batch-size", "3")
     assert second.code == 0, second
     for name in ("0000.png", "0001.png", "0002.png", "grid.png"):

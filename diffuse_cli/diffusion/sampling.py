@@ -34,8 +34,10 @@ class SamplerChoice:
     """How the reverse process runs: the sampler, its steps and their spacing, its own options, the precision
     of the network calls and how x̂_0 is kept in [-1, 1]."""
 
-    name: SamplerName = "dpm++3m-sde"
-    steps: int = 25
+    # DDIM at 16 steps by measurement (docs/samplers.md): by FID against the training images it scored level with
+    # or better than every 25-call sampler on models of the built-in shapes and of photographs, 2 to 10 minutes old.
+    name: SamplerName = "ddim"
+    steps: int = 16
     spacing: Spacing | None = None  # None: the sampler's own (samplers.SAMPLERS)
     eta: float | None = None  # None: the sampler's own (0, or 1 for the -sde solvers)
     variance: Variance | None = None  # ddpm only; None: posterior
