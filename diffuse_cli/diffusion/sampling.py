@@ -35,7 +35,7 @@ class SamplerChoice:
     of the network calls and how x̂_0 is kept in [-1, 1]."""
 
     # DDIM at 16 steps by measurement (docs/samplers.md): by FID against the training images it scored level with
-    # or better than every 25-call sampler on models of the built-in shapes and of photographs, 2 to 10 minutes old.
+    # or better than the earlier default, dpm++3m-sde at 25, on runs of shapes and of photographs 2 to 10 minutes old.
     name: SamplerName = "ddim"
     steps: int = 16
     spacing: Spacing | None = None  # None: the sampler's own (samplers.SAMPLERS)
